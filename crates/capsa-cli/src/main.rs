@@ -1,0 +1,142 @@
+//! `capsa`: the command-line face of capsa. Every command turns its flags into
+//! the same `VmSpec` the library builds, and calls the library.
+
+mod boot;
+mod doctor;
+mod image;
+mod term;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "capsa",
+    version,
+    about = "Run untrusted work in lightweight Linux VMs"
+)]
+struct Cli {
+    /// More log output (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Boot a VM and attach this terminal to its serial console.
+    Boot(boot::BootArgs),
+    /// Check QEMU, the accelerator, the guest kernel and the cache, with a fix for each miss.
+    Doctor,
+    /// List the VM backends and what they support.
+    Backends {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage guest bundles (kernel + initramfs).
+    #[command(subcommand)]
+    Image(image::ImageCmd),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default = match cli.verbose {
+        0 => "warn",
+        1 => "info,capsa=info",
+        _ => "debug",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("capsa: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        match cli.command {
+            Command::Boot(args) => boot::run(args).await,
+            Command::Doctor => doctor::run().await,
+            Command::Backends { json } => doctor::backends(json).await,
+            Command::Image(cmd) => image::run(cmd).await,
+        }
+    });
+    let code = match result {
+        Ok(code) => code,
+        Err(e) => {
+            report(&e);
+            ExitCode::FAILURE
+        }
+    };
+    // stdin may be parked in a blocking read; do not wait for it.
+    rt.shutdown_timeout(std::time::Duration::from_millis(100));
+    code
+}
+
+/// Prints an error with its causes and, when known, the fix.
+fn report(e: &anyhow::Error) {
+    eprintln!("capsa: error: {e}");
+    let mut fix = None;
+    for cause in e.chain().skip(1) {
+        eprintln!("  caused by: {cause}");
+    }
+    if let Some(ce) = e.downcast_ref::<capsa::Error>() {
+        fix = ce.fix();
+    }
+    if let Some(f) = fix {
+        if !e.to_string().contains(&f) {
+            eprintln!("  fix: {f}");
+        }
+    }
+}
+
+/// Parses sizes like `512M`, `2G`, `1024` (MiB) into MiB.
+pub(crate) fn parse_mib(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let lower = t.to_ascii_lowercase();
+    let (num, mult) = if let Some(n) = lower
+        .strip_suffix("gib")
+        .or_else(|| lower.strip_suffix("gb"))
+        .or_else(|| lower.strip_suffix('g'))
+    {
+        (n.to_string(), 1024)
+    } else if let Some(n) = lower
+        .strip_suffix("mib")
+        .or_else(|| lower.strip_suffix("mb"))
+        .or_else(|| lower.strip_suffix('m'))
+    {
+        (n.to_string(), 1)
+    } else {
+        (lower.clone(), 1)
+    };
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("invalid memory size {s:?}: use e.g. 512M or 2G"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes() {
+        assert_eq!(super::parse_mib("512M"), Ok(512));
+        assert_eq!(super::parse_mib("2G"), Ok(2048));
+        assert_eq!(super::parse_mib("1024"), Ok(1024));
+        assert_eq!(super::parse_mib("0"), Ok(0));
+        assert!(super::parse_mib("lots").is_err());
+        assert!(super::parse_mib("99999999999999999999G").is_err());
+    }
+}

@@ -1,0 +1,198 @@
+//! The backend trait: one [`Hypervisor`] per strategy (external QEMU today, a
+//! native rust-vmm backend later), one [`VmInstance`] per running VM.
+//!
+//! Modelled on cloud-hypervisor's `hypervisor` crate: callers hold trait
+//! objects and never learn which VMM runs underneath. Each backend declares
+//! its [`Capabilities`]; [`Capabilities::check`] refuses a spec the backend
+//! cannot honour before anything starts, so no option is silently dropped.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::{Accel, DiskFormat, Error, Result, VmSpec};
+
+/// What a backend can do, as declared by the backend itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capabilities {
+    /// Backend name, e.g. `qemu`.
+    pub backend: String,
+    /// Accelerators it can use on this host (after probing).
+    pub accels: Vec<Accel>,
+    /// Disk image formats it can attach.
+    pub disk_formats: Vec<DiskFormat>,
+    /// Whether read-only disks are enforced.
+    pub read_only_disks: bool,
+    /// Most vCPUs per VM.
+    pub max_cpus: u32,
+    /// Serial console capture.
+    pub console: bool,
+    /// Pause and resume.
+    pub pause: bool,
+    /// Graceful (guest-cooperative) shutdown.
+    pub graceful_shutdown: bool,
+    /// A virtio-vsock device with a host-side Unix socket.
+    pub vsock: bool,
+}
+
+/// A single feature a spec may need, for error messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Feature {
+    /// An accelerator.
+    Accel(Accel),
+    /// A disk format.
+    Disk(DiskFormat),
+    /// Read-only disks.
+    ReadOnlyDisk,
+    /// Console capture.
+    Console,
+}
+
+impl Capabilities {
+    /// Refuses `spec` if it needs anything this backend lacks.
+    pub fn check(&self, spec: &VmSpec) -> Result<()> {
+        let backend: &'static str = match self.backend.as_str() {
+            "qemu" => "qemu",
+            _ => "selected",
+        };
+        let unsupported = |what: String, fix: &str| Error::Unsupported {
+            backend,
+            what,
+            fix: fix.to_string(),
+        };
+        if spec.accel != Accel::Auto && !self.accels.contains(&spec.accel) {
+            return Err(unsupported(
+                format!("the {} accelerator on this host", spec.accel),
+                "run `capsa doctor` to see why, or use --accel tcg",
+            ));
+        }
+        if spec.cpus > self.max_cpus {
+            return Err(unsupported(
+                format!("{} vCPUs (at most {})", spec.cpus, self.max_cpus),
+                "ask for fewer vCPUs",
+            ));
+        }
+        for d in &spec.disks {
+            if let Some(f) = d.format {
+                if !self.disk_formats.contains(&f) {
+                    return Err(unsupported(
+                        format!("{} disks", f.as_str()),
+                        "convert the image with `qemu-img convert -O raw`",
+                    ));
+                }
+            }
+            if d.read_only && !self.read_only_disks {
+                return Err(unsupported(
+                    "read-only disks".into(),
+                    "attach the disk read-write",
+                ));
+            }
+        }
+        if spec.vsock.is_some() && !self.vsock {
+            return Err(unsupported("vsock devices".into(), "drop the vsock device"));
+        }
+        if spec.console.enabled && !self.console {
+            return Err(unsupported("console capture".into(), "disable the console"));
+        }
+        Ok(())
+    }
+}
+
+/// Where a VM is in its life.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum VmStatus {
+    /// The VMM process is up but the guest is not yet running.
+    Starting,
+    /// The guest is running.
+    Running,
+    /// vCPUs are stopped; memory is kept.
+    Paused,
+    /// A graceful stop was requested and the guest is shutting down.
+    ShuttingDown,
+    /// The VM has ended.
+    Stopped {
+        /// How it ended.
+        reason: ExitReason,
+    },
+}
+
+/// How a VM ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum ExitReason {
+    /// The guest powered off (or rebooted, which capsa treats as an exit).
+    PoweredOff,
+    /// The VMM was killed by a signal (e.g. after `kill()`).
+    Killed {
+        /// The signal number.
+        signal: i32,
+    },
+    /// The VMM exited on its own with an error.
+    Failed {
+        /// Exit code of the VMM process.
+        code: i32,
+        /// The last lines the VMM printed on stderr.
+        message: String,
+    },
+}
+
+/// The two byte streams of a guest serial console.
+pub struct ConsoleStreams {
+    /// Bytes typed into the guest.
+    pub input: Box<dyn AsyncWrite + Send + Sync + Unpin>,
+    /// Bytes the guest prints.
+    pub output: Box<dyn AsyncRead + Send + Sync + Unpin>,
+}
+
+impl std::fmt::Debug for ConsoleStreams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConsoleStreams")
+    }
+}
+
+/// Per-start settings that are not part of the VM's description.
+#[derive(Debug, Clone)]
+pub struct StartOptions {
+    /// A private directory the backend may put sockets and logs in; it must exist.
+    pub run_dir: PathBuf,
+    /// A name for logs and process titles.
+    pub name: String,
+}
+
+/// One VM strategy (external VMM, native, ...).
+#[async_trait::async_trait]
+pub trait Hypervisor: Send + Sync {
+    /// Short name, e.g. `qemu`.
+    fn name(&self) -> &'static str;
+    /// What this backend can do on this host.
+    fn capabilities(&self) -> Capabilities;
+    /// Validates `spec` against the capabilities and starts the VM.
+    async fn start(&self, spec: VmSpec, opts: StartOptions) -> Result<Box<dyn VmInstance>>;
+}
+
+/// A VM started by a [`Hypervisor`].
+///
+/// Dropping it must end the VM: backends may not leak processes.
+#[async_trait::async_trait]
+pub trait VmInstance: Send + Sync {
+    /// The OS process id of the VMM, when it is a separate process.
+    fn pid(&self) -> Option<u32>;
+    /// Takes the console streams; `None` after the first call or without a console.
+    fn take_console(&mut self) -> Option<ConsoleStreams>;
+    /// The host Unix socket of the VM's vsock device (hybrid-vsock convention), if it has one.
+    fn vsock_socket(&self) -> Option<PathBuf>;
+    /// The current status.
+    async fn status(&self) -> Result<VmStatus>;
+    /// Stops the vCPUs.
+    async fn pause(&self) -> Result<()>;
+    /// Restarts paused vCPUs.
+    async fn resume(&self) -> Result<()>;
+    /// Asks the guest to shut down; returns once asked, not once done.
+    async fn request_shutdown(&self) -> Result<()>;
+    /// Ends the VM at once.
+    async fn kill(&self) -> Result<()>;
+    /// Waits for the VM to end. Several callers may wait at once.
+    async fn wait(&self) -> Result<ExitReason>;
+}

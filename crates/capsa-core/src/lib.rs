@@ -1,0 +1,30 @@
+//! capsa-core: the vocabulary every capsa crate shares.
+//!
+//! This crate holds *plain* data (what a VM should be: [`VmSpec`]) apart from
+//! the code that makes a VM from it (the backends), in the way Firecracker
+//! keeps `vmm_config` apart from its builder. It also defines the backend trait
+//! ([`Hypervisor`] / [`VmInstance`]) so that the library, the per-VM monitor and
+//! the daemon can all depend on the trait without depending on each other.
+#![deny(missing_docs)]
+
+mod backend;
+mod cmdline;
+mod disk;
+mod error;
+mod spec;
+
+pub use backend::{
+    Capabilities, ConsoleStreams, ExitReason, Feature, Hypervisor, StartOptions, VmInstance,
+    VmStatus,
+};
+pub use cmdline::{CmdlineError, KernelCmdline};
+pub use disk::{probe_disk_format, DiskProbeError};
+pub use error::{Error, Result};
+pub use spec::{
+    Accel, BootSource, ConsoleSpec, DiskFormat, DiskSpec, HostLimits, VmSpec, VsockSpec, MAX_CPUS,
+};
+
+/// The line capsa's guest init prints on the console once the guest is set up.
+///
+/// The host waits for it to know a boot succeeded; benchmarks measure time to it.
+pub const GUEST_READY_MARKER: &str = "capsa-init: ready";

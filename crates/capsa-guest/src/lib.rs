@@ -1,0 +1,76 @@
+//! `capsa-init`, the first process (PID 1) of every capsa guest.
+//!
+//! The host boots a kernel with an initramfs whose `/init` is this binary. It
+//! mounts the pseudo file systems, loads the kernel modules listed in
+//! [`MODULES_LOAD_PATH`], prints [`READY_MARKER`] on the console and then runs
+//! one workload (see [`cmdline::Mode`]); when the workload ends, or the host
+//! asks for a graceful stop (Ctrl-Alt-Del via QMP, which the kernel turns into
+//! `SIGINT` for PID 1; or `SIGTERM` / `SIGPWR`), it stops every process and
+//! powers the VM off. PID 1 must never exit (that panics the kernel), so every
+//! failure ends in a logged power-off instead.
+//!
+//! The binary is built fully static (glibc, `+crt-static`) by the
+//! `capsa-guest-bin` crate; it uses only std and libc and nothing that needs
+//! NSS or `dlopen`.
+//!
+//! Everything that does not touch the system (command line parsing) lives in
+//! [`cmdline`] and is unit-tested on the host.
+#![deny(missing_docs)]
+
+pub mod cmdline;
+#[cfg(target_os = "linux")]
+mod console;
+#[cfg(target_os = "linux")]
+pub mod pid1;
+#[cfg(target_os = "linux")]
+mod setup;
+#[cfg(target_os = "linux")]
+mod supervisor;
+
+/// The line printed on the console once the guest is set up (same text as
+/// `capsa_core::GUEST_READY_MARKER`); the host waits for it.
+pub const READY_MARKER: &str = "capsa-init: ready";
+
+/// Prefix of the line printed when the workload ends: `capsa-init: exit <code>`.
+///
+/// `<code>` is the exit status, or `128 + signal` if the workload was killed by
+/// a signal (shell convention), or 127 if it could not be started.
+pub const EXIT_MARKER_PREFIX: &str = "capsa-init: exit ";
+
+/// Where the initramfs lists the kernel modules to load, one per line, in order.
+///
+/// A line is a path relative to `/lib/modules/<kernel release>/` or an absolute
+/// path; empty lines and lines starting with `#` are skipped.
+pub const MODULES_LOAD_PATH: &str = "/etc/capsa/modules.load";
+
+/// `PATH` given to the workload.
+pub const GUEST_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Version of this crate, printed by `capsa-init --version`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Behaviour when the binary is started by someone other than the kernel
+/// (not as PID 1): print the version, or explain what the binary is.
+///
+/// Returns the process exit code.
+pub fn not_pid1(mut args: impl Iterator<Item = String>) -> i32 {
+    match args.next().as_deref() {
+        Some("--version") | Some("-V") => {
+            println!("capsa-init {VERSION}");
+            0
+        }
+        Some("--help") | Some("-h") => {
+            println!(
+                "capsa-init {VERSION}: PID 1 of capsa guests.\n\
+                 It only does its work when the kernel starts it as PID 1; options come from\n\
+                 the kernel command line: capsa.mode=shell|run, capsa.run=PATH,\n\
+                 capsa.hostname=NAME, capsa.term=TERM, capsa.debug=1."
+            );
+            0
+        }
+        _ => {
+            eprintln!("capsa-init {VERSION}: not running as PID 1, nothing to do (try --help)");
+            2
+        }
+    }
+}

@@ -1,0 +1,326 @@
+//! One running QEMU process and its QMP connection.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use capsa_core::{ConsoleStreams, ExitReason, Result, VmInstance, VmStatus};
+use qapi::futures::{QapiService, QmpStreamTokio};
+use qapi::qmp;
+use tokio::io::{AsyncBufReadExt, BufReader, WriteHalf};
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, watch};
+
+use crate::QemuError;
+
+type Qmp = QapiService<QmpStreamTokio<WriteHalf<UnixStream>>>;
+
+/// How long QEMU gets to open its QMP socket.
+const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+/// Lines of QEMU's stderr kept for error messages.
+const STDERR_TAIL: usize = 32;
+
+/// A VM run by a QEMU child process.
+pub struct QemuInstance {
+    pid: u32,
+    qmp: Qmp,
+    exit: watch::Receiver<Option<ExitReason>>,
+    kill_tx: mpsc::Sender<()>,
+    console: Option<ConsoleStreams>,
+    shutting_down: AtomicBool,
+}
+
+impl std::fmt::Debug for QemuInstance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QemuInstance")
+            .field("pid", &self.pid)
+            .finish()
+    }
+}
+
+impl QemuInstance {
+    /// Spawns QEMU with `args` and connects to its QMP socket at `qmp_path`.
+    pub(crate) async fn spawn(
+        binary: &Path,
+        args: &[String],
+        qmp_path: PathBuf,
+        console: bool,
+    ) -> std::result::Result<Self, QemuError> {
+        let mut cmd = tokio::process::Command::new(binary);
+        cmd.args(args)
+            .stdin(if console {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(if console {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        // SAFETY: only async-signal-safe calls (setpgid, prctl) between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                // Own process group: a Ctrl-C on the user's terminal reaches capsa,
+                // which stops the VM in order, instead of killing QEMU mid-write.
+                libc::setpgid(0, 0);
+                // If the owning process dies without cleaning up, QEMU goes too.
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        tracing::debug!(binary = %binary.display(), ?args, "spawning QEMU");
+        let mut child = cmd.spawn().map_err(|source| QemuError::Spawn {
+            binary: binary.to_path_buf(),
+            source,
+        })?;
+        let pid = child.id().unwrap_or(0);
+
+        let tail = Arc::new(Mutex::new(VecDeque::<String>::new()));
+        if let Some(stderr) = child.stderr.take() {
+            let tail = tail.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(stderr).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    tracing::debug!(target: "capsa_qemu::stderr", pid, "{line}");
+                    if let Ok(mut t) = tail.lock() {
+                        if t.len() == STDERR_TAIL {
+                            t.pop_front();
+                        }
+                        t.push_back(line);
+                    }
+                }
+            });
+        }
+        let console = match (child.stdin.take(), child.stdout.take()) {
+            (Some(i), Some(o)) => Some(ConsoleStreams {
+                input: Box::new(i),
+                output: Box::new(o),
+            }),
+            _ => None,
+        };
+
+        // The waiter task owns the child: it alone reaps it, and kills it when asked
+        // or when every handle is gone, so a pid is never signalled after reuse.
+        let (exit_tx, exit) = watch::channel(None);
+        let (kill_tx, mut kill_rx) = mpsc::channel::<()>(4);
+        let tail_w = tail.clone();
+        tokio::spawn(async move {
+            let status = loop {
+                tokio::select! {
+                    s = child.wait() => break s,
+                    k = kill_rx.recv() => {
+                        if k.is_none() {
+                            tracing::debug!(pid, "handle dropped: killing QEMU");
+                        }
+                        let _ = child.start_kill();
+                        break child.wait().await;
+                    }
+                }
+            };
+            // Give the stderr reader a moment to drain the last lines.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let message = tail_w
+                .lock()
+                .map(|t| t.iter().cloned().collect::<Vec<_>>().join("\n"))
+                .unwrap_or_default();
+            let reason = match status {
+                Ok(s) => {
+                    use std::os::unix::process::ExitStatusExt;
+                    match (s.code(), s.signal()) {
+                        (Some(0), _) => ExitReason::PoweredOff,
+                        (_, Some(signal)) => ExitReason::Killed { signal },
+                        (Some(code), None) => ExitReason::Failed { code, message },
+                        (None, None) => ExitReason::Failed { code: -1, message },
+                    }
+                }
+                Err(e) => ExitReason::Failed {
+                    code: -1,
+                    message: format!("waiting for QEMU failed: {e}"),
+                },
+            };
+            tracing::debug!(pid, ?reason, "QEMU exited");
+            let _ = exit_tx.send(Some(reason));
+        });
+
+        let qmp = match connect_qmp(&qmp_path, exit.clone()).await {
+            Ok(q) => q,
+            Err(e) => {
+                let _ = kill_tx.send(()).await;
+                let mut exit = exit.clone();
+                let reason = exit
+                    .wait_for(|r| r.is_some())
+                    .await
+                    .ok()
+                    .and_then(|r| r.clone());
+                return Err(match reason {
+                    Some(ExitReason::Failed { code, message }) => QemuError::EarlyExit {
+                        status: format!("exit code {code}"),
+                        stderr: message,
+                    },
+                    _ => e,
+                });
+            }
+        };
+        Ok(Self {
+            pid,
+            qmp,
+            exit,
+            kill_tx,
+            console,
+            shutting_down: AtomicBool::new(false),
+        })
+    }
+
+    async fn exec<C>(&self, name: &'static str, cmd: C) -> Result<C::Ok>
+    where
+        C: qapi::qmp::QmpCommand + qapi::Command,
+    {
+        if self.exit.borrow().is_some() {
+            return Err(QemuError::Exited.into());
+        }
+        self.qmp
+            .execute(cmd)
+            .await
+            .map_err(|e| {
+                if self.exit.borrow().is_some() {
+                    QemuError::Exited
+                } else {
+                    QemuError::Command {
+                        command: name,
+                        reason: e.to_string(),
+                    }
+                }
+            })
+            .map_err(Into::into)
+    }
+}
+
+async fn connect_qmp(
+    path: &Path,
+    exit: watch::Receiver<Option<ExitReason>>,
+) -> std::result::Result<Qmp, QemuError> {
+    let qerr = |reason: String| QemuError::Qmp {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let deadline = tokio::time::Instant::now() + QMP_CONNECT_TIMEOUT;
+    let stream = loop {
+        if exit.borrow().is_some() {
+            return Err(qerr("QEMU exited".into()));
+        }
+        match UnixStream::connect(path).await {
+            Ok(s) => break s,
+            Err(e) if tokio::time::Instant::now() > deadline => {
+                return Err(qerr(format!(
+                    "socket did not come up in {QMP_CONNECT_TIMEOUT:?}: {e}"
+                )))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    };
+    let (r, w) = tokio::io::split(stream);
+    let negotiation = tokio::time::timeout(QMP_CONNECT_TIMEOUT, QmpStreamTokio::open_split(r, w))
+        .await
+        .map_err(|_| qerr("no QMP greeting".into()))?
+        .map_err(|e| qerr(e.to_string()))?;
+    let stream = negotiation
+        .negotiate()
+        .await
+        .map_err(|e| qerr(e.to_string()))?;
+    let (service, _events) = stream.spawn_tokio();
+    Ok(service)
+}
+
+#[async_trait::async_trait]
+impl VmInstance for QemuInstance {
+    fn pid(&self) -> Option<u32> {
+        Some(self.pid)
+    }
+
+    fn take_console(&mut self) -> Option<ConsoleStreams> {
+        self.console.take()
+    }
+
+    fn vsock_socket(&self) -> Option<PathBuf> {
+        None
+    }
+
+    async fn status(&self) -> Result<VmStatus> {
+        if let Some(reason) = self.exit.borrow().clone() {
+            return Ok(VmStatus::Stopped { reason });
+        }
+        let info = match self.exec("query-status", qmp::query_status {}).await {
+            Ok(i) => i,
+            Err(_) if self.exit.borrow().is_some() => {
+                let reason = self.exit.borrow().clone().unwrap_or(ExitReason::PoweredOff);
+                return Ok(VmStatus::Stopped { reason });
+            }
+            Err(e) => return Err(e),
+        };
+        use qmp::RunState as R;
+        Ok(match info.status {
+            R::running if self.shutting_down.load(Ordering::Relaxed) => VmStatus::ShuttingDown,
+            R::running => VmStatus::Running,
+            R::paused | R::suspended => VmStatus::Paused,
+            R::prelaunch | R::inmigrate | R::restore_vm => VmStatus::Starting,
+            R::shutdown => VmStatus::ShuttingDown,
+            _ => VmStatus::Running,
+        })
+    }
+
+    async fn pause(&self) -> Result<()> {
+        self.exec("stop", qmp::stop {}).await.map(|_| ())
+    }
+
+    async fn resume(&self) -> Result<()> {
+        self.exec("cont", qmp::cont {}).await.map(|_| ())
+    }
+
+    async fn request_shutdown(&self) -> Result<()> {
+        self.shutting_down.store(true, Ordering::Relaxed);
+        // capsa's init disables the kernel's Ctrl-Alt-Del reboot, so the kernel
+        // turns this key chord into SIGINT for PID 1: a clean, guest-side shutdown
+        // that needs no ACPI daemon in the guest.
+        let key = |code: qmp::QKeyCode| qmp::KeyValue::qcode(qmp::QKeyCodeWrapper { data: code });
+        let keys = vec![
+            key(qmp::QKeyCode::ctrl),
+            key(qmp::QKeyCode::alt),
+            key(qmp::QKeyCode::delete),
+        ];
+        self.exec(
+            "send-key",
+            qmp::send_key {
+                keys,
+                hold_time: None,
+            },
+        )
+        .await
+        .map(|_| ())?;
+        // Also press the ACPI power button, for guests whose init listens for it.
+        let _ = self
+            .exec("system_powerdown", qmp::system_powerdown {})
+            .await;
+        Ok(())
+    }
+
+    async fn kill(&self) -> Result<()> {
+        let _ = self.kill_tx.send(()).await;
+        self.wait().await.map(|_| ())
+    }
+
+    async fn wait(&self) -> Result<ExitReason> {
+        let mut exit = self.exit.clone();
+        let r = exit
+            .wait_for(|r| r.is_some())
+            .await
+            .map_err(|_| QemuError::Exited)?
+            .clone();
+        Ok(r.unwrap_or(ExitReason::PoweredOff))
+    }
+}

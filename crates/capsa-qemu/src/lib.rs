@@ -1,0 +1,198 @@
+//! capsa-qemu: the external-VMM backend. capsa describes the VM, QEMU runs it.
+//!
+//! QEMU runs as a child process with the guest's serial console on its stdio
+//! and a QMP socket for control (status, pause/resume, graceful power-off).
+//! This crate knows QEMU's command line and QMP; it knows nothing about guest
+//! images or the guest agent.
+#![deny(missing_docs)]
+
+pub mod accel;
+pub mod args;
+mod error;
+mod instance;
+
+use std::path::{Path, PathBuf};
+
+use capsa_core::{
+    Accel, BootSource, Capabilities, DiskFormat, Error, Hypervisor, Result, StartOptions,
+    VmInstance, VmSpec, MAX_CPUS,
+};
+use tokio::sync::Mutex;
+
+pub use error::QemuError;
+pub use instance::QemuInstance;
+
+/// The QEMU backend.
+#[derive(Debug)]
+pub struct QemuBackend {
+    binary: PathBuf,
+    probe_cache: PathBuf,
+    /// The accelerator `auto` resolved to, once probed in this process.
+    auto: Mutex<Option<(Accel, String)>>,
+}
+
+impl QemuBackend {
+    /// Finds QEMU: `$CAPSA_QEMU`, else `qemu-system-x86_64` on `PATH`.
+    pub fn new() -> std::result::Result<Self, QemuError> {
+        Ok(Self::with_binary(find_qemu()?))
+    }
+
+    /// Uses the given QEMU binary.
+    pub fn with_binary(binary: PathBuf) -> Self {
+        Self {
+            binary,
+            probe_cache: accel::default_cache_file(),
+            auto: Mutex::new(None),
+        }
+    }
+
+    /// Keeps the accelerator probe verdict at `path` instead of the user cache.
+    pub fn with_probe_cache(mut self, path: PathBuf) -> Self {
+        self.probe_cache = path;
+        self
+    }
+
+    /// The QEMU binary in use.
+    pub fn binary(&self) -> &Path {
+        &self.binary
+    }
+
+    /// QEMU's version line, e.g. `QEMU emulator version 7.2.22`.
+    pub async fn version(&self) -> std::result::Result<String, QemuError> {
+        let out = tokio::process::Command::new(&self.binary)
+            .arg("--version")
+            .output()
+            .await
+            .map_err(|source| QemuError::Spawn {
+                binary: self.binary.clone(),
+                source,
+            })?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string())
+    }
+
+    /// Resolves `requested` to a concrete accelerator and says why.
+    ///
+    /// `auto` uses KVM only if a guest kernel (the given one) really reaches
+    /// init under it; the verdict is cached per host kernel and QEMU binary.
+    pub async fn resolve_accel(
+        &self,
+        requested: Accel,
+        kernel: &Path,
+        initrd: Option<&Path>,
+    ) -> Result<(Accel, String)> {
+        match requested {
+            Accel::Tcg => return Ok((Accel::Tcg, "TCG requested".into())),
+            Accel::Kvm => {
+                accel::kvm_device_usable().map_err(|why| Error::Unsupported {
+                    backend: "qemu",
+                    what: format!("KVM on this host ({why})"),
+                    fix: "use --accel tcg, or give this user access to /dev/kvm".into(),
+                })?;
+                return Ok((Accel::Kvm, "KVM requested".into()));
+            }
+            Accel::Auto => {}
+        }
+        let mut cached = self.auto.lock().await;
+        if let Some(v) = cached.as_ref() {
+            return Ok(v.clone());
+        }
+        let verdict = if let Err(why) = accel::kvm_device_usable() {
+            (Accel::Tcg, format!("TCG: {why}"))
+        } else {
+            let key = accel::probe_key(&self.binary);
+            let rec = match accel::read_cached(&self.probe_cache, &key) {
+                Some(rec) => rec,
+                None => {
+                    tracing::info!("probing whether a guest really runs under KVM (once per host)");
+                    let (kvm_works, detail) =
+                        accel::boot_probe(&self.binary, kernel, initrd, accel::PROBE_TIMEOUT).await;
+                    let rec = accel::ProbeRecord {
+                        key,
+                        kvm_works,
+                        detail,
+                    };
+                    accel::write_cached(&self.probe_cache, &rec);
+                    rec
+                }
+            };
+            if rec.kvm_works {
+                (Accel::Kvm, format!("KVM: {}", rec.detail))
+            } else {
+                (Accel::Tcg, format!("TCG: {}", rec.detail))
+            }
+        };
+        tracing::debug!(accel = %verdict.0, why = %verdict.1, "accelerator chosen");
+        *cached = Some(verdict.clone());
+        Ok(verdict)
+    }
+}
+
+fn find_qemu() -> std::result::Result<PathBuf, QemuError> {
+    if let Some(p) = std::env::var_os("CAPSA_QEMU") {
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(QemuError::NotFound {
+                looked: format!("CAPSA_QEMU={}", p.display()),
+            })
+        };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path) {
+        let c = dir.join("qemu-system-x86_64");
+        if c.is_file() {
+            return Ok(c);
+        }
+    }
+    Err(QemuError::NotFound {
+        looked: "$CAPSA_QEMU and qemu-system-x86_64 on PATH".into(),
+    })
+}
+
+#[async_trait::async_trait]
+impl Hypervisor for QemuBackend {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let mut accels = vec![Accel::Tcg];
+        if accel::kvm_device_usable().is_ok() {
+            accels.push(Accel::Kvm);
+        }
+        Capabilities {
+            backend: "qemu".into(),
+            accels,
+            disk_formats: vec![DiskFormat::Raw, DiskFormat::Qcow2],
+            read_only_disks: true,
+            max_cpus: MAX_CPUS,
+            console: true,
+            pause: true,
+            graceful_shutdown: true,
+            vsock: false,
+        }
+    }
+
+    async fn start(&self, spec: VmSpec, opts: StartOptions) -> Result<Box<dyn VmInstance>> {
+        self.capabilities().check(&spec)?;
+        let BootSource::LinuxDirect { kernel, initrd, .. } = &spec.boot;
+        let (accel, why) = self
+            .resolve_accel(spec.accel, kernel, initrd.as_deref())
+            .await?;
+        tracing::debug!(%accel, %why, name = %opts.name, "starting QEMU");
+        let paths = args::RunPaths {
+            qmp: opts.run_dir.join("qmp.sock"),
+            vhost_vsock: None,
+        };
+        let _ = std::fs::remove_file(&paths.qmp);
+        let argv = args::build_args(&spec, accel, &paths, &opts.name)?;
+        let inst =
+            QemuInstance::spawn(&self.binary, &argv, paths.qmp, spec.console.enabled).await?;
+        Ok(Box::new(inst))
+    }
+}

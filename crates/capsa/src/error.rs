@@ -1,0 +1,76 @@
+//! The library's error type.
+
+use std::time::Duration;
+
+/// Everything the capsa library can fail with.
+///
+/// Errors from lower layers keep their type (match on [`Error::Core`] to see an
+/// `InvalidSpec` and its field); [`Error::fix`] gives the hint to show a user.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The spec was refused or the backend failed.
+    #[error(transparent)]
+    Core(#[from] capsa_core::Error),
+    /// The guest bundle (kernel, initramfs) could not be resolved or built.
+    #[error(transparent)]
+    Image(#[from] capsa_image::ImageError),
+    /// A console wait ran past its deadline.
+    #[error(
+        "timed out after {after:?} waiting for {pattern:?} on the console; last output: {tail:?}"
+    )]
+    ConsoleTimeout {
+        /// The awaited pattern(s).
+        pattern: String,
+        /// The deadline.
+        after: Duration,
+        /// The newest console output, to see where the guest got stuck.
+        tail: String,
+    },
+    /// The console closed (the VM ended) while waiting or writing.
+    #[error("the console closed{}; last output: {tail:?}", waiting_for.as_ref().map(|p| format!(" while waiting for {p:?}")).unwrap_or_default())]
+    ConsoleClosed {
+        /// The awaited pattern(s), if waiting.
+        waiting_for: Option<String>,
+        /// The newest console output.
+        tail: String,
+    },
+    /// The VM was built without a console.
+    #[error("this VM has no console; fix: call .console() on the builder")]
+    NoConsole,
+    /// An argument to a library call is unusable.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// Host I/O failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What capsa was doing.
+        context: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// The fix hint to show a user, when there is one.
+    pub fn fix(&self) -> Option<String> {
+        match self {
+            Error::Core(e) => e.fix().map(str::to_string),
+            // Image errors carry their fix in the message itself.
+            Error::Image(_) => None,
+            Error::NoConsole => Some("call .console() on the builder".into()),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// Result alias for the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

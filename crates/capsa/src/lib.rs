@@ -1,0 +1,41 @@
+//! capsa: run Linux VMs (and, on top of them, sandboxes) from Rust.
+//!
+//! ```no_run
+//! # async fn demo() -> capsa::Result<()> {
+//! use capsa::{Capsa, LinuxDirectBoot};
+//! use std::time::Duration;
+//! let vm = Capsa::vm(LinuxDirectBoot::default_guest().await?)
+//!     .cpus(2)
+//!     .memory_mb(512)
+//!     .console()
+//!     .build()
+//!     .await?;
+//! let console = vm.console()?;
+//! console.wait_for(capsa::GUEST_READY_MARKER, Duration::from_secs(60)).await?;
+//! console.write_line("uname -r").await?;
+//! vm.stop().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! The builder only produces a plain [`capsa_core::VmSpec`]; the backend (QEMU
+//! today) turns it into a running VM. Every other front end (CLI, monitor,
+//! daemon) goes through the same spec.
+#![deny(missing_docs)]
+
+mod builder;
+mod console;
+mod error;
+mod guest;
+mod handle;
+
+pub use builder::{Capsa, LinuxDirectBoot, VmBuilder};
+pub use capsa_core::{
+    Accel, DiskFormat, DiskSpec, ExitReason, KernelCmdline, VmSpec, VmStatus, GUEST_READY_MARKER,
+};
+pub use console::{ConsoleReader, ConsoleWriter, VmConsole, CONSOLE_BUFFER_LIMIT};
+pub use error::{Error, Result};
+pub use guest::{bundle, default_bundle};
+pub use handle::VmHandle;
+
+/// Re-export of the image crate, for bundle options.
+pub use capsa_image as image;

@@ -1,0 +1,126 @@
+//! Bad input is refused before anything starts, with a typed error and a fix.
+//! (Own test binary: no test here starts QEMU, so any QEMU child is a leak.)
+
+mod common;
+
+use capsa::{Capsa, Error, LinuxDirectBoot};
+use capsa_core::{DiskProbeError, Error as CoreError};
+use common::{bundle, qemu_children};
+
+fn assert_no_qemu() {
+    assert!(qemu_children().is_empty(), "a QEMU process was left behind");
+}
+
+#[tokio::test]
+async fn missing_kernel() {
+    let e = Capsa::vm(LinuxDirectBoot::new("/nonexistent/vmlinux", None::<&str>))
+        .build()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Core(CoreError::InvalidSpec {
+                field: "kernel",
+                ..
+            })
+        ),
+        "{e}"
+    );
+    assert!(e.fix().unwrap().contains("--kernel"));
+    assert_no_qemu();
+}
+
+#[tokio::test]
+async fn memory_zero_and_beyond_host() {
+    let b = bundle().await;
+    for mib in [0, u64::MAX / 2] {
+        let e = Capsa::vm(LinuxDirectBoot::from_bundle(&b))
+            .memory_mb(mib)
+            .build()
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Core(CoreError::InvalidSpec {
+                    field: "memory",
+                    ..
+                })
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("Fix:"), "{e}");
+    }
+    assert_no_qemu();
+}
+
+#[tokio::test]
+async fn unknown_accel() {
+    let e = "warp-drive".parse::<capsa::Accel>().unwrap_err();
+    assert!(matches!(e, CoreError::InvalidSpec { field: "accel", .. }));
+    assert!(e.to_string().contains("auto, kvm, tcg"));
+}
+
+#[tokio::test]
+async fn corrupt_and_missing_disks() {
+    let b = bundle().await;
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("corrupt.qcow2");
+    let mut bytes = b"QFI\xfb".to_vec();
+    bytes.extend_from_slice(&[0xee; 508]);
+    std::fs::write(&bad, bytes).unwrap();
+    let e = Capsa::vm(LinuxDirectBoot::from_bundle(&b))
+        .disk(&bad)
+        .build()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Core(CoreError::Disk {
+                source: DiskProbeError::Corrupt(_),
+                ..
+            })
+        ),
+        "{e}"
+    );
+    assert!(e.fix().unwrap().contains("qemu-img"));
+    let e = Capsa::vm(LinuxDirectBoot::from_bundle(&b))
+        .disk(dir.path().join("nope.img"))
+        .build()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Core(CoreError::Disk {
+                source: DiskProbeError::NotFound,
+                ..
+            })
+        ),
+        "{e}"
+    );
+    assert_no_qemu();
+}
+
+#[tokio::test]
+async fn bad_cmdline_and_name() {
+    let b = bundle().await;
+    let e = Capsa::vm(LinuxDirectBoot::from_bundle(&b))
+        .cmdline_arg("a=\"open")
+        .build()
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Core(CoreError::Cmdline(_))), "{e}");
+    let e = Capsa::vm(LinuxDirectBoot::from_bundle(&b))
+        .name("../etc")
+        .build()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::Core(CoreError::InvalidSpec { field: "name", .. })),
+        "{e}"
+    );
+    assert_no_qemu();
+}

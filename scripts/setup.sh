@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what capsa needs on a Debian/Ubuntu host, only where it is missing,
+# and says what it installs. Safe to run again: it does nothing when all is there.
+set -euo pipefail
+
+need_pkgs=()
+command -v qemu-system-x86_64 >/dev/null 2>&1 || need_pkgs+=(qemu-system-x86)
+command -v qemu-img >/dev/null 2>&1 || need_pkgs+=(qemu-utils)
+# capsa's initramfs needs a *static* busybox (Debian's busybox-static).
+if ! { [ -x /bin/busybox ] && ! LC_ALL=C readelf -l /bin/busybox 2>/dev/null | grep -q 'Requesting program interpreter'; }; then
+  need_pkgs+=(busybox-static)
+fi
+command -v dpkg-deb >/dev/null 2>&1 || need_pkgs+=(dpkg)
+command -v readelf >/dev/null 2>&1 || need_pkgs+=(binutils)
+
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  echo "capsa setup: installing missing packages: ${need_pkgs[*]}" >&2
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
+      echo "capsa setup: not root and no sudo; install them yourself: apt-get install ${need_pkgs[*]}" >&2
+      exit 1
+    fi
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >&2
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "capsa setup: cargo not found; install Rust (https://rustup.rs) and run this again" >&2
+  exit 1
+fi
