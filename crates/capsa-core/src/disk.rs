@@ -175,7 +175,7 @@ pub(crate) fn check_qcow2_header(
     let l1_off = be64(h, 40);
     let refcount_off = be64(h, 48);
     let check_table = |name: &str, off: u64| -> Result<(), DiskProbeError> {
-        if off == 0 || off % cluster != 0 || off >= file_len {
+        if off == 0 || !off.is_multiple_of(cluster) || off >= file_len {
             return Err(DiskProbeError::Corrupt(format!(
                 "{name} offset {off:#x} is not a cluster inside the file"
             )));

@@ -5,8 +5,9 @@
 //! [`MODULES_LOAD_PATH`], prints [`READY_MARKER`] on the console and then runs
 //! one workload (see [`cmdline::Mode`]); when the workload ends, or the host
 //! asks for a graceful stop (Ctrl-Alt-Del via QMP, which the kernel turns into
-//! `SIGINT` for PID 1; or `SIGTERM` / `SIGPWR`), it stops every process and
-//! powers the VM off. PID 1 must never exit (that panics the kernel), so every
+//! `SIGINT` for PID 1; or `SIGTERM` / `SIGPWR`; or busybox `poweroff`/`halt`
+//! in the guest, which send `SIGUSR2`/`SIGUSR1`), it stops every process
+//! (`SIGTERM`, `SIGKILL` after 2 s), syncs, unmounts and powers the VM off. PID 1 must never exit (that panics the kernel), so every
 //! failure ends in a logged power-off instead.
 //!
 //! The binary is built fully static (glibc, `+crt-static`) by the

@@ -1,12 +1,14 @@
 //! Builds (or fetches from the cache) the default guest bundle and prints it.
 //!
-//! `RUST_LOG=capsa_image=debug cargo run --release -p capsa-image --example bundle -- [CACHE_DIR]`
+//! `RUST_LOG=capsa_image=debug cargo run --release -p capsa-image --example bundle -- [CACHE_DIR [MODULE...]]`
 
 fn main() {
     tracing_subscriber_init();
     let cache_dir = std::env::args_os().nth(1).map(std::path::PathBuf::from);
+    let extra_modules = std::env::args().skip(2).collect();
     let opts = capsa_image::BundleOptions {
         cache_dir,
+        extra_modules,
         ..Default::default()
     };
     let start = std::time::Instant::now();

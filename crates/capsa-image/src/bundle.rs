@@ -142,15 +142,22 @@ pub fn build(opts: &BundleOptions, progress: &Progress) -> Result<Bundle, ImageE
         opts.initrd_compression,
     );
     let dir = bundles.join(&id);
-    if let Some(b) = load(&dir)? {
+    if let Ok(Some(b)) = load(&dir) {
         tracing::debug!("bundle {id} is cached ({:?})", start.elapsed());
         return Ok(b);
     }
     let _lock = FileLock::exclusive(&bundles.join(format!(".{id}.lock")))?;
-    if let Some(b) = load(&dir)? {
-        tracing::debug!("bundle {id} was built by another builder meanwhile");
-        return Ok(b);
+    match load(&dir) {
+        Ok(Some(b)) => {
+            tracing::debug!("bundle {id} was built by another builder meanwhile");
+            return Ok(b);
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!("rebuilding damaged bundle {id}: {e}"),
     }
+    // Holding the id's lock: leftovers of this id (an old format, a damaged
+    // copy, a crashed build) belong to no one else.
+    discard_leftovers(&bundles, &id, &dir)?;
 
     let step = progress.spinner(format!("Building guest bundle {id}"));
     let work = tempfile::Builder::new()
@@ -224,6 +231,7 @@ pub fn build(opts: &BundleOptions, progress: &Progress) -> Result<Bundle, ImageE
 }
 
 /// A module chosen for the bundle, with the hash of its source file.
+#[derive(Debug)]
 struct Planned {
     guest: GuestModule,
     /// sha256 of the module file as found (memoized), plus how it was changed.
@@ -613,8 +621,29 @@ pub fn remove(cache_dir: Option<&Path>, id: &str) -> Result<(), ImageError> {
     let doomed = bundles.join(format!(".remove-{full}-{}", std::process::id()));
     std::fs::rename(&dir, &doomed).map_err(|e| ImageError::cache(&dir, e))?;
     std::fs::remove_dir_all(&doomed).map_err(|e| ImageError::cache(&doomed, e))?;
-    let _ = std::fs::remove_file(bundles.join(format!(".{full}.lock")));
+    // The lock file stays: deleting it could let two builders lock different inodes.
     prune_vmlinux_store(&cache);
+    Ok(())
+}
+
+/// Removes `dir` and `.build-<id>-*` work dirs; the caller holds the id's lock.
+fn discard_leftovers(bundles: &Path, id: &str, dir: &Path) -> Result<(), ImageError> {
+    if dir.exists() {
+        let doomed = bundles.join(format!(".remove-{id}-{}", std::process::id()));
+        std::fs::rename(dir, &doomed).map_err(|e| ImageError::cache(dir, e))?;
+        std::fs::remove_dir_all(&doomed).map_err(|e| ImageError::cache(&doomed, e))?;
+    }
+    let prefix = format!(".build-{id}-");
+    for e in std::fs::read_dir(bundles)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+    {
+        if e.file_name().to_string_lossy().starts_with(&prefix) {
+            tracing::debug!("removing leftover {}", e.path().display());
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
     Ok(())
 }
 
@@ -784,6 +813,59 @@ mod tests {
         ] {
             assert_ne!(base, other);
         }
+    }
+
+    #[test]
+    fn extra_modules_must_exist() {
+        use crate::elf::build::elf_with_sections;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("lib/modules/6.6.6");
+        std::fs::create_dir_all(root.join("kernel")).unwrap();
+        let ko = |info: &str| elf_with_sections(&[(".modinfo", 1, info.as_bytes())], false);
+        std::fs::write(root.join("kernel/virtio_blk.ko"), ko("depends=virtio\0")).unwrap();
+        std::fs::write(root.join("kernel/virtio.ko"), ko("depends=\0")).unwrap();
+        std::fs::write(root.join("kernel/nbd.ko"), ko("depends=\0")).unwrap();
+        std::fs::write(root.join("kernel/broken.ko"), ko("depends=gone\0")).unwrap();
+        std::fs::write(root.join("modules.builtin"), "kernel/fs/ext4/ext4.ko\n").unwrap();
+        let kernel = ResolvedKernel {
+            image: "/k".into(),
+            modules_dir: Some(root.clone()),
+            version: "6.6.6".into(),
+            source: KernelSource::Explicit { path: "/k".into() },
+            config: None,
+        };
+        let cache = dir.path().join("cache");
+        let names = |p: &[Planned]| p.iter().map(|m| m.guest.name.clone()).collect::<Vec<_>>();
+        let plan = plan_modules(&cache, &kernel, &[]).unwrap();
+        assert_eq!(
+            names(&plan),
+            ["virtio", "virtio_blk"],
+            "defaults present in the tree, deps first"
+        );
+        assert_eq!(plan[1].guest.depends, ["kernel/virtio.ko"]);
+        let plan = plan_modules(&cache, &kernel, &["nbd".into(), "ext4".into()]).unwrap();
+        assert_eq!(
+            names(&plan),
+            ["virtio", "virtio_blk", "nbd"],
+            "built-in ext4 needs nothing"
+        );
+        let e = plan_modules(&cache, &kernel, &["nope".into()]).unwrap_err();
+        assert!(
+            matches!(e, ImageError::ModuleNotFound { ref name, .. } if name == "nope"),
+            "{e}"
+        );
+        let e = plan_modules(&cache, &kernel, &["broken".into()]).unwrap_err();
+        assert!(matches!(e, ImageError::BadModule { .. }), "{e}");
+        let no_tree = ResolvedKernel {
+            modules_dir: None,
+            ..kernel
+        };
+        assert!(plan_modules(&cache, &no_tree, &[]).unwrap().is_empty());
+        let e = plan_modules(&cache, &no_tree, &["nbd".into()]).unwrap_err();
+        assert!(
+            matches!(e, ImageError::ModuleNotFound { no_tree: true, .. }),
+            "{e}"
+        );
     }
 
     #[test]

@@ -184,3 +184,85 @@ impl ImageError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_message_says_what_and_the_fix() {
+        let io = || std::io::Error::new(std::io::ErrorKind::PermissionDenied, "denied");
+        let all = [
+            ImageError::KernelNotFound {
+                tried: vec!["a".into(), "b".into()],
+            },
+            ImageError::BadKernel {
+                path: "/k".into(),
+                reason: "r".into(),
+            },
+            ImageError::Apt {
+                step: "s".into(),
+                detail: "d".into(),
+            },
+            ImageError::ModuleTree {
+                path: "/m".into(),
+                reason: "r".into(),
+            },
+            ImageError::BadModule {
+                path: "/m.ko".into(),
+                reason: "r".into(),
+            },
+            ImageError::ModuleNotFound {
+                name: "n".into(),
+                kernel_version: "v".into(),
+                no_tree: true,
+            },
+            ImageError::Busybox { reason: "r".into() },
+            ImageError::InitBinary {
+                path: "/i".into(),
+                reason: "r".into(),
+            },
+            ImageError::ExtraFile {
+                host: "/h".into(),
+                guest: "/g".into(),
+                reason: "r".into(),
+            },
+            ImageError::Cache {
+                path: "/c".into(),
+                source: io(),
+            },
+            ImageError::NoCacheDir,
+            ImageError::Manifest {
+                path: "/b.json".into(),
+                reason: "r".into(),
+            },
+            ImageError::BundleNotFound {
+                id: "i".into(),
+                cache: "/c".into(),
+            },
+            ImageError::AmbiguousId {
+                id: "i".into(),
+                matches: vec!["i1".into(), "i2".into()],
+            },
+            ImageError::InvalidId { id: "x".into() },
+        ];
+        for e in all {
+            let msg = e.to_string();
+            let (what, fix) = msg
+                .split_once("; fix: ")
+                .unwrap_or_else(|| panic!("no fix in {msg:?}"));
+            assert!(what.len() > 10 && fix.len() > 5, "{msg:?}");
+        }
+        let msg = ImageError::KernelNotFound {
+            tried: vec!["cache empty".into(), "no /boot".into()],
+        }
+        .to_string();
+        assert!(
+            msg.contains("cache empty; no /boot")
+                && msg.contains("apt-get install linux-image-amd64"),
+            "{msg}"
+        );
+        let msg = ImageError::Busybox { reason: "x".into() }.to_string();
+        assert!(msg.contains("apt-get install busybox-static"), "{msg}");
+    }
+}

@@ -228,7 +228,10 @@ pub(crate) fn tree(c: &Contents<'_>) -> Result<Tree, ImageError> {
     let mut dep = String::new();
     for m in c.modules {
         t.file(&format!("{mod_root}/{}", m.rel), 0o644, m.data.clone())
-            .map_err(internal)?;
+            .map_err(|e| ImageError::BadModule {
+                path: PathBuf::from(&m.rel),
+                reason: format!("cannot place it in the initramfs: {e}"),
+            })?;
         load.push_str(&m.rel);
         load.push('\n');
         dep.push_str(&format!(

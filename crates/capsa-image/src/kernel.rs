@@ -550,6 +550,17 @@ fn fetch(
         Some((p, v)) => format!("{p}={v}"),
         None => concrete_package()?,
     };
+    // Under the kernels lock: any other .fetch-* dir is a crashed fetch (~400 MB).
+    for e in std::fs::read_dir(&kernels)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+    {
+        if e.file_name().to_string_lossy().starts_with(".fetch-") {
+            tracing::debug!("removing leftover {}", e.path().display());
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
     let work = tempfile::Builder::new()
         .prefix(".fetch-")
         .tempdir_in(&kernels)
@@ -621,7 +632,10 @@ fn fetch(
         let tree = ModuleTree::scan(&src_modules).map_err(|e| e.to_string())?;
         let mut source = TreeSource::new(&tree);
         let plan = load_order(wanted, &mut source).map_err(|e| e.to_string())?;
-        for name in &plan.order {
+        // Wanted modules left out of the plan (a dependency is missing) are
+        // kept too, so the cache is not re-fetched for them on every build.
+        let names: BTreeSet<&String> = plan.order.iter().chain(wanted).collect();
+        for name in names {
             let Some(rel) = tree.path_of(name) else {
                 continue;
             };

@@ -162,7 +162,12 @@ fn header_payload(bz: &[u8]) -> Result<&[u8], &'static str> {
     if bz.get(0x202..0x206) != Some(b"HdrS") {
         return Err("no bzImage setup header (HdrS)");
     }
-    let version = u16::from_le_bytes([bz[0x206], bz[0x207]]);
+    let u16_at = |o: usize| {
+        bz.get(o..o + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            .ok_or("truncated setup header")
+    };
+    let version = u16_at(0x206)?;
     if version < 0x208 {
         return Err("boot protocol older than 2.08 has no payload fields");
     }
@@ -205,7 +210,9 @@ pub(crate) fn is_pvh_elf(data: &[u8]) -> bool {
 /// The kernel release (`uname -r`) of a bzImage or ELF vmlinux.
 pub(crate) fn kernel_release(image: &[u8]) -> Option<String> {
     if image.get(0x202..0x206) == Some(b"HdrS") {
-        let ptr = u16::from_le_bytes([image[0x20E], image[0x20F]]) as usize;
+        let ptr = image
+            .get(0x20E..0x210)
+            .map_or(0, |b| u16::from_le_bytes([b[0], b[1]]) as usize);
         if ptr != 0 {
             if let Some(r) = image.get(ptr + 0x200..).and_then(release_token) {
                 return Some(r);
@@ -329,6 +336,12 @@ pub(crate) mod tests {
             "scan fallback should still find it"
         );
         assert!(!is_pvh_elf(&fake_vmlinux(false)));
+        // Every truncation of a valid image is handled.
+        let bz = fake_bzimage(Compression::Gzip, &fake_vmlinux(true), true);
+        for cut in (0..0x400).chain((0x400..bz.len()).step_by(97)) {
+            let _ = extract_vmlinux(&bz[..cut]);
+            let _ = kernel_release(&bz[..cut]);
+        }
     }
 
     #[test]

@@ -23,6 +23,12 @@ for m in $(cut -d' ' -f1 /proc/modules); do echo "probe-module=$m"; done
 for d in /sys/bus/virtio/drivers/*; do echo "probe-driver=${d##*/}"; done
 [ -c /dev/null ] && [ -d /proc/self ] && [ -d /sys/kernel ] && echo probe-mounts-ok
 ip addr show lo | grep -q 'inet 127.0.0.1' && echo probe-lo-ok
+# An orphan that exits must be reaped by PID 1 (no zombie left) ...
+(sleep 0.2 &)
+sleep 1
+echo "probe-zombies=$(cat /proc/[0-9]*/stat 2>/dev/null | grep -c '^[0-9]* ([^)]*) Z')"
+# ... and one still running at exit must be stopped by the shutdown.
+(sleep 1000 &)
 exit 7
 "#;
 
@@ -307,6 +313,7 @@ fn default_bundle_builds_boots_and_stops() {
     }
     assert!(out.contains("probe-mounts-ok"), "{out}");
     assert!(out.contains("probe-lo-ok"), "{out}");
+    assert_eq!(values(out, "probe-zombies="), vec!["0"], "{out}");
     assert!(
         out.lines()
             .any(|l| l.trim() == format!("{EXIT_MARKER_PREFIX}7")),
@@ -335,6 +342,22 @@ fn default_bundle_builds_boots_and_stops() {
         "shell mode: ready after {:?}, stopped and exited after {:?}",
         run.ready_after.unwrap(),
         run.total
+    );
+
+    // A command line capsa-init cannot honour: error on the console, clean power-off, no ready.
+    let run = boot(&bundle, "capsa.mode=no-such-mode", |_| {});
+    let out = &run.output;
+    assert!(
+        run.status.is_some_and(|s| s.success()),
+        "QEMU did not exit cleanly:\n{out}"
+    );
+    assert!(
+        out.contains("capsa-init: error: unknown capsa.mode"),
+        "{out}"
+    );
+    assert!(
+        run.ready_after.is_none() && !out.contains("Kernel panic"),
+        "{out}"
     );
 
     // Removing it empties the list.

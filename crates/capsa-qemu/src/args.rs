@@ -54,7 +54,7 @@ pub fn build_args(
         "-m",
         &format!("{}M", spec.memory_mib),
     ]);
-    if let (Some(vsock), Some(sock)) = (&spec.vsock, &paths.vhost_vsock) {
+    if let (Some(_), Some(sock)) = (&spec.vsock, &paths.vhost_vsock) {
         // vhost-user devices read guest RAM directly, so it must be a shareable memfd.
         push(&[
             "-object",
@@ -69,13 +69,9 @@ pub fn build_args(
             "-chardev",
             &format!("socket,id=vsock0,path={}", escape_path(sock)),
         ]);
-        push(&[
-            "-device",
-            &format!(
-                "vhost-user-vsock-pci,chardev=vsock0,guest-cid={}",
-                vsock.guest_cid
-            ),
-        ]);
+        // The guest reads its CID from the device's config space, served by
+        // capsa's vhost-user device (QEMU 7.2 has no guest-cid property here).
+        push(&["-device", "vhost-user-vsock-pci,chardev=vsock0"]);
     }
     push(&[
         "-nodefaults",
@@ -200,7 +196,8 @@ mod tests {
             "{a}"
         );
         assert!(a.contains("-machine memory-backend=mem"));
-        assert!(a.contains("vhost-user-vsock-pci,chardev=vsock0,guest-cid=7"));
+        assert!(a.contains("-device vhost-user-vsock-pci,chardev=vsock0"));
+        assert!(a.contains("-chardev socket,id=vsock0,path=/r/vhost.sock"));
     }
 
     #[test]

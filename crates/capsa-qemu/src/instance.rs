@@ -31,6 +31,8 @@ pub struct QemuInstance {
     kill_tx: mpsc::Sender<()>,
     console: Option<ConsoleStreams>,
     shutting_down: AtomicBool,
+    /// The in-process vsock device; dropped (and stopped) with the instance.
+    vsock: Option<capsa_vsock::VsockDevice>,
 }
 
 impl std::fmt::Debug for QemuInstance {
@@ -48,6 +50,7 @@ impl QemuInstance {
         args: &[String],
         qmp_path: PathBuf,
         console: bool,
+        vsock: Option<capsa_vsock::VsockDevice>,
     ) -> std::result::Result<Self, QemuError> {
         let mut cmd = tokio::process::Command::new(binary);
         cmd.args(args)
@@ -111,16 +114,14 @@ impl QemuInstance {
         let (kill_tx, mut kill_rx) = mpsc::channel::<()>(4);
         let tail_w = tail.clone();
         tokio::spawn(async move {
-            let status = loop {
-                tokio::select! {
-                    s = child.wait() => break s,
-                    k = kill_rx.recv() => {
-                        if k.is_none() {
-                            tracing::debug!(pid, "handle dropped: killing QEMU");
-                        }
-                        let _ = child.start_kill();
-                        break child.wait().await;
+            let status = tokio::select! {
+                s = child.wait() => s,
+                k = kill_rx.recv() => {
+                    if k.is_none() {
+                        tracing::debug!(pid, "handle dropped: killing QEMU");
                     }
+                    let _ = child.start_kill();
+                    child.wait().await
                 }
             };
             // Give the stderr reader a moment to drain the last lines.
@@ -174,6 +175,7 @@ impl QemuInstance {
             kill_tx,
             console,
             shutting_down: AtomicBool::new(false),
+            vsock,
         })
     }
 
@@ -248,7 +250,7 @@ impl VmInstance for QemuInstance {
     }
 
     fn vsock_socket(&self) -> Option<PathBuf> {
-        None
+        self.vsock.as_ref().map(|d| d.config().uds_path.clone())
     }
 
     async fn status(&self) -> Result<VmStatus> {

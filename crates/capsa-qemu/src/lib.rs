@@ -174,7 +174,7 @@ impl Hypervisor for QemuBackend {
             console: true,
             pause: true,
             graceful_shutdown: true,
-            vsock: false,
+            vsock: true,
         }
     }
 
@@ -185,14 +185,33 @@ impl Hypervisor for QemuBackend {
             .resolve_accel(spec.accel, kernel, initrd.as_deref())
             .await?;
         tracing::debug!(%accel, %why, name = %opts.name, "starting QEMU");
+        // The vsock device is served by capsa in this process (vhost-user), so it
+        // must listen before QEMU starts and connects to it.
+        let vsock = match &spec.vsock {
+            Some(v) => {
+                let mut cfg = capsa_vsock::VsockConfig::new(
+                    opts.run_dir.join("vhost-vsock.sock"),
+                    opts.run_dir.join("vsock.sock"),
+                );
+                cfg.guest_cid = u64::from(v.guest_cid);
+                let device = capsa_vsock::VsockDevice::spawn(cfg).map_err(|e| Error::Backend {
+                    backend: "qemu",
+                    message: format!("cannot start the vsock device: {e}"),
+                    fix: None,
+                    source: Some(Box::new(e)),
+                })?;
+                Some(device)
+            }
+            None => None,
+        };
         let paths = args::RunPaths {
             qmp: opts.run_dir.join("qmp.sock"),
-            vhost_vsock: None,
+            vhost_vsock: vsock.as_ref().map(|d| d.config().vhost_socket.clone()),
         };
         let _ = std::fs::remove_file(&paths.qmp);
         let argv = args::build_args(&spec, accel, &paths, &opts.name)?;
-        let inst =
-            QemuInstance::spawn(&self.binary, &argv, paths.qmp, spec.console.enabled).await?;
+        let inst = QemuInstance::spawn(&self.binary, &argv, paths.qmp, spec.console.enabled, vsock)
+            .await?;
         Ok(Box::new(inst))
     }
 }

@@ -75,7 +75,7 @@ impl VsockBackend {
             with_queue(rx, |q| mux.process_rx(&*mem, q));
             // Only a TX pass that stopped for RX backpressure needs another
             // round; everything else waits for the next kick or host event.
-            if !(was_throttled && !mux.tx_throttled()) {
+            if !was_throttled || mux.tx_throttled() {
                 return;
             }
         }

@@ -13,7 +13,7 @@ use std::fmt;
 use std::ops::Deref;
 
 use virtio_queue::DescriptorChain;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
 /// Longest descriptor chain accepted. Linux uses 2 (header + linear payload),
 /// up to ~19 with zero-copy fragments; anything beyond 64 is either a bug or
@@ -57,9 +57,16 @@ pub struct Segments {
 
 impl Segments {
     /// Walks `chain`, requiring every descriptor to be device-writable when
-    /// `writable` (RX) or device-readable otherwise (TX).
-    pub fn collect<M>(chain: DescriptorChain<M>, writable: bool) -> Result<Segments, ChainError>
+    /// `writable` (RX) or device-readable otherwise (TX), and to lie inside
+    /// guest memory. Checking addresses up front means a buffer is rejected
+    /// before a packet is committed to it, so nothing is lost to a bad one.
+    pub fn collect<G, M>(
+        mem: &G,
+        chain: DescriptorChain<M>,
+        writable: bool,
+    ) -> Result<Segments, ChainError>
     where
+        G: GuestMemory,
         M: Deref,
         M::Target: GuestMemory,
     {
@@ -74,6 +81,14 @@ impl Segments {
             let len = desc.len() as usize;
             if len == 0 {
                 continue;
+            }
+            let access = if writable {
+                Permissions::Write
+            } else {
+                Permissions::Read
+            };
+            if !mem.check_range(desc.addr(), len, access) {
+                return Err(ChainError::BadAddress);
             }
             out.total = out
                 .total

@@ -227,6 +227,12 @@ impl Connection {
         self.to_host.len() + self.preamble.len()
     }
 
+    /// Whether the guest has heard of this connection (false only while our
+    /// REQUEST is still queued).
+    pub fn guest_knows(&self) -> bool {
+        !self.need_request
+    }
+
     /// The guest accepted our REQUEST.
     pub fn on_response(&mut self) -> Result<(), Fault> {
         match self.state {
@@ -341,6 +347,10 @@ impl Connection {
         }
         while self.readable && self.staged.len() < cap {
             let want = (cap - self.staged.len()).min(scratch.len());
+            if want == 0 {
+                // A zero-length read returns 0, which would look like EOF.
+                break;
+            }
             match self.stream.read(&mut scratch[..want]) {
                 Ok(0) => {
                     self.host_eof = true;

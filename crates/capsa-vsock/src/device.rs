@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 
 use tracing::{debug, info, warn};
 use vhost::vhost_user::Listener;
-use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vhost_user_backend::{Error as DaemonError, ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -31,7 +31,8 @@ pub struct VsockStats {
     pub refused: u64,
     /// Guest buffers or packets dropped as malformed.
     pub malformed_packets: u64,
-    /// Resets sent to the guest for unknown or refused connections.
+    /// Resets sent to the guest (refusals, unknown connections, faults,
+    /// completed closes).
     pub resets_sent: u64,
     /// Liveness probes sent after transport restarts.
     pub probes: u64,
@@ -287,7 +288,10 @@ fn serve_frontends(inner: &Arc<Inner>, listener: &mut Listener) -> Result<(), Vs
         }
         debug!("vsock: vhost-user frontend connected");
         match daemon.wait() {
-            Ok(()) => debug!("vsock: vhost-user frontend disconnected"),
+            Ok(())
+            | Err(DaemonError::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => debug!("vsock: vhost-user frontend disconnected"),
             Err(e) => {
                 if !inner.shutdown.load(Ordering::SeqCst) {
                     info!("vsock: vhost-user session ended: {e}");

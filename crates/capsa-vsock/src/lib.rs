@@ -13,6 +13,18 @@
 //!   the Unix socket `<uds_path>_N`; if nobody listens there the guest gets a
 //!   reset (`ECONNRESET`).
 //!
+//! QEMU needs shared guest memory and the chardev/device pair; there is no
+//! `guest-cid` property on `vhost-user-vsock-pci` (QEMU 7.2), the guest
+//! reads its CID from this backend's config space:
+//!
+//! ```text
+//! -object memory-backend-memfd,id=mem,size=256M,share=on -M q35,memory-backend=mem
+//! -chardev socket,id=vsock0,path=<vhost_socket> -device vhost-user-vsock-pci,chardev=vsock0
+//! ```
+//!
+//! Spawn the device before QEMU starts (QEMU connects at startup) and shut
+//! it down after QEMU exits.
+//!
 //! ```no_run
 //! use capsa_vsock::{VsockConfig, VsockDevice};
 //! let mut config = VsockConfig::new("/run/vm1/vhost-vsock.sock", "/run/vm1/vsock");

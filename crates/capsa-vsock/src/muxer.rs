@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tracing::{debug, info, warn};
+use tracing::{debug, info, trace, warn};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemory;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -70,7 +70,7 @@ pub struct SharedStats {
     pub refused: AtomicU64,
     /// Malformed guest buffers/packets.
     pub malformed: AtomicU64,
-    /// Resets for unknown/refused connections.
+    /// Resets queued for the guest.
     pub resets_sent: AtomicU64,
     /// Liveness probes after transport restarts.
     pub probes: AtomicU64,
@@ -105,9 +105,15 @@ pub struct Muxer {
     ready: VecDeque<ConnKey>,
     rst_queue: VecDeque<Header>,
     probe_pending: bool,
+    accept_pending: bool,
     limit_warned: bool,
     malformed_warned: bool,
+    ring_warned: bool,
+    /// Buffer for reads from host sockets.
     scratch: Vec<u8>,
+    /// Payload of the guest packet being handled.
+    tx_payload: Vec<u8>,
+    /// Payload of the packet being sent to the guest.
     rx_payload: Vec<u8>,
     stats: Arc<SharedStats>,
 }
@@ -130,17 +136,19 @@ impl Muxer {
         let timer = TimerFd::new()
             .map_err(|e| os_err("timerfd")(io::Error::from_raw_os_error(e.errno())))?;
         let wake = EventFd::new(EFD_NONBLOCK).map_err(os_err("eventfd"))?;
-        for (fd, token) in [
-            (listener.as_raw_fd(), TOKEN_LISTENER),
-            (timer.as_raw_fd(), TOKEN_TIMER),
-            (wake.as_raw_fd(), TOKEN_WAKE),
+        // The listener is edge-triggered so an accept that keeps failing
+        // (EMFILE) cannot spin the worker; `accept_pending` resumes batches.
+        for (fd, token, set) in [
+            (
+                listener.as_raw_fd(),
+                TOKEN_LISTENER,
+                EventSet::IN | EventSet::EDGE_TRIGGERED,
+            ),
+            (timer.as_raw_fd(), TOKEN_TIMER, EventSet::IN),
+            (wake.as_raw_fd(), TOKEN_WAKE, EventSet::IN),
         ] {
             epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, token),
-                )
+                .ctl(ControlOperation::Add, fd, EpollEvent::new(set, token))
                 .map_err(os_err("epoll registration"))?;
         }
         Ok(Muxer {
@@ -159,9 +167,12 @@ impl Muxer {
             ready: VecDeque::new(),
             rst_queue: VecDeque::new(),
             probe_pending: false,
+            accept_pending: false,
             limit_warned: false,
             malformed_warned: false,
+            ring_warned: false,
             scratch: vec![0; MAX_PAYLOAD as usize],
+            tx_payload: vec![0; MAX_PAYLOAD as usize],
             rx_payload: Vec::with_capacity(MAX_PAYLOAD as usize),
             stats,
         })
@@ -227,9 +238,13 @@ impl Muxer {
                 token => self.on_stream_event(token, set),
             }
         }
+        if self.accept_pending {
+            self.accept_host_clients();
+        }
     }
 
     fn accept_host_clients(&mut self) {
+        self.accept_pending = false;
         // Bounded so a connect storm cannot monopolise the worker thread.
         for _ in 0..EVENT_BATCH {
             let stream = match self.listener.accept() {
@@ -244,7 +259,8 @@ impl Muxer {
                     continue
                 }
                 Err(e) => {
-                    // EMFILE and friends: back off until the next event.
+                    // EMFILE and friends: back off until the next client
+                    // arrives rather than retrying in a loop.
                     warn!("vsock: accepting a host client failed: {e}");
                     return;
                 }
@@ -272,6 +288,9 @@ impl Muxer {
             // Edge-triggered: the CONNECT line may already be there.
             self.on_handshake_readable(token);
         }
+        // Batch used up: more clients may be waiting, and no new edge will
+        // say so.
+        self.accept_pending = true;
         self.wake();
     }
 
@@ -443,6 +462,7 @@ impl Muxer {
     fn queue_rst(&mut self, h: Header) {
         // The backlog is bounded by throttling TX; this is the backstop.
         if self.rst_queue.len() < RST_BACKLOG * 2 {
+            self.stats.resets_sent.fetch_add(1, Ordering::Relaxed);
             self.rst_queue.push_back(h);
         }
     }
@@ -490,7 +510,17 @@ impl Muxer {
             self.drop_entry(t);
         }
         for k in expired {
-            self.reset(k, "timed out");
+            let told_guest = self.conns.get(&k).is_some_and(|c| c.guest_knows());
+            if told_guest {
+                self.reset(k, "timed out");
+            } else {
+                // The REQUEST never reached the guest (no RX buffers).
+                debug!(
+                    "vsock: host connect to guest port {} timed out",
+                    k.guest_port
+                );
+                self.close(k);
+            }
         }
         if !pending {
             let _ = self.timer.clear();
@@ -537,6 +567,7 @@ impl Muxer {
         let mut used = false;
         loop {
             let _ = queue.disable_notification(mem);
+            let mut popped = false;
             loop {
                 if self.tx_throttled() {
                     // Resumed by the caller after RX processing.
@@ -545,19 +576,23 @@ impl Muxer {
                 let Some(chain) = queue.pop_descriptor_chain(mem) else {
                     break;
                 };
+                popped = true;
                 let head = chain.head_index();
-                match Segments::collect(chain, false) {
+                match Segments::collect(mem, chain, false) {
                     Ok(segs) => self.handle_tx_segments(mem, &segs),
                     Err(e) => self.malformed(e),
                 }
                 if let Err(e) = queue.add_used(mem, head, 0) {
-                    warn!("vsock: TX add_used failed: {e}");
+                    self.ring_error("TX", e);
                 }
                 used = true;
             }
-            match queue.enable_notification(mem) {
-                Ok(true) => continue,
-                _ => break,
+            // Re-check after re-enabling kicks, but only if this round made
+            // progress: a guest can publish an avail index the queue refuses
+            // to walk, which would otherwise spin this loop forever.
+            let more = queue.enable_notification(mem).unwrap_or(false);
+            if !(more && popped) {
+                break;
             }
         }
         used
@@ -599,11 +634,11 @@ impl Muxer {
         };
         let len = pkt.len as usize;
         if len > 0 {
-            // `len` is at most MAX_PAYLOAD (classify), and scratch is that big.
+            // `len` is at most MAX_PAYLOAD (classify), and tx_payload is that big.
             let res = if segs.len() - HEADER_SIZE < len {
                 Err(ChainError::Truncated)
             } else {
-                segs.read_at(mem, HEADER_SIZE, &mut self.scratch[..len])
+                segs.read_at(mem, HEADER_SIZE, &mut self.tx_payload[..len])
             };
             if let Err(e) = res {
                 // Lost stream bytes cannot be recovered: reset.
@@ -611,9 +646,11 @@ impl Muxer {
                 return self.reset_for(&hdr);
             }
         }
-        let scratch = std::mem::take(&mut self.scratch);
-        self.handle_guest_packet(&pkt, &scratch[..len]);
-        self.scratch = scratch;
+        // Moved out so the packet handler can use `self` (including the
+        // separate host-read `scratch`) while borrowing the payload.
+        let payload = std::mem::take(&mut self.tx_payload);
+        self.handle_guest_packet(&pkt, &payload[..len]);
+        self.tx_payload = payload;
     }
 
     /// Resets whatever connection `hdr` addresses, or answers with a RST if
@@ -626,12 +663,21 @@ impl Muxer {
         if self.conns.contains_key(&key) {
             self.reset(key, "malformed packet");
         } else if hdr.op != Op::Rst.as_u16() {
-            self.stats.resets_sent.fetch_add(1, Ordering::Relaxed);
             self.queue_rst(hdr.reset_reply());
         }
     }
 
     fn handle_guest_packet(&mut self, pkt: &GuestPacket, payload: &[u8]) {
+        trace!(
+            "vsock: guest -> {:?} host {} guest {} len {} flags {} buf_alloc {} fwd_cnt {}",
+            pkt.op,
+            pkt.host_port,
+            pkt.guest_port,
+            pkt.len,
+            pkt.flags,
+            pkt.buf_alloc,
+            pkt.fwd_cnt
+        );
         let key = ConnKey {
             host_port: pkt.host_port,
             guest_port: pkt.guest_port,
@@ -644,7 +690,6 @@ impl Muxer {
         let Some(c) = self.conns.get_mut(&key) else {
             if pkt.op != Op::Rst {
                 // Unknown connection (stale after a reset, or never existed).
-                self.stats.resets_sent.fetch_add(1, Ordering::Relaxed);
                 self.queue_rst(key.rst_to_guest(self.guest_cid));
             }
             return;
@@ -686,7 +731,6 @@ impl Muxer {
         }
         if self.total_slots() >= self.limits.max_connections {
             self.refuse("guest connection");
-            self.stats.resets_sent.fetch_add(1, Ordering::Relaxed);
             return self.queue_rst(key.rst_to_guest(self.guest_cid));
         }
         let path = port_path(&self.uds_path, key.host_port);
@@ -694,7 +738,6 @@ impl Muxer {
             Ok(s) => s,
             Err(e) => {
                 debug!("vsock: guest connect to {path:?} refused: {e}");
-                self.stats.resets_sent.fetch_add(1, Ordering::Relaxed);
                 return self.queue_rst(key.rst_to_guest(self.guest_cid));
             }
         };
@@ -725,12 +768,14 @@ impl Muxer {
         let mut used = false;
         'outer: loop {
             let _ = queue.disable_notification(mem);
+            let mut popped = false;
             while self.has_rx_work() {
                 let Some(chain) = queue.pop_descriptor_chain(mem) else {
                     break;
                 };
+                popped = true;
                 let head = chain.head_index();
-                let segs = match Segments::collect(chain, true) {
+                let segs = match Segments::collect(mem, chain, true) {
                     Ok(s) if s.len() >= HEADER_SIZE => s,
                     Ok(_) => {
                         self.malformed(ChainError::Truncated);
@@ -746,10 +791,21 @@ impl Muxer {
                     }
                 };
                 let Some(hdr) = self.next_rx_packet(segs.len() - HEADER_SIZE) else {
-                    // Nothing fits this buffer now; leave it for later.
+                    // Nothing fits this buffer now; leave it for later and
+                    // keep kicks enabled for when more buffers arrive.
                     queue.go_to_previous_position();
+                    let _ = queue.enable_notification(mem);
                     break 'outer;
                 };
+                trace!(
+                    "vsock: -> guest op {} host {} guest {} len {} flags {} fwd_cnt {}",
+                    hdr.op,
+                    hdr.src_port,
+                    hdr.dst_port,
+                    hdr.len,
+                    hdr.flags,
+                    hdr.fwd_cnt
+                );
                 let wrote = segs
                     .write_at(mem, 0, &hdr.to_bytes())
                     .and_then(|()| segs.write_at(mem, HEADER_SIZE, &self.rx_payload));
@@ -773,22 +829,30 @@ impl Muxer {
                 }
                 used = true;
             }
-            if !self.has_rx_work() {
+            // Ask for a kick when buffers are added, and retry if some
+            // arrived meanwhile (only after progress; see process_tx).
+            let more = queue.enable_notification(mem).unwrap_or(false);
+            if !(more && popped && self.has_rx_work()) {
                 break;
-            }
-            // Out of buffers with work pending: ask for a kick, and retry if
-            // buffers arrived meanwhile.
-            match queue.enable_notification(mem) {
-                Ok(true) => continue,
-                _ => break,
             }
         }
         used
     }
 
-    fn add_used<M: GuestMemory>(&self, mem: &M, queue: &mut Queue, head: u16, len: u32) {
+    fn add_used<M: GuestMemory>(&mut self, mem: &M, queue: &mut Queue, head: u16, len: u32) {
         if let Err(e) = queue.add_used(mem, head, len) {
-            warn!("vsock: RX add_used failed: {e}");
+            self.ring_error("RX", e);
+        }
+    }
+
+    /// The guest can point its rings at unmapped memory; say so once rather
+    /// than once per packet.
+    fn ring_error(&mut self, queue: &str, e: virtio_queue::Error) {
+        if !self.ring_warned {
+            self.ring_warned = true;
+            warn!("vsock: cannot update the {queue} used ring ({e}); further errors at debug");
+        } else {
+            debug!("vsock: cannot update the {queue} used ring ({e})");
         }
     }
 

@@ -144,6 +144,12 @@ impl VmBuilder {
         self
     }
 
+    /// Adds a virtio-vsock device (see [`VmHandle::vsock_connect`]).
+    pub fn vsock(mut self) -> Self {
+        self.spec.vsock = Some(capsa_core::VsockSpec::default());
+        self
+    }
+
     /// Chooses the accelerator (default: probe).
     pub fn accel(mut self, accel: Accel) -> Self {
         self.spec.accel = accel;

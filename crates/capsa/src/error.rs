@@ -38,6 +38,17 @@ pub enum Error {
     /// The VM was built without a console.
     #[error("this VM has no console; fix: call .console() on the builder")]
     NoConsole,
+    /// The VM was built without a vsock device.
+    #[error("this VM has no vsock device; fix: call .vsock() on the builder")]
+    NoVsock,
+    /// A vsock connection or listener failed.
+    #[error("vsock port {port}: {reason}")]
+    Vsock {
+        /// The vsock port.
+        port: u32,
+        /// What went wrong.
+        reason: String,
+    },
     /// An argument to a library call is unusable.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

@@ -65,6 +65,25 @@ impl VmHandle {
         self.console.clone().ok_or(Error::NoConsole)
     }
 
+    /// The host Unix socket of the VM's vsock device (hybrid-vsock convention).
+    pub fn vsock_socket(&self) -> Result<std::path::PathBuf> {
+        self.instance.vsock_socket().ok_or(Error::NoVsock)
+    }
+
+    /// Opens a stream to a service listening on guest vsock port `port`.
+    pub async fn vsock_connect(
+        &self,
+        port: u32,
+        deadline: Duration,
+    ) -> Result<tokio::net::UnixStream> {
+        crate::vsock::connect(&self.vsock_socket()?, port, deadline).await
+    }
+
+    /// Accepts guest connections to host vsock port `port` (guest: connect to CID 2, `port`).
+    pub fn vsock_listen(&self, port: u32) -> Result<tokio::net::UnixListener> {
+        crate::vsock::listen(&self.vsock_socket()?, port)
+    }
+
     /// The current status.
     pub async fn status(&self) -> Result<VmStatus> {
         Ok(self.instance.status().await?)

@@ -27,6 +27,7 @@ mod console;
 mod error;
 mod guest;
 mod handle;
+mod vsock;
 
 pub use builder::{Capsa, LinuxDirectBoot, VmBuilder};
 pub use capsa_core::{

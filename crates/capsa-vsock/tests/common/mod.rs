@@ -18,7 +18,7 @@ use capsa_vsock::testing::{Muxer, SharedStats};
 use capsa_vsock::{Limits, VsockConfig};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::mock::{AvailRing, DescriptorTable, UsedRing};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -42,7 +42,9 @@ pub struct Rx {
 }
 
 struct Ring {
-    mock: MockSplitQueue<'static, GuestMemoryMmap>,
+    desc: DescriptorTable<'static, GuestMemoryMmap>,
+    avail: AvailRing<'static, GuestMemoryMmap>,
+    used: UsedRing<'static, GuestMemoryMmap>,
     queue: Queue,
     free: Vec<u16>,
     avail_idx: u16,
@@ -52,11 +54,29 @@ struct Ring {
 }
 
 impl Ring {
+    /// Lays out a split queue at `addr` using virtio-queue's mock ring
+    /// accessors. (`MockSplitQueue::create` is not used: it computes the
+    /// avail ring's end in elements, not bytes, so for large queues its used
+    /// ring overlaps the avail ring.)
     fn new(mem: &'static GuestMemoryMmap, addr: u64) -> Ring {
-        let mock = MockSplitQueue::create(mem, GuestAddress(addr), QSIZE);
-        let queue: Queue = mock.create_queue().expect("mock queue");
+        let n = u64::from(QSIZE);
+        let desc_addr = GuestAddress(addr);
+        let avail_addr = GuestAddress(addr + 16 * n);
+        let used_addr = GuestAddress((addr + 16 * n + 6 + 2 * n + 3) & !3);
+        let desc = DescriptorTable::new(mem, desc_addr, QSIZE);
+        let avail = AvailRing::new(mem, avail_addr, QSIZE);
+        let used = UsedRing::new(mem, used_addr, QSIZE);
+        let mut queue = Queue::new(QSIZE).unwrap();
+        queue.set_size(QSIZE);
+        queue.set_desc_table_address(Some(desc_addr.0 as u32), Some((desc_addr.0 >> 32) as u32));
+        queue.set_avail_ring_address(Some(avail_addr.0 as u32), Some((avail_addr.0 >> 32) as u32));
+        queue.set_used_ring_address(Some(used_addr.0 as u32), Some((used_addr.0 >> 32) as u32));
+        queue.set_ready(true);
+        assert!(queue.is_valid(mem));
         Ring {
-            mock,
+            desc,
+            avail,
+            used,
             queue,
             free: (0..QSIZE).rev().collect(),
             avail_idx: 0,
@@ -78,10 +98,7 @@ impl Ring {
                 (flags & !(VRING_DESC_F_NEXT as u16), 0)
             };
             let d = SplitDescriptor::new(addr, len, flags, next);
-            self.mock
-                .desc_table()
-                .store(idxs[i], RawDescriptor::from(d))
-                .unwrap();
+            self.desc.store(idxs[i], RawDescriptor::from(d)).unwrap();
         }
         let head = idxs[0];
         self.publish(head);
@@ -96,35 +113,30 @@ impl Ring {
         for (i, d) in descs {
             self.free.retain(|f| f != i);
             idxs.push(*i);
-            self.mock
-                .desc_table()
-                .store(*i, RawDescriptor::from(*d))
-                .unwrap();
+            self.desc.store(*i, RawDescriptor::from(*d)).unwrap();
         }
         self.publish(head);
         self.chains.insert(head, idxs);
     }
 
     fn publish(&mut self, head: u16) {
-        self.mock
-            .avail()
+        self.avail
             .ring()
             .ref_at((self.avail_idx % QSIZE) as usize)
             .unwrap()
             .store(head);
         self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.mock.avail().idx().store(self.avail_idx);
+        self.avail.idx().store(self.avail_idx);
     }
 
     /// New used entries since the last call, descriptors returned to the
     /// free list.
     fn take_used(&mut self) -> Vec<(u16, u32)> {
-        let idx = self.mock.used().idx().load();
+        let idx = self.used.idx().load();
         let mut out = Vec::new();
         while self.used_seen != idx {
             let e = self
-                .mock
-                .used()
+                .used
                 .ring()
                 .ref_at((self.used_seen % QSIZE) as usize)
                 .unwrap()
@@ -228,9 +240,7 @@ impl Sim {
     /// Queues a TX packet: header and payload in separate descriptors (as
     /// Linux 6.1 does) unless `single` is set.
     pub fn send_bytes(&mut self, raw_hdr: &[u8], payload: &[u8], single: bool) -> Option<u16> {
-        let Some(&slot) = self.tx.free.last() else {
-            return None;
-        };
+        let &slot = self.tx.free.last()?;
         let base = TX_BUFS + u64::from(slot) * TX_SLOT;
         self.mem.write_slice(raw_hdr, GuestAddress(base)).unwrap();
         if single {
@@ -334,7 +344,11 @@ impl Sim {
     }
 
     pub fn tx_used_total(&self) -> u16 {
-        self.tx.mock.used().idx().load()
+        self.tx.used.idx().load()
+    }
+
+    pub fn set_tx_avail_idx(&mut self, v: u16) {
+        self.tx.avail.idx().store(v);
     }
 
     pub fn tx_avail_total(&self) -> u16 {
