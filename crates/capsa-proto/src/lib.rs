@@ -20,7 +20,13 @@
 //! - write file: C `Open(WriteFile)` -> A `Ready`; C `Data`* `End` -> A `Done(meta)`.
 //! - read file: C `Open(ReadFile)` -> A `Meta(meta)` then `Data`* `End`.
 //! - fs calls (stat, list, mkdir, remove): C `Open(..)` -> A one reply frame.
+//! - paged listing: C `Open(ListDirPage{after})` -> A `EntriesPage{entries, more}`;
+//!   the client repeats with `after` = the last name until `more` is false.
 //! - any request may be answered by A `Error` instead.
+//!
+//! Variants are only ever appended to the enums (postcard encodes the variant
+//! index), so a peer of the same [`PROTOCOL_VERSION`] that predates a variant
+//! still decodes every frame it can itself ask for.
 #![deny(missing_docs)]
 
 use std::io::{Read, Write};
@@ -37,6 +43,14 @@ pub const MAX_FRAME: usize = 1 << 20;
 pub const CHUNK: usize = 128 * 1024;
 /// Most argv entries, env entries and list-dir entries per message.
 pub const MAX_ITEMS: usize = 4096;
+/// Entries per [`AgentFrame::EntriesPage`]. Chosen so that a page of names of
+/// the longest length Linux allows (255 bytes) still fits one [`MAX_FRAME`].
+pub const LIST_PAGE: usize = 2048;
+/// The line the guest agent prints on the console once it listens on
+/// [`AGENT_PORT`] (after the init's ready marker); the host may wait for it.
+/// It is printed again whenever the agent re-creates its listening socket
+/// (e.g. after a vsock transport reset).
+pub const AGENT_LISTENING_MARKER: &str = "capsa-agent: listening";
 
 /// Frames sent by the host.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -101,6 +115,17 @@ pub enum Request {
         path: String,
         /// Remove a directory and everything below it.
         recursive: bool,
+    },
+    /// One page of a directory's entries, sorted by name: at most
+    /// [`LIST_PAGE`] entries whose names sort after `after`.
+    ///
+    /// [`Request::ListDir`] answers in one frame and so refuses directories
+    /// with more than [`MAX_ITEMS`] entries; this request lists any directory.
+    ListDirPage {
+        /// Absolute guest path.
+        path: String,
+        /// Last name of the previous page (`None` for the first page).
+        after: Option<String>,
     },
 }
 
@@ -177,6 +202,13 @@ pub enum AgentFrame {
     Done(Option<FileMeta>),
     /// The request failed.
     Error(AgentError),
+    /// Reply to [`Request::ListDirPage`].
+    EntriesPage {
+        /// Entries sorted by name (byte order).
+        entries: Vec<DirEntry>,
+        /// Whether more entries follow (ask again with `after` = the last name).
+        more: bool,
+    },
 }
 
 /// How a process ended.
@@ -188,6 +220,13 @@ pub struct ExitStatus {
     pub signal: Option<i32>,
     /// Whether the agent killed it because its timeout passed.
     pub timed_out: bool,
+}
+
+impl ExitStatus {
+    /// Whether the process exited with code 0 (and was not killed).
+    pub fn success(&self) -> bool {
+        self.code == Some(0) && self.signal.is_none() && !self.timed_out
+    }
 }
 
 /// Facts about the agent and the guest.
@@ -494,6 +533,56 @@ mod tests {
         // A Data frame claiming 2^60 bytes in a 10-byte body must fail, not allocate.
         let body = [5u8, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x0f];
         assert!(decode::<ClientFrame>(&body).is_err());
+    }
+
+    #[test]
+    fn appended_variants_round_trip_and_worst_case_page_fits() {
+        let f = ClientFrame::Open {
+            version: PROTOCOL_VERSION,
+            request: Request::ListDirPage {
+                path: "/".into(),
+                after: Some("x".into()),
+            },
+        };
+        assert_eq!(read_frame::<ClientFrame>(&mut &encode(&f).unwrap()[..]).unwrap(), f);
+        let meta = FileMeta {
+            kind: FileKind::File,
+            size: u64::MAX,
+            mode: 0o7777,
+            mtime: (i64::MIN, 999_999_999),
+        };
+        let entries = (0..LIST_PAGE)
+            .map(|i| DirEntry {
+                name: format!("{i:0>255}"),
+                meta,
+            })
+            .collect();
+        let page = AgentFrame::EntriesPage {
+            entries,
+            more: true,
+        };
+        let bytes = encode(&page).expect("a full page of 255-byte names fits MAX_FRAME");
+        assert_eq!(read_frame::<AgentFrame>(&mut &bytes[..]).unwrap(), page);
+        // Existing variants keep their indices (wire compatibility).
+        assert_eq!(postcard::to_stdvec(&AgentFrame::End).unwrap(), vec![9]);
+        assert_eq!(postcard::to_stdvec(&ClientFrame::End).unwrap(), vec![6]);
+    }
+
+    #[test]
+    fn exit_status_success() {
+        let ok = ExitStatus {
+            code: Some(0),
+            signal: None,
+            timed_out: false,
+        };
+        assert!(ok.success());
+        assert!(!ExitStatus { code: Some(1), ..ok }.success());
+        assert!(!ExitStatus {
+            code: None,
+            signal: Some(9),
+            timed_out: true
+        }
+        .success());
     }
 
     #[test]
