@@ -33,6 +33,9 @@ pub enum Mode {
         /// Absolute path of the program inside the guest.
         program: PathBuf,
     },
+    /// The vsock agent (`capsa.mode=agent`): exec, files and info for the host
+    /// on vsock port `capsa_proto::AGENT_PORT`, until the host stops the VM.
+    Agent,
 }
 
 /// Everything `capsa-init` takes from the kernel command line.
@@ -80,7 +83,7 @@ impl fmt::Display for CmdlineError {
         match self {
             Self::UnknownMode(m) => write!(
                 f,
-                "unknown capsa.mode={m:?}; this capsa-init supports shell and run \
+                "unknown capsa.mode={m:?}; this capsa-init supports shell, run and agent \
                  (fix: rebuild the bundle with a newer capsa-init or change the mode)"
             ),
             Self::RunWithoutProgram => {
@@ -210,6 +213,8 @@ pub fn parse(line: &str) -> Result<Config, CmdlineError> {
         },
         (Some("run"), None) => return Err(CmdlineError::RunWithoutProgram),
         (Some("shell"), Some(_)) => return Err(CmdlineError::ConflictingMode("shell".to_string())),
+        (Some("agent"), None) => Mode::Agent,
+        (Some("agent"), Some(_)) => return Err(CmdlineError::ConflictingMode("agent".to_string())),
         (Some(other), _) => return Err(CmdlineError::UnknownMode(truncate(other))),
     };
     Ok(cfg)
@@ -301,8 +306,13 @@ mod tests {
             parse("capsa.mode=shell capsa.run=/x"),
             Err(CmdlineError::ConflictingMode(_))
         ));
+        assert_eq!(parse("capsa.mode=agent").unwrap().mode, Mode::Agent);
+        assert!(matches!(
+            parse("capsa.mode=agent capsa.run=/x"),
+            Err(CmdlineError::ConflictingMode(m)) if m == "agent"
+        ));
         assert!(
-            matches!(parse("capsa.mode=agent"), Err(CmdlineError::UnknownMode(m)) if m == "agent")
+            matches!(parse("capsa.mode=vsock"), Err(CmdlineError::UnknownMode(m)) if m == "vsock")
         );
         assert!(matches!(
             parse("capsa.run=relative"),

@@ -15,9 +15,13 @@
 //! NSS or `dlopen`.
 //!
 //! Everything that does not touch the system (command line parsing) lives in
-//! [`cmdline`] and is unit-tested on the host.
+//! [`cmdline`] and is unit-tested on the host. The vsock agent
+//! (`capsa.mode=agent`, module `agent`) is transport-agnostic and also runs
+//! as an ordinary host process (`capsa-init --agent-unix PATH`) for tests.
 #![deny(missing_docs)]
 
+#[cfg(target_os = "linux")]
+pub mod agent;
 pub mod cmdline;
 #[cfg(target_os = "linux")]
 mod console;
@@ -56,6 +60,14 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Returns the process exit code.
 pub fn not_pid1(mut args: impl Iterator<Item = String>) -> i32 {
     match args.next().as_deref() {
+        #[cfg(target_os = "linux")]
+        Some("--agent-unix") => match args.next() {
+            Some(path) => agent::run_on_unix_socket(std::path::Path::new(&path)),
+            None => {
+                eprintln!("capsa-init: --agent-unix needs a socket path");
+                2
+            }
+        },
         Some("--version") | Some("-V") => {
             println!("capsa-init {VERSION}");
             0
@@ -64,8 +76,10 @@ pub fn not_pid1(mut args: impl Iterator<Item = String>) -> i32 {
             println!(
                 "capsa-init {VERSION}: PID 1 of capsa guests.\n\
                  It only does its work when the kernel starts it as PID 1; options come from\n\
-                 the kernel command line: capsa.mode=shell|run, capsa.run=PATH,\n\
-                 capsa.hostname=NAME, capsa.term=TERM, capsa.debug=1."
+                 the kernel command line: capsa.mode=shell|run|agent, capsa.run=PATH,\n\
+                 capsa.hostname=NAME, capsa.term=TERM, capsa.debug=1.\n\
+                 For development and tests, `capsa-init --agent-unix PATH` serves the\n\
+                 agent protocol on a Unix socket as an ordinary process."
             );
             0
         }

@@ -9,8 +9,10 @@
 use std::io;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::agent::{self, AgentConfig, Reaper};
 use crate::cmdline::{Config, Mode};
 use crate::console::{self, debug, error, info, warning};
 use crate::{EXIT_MARKER_PREFIX, GUEST_PATH};
@@ -73,6 +75,8 @@ pub enum Stop {
 pub struct Supervisor {
     workload: Option<libc::pid_t>,
     exit_reported: bool,
+    /// In agent mode: exec children's statuses go to their connections.
+    agent_reaper: Option<Arc<Reaper>>,
 }
 
 impl Supervisor {
@@ -81,12 +85,32 @@ impl Supervisor {
         Self {
             workload: None,
             exit_reported: false,
+            agent_reaper: None,
         }
     }
 
     /// Starts the workload of `cfg.mode` in its own session with the console
     /// as controlling terminal. If it cannot start, reports exit code 127.
+    ///
+    /// In agent mode there is no workload: the agent's accept thread starts
+    /// and the guest runs until the host asks it to stop.
     pub fn start(&mut self, cfg: &Config) -> Option<Stop> {
+        if cfg.mode == Mode::Agent {
+            let config = AgentConfig {
+                term: cfg.term.clone(),
+                ..AgentConfig::default()
+            };
+            return match agent::start_vsock(config) {
+                Ok(agent) => {
+                    self.agent_reaper = Some(Arc::clone(agent.reaper()));
+                    None
+                }
+                Err(e) => {
+                    error!("cannot start the agent: {e}");
+                    Some(Stop::Requested(0))
+                }
+            };
+        }
         match spawn(cfg) {
             Ok(pid) => {
                 debug!("workload started as pid {pid}");
@@ -95,7 +119,7 @@ impl Supervisor {
             }
             Err(e) => {
                 let what = match &cfg.mode {
-                    Mode::Shell => "/bin/sh".to_string(),
+                    Mode::Shell | Mode::Agent => "/bin/sh".to_string(),
                     Mode::Run { program } => program.display().to_string(),
                 };
                 error!("cannot start {what}: {e}");
@@ -116,6 +140,10 @@ impl Supervisor {
     /// code if it was among them, and whether no children are left at all.
     fn reap(&mut self) -> (Option<i32>, bool) {
         let mut workload_code = None;
+        // Held across the waitpid calls so that an agent thread cannot be
+        // between fork and registering its child (see agent::Reaper).
+        let reaper = self.agent_reaper.clone();
+        let mut table = reaper.as_ref().map(|r| r.lock());
         loop {
             let mut status = 0;
             // SAFETY: status is a valid out pointer.
@@ -126,6 +154,8 @@ impl Supervisor {
                     self.workload = None;
                     self.report_exit(code);
                     workload_code = Some(code);
+                } else if let Some(table) = table.as_mut() {
+                    table.deliver(pid, status);
                 }
                 continue;
             }
@@ -271,6 +301,12 @@ fn spawn(cfg: &Config) -> io::Result<libc::pid_t> {
             c
         }
         Mode::Run { program } => Command::new(program),
+        Mode::Agent => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "agent mode has no workload process",
+            ))
+        }
     };
     let home = if std::path::Path::new("/root").is_dir() {
         "/root"

@@ -544,7 +544,10 @@ mod tests {
                 after: Some("x".into()),
             },
         };
-        assert_eq!(read_frame::<ClientFrame>(&mut &encode(&f).unwrap()[..]).unwrap(), f);
+        assert_eq!(
+            read_frame::<ClientFrame>(&mut &encode(&f).unwrap()[..]).unwrap(),
+            f
+        );
         let meta = FileMeta {
             kind: FileKind::File,
             size: u64::MAX,
@@ -576,7 +579,11 @@ mod tests {
             timed_out: false,
         };
         assert!(ok.success());
-        assert!(!ExitStatus { code: Some(1), ..ok }.success());
+        assert!(!ExitStatus {
+            code: Some(1),
+            ..ok
+        }
+        .success());
         assert!(!ExitStatus {
             code: None,
             signal: Some(9),

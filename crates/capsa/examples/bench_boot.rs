@@ -19,8 +19,16 @@ fn median(mut v: Vec<f64>) -> f64 {
 async fn bare(b: &capsa::image::Bundle) -> anyhow::Result<f64> {
     let start = Instant::now();
     let mut child = tokio::process::Command::new("qemu-system-x86_64")
-        .args(["-machine", "q35", "-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", "256M"])
-        .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+        .args([
+            "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", "256M",
+        ])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
         .args(["-serial", "stdio", "-kernel"])
         .arg(&b.kernel)
         .arg("-initrd")
@@ -54,7 +62,9 @@ async fn library(b: &capsa::image::Bundle) -> anyhow::Result<f64> {
         .console()
         .build()
         .await?;
-    vm.console()?.wait_for(GUEST_READY_MARKER, Duration::from_secs(120)).await?;
+    vm.console()?
+        .wait_for(GUEST_READY_MARKER, Duration::from_secs(120))
+        .await?;
     let t = start.elapsed().as_secs_f64();
     vm.kill().await?;
     Ok(t)
@@ -62,7 +72,10 @@ async fn library(b: &capsa::image::Bundle) -> anyhow::Result<f64> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let runs: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(5);
+    let runs: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
     let b = capsa::default_bundle().await?;
     let (mut tb, mut tl) = (Vec::new(), Vec::new());
     for i in 0..runs {
@@ -76,7 +89,10 @@ async fn main() -> anyhow::Result<()> {
     let mut scratch = Vec::new();
     for _ in 0..3 {
         let dir = tempfile::tempdir()?;
-        let opts = BundleOptions { cache_dir: Some(dir.path().to_path_buf()), ..Default::default() };
+        let opts = BundleOptions {
+            cache_dir: Some(dir.path().to_path_buf()),
+            ..Default::default()
+        };
         let t = Instant::now();
         capsa::bundle(opts).await?;
         scratch.push(t.elapsed().as_secs_f64());

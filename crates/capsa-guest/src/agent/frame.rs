@@ -178,18 +178,12 @@ mod tests {
             bytes.extend(encode(f).unwrap());
         }
         for step in [1, 3, 4, 5, 1000, 1 << 20] {
-            let mut r = Trickle {
-                data: &bytes,
-                step,
-            };
+            let mut r = Trickle { data: &bytes, step };
             let mut fr = FrameReader::new();
             for f in &frames {
                 assert_eq!(&fr.read_blocking(&mut r).unwrap(), f);
             }
-            assert!(matches!(
-                fr.read_blocking(&mut r),
-                Err(ProtoError::Closed)
-            ));
+            assert!(matches!(fr.read_blocking(&mut r), Err(ProtoError::Closed)));
         }
     }
 

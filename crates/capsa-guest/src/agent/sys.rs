@@ -71,10 +71,7 @@ pub(crate) fn poll(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::R
     let ms = match timeout {
         None => -1,
         // Round up so that a wait for 0.5 ms does not become a busy loop.
-        Some(d) => d
-            .as_micros()
-            .div_ceil(1000)
-            .min(libc::c_int::MAX as u128) as libc::c_int,
+        Some(d) => d.as_micros().div_ceil(1000).min(libc::c_int::MAX as u128) as libc::c_int,
     };
     loop {
         // SAFETY: fds is a valid slice of pollfd.
