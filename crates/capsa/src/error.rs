@@ -15,6 +15,9 @@ pub enum Error {
     /// The guest bundle (kernel, initramfs) could not be resolved or built.
     #[error(transparent)]
     Image(#[from] capsa_image::ImageError),
+    /// The guest agent refused or failed a request (match `remote_kind()` for NotFound etc.).
+    #[error(transparent)]
+    Agent(#[from] capsa_agent_client::AgentClientError),
     /// A console wait ran past its deadline.
     #[error(
         "timed out after {after:?} waiting for {pattern:?} on the console; last output: {tail:?}"

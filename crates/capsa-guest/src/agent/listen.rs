@@ -183,7 +183,7 @@ pub fn serve<A: Acceptor>(
     let mut failures: u64 = 0;
     // Log the first few failures in a row, then one in 64: a transport that
     // stays down must not flood the console.
-    let should_log = |n: u64| n <= 3 || n.is_multiple_of(64);
+    let should_log = |n: u64| n <= 3 || n % 64 == 0;
     while !stop() {
         let listener = match bind() {
             Ok(l) => l,

@@ -1,0 +1,553 @@
+//! A sandbox: a fresh VM running capsa's guest agent, ready for exec and files.
+//!
+//! The VM boots the default guest with `capsa.mode=agent`; the agent listens on
+//! vsock port [`capsa_proto::AGENT_PORT`] and every operation opens its own
+//! vsock stream through the VM's hybrid-vsock socket.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use capsa_agent_client::{AgentClient, BoxedStream, ExecChild, Output};
+use capsa_core::{Accel, DiskSpec};
+use capsa_proto::{
+    AgentInfo, ExecRequest, FileKind, FileMeta, PtySize, WriteFileRequest, AGENT_PORT,
+};
+
+use crate::{Capsa, Error, LinuxDirectBoot, Result, VmHandle};
+
+/// Default for [`SandboxBuilder::ready_timeout`]: a TCG boot takes ~2.5 s; CI machines are slower.
+pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// Default for [`SandboxBuilder::op_timeout`].
+pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Describes a sandbox; [`SandboxBuilder::build`] boots it.
+#[derive(Debug, Clone)]
+pub struct SandboxBuilder {
+    cpus: u32,
+    memory_mib: u64,
+    env: Vec<(String, String)>,
+    workdir: Option<String>,
+    disks: Vec<DiskSpec>,
+    accel: Accel,
+    name: Option<String>,
+    cmdline: Vec<String>,
+    bundle: Option<capsa_image::Bundle>,
+    ready_timeout: Duration,
+    op_timeout: Duration,
+}
+
+impl Capsa {
+    /// Starts describing a sandbox on capsa's default guest.
+    pub fn sandbox() -> SandboxBuilder {
+        SandboxBuilder {
+            cpus: 1,
+            memory_mib: 512,
+            env: Vec::new(),
+            workdir: None,
+            disks: Vec::new(),
+            accel: Accel::Auto,
+            name: None,
+            cmdline: Vec::new(),
+            bundle: None,
+            ready_timeout: DEFAULT_READY_TIMEOUT,
+            op_timeout: DEFAULT_OP_TIMEOUT,
+        }
+    }
+}
+
+impl SandboxBuilder {
+    /// Number of vCPUs (default 1).
+    pub fn cpus(mut self, n: u32) -> Self {
+        self.cpus = n;
+        self
+    }
+
+    /// Guest RAM in MiB (default 512).
+    pub fn memory_mb(mut self, mib: u64) -> Self {
+        self.memory_mib = mib;
+        self
+    }
+
+    /// An environment variable for every command run in the sandbox.
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Working directory for commands that do not set their own (default `/`).
+    pub fn workdir(mut self, dir: impl Into<String>) -> Self {
+        self.workdir = Some(dir.into());
+        self
+    }
+
+    /// Attaches a disk (see [`crate::VmBuilder::disk_spec`]).
+    pub fn disk(mut self, disk: DiskSpec) -> Self {
+        self.disks.push(disk);
+        self
+    }
+
+    /// Chooses the accelerator (default: probe).
+    pub fn accel(mut self, accel: Accel) -> Self {
+        self.accel = accel;
+        self
+    }
+
+    /// Names the sandbox's VM.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Extra kernel arguments.
+    pub fn cmdline_arg(mut self, args: impl Into<String>) -> Self {
+        self.cmdline.push(args.into());
+        self
+    }
+
+    /// Boots this bundle instead of the default one.
+    pub fn bundle(mut self, bundle: capsa_image::Bundle) -> Self {
+        self.bundle = Some(bundle);
+        self
+    }
+
+    /// How long the guest may take to boot and answer (default [`DEFAULT_READY_TIMEOUT`]).
+    pub fn ready_timeout(mut self, t: Duration) -> Self {
+        self.ready_timeout = t;
+        self
+    }
+
+    /// Deadline for file operations and for starting commands (default
+    /// [`DEFAULT_OP_TIMEOUT`]); a command's own run time is bounded only by
+    /// [`Command::timeout`].
+    pub fn op_timeout(mut self, t: Duration) -> Self {
+        self.op_timeout = t;
+        self
+    }
+
+    /// Boots the VM and returns once its agent answers.
+    pub async fn build(self) -> Result<Sandbox> {
+        let bundle = match self.bundle {
+            Some(b) => b,
+            None => crate::default_bundle().await?,
+        };
+        let mut vm = Capsa::vm(LinuxDirectBoot::from_bundle(&bundle))
+            .cpus(self.cpus)
+            .memory_mb(self.memory_mib)
+            .accel(self.accel)
+            .console()
+            .vsock()
+            .cmdline_arg("capsa.mode=agent");
+        for d in self.disks {
+            vm = vm.disk_spec(d);
+        }
+        for a in &self.cmdline {
+            vm = vm.cmdline_arg(a);
+        }
+        if let Some(n) = self.name {
+            vm = vm.name(n);
+        }
+        let vm = vm.build().await?;
+        let console = vm.console()?;
+        let start = tokio::time::Instant::now();
+        console
+            .wait_for(capsa_proto::AGENT_LISTENING_MARKER, self.ready_timeout)
+            .await?;
+        let uds = vm.vsock_socket()?;
+        let client = agent_client(uds);
+        let left = self.ready_timeout.saturating_sub(start.elapsed());
+        client.info(left.max(Duration::from_secs(1))).await?;
+        Ok(Sandbox {
+            vm,
+            client,
+            env: Arc::new(self.env),
+            workdir: self.workdir,
+            op_timeout: self.op_timeout,
+        })
+    }
+}
+
+/// A client whose every operation opens a fresh vsock stream to the agent.
+pub(crate) fn agent_client(uds: PathBuf) -> AgentClient {
+    let uds = Arc::new(uds);
+    AgentClient::new(move || {
+        let uds = uds.clone();
+        async move {
+            let s = crate::vsock::connect(&uds, AGENT_PORT, Duration::from_secs(30))
+                .await
+                .map_err(std::io::Error::other)?;
+            Ok(Box::new(s) as BoxedStream)
+        }
+    })
+}
+
+/// A command to run in a sandbox, built like `std::process::Command`.
+#[derive(Debug, Clone)]
+pub struct Command {
+    req: ExecRequest,
+    stdin: Option<Vec<u8>>,
+}
+
+impl Command {
+    /// Runs `program` (looked up in the guest's `PATH` unless it contains `/`).
+    pub fn new(program: impl Into<String>) -> Self {
+        Self {
+            req: ExecRequest {
+                argv: vec![program.into()],
+                ..Default::default()
+            },
+            stdin: None,
+        }
+    }
+
+    /// Adds an argument.
+    pub fn arg(mut self, a: impl Into<String>) -> Self {
+        self.req.argv.push(a.into());
+        self
+    }
+
+    /// Adds arguments.
+    pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Self {
+        self.req.argv.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Sets an environment variable (over the sandbox's).
+    pub fn env(mut self, k: impl Into<String>, v: impl Into<String>) -> Self {
+        self.req.env.push((k.into(), v.into()));
+        self
+    }
+
+    /// Working directory.
+    pub fn current_dir(mut self, dir: impl Into<String>) -> Self {
+        self.req.cwd = Some(dir.into());
+        self
+    }
+
+    /// Runs as `uid`/`gid` instead of root.
+    pub fn user(mut self, uid: u32, gid: u32) -> Self {
+        self.req.uid = Some(uid);
+        self.req.gid = Some(gid);
+        self
+    }
+
+    /// Feeds these bytes to stdin (for [`Sandbox::exec`]); then stdin closes.
+    pub fn stdin_bytes(mut self, data: impl Into<Vec<u8>>) -> Self {
+        self.stdin = Some(data.into());
+        self.req.stdin = true;
+        self
+    }
+
+    /// Keeps stdin open for streaming (for [`Sandbox::spawn`]).
+    pub fn stdin_piped(mut self) -> Self {
+        self.req.stdin = true;
+        self
+    }
+
+    /// Runs on a pseudo-terminal of this size (stderr merges into stdout).
+    pub fn pty(mut self, rows: u16, cols: u16) -> Self {
+        self.req.pty = Some(PtySize { rows, cols });
+        self
+    }
+
+    /// Kills the command (its whole process group) after `t`; reported as timed out.
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.req.timeout_ms = Some(t.as_millis().min(u128::from(u64::MAX)) as u64);
+        self
+    }
+}
+
+/// A running sandbox. Dropping it kills its VM.
+pub struct Sandbox {
+    vm: VmHandle,
+    client: AgentClient,
+    env: Arc<Vec<(String, String)>>,
+    workdir: Option<String>,
+    op_timeout: Duration,
+}
+
+impl std::fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandbox").field("vm", &self.vm).finish()
+    }
+}
+
+impl Sandbox {
+    /// The underlying VM.
+    pub fn vm(&self) -> &VmHandle {
+        &self.vm
+    }
+
+    /// The agent client (for calls this type does not wrap).
+    pub fn agent(&self) -> &AgentClient {
+        &self.client
+    }
+
+    /// Agent and guest facts.
+    pub async fn info(&self) -> Result<AgentInfo> {
+        Ok(self.client.info(self.op_timeout).await?)
+    }
+
+    fn request(&self, cmd: &Command) -> ExecRequest {
+        let mut req = cmd.req.clone();
+        let mut env: Vec<(String, String)> = self.env.as_ref().clone();
+        env.extend(req.env);
+        req.env = env;
+        if req.cwd.is_none() {
+            req.cwd = self.workdir.clone();
+        }
+        req
+    }
+
+    /// Runs a command to completion and collects its output.
+    pub async fn exec(&self, cmd: &Command) -> Result<Output> {
+        let req = self.request(cmd);
+        match &cmd.stdin {
+            None => {
+                // The command's own timeout (enforced in the guest) bounds the run;
+                // without one the caller chose no deadline.
+                let deadline = cmd
+                    .req
+                    .timeout_ms
+                    .map(|ms| Duration::from_millis(ms) + self.op_timeout)
+                    .unwrap_or(Duration::MAX);
+                Ok(self.client.exec_output(req, deadline).await?)
+            }
+            Some(data) => {
+                let mut child = self.client.exec(req, self.op_timeout).await?;
+                let stdin = child.stdin();
+                let out = child.stdout();
+                let err = child.stderr();
+                let feed = async move {
+                    if let Some(mut s) = stdin {
+                        use tokio::io::AsyncWriteExt;
+                        s.write_all(data).await?;
+                        s.shutdown().await?;
+                    }
+                    Ok::<(), std::io::Error>(())
+                };
+                let (fed, stdout, stderr) = tokio::join!(feed, read_all(out), read_all(err));
+                let status = child.wait().await?;
+                // A process may exit without reading all of stdin; that is not an error.
+                if let Err(e) = fed {
+                    tracing::debug!("stdin not fully consumed: {e}");
+                }
+                Ok(Output {
+                    status,
+                    stdout: stdout.map_err(|e| Error::io("reading stdout", e))?,
+                    stderr: stderr.map_err(|e| Error::io("reading stderr", e))?,
+                })
+            }
+        }
+    }
+
+    /// Starts a command and returns a streaming child (`stdin()`, `stdout()`,
+    /// `stderr()`, `wait()`, `kill()`, `signal()`, `resize()`).
+    pub async fn spawn(&self, cmd: &Command) -> Result<ExecChild> {
+        Ok(self.client.exec(self.request(cmd), self.op_timeout).await?)
+    }
+
+    /// Writes `data` to `path` (mode 0644, parents created).
+    pub async fn write_file(&self, path: &str, data: impl AsRef<[u8]>) -> Result<FileMeta> {
+        self.write_file_from(path, data.as_ref(), 0o644, None).await
+    }
+
+    /// Streams `reader` into `path` with `mode` and, if given, `mtime`.
+    pub async fn write_file_from<R: tokio::io::AsyncRead + Unpin>(
+        &self,
+        path: &str,
+        reader: R,
+        mode: u32,
+        mtime: Option<SystemTime>,
+    ) -> Result<FileMeta> {
+        let req = WriteFileRequest {
+            path: path.to_string(),
+            mode,
+            mtime: mtime.map(to_epoch),
+            create_parents: true,
+        };
+        Ok(self.client.write_file(req, reader, self.op_timeout).await?)
+    }
+
+    /// Reads the whole file at `path`.
+    pub async fn read_file(&self, path: &str) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.client
+            .read_file(path, &mut out, self.op_timeout)
+            .await?;
+        Ok(out)
+    }
+
+    /// Streams the file at `path` into `writer`; returns its metadata.
+    pub async fn read_file_to<W: tokio::io::AsyncWrite + Unpin>(
+        &self,
+        path: &str,
+        writer: W,
+    ) -> Result<FileMeta> {
+        Ok(self.client.read_file(path, writer, self.op_timeout).await?)
+    }
+
+    /// Copies a host file or directory (recursively) to `guest` path, keeping modes and mtimes.
+    pub async fn copy_in(&self, host: &Path, guest: &str) -> Result<()> {
+        let meta = std::fs::symlink_metadata(host)
+            .map_err(|e| Error::io(format!("reading {}", host.display()), e))?;
+        if meta.is_dir() {
+            // Breadth-first with an explicit stack: no recursion depth tied to the tree.
+            let mut stack = vec![(host.to_path_buf(), guest.trim_end_matches('/').to_string())];
+            while let Some((h, g)) = stack.pop() {
+                let m = std::fs::metadata(&h)
+                    .map_err(|e| Error::io(format!("reading {}", h.display()), e))?;
+                use std::os::unix::fs::PermissionsExt;
+                self.client
+                    .mkdir(&g, true, m.permissions().mode() & 0o7777, self.op_timeout)
+                    .await?;
+                let rd = std::fs::read_dir(&h)
+                    .map_err(|e| Error::io(format!("listing {}", h.display()), e))?;
+                for entry in rd {
+                    let entry =
+                        entry.map_err(|e| Error::io(format!("listing {}", h.display()), e))?;
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    let (hp, gp) = (entry.path(), format!("{g}/{name}"));
+                    let ft = entry
+                        .file_type()
+                        .map_err(|e| Error::io(format!("reading {}", hp.display()), e))?;
+                    if ft.is_dir() {
+                        stack.push((hp, gp));
+                    } else {
+                        self.copy_file_in(&hp, &gp).await?;
+                    }
+                }
+            }
+            Ok(())
+        } else {
+            self.copy_file_in(host, guest).await
+        }
+    }
+
+    async fn copy_file_in(&self, host: &Path, guest: &str) -> Result<()> {
+        let meta = std::fs::symlink_metadata(host)
+            .map_err(|e| Error::io(format!("reading {}", host.display()), e))?;
+        if !meta.is_file() {
+            return Err(Error::InvalidArgument(format!(
+                "{} is not a regular file or directory (symlinks and devices are not copied)",
+                host.display()
+            )));
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let f = tokio::fs::File::open(host)
+            .await
+            .map_err(|e| Error::io(format!("opening {}", host.display()), e))?;
+        self.write_file_from(
+            guest,
+            f,
+            meta.permissions().mode() & 0o7777,
+            meta.modified().ok(),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Copies a guest file or directory (recursively) to `host`, keeping modes and mtimes.
+    pub async fn copy_out(&self, guest: &str, host: &Path) -> Result<()> {
+        let mut stack = vec![(guest.trim_end_matches('/').to_string(), host.to_path_buf())];
+        let mut first = true;
+        while let Some((g, h)) = stack.pop() {
+            let meta = self
+                .client
+                .stat(if g.is_empty() { "/" } else { &g }, self.op_timeout)
+                .await?;
+            match meta.kind {
+                FileKind::Dir => {
+                    std::fs::create_dir_all(&h)
+                        .map_err(|e| Error::io(format!("creating {}", h.display()), e))?;
+                    for e in self
+                        .client
+                        .list_dir(if g.is_empty() { "/" } else { &g }, self.op_timeout)
+                        .await?
+                    {
+                        stack.push((format!("{g}/{}", e.name), h.join(&e.name)));
+                    }
+                    set_meta(&h, &meta)?;
+                }
+                FileKind::File => {
+                    let f = tokio::fs::File::create(&h)
+                        .await
+                        .map_err(|e| Error::io(format!("creating {}", h.display()), e))?;
+                    let mut w = tokio::io::BufWriter::new(f);
+                    let m = self.client.read_file(&g, &mut w, self.op_timeout).await?;
+                    set_meta(&h, &m)?;
+                }
+                _ if first => {
+                    return Err(Error::InvalidArgument(format!(
+                        "{g} is not a regular file or directory"
+                    )))
+                }
+                _ => tracing::warn!(path = %g, "skipping a guest symlink or special file"),
+            }
+            first = false;
+        }
+        Ok(())
+    }
+
+    /// Opens a stream to a guest service on vsock `port`.
+    pub async fn vsock_connect(&self, port: u32) -> Result<tokio::net::UnixStream> {
+        self.vm.vsock_connect(port, self.op_timeout).await
+    }
+
+    /// Accepts guest connections to host vsock `port`.
+    pub fn vsock_listen(&self, port: u32) -> Result<tokio::net::UnixListener> {
+        self.vm.vsock_listen(port)
+    }
+
+    /// Shuts the sandbox down (graceful, then kill).
+    pub async fn stop(&self) -> Result<capsa_core::ExitReason> {
+        self.vm.stop().await
+    }
+
+    /// Kills the sandbox at once.
+    pub async fn kill(&self) -> Result<capsa_core::ExitReason> {
+        self.vm.kill().await
+    }
+}
+
+async fn read_all(out: Option<capsa_agent_client::ExecOutput>) -> std::io::Result<Vec<u8>> {
+    let mut v = Vec::new();
+    if let Some(mut o) = out {
+        use tokio::io::AsyncReadExt;
+        o.read_to_end(&mut v).await?;
+    }
+    Ok(v)
+}
+
+fn to_epoch(t: SystemTime) -> (i64, u32) {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => (d.as_secs() as i64, d.subsec_nanos()),
+        Err(e) => {
+            let d = e.duration();
+            (
+                -(d.as_secs() as i64) - 1,
+                1_000_000_000 - d.subsec_nanos().max(1),
+            )
+        }
+    }
+}
+
+fn set_meta(path: &Path, m: &FileMeta) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(m.mode))
+        .map_err(|e| Error::io(format!("setting mode of {}", path.display()), e))?;
+    let (s, ns) = m.mtime;
+    let t = if s >= 0 {
+        UNIX_EPOCH + Duration::new(s as u64, ns)
+    } else {
+        UNIX_EPOCH - Duration::new(s.unsigned_abs(), 0) + Duration::new(0, ns)
+    };
+    if let Ok(f) = std::fs::File::options()
+        .write(!path.is_dir())
+        .read(true)
+        .open(path)
+    {
+        let _ = f.set_modified(t);
+    }
+    Ok(())
+}
