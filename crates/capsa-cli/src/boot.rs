@@ -47,7 +47,7 @@ pub struct BootArgs {
     console_log: Option<PathBuf>,
 }
 
-fn parse_accel(s: &str) -> Result<Accel, String> {
+pub(crate) fn parse_accel(s: &str) -> Result<Accel, String> {
     s.parse::<Accel>().map_err(|e| e.to_string())
 }
 

@@ -4,6 +4,7 @@
 mod boot;
 mod doctor;
 mod image;
+mod run;
 mod term;
 
 use std::process::ExitCode;
@@ -26,6 +27,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run a command in a fresh sandbox VM; exits with the command's exit code.
+    Run(run::RunArgs),
     /// Boot a VM and attach this terminal to its serial console.
     Boot(boot::BootArgs),
     /// Check QEMU, the accelerator, the guest kernel and the cache, with a fix for each miss.
@@ -67,6 +70,7 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async {
         match cli.command {
+            Command::Run(args) => run::run(args).await,
             Command::Boot(args) => boot::run(args).await,
             Command::Doctor => doctor::run().await,
             Command::Backends { json } => doctor::backends(json).await,
