@@ -33,6 +33,13 @@ fn run() -> Result<(), String> {
     let workspace_manifest = manifest_dir.join("../../Cargo.toml");
 
     println!("cargo:rerun-if-changed=build.rs");
+    // The guest speaks capsa-proto: a protocol change must rebuild the embedded guest.
+    let proto_dir = manifest_dir.join("../capsa-proto");
+    println!("cargo:rerun-if-changed={}", proto_dir.join("src").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        proto_dir.join("Cargo.toml").display()
+    );
     println!("cargo:rerun-if-changed={}", guest_dir.join("src").display());
     println!(
         "cargo:rerun-if-changed={}",

@@ -171,8 +171,14 @@ impl ExecChild {
         })
     }
 
-    /// Sends signal `sig` to the process's group. Signals are ordered after
-    /// stdin already written; an error means the exec has ended.
+    /// Sends signal `sig` to the process's group; an error means the exec
+    /// has ended.
+    ///
+    /// Signals (and resizes) go out ahead of stdin bytes still buffered in
+    /// the client, so they are not stuck behind a caller that keeps writing;
+    /// in the guest they are handled in order with the stdin frames that
+    /// reached it. To interrupt a program on a PTY the way a terminal does,
+    /// write `\x03` to stdin instead.
     pub async fn signal(&self, sig: i32) -> Result<()> {
         self.control(Control::Signal(sig)).await
     }
@@ -283,20 +289,23 @@ async fn write_loop(
     let mut buf = vec![0u8; CHUNK];
     loop {
         let frame = tokio::select! {
+            // Control first: a signal or resize must not wait behind a
+            // stream of stdin data the caller keeps writing.
+            biased;
             // The exec is over: drop our half so the connection closes.
             _ = &mut done => return,
+            c = control.recv() => match c {
+                Some(Control::Signal(n)) => ClientFrame::Signal(n),
+                Some(Control::Resize(size)) => ClientFrame::Resize(size),
+                // The ExecChild is gone (and is aborting this task).
+                None => return,
+            },
             n = read_stdin(&mut stdin, &mut buf) => match n {
                 Ok(n) if n > 0 => ClientFrame::Stdin(buf[..n].to_vec()),
                 _ => {
                     stdin = None;
                     ClientFrame::StdinEof
                 }
-            },
-            c = control.recv() => match c {
-                Some(Control::Signal(n)) => ClientFrame::Signal(n),
-                Some(Control::Resize(size)) => ClientFrame::Resize(size),
-                // The ExecChild is gone (and is aborting this task).
-                None => return,
             },
         };
         let sent = async {

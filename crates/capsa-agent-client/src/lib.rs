@@ -16,7 +16,7 @@
 //! operation (and kill an exec'd process).
 //!
 //! Nothing is buffered whole: file content and process output move in
-//! [`CHUNK`](capsa_proto::CHUNK)-sized frames through bounded buffers, so a
+//! [`CHUNK`]-sized frames through bounded buffers, so a
 //! slow consumer slows the producer in the guest instead of growing memory.
 //!
 //! ```no_run
@@ -274,7 +274,7 @@ impl AgentClient {
     }
 
     /// Creates or replaces a file with the content of `reader`, streamed in
-    /// [`CHUNK`](capsa_proto::CHUNK) pieces. The agent writes a temporary
+    /// [`CHUNK`] pieces. The agent writes a temporary
     /// file and renames it into place, so the target changes all at once or
     /// not at all. Returns the new file's metadata.
     pub async fn write_file<R: AsyncRead + Unpin>(

@@ -193,3 +193,118 @@ fn image_ls_shows_the_default_bundle() {
         "{v}"
     );
 }
+
+#[test]
+fn run_streams_output_and_returns_the_exit_code() {
+    let out = capsa()
+        .args([
+            "run",
+            "--memory",
+            "256M",
+            "--env",
+            "WHO=capsa",
+            "--",
+            "sh",
+            "-c",
+            "echo hi $WHO; echo oops >&2; exit 7",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, b"hi capsa\n");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("oops"));
+
+    let mut child = capsa()
+        .args(["run", "-i", "--memory", "256M", "--", "tr", "a-z", "A-Z"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"shout this\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(out.stdout, b"SHOUT THIS\n");
+
+    let out = capsa()
+        .args(["run", "--timeout", "1", "--", "sleep", "30"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(124));
+}
+
+#[test]
+fn run_copies_in_and_out() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("in.txt"), b"from the host\n").unwrap();
+    let in_arg = format!("{}:/work/in.txt", dir.path().join("in.txt").display());
+    let out_arg = format!("/work/out.txt:{}", dir.path().join("out.txt").display());
+    let out = capsa()
+        .args([
+            "run",
+            "--memory",
+            "256M",
+            "--copy-in",
+            &in_arg,
+            "--copy-out",
+            &out_arg,
+            "--",
+        ])
+        .args(["sh", "-c", "tr a-z A-Z < /work/in.txt > /work/out.txt"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("out.txt")).unwrap(),
+        b"FROM THE HOST\n"
+    );
+}
+
+#[test]
+fn run_ctrl_c_tears_the_sandbox_down() {
+    let name = format!("ctrlc-{}", std::process::id());
+    let child = capsa()
+        .args([
+            "run",
+            "--name",
+            &name,
+            "--memory",
+            "256M",
+            "--",
+            "sh",
+            "-c",
+            "echo started; sleep 300",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut child = child;
+    let rx = reader(child.stdout.take().unwrap());
+    let mut seen = String::new();
+    wait_for(&rx, &mut seen, "started", Duration::from_secs(120));
+    assert_eq!(processes_mentioning(&format!("capsa-{name}")).len(), 1);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    let end = Instant::now() + Duration::from_secs(10);
+    while !processes_mentioning(&format!("capsa-{name}")).is_empty() {
+        assert!(Instant::now() < end, "QEMU outlived capsa run after Ctrl-C");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -31,6 +31,8 @@ pub mod pid1;
 mod setup;
 #[cfg(target_os = "linux")]
 mod supervisor;
+#[cfg(target_os = "linux")]
+pub mod tools;
 
 /// The line printed on the console once the guest is set up (same text as
 /// `capsa_core::GUEST_READY_MARKER`); the host waits for it.
@@ -68,6 +70,11 @@ pub fn not_pid1(mut args: impl Iterator<Item = String>) -> i32 {
                 2
             }
         },
+        #[cfg(target_os = "linux")]
+        Some(tool @ ("vsock-serve" | "vsock-connect")) => {
+            let rest: Vec<String> = args.collect();
+            tools::run(tool, &rest)
+        }
         Some("--version") | Some("-V") => {
             println!("capsa-init {VERSION}");
             0
@@ -79,7 +86,9 @@ pub fn not_pid1(mut args: impl Iterator<Item = String>) -> i32 {
                  the kernel command line: capsa.mode=shell|run|agent, capsa.run=PATH,\n\
                  capsa.hostname=NAME, capsa.term=TERM, capsa.debug=1.\n\
                  For development and tests, `capsa-init --agent-unix PATH` serves the\n\
-                 agent protocol on a Unix socket as an ordinary process."
+                 agent protocol on a Unix socket as an ordinary process.\n\
+                 Tools: `vsock-serve PORT -- CMD ARGS...` runs CMD per connection on vsock PORT;\n\
+                 `vsock-connect CID PORT` bridges stdin/stdout to CID:PORT (the host is CID 2)."
             );
             0
         }

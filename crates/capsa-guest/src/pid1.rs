@@ -12,6 +12,12 @@ use crate::READY_MARKER;
 /// after a fatal error, and after a panic.
 pub fn run() -> ! {
     std::panic::set_hook(Box::new(|info| {
+        // A bug hit by one agent request ends that connection (its thread
+        // unwinds, the connection closes), not the whole sandbox.
+        if std::thread::current().name() == Some(crate::agent::CONNECTION_THREAD) {
+            error!("panic in an agent connection (dropping it): {info}");
+            return;
+        }
         error!("panic: {info}; powering off");
         supervisor::power_off();
     }));

@@ -202,6 +202,58 @@ fn unexpected_frames_mid_exec_kill_and_close() {
 }
 
 #[test]
+fn extreme_but_valid_values_do_not_panic() {
+    let a = agent();
+    let mut s = socketpair_conn(&a);
+    send_frame(
+        &mut s,
+        &open(Request::Exec(ExecRequest {
+            argv: vec!["true".into()],
+            timeout_ms: Some(u64::MAX),
+            pty: Some(capsa_proto::PtySize {
+                rows: u16::MAX,
+                cols: 0,
+            }),
+            uid: Some(u32::MAX - 1),
+            gid: Some(u32::MAX - 1),
+            ..Default::default()
+        })),
+    );
+    let frames = read_until_close(&mut s);
+    assert!(
+        matches!(frames.last(), Some(AgentFrame::Exited(st)) if st.code == Some(0)),
+        "{frames:?}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = socketpair_conn(&a);
+    send_frame(
+        &mut s,
+        &open(Request::WriteFile(WriteFileRequest {
+            path: dir.path().join("f").to_str().unwrap().into(),
+            mode: u32::MAX,
+            mtime: Some((i64::MIN, 999_999_999)),
+            create_parents: true,
+        })),
+    );
+    send_frame(&mut s, &ClientFrame::End);
+    // Ready, then an answer (the kernel may refuse that mtime): no panic, no hang.
+    let frames = read_until_close(&mut s);
+    assert_eq!(frames.first(), Some(&AgentFrame::Ready), "{frames:?}");
+    assert_eq!(frames.len(), 2, "{frames:?}");
+    let mut s = socketpair_conn(&a);
+    send_frame(
+        &mut s,
+        &open(Request::Mkdir {
+            path: format!("{}/{}", dir.path().display(), "x".repeat(4000)),
+            parents: true,
+            mode: u32::MAX,
+        }),
+    );
+    assert!(error_kind(&read_until_close(&mut s)).is_some());
+    still_serves(&a);
+}
+
+#[test]
 fn unexpected_frames_mid_upload_remove_the_temp_file() {
     let a = agent();
     let dir = tempfile::tempdir().unwrap();

@@ -63,7 +63,7 @@ pub enum ClientFrame {
         request: Request,
     },
     /// Bytes for the process's stdin.
-    Stdin(Vec<u8>),
+    Stdin(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Closes the process's stdin.
     StdinEof,
     /// Sends a signal to the process (its process group).
@@ -71,7 +71,7 @@ pub enum ClientFrame {
     /// Resizes the process's PTY.
     Resize(PtySize),
     /// A chunk of file content.
-    Data(Vec<u8>),
+    Data(#[serde(with = "serde_bytes")] Vec<u8>),
     /// End of file content.
     End,
 }
@@ -183,9 +183,9 @@ pub enum AgentFrame {
         pid: u32,
     },
     /// Output on stdout (or the PTY).
-    Stdout(Vec<u8>),
+    Stdout(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Output on stderr.
-    Stderr(Vec<u8>),
+    Stderr(#[serde(with = "serde_bytes")] Vec<u8>),
     /// The process ended; the last frame of an exec.
     Exited(ExitStatus),
     /// Ready to receive file content.
@@ -195,7 +195,7 @@ pub enum AgentFrame {
     /// Directory entries.
     Entries(Vec<DirEntry>),
     /// A chunk of file content.
-    Data(Vec<u8>),
+    Data(#[serde(with = "serde_bytes")] Vec<u8>),
     /// End of file content.
     End,
     /// The request succeeded (file written, directory made, path removed).

@@ -49,6 +49,8 @@ const OUT_HIGH_WATER: usize = CHUNK;
 const ERROR_FLUSH: Duration = Duration::from_secs(2);
 /// Highest signal number Linux knows (`SIGRTMAX`).
 const MAX_SIGNAL: i32 = 64;
+/// Longest timeout honoured (100 years); longer ones are clamped to it.
+const MAX_TIMEOUT_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
 /// `^D`: what "end of input" is on a terminal in canonical mode.
 const VEOF: u8 = 0x04;
 
@@ -274,9 +276,10 @@ pub(super) fn run<S: Read + Write + AsRawFd>(
         watch,
         status: None,
         timed_out: false,
-        deadline: req
-            .timeout_ms
-            .map(|ms| Instant::now() + Duration::from_millis(ms.min(u64::MAX / 4))),
+        // Clamped so that no Instant arithmetic can overflow (which panics).
+        deadline: req.timeout_ms.and_then(|ms| {
+            Instant::now().checked_add(Duration::from_millis(ms.min(MAX_TIMEOUT_MS)))
+        }),
         exit_at: None,
         last_output: Instant::now(),
         exited_queued: false,
@@ -337,22 +340,15 @@ fn pfd(fd: Option<RawFd>, events: libc::c_short) -> libc::pollfd {
 impl<S: Read + Write + AsRawFd> ExecLoop<'_, S> {
     fn start(&mut self, pid: libc::pid_t) -> Result<(), Fail> {
         let started = AgentFrame::Started { pid: pid as u32 };
-        let result = self.push(&started).and_then(|()| {
-            sys::set_nonblocking(self.conn_fd, true).map_err(|_| Fail::Gone)?;
-            for f in [&self.stdout, &self.stderr, &self.stdin]
-                .into_iter()
-                .flatten()
-            {
-                sys::set_nonblocking(f.as_raw_fd(), true).map_err(|_| Fail::Gone)?;
-            }
-            self.run()
-        });
-        if result.is_err() {
-            // Client gone or protocol broken: the process must not outlive the
-            // conversation that owns it.
-            self.watch.signal(libc::SIGKILL);
+        self.push(&started)?;
+        sys::set_nonblocking(self.conn_fd, true).map_err(|_| Fail::Gone)?;
+        for f in [&self.stdout, &self.stderr, &self.stdin]
+            .into_iter()
+            .flatten()
+        {
+            sys::set_nonblocking(f.as_raw_fd(), true).map_err(|_| Fail::Gone)?;
         }
-        result
+        self.run()
     }
 
     fn push(&mut self, frame: &AgentFrame) -> Result<(), Fail> {
@@ -666,6 +662,16 @@ impl<S: Read + Write + AsRawFd> ExecLoop<'_, S> {
             self.out_pos = 0;
         }
         Ok(())
+    }
+}
+
+impl<S> Drop for ExecLoop<'_, S> {
+    fn drop(&mut self) {
+        // However the conversation ended (client gone, protocol broken, even
+        // a panic), the process must not outlive it. A no-op once reaped.
+        if self.status.is_none() {
+            self.watch.signal(libc::SIGKILL);
+        }
     }
 }
 

@@ -59,6 +59,10 @@ pub use reaper::{Reaper, Reaping};
 
 use crate::console::{debug, error, warning};
 
+/// Name of the threads that serve one connection each (PID 1's panic hook
+/// spares these: a panic there drops one connection, not the VM).
+pub const CONNECTION_THREAD: &str = "agent-conn";
+
 /// Tunables of the agent.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -173,7 +177,7 @@ impl Agent {
         let cell = Arc::new(Mutex::new(Some(stream)));
         let for_thread = Arc::clone(&cell);
         let spawned = std::thread::Builder::new()
-            .name("agent-conn".into())
+            .name(CONNECTION_THREAD.into())
             .stack_size(512 * 1024)
             .spawn(move || {
                 let _slot = slot;
