@@ -5,54 +5,11 @@
 //!
 //! `cargo run --release -p capsa --example bench_boot -- [runs]`
 
-use std::process::Stdio;
+mod common;
+
 use std::time::{Duration, Instant};
 
 use capsa::{image::BundleOptions, Accel, Capsa, LinuxDirectBoot, GUEST_READY_MARKER};
-use tokio::io::AsyncReadExt;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-async fn bare(b: &capsa::image::Bundle) -> anyhow::Result<f64> {
-    let start = Instant::now();
-    let mut child = tokio::process::Command::new("qemu-system-x86_64")
-        .args([
-            "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", "256M",
-        ])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-        ])
-        .args(["-serial", "stdio", "-kernel"])
-        .arg(&b.kernel)
-        .arg("-initrd")
-        .arg(&b.initrd)
-        .args(["-append", "console=ttyS0 panic=-1 quiet"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut out = child.stdout.take().unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = out.read(&mut buf).await?;
-        anyhow::ensure!(n > 0, "bare QEMU exited before the marker");
-        seen.extend_from_slice(&buf[..n]);
-        if String::from_utf8_lossy(&seen).contains(GUEST_READY_MARKER) {
-            break;
-        }
-    }
-    let t = start.elapsed().as_secs_f64();
-    child.kill().await?;
-    Ok(t)
-}
 
 async fn library(b: &capsa::image::Bundle) -> anyhow::Result<f64> {
     let start = Instant::now();
@@ -79,11 +36,11 @@ async fn main() -> anyhow::Result<()> {
     let b = capsa::default_bundle().await?;
     let (mut tb, mut tl) = (Vec::new(), Vec::new());
     for i in 0..runs {
-        tb.push(bare(&b).await?);
+        tb.push(common::bare_boot(&b, "256M").await?);
         tl.push(library(&b).await?);
         println!("run {i}: bare {:.3}s capsa {:.3}s", tb[i], tl[i]);
     }
-    let (mb, ml) = (median(tb), median(tl));
+    let (mb, ml) = (common::median(tb), common::median(tl));
     println!("boot to marker, median of {runs}: bare QEMU {mb:.3}s, capsa library {ml:.3}s, overhead {:+.1}%", (ml / mb - 1.0) * 100.0);
 
     let mut scratch = Vec::new();
@@ -105,8 +62,8 @@ async fn main() -> anyhow::Result<()> {
     }
     println!(
         "bundle build: from scratch (kernel download + unpack + initramfs) median of 3 {:.2}s; cached median of 5 {:.1}ms",
-        median(scratch),
-        median(cached) * 1000.0
+        common::median(scratch),
+        common::median(cached) * 1000.0
     );
     Ok(())
 }

@@ -6,54 +6,12 @@
 //!
 //! `cargo build --release -p capsa-cli && cargo run --release -p capsa --example bench_sandbox -- [runs]`
 
-use std::process::Stdio;
+mod common;
+
 use std::time::{Duration, Instant};
 
-use capsa::{Capsa, Command, GUEST_READY_MARKER};
+use capsa::{Capsa, Command};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-async fn bare_boot(b: &capsa::image::Bundle) -> anyhow::Result<f64> {
-    let start = Instant::now();
-    let mut child = tokio::process::Command::new("qemu-system-x86_64")
-        .args([
-            "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", "512M",
-        ])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-        ])
-        .args(["-serial", "stdio", "-kernel"])
-        .arg(&b.kernel)
-        .arg("-initrd")
-        .arg(&b.initrd)
-        .args(["-append", "console=ttyS0 panic=-1 quiet"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut out = child.stdout.take().unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = out.read(&mut buf).await?;
-        anyhow::ensure!(n > 0, "bare QEMU exited before the marker");
-        seen.extend_from_slice(&buf[..n]);
-        if String::from_utf8_lossy(&seen).contains(GUEST_READY_MARKER) {
-            break;
-        }
-    }
-    let t = start.elapsed().as_secs_f64();
-    child.kill().await?;
-    Ok(t)
-}
 
 fn cli_run_true() -> anyhow::Result<f64> {
     let exe = std::env::current_exe()?;
@@ -91,10 +49,10 @@ async fn main() -> anyhow::Result<()> {
 
     let (mut bare, mut cold) = (Vec::new(), Vec::new());
     for _ in 0..runs {
-        bare.push(bare_boot(&b).await?);
+        bare.push(common::bare_boot(&b, "512M").await?);
         cold.push(tokio::task::spawn_blocking(cli_run_true).await??);
     }
-    let (mb, mc) = (median(bare), median(cold));
+    let (mb, mc) = (common::median(bare), common::median(cold));
     println!("cold start, median of {runs}: bare QEMU boot to init {mb:.3}s; `capsa run -- true` {mc:.3}s; ratio {:.2}x", mc / mb);
 
     let sb = Capsa::sandbox()
@@ -123,7 +81,7 @@ async fn main() -> anyhow::Result<()> {
         sb.exec(&Command::new("true")).await?;
         exec.push(t.elapsed().as_secs_f64() * 1e6);
     }
-    let (mr, me) = (median(raw), median(exec));
+    let (mr, me) = (common::median(raw), common::median(exec));
     println!("round trip: raw vsock echo {mr:.0}us (median of 200); exec `true` {me:.0}us (median of 50); ratio {:.1}x", me / mr);
     drop(s);
 
@@ -155,7 +113,7 @@ async fn main() -> anyhow::Result<()> {
             .await?;
         filet.push(64.0 / t.elapsed().as_secs_f64());
     }
-    let (mrt, mft) = (median(rawt), median(filet));
+    let (mrt, mft) = (common::median(rawt), common::median(filet));
     println!("host->guest 64 MiB, median of 5: raw vsock {mrt:.0} MiB/s; write_file {mft:.0} MiB/s ({:.0}% of raw)", mft / mrt * 100.0);
     serve.kill().await?;
     sink.kill().await?;
