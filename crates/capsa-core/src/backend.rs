@@ -52,12 +52,8 @@ pub enum Feature {
 impl Capabilities {
     /// Refuses `spec` if it needs anything this backend lacks.
     pub fn check(&self, spec: &VmSpec) -> Result<()> {
-        let backend: &'static str = match self.backend.as_str() {
-            "qemu" => "qemu",
-            _ => "selected",
-        };
         let unsupported = |what: String, fix: &str| Error::Unsupported {
-            backend,
+            backend: self.backend.clone(),
             what,
             fix: fix.to_string(),
         };

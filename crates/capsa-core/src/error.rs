@@ -28,7 +28,7 @@ pub enum Error {
     #[error("the {backend} backend does not support {what}. Fix: {fix}")]
     Unsupported {
         /// Backend name, e.g. `qemu`.
-        backend: &'static str,
+        backend: String,
         /// The feature that was asked for.
         what: String,
         /// What the user can do instead.

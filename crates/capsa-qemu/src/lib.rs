@@ -88,7 +88,7 @@ impl QemuBackend {
             Accel::Tcg => return Ok((Accel::Tcg, "TCG requested".into())),
             Accel::Kvm => {
                 accel::kvm_device_usable().map_err(|why| Error::Unsupported {
-                    backend: "qemu",
+                    backend: "qemu".into(),
                     what: format!("KVM on this host ({why})"),
                     fix: "use --accel tcg, or give this user access to /dev/kvm".into(),
                 })?;

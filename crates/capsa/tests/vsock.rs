@@ -131,13 +131,12 @@ async fn hostile_host_peers_leave_device_and_agent_working() {
         );
     }
     // 2. Hostile agent-protocol peers: oversized lengths, garbage, truncation, wrong version.
-    let mut wrong_version = capsa_proto::encode(&capsa_proto::ClientFrame::Open {
+    let wrong_version = capsa_proto::encode(&capsa_proto::ClientFrame::Open {
         version: 999,
         request: capsa_proto::Request::Info,
     })
     .unwrap();
     let truncated = wrong_version[..wrong_version.len() - 1].to_vec();
-    wrong_version.truncate(wrong_version.len());
     let mut garbage = vec![0u8; 4096];
     for (i, b) in garbage.iter_mut().enumerate() {
         *b = (i * 131 % 251) as u8;
