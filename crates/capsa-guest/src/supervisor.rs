@@ -33,18 +33,7 @@ const HANDLED: &[libc::c_int] = &[
     libc::SIGUSR2,
 ];
 
-fn sigset(signals: &[libc::c_int]) -> libc::sigset_t {
-    // SAFETY: sigset_t is plain data initialised by sigemptyset.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: set is a valid sigset_t.
-    unsafe {
-        libc::sigemptyset(&mut set);
-        for &s in signals {
-            libc::sigaddset(&mut set, s);
-        }
-    }
-    set
-}
+use crate::agent::sys::sigset;
 
 /// Blocks the handled signals and makes Ctrl-Alt-Del send `SIGINT` to PID 1
 /// instead of rebooting. Call first thing, before any other setup.

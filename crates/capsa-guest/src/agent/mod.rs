@@ -38,7 +38,7 @@ mod fs;
 mod info;
 pub mod listen;
 mod reaper;
-mod sys;
+pub(crate) mod sys;
 
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
