@@ -36,19 +36,6 @@ pub struct Capabilities {
     pub vsock: bool,
 }
 
-/// A single feature a spec may need, for error messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Feature {
-    /// An accelerator.
-    Accel(Accel),
-    /// A disk format.
-    Disk(DiskFormat),
-    /// Read-only disks.
-    ReadOnlyDisk,
-    /// Console capture.
-    Console,
-}
-
 impl Capabilities {
     /// Refuses `spec` if it needs anything this backend lacks.
     pub fn check(&self, spec: &VmSpec) -> Result<()> {

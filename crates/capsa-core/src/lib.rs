@@ -14,8 +14,7 @@ mod error;
 mod spec;
 
 pub use backend::{
-    Capabilities, ConsoleStreams, ExitReason, Feature, Hypervisor, StartOptions, VmInstance,
-    VmStatus,
+    Capabilities, ConsoleStreams, ExitReason, Hypervisor, StartOptions, VmInstance, VmStatus,
 };
 pub use cmdline::{CmdlineError, KernelCmdline};
 pub use disk::{probe_disk_format, DiskProbeError};
