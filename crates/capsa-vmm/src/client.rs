@@ -205,14 +205,20 @@ async fn launch(binary: &Path, dir: &Path, name: &str, keep_alive: bool) -> Resu
     };
     let transport = crate::service::transport(tokio::io::join(stdout, stdin));
     let client = MonitorClient::new(tarpc::client::Config::default(), transport).spawn();
-    let info = match client.describe(context_with_deadline(MONITOR_UP_TIMEOUT)).await {
+    let info = match client
+        .describe(context_with_deadline(MONITOR_UP_TIMEOUT))
+        .await
+    {
         Ok(i) => i,
         Err(e) => {
             let _ = child.start_kill();
             let _ = child.wait().await;
             return Err(VmmError::Monitor {
                 name: name.to_string(),
-                message: format!("it did not answer ({e}); last log lines: {}", log_tail(&log_path)),
+                message: format!(
+                    "it did not answer ({e}); last log lines: {}",
+                    log_tail(&log_path)
+                ),
                 log: log_path,
             });
         }
@@ -243,9 +249,11 @@ pub async fn connect(dir: &Path) -> Result<MonitorHandle> {
             message: format!("cannot connect to {}: {e}", sock.display()),
             log: dir.join(files::MONITOR_LOG),
         })?;
-    let client =
-        MonitorClient::new(tarpc::client::Config::default(), crate::service::transport(stream))
-            .spawn();
+    let client = MonitorClient::new(
+        tarpc::client::Config::default(),
+        crate::service::transport(stream),
+    )
+    .spawn();
     let info = client
         .describe(context_with_deadline(RPC_TIMEOUT))
         .await

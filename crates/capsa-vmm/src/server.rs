@@ -16,7 +16,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use capsa_core::{ConsoleStreams, ExitReason, Hypervisor, StartOptions, VmInstance, VmSpec, VmStatus};
+use capsa_core::{
+    ConsoleStreams, ExitReason, Hypervisor, StartOptions, VmInstance, VmSpec, VmStatus,
+};
 use futures::StreamExt;
 use tarpc::server::{BaseChannel, Channel};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -187,7 +189,10 @@ fn take_stdio() -> Result<(std::fs::File, std::fs::File)> {
         let rin = libc::dup(0);
         let rout = libc::dup(1);
         if rin < 0 || rout < 0 {
-            return Err(VmmError::io("duplicating stdio", std::io::Error::last_os_error()));
+            return Err(VmmError::io(
+                "duplicating stdio",
+                std::io::Error::last_os_error(),
+            ));
         }
         let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
         if null >= 0 {
@@ -197,7 +202,10 @@ fn take_stdio() -> Result<(std::fs::File, std::fs::File)> {
         libc::dup2(2, 1);
         libc::fcntl(rin, libc::F_SETFD, libc::FD_CLOEXEC);
         libc::fcntl(rout, libc::F_SETFD, libc::FD_CLOEXEC);
-        Ok((std::fs::File::from_raw_fd(rin), std::fs::File::from_raw_fd(rout)))
+        Ok((
+            std::fs::File::from_raw_fd(rin),
+            std::fs::File::from_raw_fd(rout),
+        ))
     }
 }
 
@@ -242,12 +250,11 @@ async fn serve(opts: ServeOptions) -> Result<()> {
         libc::setsid();
     }
     let dir = opts.state_dir.clone();
-    let spec: VmSpec = state::read_json_opt(&dir.join(files::SPEC))?.ok_or_else(|| {
-        VmmError::BadState {
+    let spec: VmSpec =
+        state::read_json_opt(&dir.join(files::SPEC))?.ok_or_else(|| VmmError::BadState {
             path: dir.join(files::SPEC),
             message: "missing".into(),
-        }
-    })?;
+        })?;
     state::check_socket_paths(&dir)?;
     let name = dir
         .file_name()
