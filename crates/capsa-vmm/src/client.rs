@@ -132,7 +132,11 @@ pub async fn spawn(spec: VmSpec, opts: SpawnOptions) -> Result<MonitorHandle> {
     };
     let parent = opts.state_root.sandboxes_dir();
     create_private_dir_all(&parent)?;
-    match std::fs::create_dir(&dir) {
+    let mk = {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new().mode(0o700).create(&dir)
+    };
+    match mk {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             return Err(VmmError::AlreadyExists { name: opts.name });
@@ -171,6 +175,17 @@ pub async fn respawn(
         Some(b) => b,
         None => find_monitor_binary()?,
     };
+    // A monitor that just recorded the stop lingers a moment (flushing
+    // replies) with its sockets still bound: let it go first.
+    if let Ok(Some(old)) = StateFile::read(&rec.dir) {
+        for _ in 0..250 {
+            if !state::process_alive(old.monitor_pid, old.monitor_starttime) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    root.kill_leftovers(name)?;
     let _ = std::fs::remove_file(rec.dir.join(files::STATE));
     launch(&binary, &rec.dir, name, keep_alive).await
 }
@@ -515,18 +530,29 @@ impl Drop for MonitorHandle {
         };
         let pid = child.id();
         let dir = self.dir.clone();
-        let exited = matches!(child.try_wait(), Ok(Some(_)));
+        let finished = matches!(child.try_wait(), Ok(Some(_)))
+            || matches!(
+                StateFile::read(&dir),
+                Ok(Some(StateFile {
+                    state: state::RecordedState::Stopped,
+                    ..
+                }))
+            );
+        if finished {
+            // The VM ended before the handle: the monitor will not clean up.
+            let _ = std::fs::remove_dir_all(&dir);
+            return;
+        }
+        // The monitor is up: it sees stdin EOF, kills the VM and removes the
+        // directory itself. Make sure of it in case it was exiting anyway.
         let _ = std::thread::Builder::new()
             .name("capsa-vmm-reap".into())
             .spawn(move || {
-                if !exited {
-                    // Give the monitor a moment to take the VM down and clean up.
-                    for _ in 0..250 {
-                        if pid.is_none_or(|p| !state::process_alive(p, None)) {
-                            break;
-                        }
-                        std::thread::sleep(Duration::from_millis(20));
+                for _ in 0..250 {
+                    if pid.is_none_or(|p| !state::process_alive(p, None)) {
+                        break;
                     }
+                    std::thread::sleep(Duration::from_millis(20));
                 }
                 let _ = std::fs::remove_dir_all(&dir);
             });

@@ -445,7 +445,9 @@ async fn serve(opts: ServeOptions) -> Result<()> {
     let reason = exit_rx.borrow().clone();
     tracing::info!(?reason, "the VM ended");
     inner.set_state(RecordedState::Stopped, reason);
-    finish(&inner, ephemeral).await;
+    // Spawner gone and nobody asked to keep the VM: nobody else will clean up.
+    let orphaned = *stdin_closed.borrow() && !inner.keep_alive.load(Ordering::SeqCst);
+    finish(&inner, ephemeral || orphaned).await;
     Ok(())
 }
 
