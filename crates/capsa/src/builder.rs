@@ -358,7 +358,7 @@ pub(crate) fn attach_monitor(
     Ok(VmHandle::new(
         name,
         spec,
-        Instance::Monitor(handle),
+        Instance::Monitor(Box::new(handle)),
         console,
         RunDir::State(dir),
     ))

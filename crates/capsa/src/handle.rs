@@ -24,14 +24,14 @@ pub(crate) enum Instance {
     /// A backend instance in this process (QEMU is our child).
     InProcess(Box<dyn VmInstance>),
     /// A `capsa-vmm` monitor, spawned by us or attached to.
-    Monitor(capsa_vmm::MonitorHandle),
+    Monitor(Box<capsa_vmm::MonitorHandle>),
 }
 
 impl Instance {
     fn get(&self) -> &dyn VmInstance {
         match self {
             Instance::InProcess(i) => i.as_ref(),
-            Instance::Monitor(m) => m,
+            Instance::Monitor(m) => m.as_ref(),
         }
     }
 }
@@ -106,7 +106,7 @@ impl VmHandle {
     pub async fn detach(self) -> Result<()> {
         let VmHandle { instance, .. } = self;
         match instance {
-            Instance::Monitor(m) => Ok(m.detach().await?),
+            Instance::Monitor(m) => Ok((*m).detach().await?),
             Instance::InProcess(_) => Err(Error::NeedsMonitor {
                 what: "detaching a VM",
             }),

@@ -31,7 +31,8 @@ fn main() -> ExitCode {
     // stderr is monitor.log: plain text, no colours.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
-            std::env::var("CAPSA_VMM_LOG").unwrap_or_else(|_| "info,capsa_qemu=debug".into()),
+            std::env::var("CAPSA_VMM_LOG")
+                .unwrap_or_else(|_| "info,tarpc=warn,capsa_qemu=debug".into()),
         )
         .with_ansi(false)
         .with_writer(std::io::stderr)
