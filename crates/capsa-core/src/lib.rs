@@ -11,10 +11,15 @@ mod backend;
 mod cmdline;
 mod disk;
 mod error;
+mod snapshot;
 mod spec;
 
 pub use backend::{
-    Capabilities, ConsoleStreams, ExitReason, Hypervisor, StartOptions, VmInstance, VmStatus,
+    Capabilities, ConsoleStreams, ExitReason, Hypervisor, RestoredVm, StartOptions, VmInstance,
+    VmStatus,
+};
+pub use snapshot::{
+    FileIdentity, SnapshotDisk, SnapshotMeta, CAPSA_VERSION, SNAPSHOT_FORMAT, SNAPSHOT_META_FILE,
 };
 pub use cmdline::{CmdlineError, KernelCmdline};
 pub use disk::{probe_disk_format, DiskProbeError};
