@@ -45,6 +45,11 @@ impl VmHandle {
         }
     }
 
+    /// The backend's instance (for snapshots, see `crate::snapshot`).
+    pub(crate) fn instance(&self) -> &dyn VmInstance {
+        self.instance.as_ref()
+    }
+
     /// The VM's name.
     pub fn name(&self) -> &str {
         &self.name

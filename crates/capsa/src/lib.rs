@@ -22,12 +22,15 @@
 //! daemon) goes through the same spec.
 #![deny(missing_docs)]
 
+pub mod base_snapshot;
 mod builder;
 mod console;
 mod error;
 mod guest;
 mod handle;
+mod pool;
 mod sandbox;
+mod snapshot;
 mod vsock;
 
 pub use builder::{Capsa, LinuxDirectBoot, VmBuilder};
@@ -40,7 +43,10 @@ pub use console::{ConsoleReader, ConsoleWriter, VmConsole, CONSOLE_BUFFER_LIMIT}
 pub use error::{Error, Result};
 pub use guest::{bundle, default_bundle};
 pub use handle::VmHandle;
+pub use capsa_core::{SnapshotMeta, CAPSA_VERSION};
+pub use pool::{Pool, PoolBuilder, PoolStats, DEFAULT_POOL_SIZE};
 pub use sandbox::{Command, Sandbox, SandboxBuilder, DEFAULT_OP_TIMEOUT, DEFAULT_READY_TIMEOUT};
+pub use snapshot::{RestoreBuilder, Snapshot};
 
 /// Re-export of the image crate, for bundle options.
 pub use capsa_image as image;
