@@ -18,12 +18,12 @@ pub use backend::{
     Capabilities, ConsoleStreams, ExitReason, Hypervisor, RestoredVm, StartOptions, VmInstance,
     VmStatus,
 };
-pub use snapshot::{
-    FileIdentity, SnapshotDisk, SnapshotMeta, CAPSA_VERSION, SNAPSHOT_FORMAT, SNAPSHOT_META_FILE,
-};
 pub use cmdline::{CmdlineError, KernelCmdline};
 pub use disk::{probe_disk_format, DiskProbeError};
 pub use error::{Error, Result};
+pub use snapshot::{
+    FileIdentity, SnapshotDisk, SnapshotMeta, CAPSA_VERSION, SNAPSHOT_FORMAT, SNAPSHOT_META_FILE,
+};
 pub use spec::{
     Accel, BootSource, ConsoleSpec, DiskFormat, DiskSpec, HostLimits, VmSpec, VsockSpec, MAX_CPUS,
 };

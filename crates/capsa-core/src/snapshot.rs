@@ -103,7 +103,11 @@ impl FileIdentity {
         let mut h = Sha256::new();
         h.update(size.to_le_bytes());
         let mut buf = vec![0u8; SAMPLE as usize];
-        for start in [0, size.saturating_sub(SAMPLE) / 2, size.saturating_sub(SAMPLE)] {
+        for start in [
+            0,
+            size.saturating_sub(SAMPLE) / 2,
+            size.saturating_sub(SAMPLE),
+        ] {
             f.seek(SeekFrom::Start(start))?;
             let n = read_up_to(&mut f, &mut buf)?;
             h.update(&buf[..n]);
@@ -221,9 +225,14 @@ impl SnapshotMeta {
         let tmp = dir.join(".snapshot.json.tmp");
         let text = serde_json::to_vec_pretty(self)
             .map_err(|e| Error::io("encoding snapshot metadata", std::io::Error::other(e)))?;
-        std::fs::write(&tmp, text)
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(|e| Error::io(format!("writing {}", path.display()), e))
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&tmp)?;
+            std::io::Write::write_all(&mut f, &text)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            std::fs::File::open(dir)?.sync_all()
+        };
+        write().map_err(|e| Error::io(format!("writing {}", path.display()), e))
     }
 
     /// Checks that this host can restore the snapshot in `dir`: same capsa

@@ -182,7 +182,9 @@ impl IdentityRequest {
         }
         if let Some((_, ns)) = self.realtime {
             if ns >= 1_000_000_000 {
-                return Err(ProtoError::Invalid("realtime nanoseconds out of range".into()));
+                return Err(ProtoError::Invalid(
+                    "realtime nanoseconds out of range".into(),
+                ));
             }
         }
         Ok(())

@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use capsa_core::{Accel, ConsoleStreams, ExitReason, Result, SnapshotMeta, VmInstance, VmSpec, VmStatus};
+use capsa_core::{
+    Accel, ConsoleStreams, ExitReason, Result, SnapshotMeta, VmInstance, VmSpec, VmStatus,
+};
 use qapi::futures::{QapiService, QmpStreamTokio};
 use qapi::qmp;
 use tokio::io::{AsyncBufReadExt, BufReader, WriteHalf};
@@ -106,7 +108,9 @@ impl QemuInstance {
                 if let Some(fd) = ram_fd {
                     if fd == RAM_FD {
                         let flags = libc::fcntl(fd, libc::F_GETFD);
-                        if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                        if flags < 0
+                            || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0
+                        {
                             return Err(std::io::Error::last_os_error());
                         }
                     } else if libc::dup2(fd, RAM_FD) < 0 {

@@ -54,7 +54,11 @@ fn extents(f: &File, len: u64) -> io::Result<Vec<(u64, u64)>> {
         }
         // SAFETY: as above.
         let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        let end = if hole < 0 { len as i64 } else { hole.min(len as i64) };
+        let end = if hole < 0 {
+            len as i64
+        } else {
+            hole.min(len as i64)
+        };
         if end > data {
             out.push((data as u64, end as u64));
         }
@@ -100,7 +104,7 @@ pub fn save(ram: &File, len: u64, dst: &Path) -> io::Result<u64> {
             pos += n as u64;
         }
     }
-    out.sync_all()?;
+    // Not synced here: the caller syncs once the VM runs again.
     Ok(written)
 }
 
@@ -179,13 +183,26 @@ pub fn copy_image(src: &Path, dst: &Path) -> io::Result<()> {
             pos += n as u64;
         }
     }
-    to.sync_all()
+    Ok(())
+}
+
+/// Flushes every file in `dir` (and the directory) to stable storage.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        if e.file_type()?.is_file() {
+            File::open(e.path())?.sync_all()?;
+        }
+    }
+    File::open(dir)?.sync_all()
 }
 
 /// Bytes actually allocated to a file (what `du` reports).
 pub fn allocated(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
+    std::fs::metadata(path)
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

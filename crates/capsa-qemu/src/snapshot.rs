@@ -24,8 +24,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use capsa_core::{
-    Accel, DiskFormat, DiskSpec, Error, FileIdentity, Hypervisor, RestoredVm, Result,
-    SnapshotDisk, SnapshotMeta, StartOptions,
+    Accel, DiskFormat, DiskSpec, Error, FileIdentity, Hypervisor, RestoredVm, Result, SnapshotDisk,
+    SnapshotMeta, StartOptions,
 };
 use qapi::qmp;
 use serde::Serialize;
@@ -304,7 +304,9 @@ pub(crate) async fn take(inst: &QemuInstance, dir: &Path) -> Result<SnapshotMeta
         Err(e) => return Err(Error::io(format!("reading {}", dir.display()), e)),
     }
     let was_running = matches!(
-        inst.exec("query-status", qmp::query_status {}).await?.status,
+        inst.exec("query-status", qmp::query_status {})
+            .await?
+            .status,
         qmp::RunState::running
     );
     let version = qemu_version(inst).await?;
@@ -345,6 +347,13 @@ pub(crate) async fn take(inst: &QemuInstance, dir: &Path) -> Result<SnapshotMeta
     saved?;
     replugged?;
     resumed?;
+    // Durable before the metadata exists: a snapshot with metadata is whole.
+    // Done with the VM running again, so the guest does not wait for the disk.
+    let t = std::time::Instant::now();
+    let d = dir.to_path_buf();
+    blocking("syncing the snapshot", move || ram::sync_dir(&d)).await?;
+    meta.write(dir)?;
+    tracing::debug!(took = ?t.elapsed(), "snapshot synced");
     Ok(meta)
 }
 
@@ -435,7 +444,6 @@ async fn save_stopped(
     }
     meta.disks = disks;
     meta.files = vec![STATE_FILE.into(), RAM_FILE.into()];
-    meta.write(dir)?;
     tracing::debug!(took = ?t.elapsed(), "snapshot saved");
     Ok(())
 }
@@ -447,13 +455,14 @@ pub(crate) async fn restore(
     meta: &SnapshotMeta,
     opts: StartOptions,
 ) -> Result<RestoredVm> {
-    let mismatch = |what: &str, snapshot: String, here: String, fix: &str| Error::SnapshotMismatch {
-        path: dir.to_path_buf(),
-        what: what.into(),
-        snapshot,
-        here,
-        fix: fix.into(),
-    };
+    let mismatch =
+        |what: &str, snapshot: String, here: String, fix: &str| Error::SnapshotMismatch {
+            path: dir.to_path_buf(),
+            what: what.into(),
+            snapshot,
+            here,
+            fix: fix.into(),
+        };
     if meta.backend != "qemu" {
         return Err(mismatch(
             "backend",

@@ -34,7 +34,9 @@ pub fn cache_dir() -> PathBuf {
 /// The base snapshot directory `builder` maps to (whether or not it exists
 /// yet), or `None` if such sandboxes always boot cold (they have disks).
 pub async fn dir_for(builder: &SandboxBuilder) -> Result<Option<PathBuf>> {
-    Ok(key(builder).await?.map(|k| cache_dir().join(format!("base-{k}"))))
+    Ok(key(builder)
+        .await?
+        .map(|k| cache_dir().join(format!("base-{k}"))))
 }
 
 async fn key(builder: &SandboxBuilder) -> Result<Option<String>> {
@@ -140,7 +142,10 @@ pub fn clear() -> Result<()> {
     };
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with("base-") || name.starts_with(".tmp-base-") || name.starts_with(".trash-") {
+        if name.starts_with("base-")
+            || name.starts_with(".tmp-base-")
+            || name.starts_with(".trash-")
+        {
             remove(&e.path());
         }
     }

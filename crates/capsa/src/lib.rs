@@ -38,12 +38,12 @@ pub use capsa_agent_client::{AgentClientError, ExecChild, ExecOutput, ExecStdin,
 pub use capsa_core::{
     Accel, DiskFormat, DiskSpec, ExitReason, KernelCmdline, VmSpec, VmStatus, GUEST_READY_MARKER,
 };
+pub use capsa_core::{SnapshotMeta, CAPSA_VERSION};
 pub use capsa_proto::{AgentInfo, ErrorKind, ExitStatus, FileKind, FileMeta};
 pub use console::{ConsoleReader, ConsoleWriter, VmConsole, CONSOLE_BUFFER_LIMIT};
 pub use error::{Error, Result};
 pub use guest::{bundle, default_bundle};
 pub use handle::VmHandle;
-pub use capsa_core::{SnapshotMeta, CAPSA_VERSION};
 pub use pool::{Pool, PoolBuilder, PoolStats, DEFAULT_POOL_SIZE};
 pub use sandbox::{Command, Sandbox, SandboxBuilder, DEFAULT_OP_TIMEOUT, DEFAULT_READY_TIMEOUT};
 pub use snapshot::{RestoreBuilder, Snapshot};

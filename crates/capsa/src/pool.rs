@@ -177,7 +177,12 @@ async fn refill(inner: Arc<Inner>) {
             notified.await;
             continue;
         }
-        let result = inner.restore.clone().build().await;
+        let result = match inner.restore.clone().build().await {
+            // One exec before handing it out: under TCG a restored guest has
+            // no translated code yet, and the first fork/exec pays for it.
+            Ok(sb) => sb.exec(&crate::Command::new("true")).await.map(|_| sb),
+            Err(e) => Err(e),
+        };
         let failed = {
             let mut st = inner.lock();
             st.stats.restoring -= 1;
@@ -210,7 +215,9 @@ pub struct Pool {
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pool").field("stats", &self.stats()).finish()
+        f.debug_struct("Pool")
+            .field("stats", &self.stats())
+            .finish()
     }
 }
 
