@@ -414,6 +414,24 @@ impl AgentClient {
         }
     }
 
+    /// Gives the guest a fresh identity (hostname, machine id, RNG reseed,
+    /// wall clock); used right after a snapshot restore so clones differ.
+    pub async fn set_identity(
+        &self,
+        req: capsa_proto::IdentityRequest,
+        deadline: Duration,
+    ) -> Result<()> {
+        req.validate()
+            .map_err(|e| AgentClientError::InvalidRequest(e.to_string()))?;
+        match self
+            .call("set_identity", Request::SetIdentity(req), deadline)
+            .await?
+        {
+            AgentFrame::Done(_) => Ok(()),
+            other => Err(unexpected("set_identity", &other)),
+        }
+    }
+
     /// Removes a file, a symlink or an empty directory; with `recursive`, a
     /// directory and everything below it (symlinks are not followed).
     pub async fn remove(&self, path: &str, recursive: bool, deadline: Duration) -> Result<()> {

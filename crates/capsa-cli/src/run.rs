@@ -49,6 +49,10 @@ pub struct RunArgs {
     /// A name for the VM.
     #[arg(long)]
     name: Option<String>,
+    /// Boot cold instead of restoring the cached base snapshot of this spec
+    /// (by default the first run saves one and later runs restore it).
+    #[arg(long)]
+    no_snapshot: bool,
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<String>,
@@ -112,7 +116,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     // Ctrl-C while booting tears the VM down too: dropping the future drops the VM.
     let sb = tokio::select! {
-        r = b.build() => r?,
+        r = async {
+            if args.no_snapshot {
+                b.build().await
+            } else {
+                capsa::base_snapshot::build(b).await
+            }
+        } => r?,
         _ = tokio::signal::ctrl_c() => return Ok(ExitCode::from(130)),
     };
     for (h, g) in &args.copy_in {

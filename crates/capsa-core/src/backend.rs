@@ -6,12 +6,12 @@
 //! its [`Capabilities`]; [`Capabilities::check`] refuses a spec the backend
 //! cannot honour before anything starts, so no option is silently dropped.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::{Accel, DiskFormat, Error, Result, VmSpec};
+use crate::{Accel, DiskFormat, Error, Result, SnapshotMeta, VmSpec};
 
 /// What a backend can do, as declared by the backend itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,6 +34,9 @@ pub struct Capabilities {
     pub graceful_shutdown: bool,
     /// A virtio-vsock device with a host-side Unix socket.
     pub vsock: bool,
+    /// Snapshot a running VM and restore it ([`VmInstance::snapshot`], [`Hypervisor::restore`]).
+    #[serde(default)]
+    pub snapshot: bool,
 }
 
 impl Capabilities {
@@ -153,6 +156,43 @@ pub trait Hypervisor: Send + Sync {
     fn capabilities(&self) -> Capabilities;
     /// Validates `spec` against the capabilities and starts the VM.
     async fn start(&self, spec: VmSpec, opts: StartOptions) -> Result<Box<dyn VmInstance>>;
+    /// Starts a VM from the snapshot in `dir`, described by `meta` (read and
+    /// checked against this host by the caller, see [`SnapshotMeta::check_host`]).
+    ///
+    /// The restored VM is running and writes to its disks go to fresh
+    /// overlays in `opts.run_dir`, never to the snapshot's files, so any number
+    /// of VMs may be restored from one snapshot at once.
+    async fn restore(
+        &self,
+        dir: &Path,
+        meta: &SnapshotMeta,
+        opts: StartOptions,
+    ) -> Result<RestoredVm> {
+        let _ = (dir, meta, opts);
+        Err(Error::Unsupported {
+            backend: self.name().into(),
+            what: "snapshot restore".into(),
+            fix: "boot the VM instead".into(),
+        })
+    }
+}
+
+/// A VM started from a snapshot.
+pub struct RestoredVm {
+    /// The running VM.
+    pub instance: Box<dyn VmInstance>,
+    /// Its spec: the snapshot's, with each writable disk's path replaced by
+    /// the VM's own overlay.
+    pub spec: VmSpec,
+}
+
+impl std::fmt::Debug for RestoredVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RestoredVm")
+            .field("pid", &self.instance.pid())
+            .field("spec", &self.spec)
+            .finish()
+    }
 }
 
 /// A VM started by a [`Hypervisor`].
@@ -178,4 +218,17 @@ pub trait VmInstance: Send + Sync {
     async fn kill(&self) -> Result<()>;
     /// Waits for the VM to end. Several callers may wait at once.
     async fn wait(&self) -> Result<ExitReason>;
+    /// Saves the VM into the empty directory `dir` (memory, device state, and
+    /// a frozen copy of each writable disk, all from the same instant), writes
+    /// its [`SnapshotMeta`], and lets the VM go on as it was (running or paused).
+    ///
+    /// Open vsock streams are reset: the device is detached around the save.
+    async fn snapshot(&self, dir: &Path) -> Result<SnapshotMeta> {
+        let _ = dir;
+        Err(Error::Unsupported {
+            backend: "this".into(),
+            what: "snapshots".into(),
+            fix: "use the qemu backend".into(),
+        })
+    }
 }

@@ -76,6 +76,30 @@ pub enum Error {
         /// What was asked.
         request: &'static str,
     },
+    /// A snapshot directory is unusable (missing or corrupt files).
+    #[error("snapshot {path}: {problem}. Fix: {fix}")]
+    Snapshot {
+        /// The snapshot directory.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+        /// What to do about it.
+        fix: String,
+    },
+    /// A snapshot belongs to another capsa version, kernel, spec or backend.
+    #[error("snapshot {path} does not match this host: {what} was {snapshot}, here it is {here}. Fix: {fix}")]
+    SnapshotMismatch {
+        /// The snapshot directory.
+        path: PathBuf,
+        /// What differs (`kernel`, `capsa version`, `memory`, ...).
+        what: String,
+        /// The value recorded in the snapshot.
+        snapshot: String,
+        /// The value found here.
+        here: String,
+        /// What to do about it.
+        fix: String,
+    },
     /// A wait ran past its deadline.
     #[error("timed out after {after:?} waiting for {what}")]
     Timeout {
@@ -90,7 +114,10 @@ impl Error {
     /// The fix hint carried by this error, if any.
     pub fn fix(&self) -> Option<&str> {
         match self {
-            Error::InvalidSpec { fix, .. } | Error::Unsupported { fix, .. } => Some(fix),
+            Error::InvalidSpec { fix, .. }
+            | Error::Unsupported { fix, .. }
+            | Error::Snapshot { fix, .. }
+            | Error::SnapshotMismatch { fix, .. } => Some(fix),
             Error::Backend { fix, .. } => fix.as_deref(),
             Error::Disk { source, .. } => Some(source.fix()),
             _ => None,

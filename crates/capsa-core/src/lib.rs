@@ -11,14 +11,19 @@ mod backend;
 mod cmdline;
 mod disk;
 mod error;
+mod snapshot;
 mod spec;
 
 pub use backend::{
-    Capabilities, ConsoleStreams, ExitReason, Hypervisor, StartOptions, VmInstance, VmStatus,
+    Capabilities, ConsoleStreams, ExitReason, Hypervisor, RestoredVm, StartOptions, VmInstance,
+    VmStatus,
 };
 pub use cmdline::{CmdlineError, KernelCmdline};
 pub use disk::{probe_disk_format, DiskProbeError};
 pub use error::{Error, Result};
+pub use snapshot::{
+    FileIdentity, SnapshotDisk, SnapshotMeta, CAPSA_VERSION, SNAPSHOT_FORMAT, SNAPSHOT_META_FILE,
+};
 pub use spec::{
     Accel, BootSource, ConsoleSpec, DiskFormat, DiskSpec, HostLimits, VmSpec, VsockSpec, MAX_CPUS,
 };

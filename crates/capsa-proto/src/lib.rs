@@ -22,6 +22,7 @@
 //! - fs calls (stat, list, mkdir, remove): C `Open(..)` -> A one reply frame.
 //! - paged listing: C `Open(ListDirPage{after})` -> A `EntriesPage{entries, more}`;
 //!   the client repeats with `after` = the last name until `more` is false.
+//! - set identity (after a snapshot restore): C `Open(SetIdentity)` -> A `Done(None)`.
 //! - any request may be answered by A `Error` instead.
 //!
 //! Variants are only ever appended to the enums (postcard encodes the variant
@@ -127,6 +128,76 @@ pub enum Request {
         /// Last name of the previous page (`None` for the first page).
         after: Option<String>,
     },
+    /// Gives a restored clone its own identity, so that clones of one
+    /// snapshot are not twins (same hostname, machine id, RNG state, and a
+    /// wall clock stuck at the snapshot's instant).
+    SetIdentity(IdentityRequest),
+}
+
+/// Most bytes of host entropy in one [`IdentityRequest`] (the kernel's CRNG
+/// needs 32; more only costs time).
+pub const MAX_ENTROPY: usize = 512;
+/// Longest hostname (Linux `HOST_NAME_MAX`).
+pub const MAX_HOSTNAME: usize = 64;
+
+/// A fresh identity for a guest; every field is optional.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct IdentityRequest {
+    /// New hostname (RFC 1123 characters, at most [`MAX_HOSTNAME`] bytes).
+    pub hostname: Option<String>,
+    /// New `/etc/machine-id`: 32 lowercase hex digits, not all zero.
+    pub machine_id: Option<String>,
+    /// Host randomness mixed into the guest's RNG (credited), then the CRNG
+    /// is reseeded; at most [`MAX_ENTROPY`] bytes.
+    #[serde(with = "serde_bytes")]
+    pub entropy: Vec<u8>,
+    /// Wall-clock time to set (seconds, nanoseconds since the epoch).
+    pub realtime: Option<(i64, u32)>,
+}
+
+impl IdentityRequest {
+    /// Checks protocol limits; the agent calls this before acting.
+    pub fn validate(&self) -> Result<(), ProtoError> {
+        if let Some(h) = &self.hostname {
+            if !valid_hostname(h) {
+                return Err(ProtoError::Invalid(format!(
+                    "hostname of {} bytes: use 1-{MAX_HOSTNAME} letters, digits, '-' or '.', not starting with '-' or '.'",
+                    h.len()
+                )));
+            }
+        }
+        if let Some(m) = &self.machine_id {
+            let hex = m.len() == 32 && m.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+            if !hex || m.bytes().all(|b| b == b'0') {
+                return Err(ProtoError::Invalid(
+                    "machine id must be 32 lowercase hex digits, not all zero".into(),
+                ));
+            }
+        }
+        if self.entropy.len() > MAX_ENTROPY {
+            return Err(ProtoError::Invalid(format!(
+                "{} bytes of entropy (at most {MAX_ENTROPY})",
+                self.entropy.len()
+            )));
+        }
+        if let Some((_, ns)) = self.realtime {
+            if ns >= 1_000_000_000 {
+                return Err(ProtoError::Invalid(
+                    "realtime nanoseconds out of range".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// RFC 1123 host names (letters, digits, `-`, `.`), as `sethostname` expects.
+pub fn valid_hostname(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= MAX_HOSTNAME
+        && !h.starts_with(['-', '.'])
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
 /// A process to run in the guest.
@@ -569,6 +640,53 @@ mod tests {
         // Existing variants keep their indices (wire compatibility).
         assert_eq!(postcard::to_stdvec(&AgentFrame::End).unwrap(), vec![9]);
         assert_eq!(postcard::to_stdvec(&ClientFrame::End).unwrap(), vec![6]);
+    }
+
+    #[test]
+    fn identity_validation() {
+        let ok = IdentityRequest {
+            hostname: Some("clone-1".into()),
+            machine_id: Some("0123456789abcdef0123456789abcdef".into()),
+            entropy: vec![7; 64],
+            realtime: Some((1, 2)),
+        };
+        ok.validate().unwrap();
+        let f = ClientFrame::Open {
+            version: PROTOCOL_VERSION,
+            request: Request::SetIdentity(ok.clone()),
+        };
+        assert_eq!(
+            read_frame::<ClientFrame>(&mut &encode(&f).unwrap()[..]).unwrap(),
+            f
+        );
+        for bad in [
+            IdentityRequest {
+                hostname: Some("-x".into()),
+                ..ok.clone()
+            },
+            IdentityRequest {
+                hostname: Some("a".repeat(65)),
+                ..ok.clone()
+            },
+            IdentityRequest {
+                machine_id: Some("0".repeat(32)),
+                ..ok.clone()
+            },
+            IdentityRequest {
+                machine_id: Some("ABCDEF".repeat(6)[..32].to_string()),
+                ..ok.clone()
+            },
+            IdentityRequest {
+                entropy: vec![0; MAX_ENTROPY + 1],
+                ..ok.clone()
+            },
+            IdentityRequest {
+                realtime: Some((0, 1_000_000_000)),
+                ..ok.clone()
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
     }
 
     #[test]

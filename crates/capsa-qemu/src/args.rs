@@ -26,6 +26,27 @@ pub struct RunPaths {
     pub vhost_vsock: Option<PathBuf>,
 }
 
+/// QEMU id of the vsock device (hot-unplugged around a snapshot).
+pub const VSOCK_DEVICE_ID: &str = "capsa-vsock";
+/// QEMU id of the vsock device's vhost-user chardev.
+pub const VSOCK_CHARDEV_ID: &str = "vsock0";
+/// The PCIe root port the vsock device sits on: devices on the q35 root bus
+/// cannot be hot-plugged, devices behind a root port can.
+pub const VSOCK_BUS: &str = "capsa-rp0";
+
+/// How a VM is launched, beyond its spec.
+#[derive(Debug, Clone, Default)]
+pub struct Launch {
+    /// Guest RAM is the memfd inherited as this fd, made by capsa (so that
+    /// capsa can save and load it directly); otherwise QEMU makes its own.
+    pub ram_fd: Option<i32>,
+    /// Start without the vsock device; it is hot-plugged once an incoming
+    /// migration has loaded (saved states never contain it, see `snapshot`).
+    pub vsock_unplugged: bool,
+    /// Wait for an incoming migration (`-incoming defer`).
+    pub incoming: bool,
+}
+
 /// The full argument vector (without the program) for `spec` on `accel`.
 ///
 /// `accel` must already be resolved (not [`Accel::Auto`]); `spec` must have
@@ -35,6 +56,18 @@ pub fn build_args(
     accel: Accel,
     paths: &RunPaths,
     name: &str,
+) -> Result<Vec<String>> {
+    build_args_with(spec, accel, paths, name, &Launch::default())
+}
+
+/// [`build_args`] with launch options. The device order is the same whatever
+/// the options, so a saved state loads into a VM built from the same spec.
+pub fn build_args_with(
+    spec: &VmSpec,
+    accel: Accel,
+    paths: &RunPaths,
+    name: &str,
+    launch: &Launch,
 ) -> Result<Vec<String>> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
@@ -54,7 +87,24 @@ pub fn build_args(
         "-m",
         &format!("{}M", spec.memory_mib),
     ]);
-    if let (Some(_), Some(sock)) = (&spec.vsock, &paths.vhost_vsock) {
+    let vsock = match (&spec.vsock, &paths.vhost_vsock) {
+        (Some(_), Some(sock)) => Some(sock),
+        _ => None,
+    };
+    if let Some(fd) = launch.ram_fd {
+        // Shared, so the vhost-user device can map it and so that a snapshot
+        // can skip it in the migration stream (x-ignore-shared) and copy it
+        // straight from the memfd instead.
+        push(&[
+            "-object",
+            &format!(
+                "memory-backend-file,id=mem,size={}M,share=on,mem-path=/proc/self/fd/{fd}",
+                spec.memory_mib
+            ),
+            "-machine",
+            "memory-backend=mem",
+        ]);
+    } else if vsock.is_some() {
         // vhost-user devices read guest RAM directly, so it must be a shareable memfd.
         push(&[
             "-object",
@@ -65,13 +115,26 @@ pub fn build_args(
             "-machine",
             "memory-backend=mem",
         ]);
+    }
+    if let Some(sock) = vsock {
         push(&[
-            "-chardev",
-            &format!("socket,id=vsock0,path={}", escape_path(sock)),
+            "-device",
+            &format!("pcie-root-port,id={VSOCK_BUS},chassis=1"),
         ]);
-        // The guest reads its CID from the device's config space, served by
-        // capsa's vhost-user device (QEMU 7.2 has no guest-cid property here).
-        push(&["-device", "vhost-user-vsock-pci,chardev=vsock0"]);
+        if !launch.vsock_unplugged {
+            push(&[
+                "-chardev",
+                &format!("socket,id={VSOCK_CHARDEV_ID},path={}", escape_path(sock)),
+            ]);
+            // The guest reads its CID from the device's config space, served by
+            // capsa's vhost-user device (QEMU 7.2 has no guest-cid property here).
+            push(&[
+                "-device",
+                &format!(
+                    "vhost-user-vsock-pci,chardev={VSOCK_CHARDEV_ID},bus={VSOCK_BUS},id={VSOCK_DEVICE_ID}"
+                ),
+            ]);
+        }
     }
     push(&[
         "-nodefaults",
@@ -124,6 +187,9 @@ pub fn build_args(
         });
         push(&["-blockdev", &node.to_string()]);
         push(&["-device", &format!("virtio-blk-pci,drive=disk{i},id=vd{i}")]);
+    }
+    if launch.incoming {
+        push(&["-incoming", "defer"]);
     }
     Ok(a)
 }
@@ -196,8 +262,30 @@ mod tests {
             "{a}"
         );
         assert!(a.contains("-machine memory-backend=mem"));
-        assert!(a.contains("-device vhost-user-vsock-pci,chardev=vsock0"));
+        assert!(a.contains("-device vhost-user-vsock-pci,chardev=vsock0,bus=capsa-rp0"));
         assert!(a.contains("-chardev socket,id=vsock0,path=/r/vhost.sock"));
+    }
+
+    #[test]
+    fn restore_launch_keeps_the_port_and_drops_the_device() {
+        let mut s = spec();
+        s.vsock = Some(capsa_core::VsockSpec { guest_cid: 7 });
+        let paths = RunPaths {
+            qmp: "/q".into(),
+            vhost_vsock: Some("/r/vhost.sock".into()),
+        };
+        let launch = Launch {
+            ram_fd: Some(3),
+            vsock_unplugged: true,
+            incoming: true,
+        };
+        let a = build_args_with(&s, Accel::Tcg, &paths, "t", &launch)
+            .unwrap()
+            .join(" ");
+        assert!(a.contains("mem-path=/proc/self/fd/3"), "{a}");
+        assert!(a.contains("pcie-root-port,id=capsa-rp0"));
+        assert!(!a.contains("vhost-user-vsock-pci"));
+        assert!(a.ends_with("-incoming defer"));
     }
 
     #[test]

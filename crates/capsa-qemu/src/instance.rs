@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use capsa_core::{ConsoleStreams, ExitReason, Result, VmInstance, VmStatus};
+use capsa_core::{
+    Accel, ConsoleStreams, ExitReason, Result, SnapshotMeta, VmInstance, VmSpec, VmStatus,
+};
 use qapi::futures::{QapiService, QmpStreamTokio};
 use qapi::qmp;
 use tokio::io::{AsyncBufReadExt, BufReader, WriteHalf};
@@ -17,6 +19,9 @@ use tokio::sync::{mpsc, watch};
 use crate::QemuError;
 
 type Qmp = QapiService<QmpStreamTokio<WriteHalf<UnixStream>>>;
+
+/// The fd number guest RAM is passed to QEMU as.
+pub(crate) const RAM_FD: i32 = 3;
 
 /// How long QEMU gets to open its QMP socket.
 const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -33,6 +38,25 @@ pub struct QemuInstance {
     shutting_down: AtomicBool,
     /// The in-process vsock device; dropped (and stopped) with the instance.
     vsock: Option<capsa_vsock::VsockDevice>,
+    /// What a snapshot needs to know about the VM.
+    pub(crate) info: InstanceInfo,
+    /// One snapshot at a time (it detaches and re-attaches the vsock device).
+    pub(crate) snapshot_lock: tokio::sync::Mutex<()>,
+}
+
+/// Facts about a VM kept for snapshots.
+#[derive(Debug)]
+pub(crate) struct InstanceInfo {
+    /// The validated spec QEMU runs (disk paths are the ones QEMU opened).
+    pub spec: VmSpec,
+    /// The resolved accelerator.
+    pub accel: Accel,
+    /// Guest RAM, when capsa made it (see `ram`); QEMU maps the same memfd.
+    pub ram: Option<std::fs::File>,
+    /// The image QEMU opened for each disk (an overlay for restored VMs).
+    pub disk_paths: Vec<PathBuf>,
+    /// The QEMU binary (qemu-img is looked for next to it).
+    pub qemu: PathBuf,
 }
 
 impl std::fmt::Debug for QemuInstance {
@@ -51,6 +75,7 @@ impl QemuInstance {
         qmp_path: PathBuf,
         console: bool,
         vsock: Option<capsa_vsock::VsockDevice>,
+        info: InstanceInfo,
     ) -> std::result::Result<Self, QemuError> {
         let mut cmd = tokio::process::Command::new(binary);
         cmd.args(args)
@@ -66,14 +91,32 @@ impl QemuInstance {
             })
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        // SAFETY: only async-signal-safe calls (setpgid, prctl) between fork and exec.
+        let ram_fd = info.ram.as_ref().map(|f| {
+            use std::os::fd::AsRawFd;
+            f.as_raw_fd()
+        });
+        // SAFETY: only async-signal-safe calls (setpgid, prctl, dup2, fcntl)
+        // between fork and exec.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 // Own process group: a Ctrl-C on the user's terminal reaches capsa,
                 // which stops the VM in order, instead of killing QEMU mid-write.
                 libc::setpgid(0, 0);
                 // If the owning process dies without cleaning up, QEMU goes too.
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                // Guest RAM is inherited as fd RAM_FD (see args::Launch::ram_fd).
+                if let Some(fd) = ram_fd {
+                    if fd == RAM_FD {
+                        let flags = libc::fcntl(fd, libc::F_GETFD);
+                        if flags < 0
+                            || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0
+                        {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    } else if libc::dup2(fd, RAM_FD) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 Ok(())
             });
         }
@@ -176,10 +219,22 @@ impl QemuInstance {
             console,
             shutting_down: AtomicBool::new(false),
             vsock,
+            info,
+            snapshot_lock: tokio::sync::Mutex::new(()),
         })
     }
 
-    async fn exec<C>(&self, name: &'static str, cmd: C) -> Result<C::Ok>
+    /// How QEMU ended, once it has.
+    pub(crate) fn exit_reason(&self) -> Option<ExitReason> {
+        self.exit.borrow().clone()
+    }
+
+    /// The vsock device's vhost-user socket, when the VM has one.
+    pub(crate) fn vhost_socket(&self) -> Option<PathBuf> {
+        self.vsock.as_ref().map(|d| d.config().vhost_socket.clone())
+    }
+
+    pub(crate) async fn exec<C>(&self, name: &'static str, cmd: C) -> Result<C::Ok>
     where
         C: qapi::qmp::QmpCommand + qapi::Command,
     {
@@ -314,6 +369,10 @@ impl VmInstance for QemuInstance {
     async fn kill(&self) -> Result<()> {
         let _ = self.kill_tx.send(()).await;
         self.wait().await.map(|_| ())
+    }
+
+    async fn snapshot(&self, dir: &Path) -> Result<SnapshotMeta> {
+        crate::snapshot::take(self, dir).await
     }
 
     async fn wait(&self) -> Result<ExitReason> {

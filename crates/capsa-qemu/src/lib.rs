@@ -10,12 +10,14 @@ pub mod accel;
 pub mod args;
 mod error;
 mod instance;
+pub mod ram;
+pub mod snapshot;
 
 use std::path::{Path, PathBuf};
 
 use capsa_core::{
-    Accel, BootSource, Capabilities, DiskFormat, Error, Hypervisor, Result, StartOptions,
-    VmInstance, VmSpec, MAX_CPUS,
+    Accel, BootSource, Capabilities, DiskFormat, Error, Hypervisor, RestoredVm, Result,
+    SnapshotMeta, StartOptions, VmInstance, VmSpec, MAX_CPUS,
 };
 use tokio::sync::Mutex;
 
@@ -131,6 +133,29 @@ impl QemuBackend {
     }
 }
 
+/// Starts capsa's vsock device for `spec`, if it has one. It is served in
+/// this process (vhost-user), so it must listen before QEMU connects to it.
+pub(crate) fn spawn_vsock(
+    spec: &VmSpec,
+    opts: &StartOptions,
+) -> Result<Option<capsa_vsock::VsockDevice>> {
+    let Some(v) = &spec.vsock else {
+        return Ok(None);
+    };
+    let mut cfg = capsa_vsock::VsockConfig::new(
+        opts.run_dir.join("vhost-vsock.sock"),
+        opts.run_dir.join("vsock.sock"),
+    );
+    cfg.guest_cid = u64::from(v.guest_cid);
+    let device = capsa_vsock::VsockDevice::spawn(cfg).map_err(|e| Error::Backend {
+        backend: "qemu",
+        message: format!("cannot start the vsock device: {e}"),
+        fix: None,
+        source: Some(Box::new(e)),
+    })?;
+    Ok(Some(device))
+}
+
 fn find_qemu() -> std::result::Result<PathBuf, QemuError> {
     if let Some(p) = std::env::var_os("CAPSA_QEMU") {
         let p = PathBuf::from(p);
@@ -175,6 +200,7 @@ impl Hypervisor for QemuBackend {
             pause: true,
             graceful_shutdown: true,
             vsock: true,
+            snapshot: true,
         }
     }
 
@@ -185,33 +211,45 @@ impl Hypervisor for QemuBackend {
             .resolve_accel(spec.accel, kernel, initrd.as_deref())
             .await?;
         tracing::debug!(%accel, %why, name = %opts.name, "starting QEMU");
-        // The vsock device is served by capsa in this process (vhost-user), so it
-        // must listen before QEMU starts and connects to it.
-        let vsock = match &spec.vsock {
-            Some(v) => {
-                let mut cfg = capsa_vsock::VsockConfig::new(
-                    opts.run_dir.join("vhost-vsock.sock"),
-                    opts.run_dir.join("vsock.sock"),
-                );
-                cfg.guest_cid = u64::from(v.guest_cid);
-                let device = capsa_vsock::VsockDevice::spawn(cfg).map_err(|e| Error::Backend {
-                    backend: "qemu",
-                    message: format!("cannot start the vsock device: {e}"),
-                    fix: None,
-                    source: Some(Box::new(e)),
-                })?;
-                Some(device)
-            }
-            None => None,
-        };
+        let vsock = spawn_vsock(&spec, &opts)?;
         let paths = args::RunPaths {
             qmp: opts.run_dir.join("qmp.sock"),
             vhost_vsock: vsock.as_ref().map(|d| d.config().vhost_socket.clone()),
         };
         let _ = std::fs::remove_file(&paths.qmp);
-        let argv = args::build_args(&spec, accel, &paths, &opts.name)?;
-        let inst = QemuInstance::spawn(&self.binary, &argv, paths.qmp, spec.console.enabled, vsock)
-            .await?;
+        // capsa owns guest RAM (a memfd QEMU inherits), so snapshots can copy it directly.
+        let ram = ram::create_memfd(spec.memory_mib << 20)
+            .map_err(|e| Error::io("creating guest RAM (memfd)", e))?;
+        let launch = args::Launch {
+            ram_fd: Some(instance::RAM_FD),
+            ..Default::default()
+        };
+        let argv = args::build_args_with(&spec, accel, &paths, &opts.name, &launch)?;
+        let info = instance::InstanceInfo {
+            disk_paths: spec.disks.iter().map(|d| d.path.clone()).collect(),
+            spec: spec.clone(),
+            accel,
+            ram: Some(ram),
+            qemu: self.binary.clone(),
+        };
+        let inst = QemuInstance::spawn(
+            &self.binary,
+            &argv,
+            paths.qmp,
+            spec.console.enabled,
+            vsock,
+            info,
+        )
+        .await?;
         Ok(Box::new(inst))
+    }
+
+    async fn restore(
+        &self,
+        dir: &Path,
+        meta: &SnapshotMeta,
+        opts: StartOptions,
+    ) -> Result<RestoredVm> {
+        snapshot::restore(self, dir, meta, opts).await
     }
 }

@@ -385,7 +385,7 @@ fn validate_name(name: &str) -> Result<()> {
 
 /// A private directory for the VM's sockets; short, because Unix socket paths
 /// are limited to 108 bytes.
-fn make_run_dir() -> Result<tempfile::TempDir> {
+pub(crate) fn make_run_dir() -> Result<tempfile::TempDir> {
     let base = std::env::var_os("XDG_RUNTIME_DIR")
         .map(PathBuf::from)
         .filter(|p| p.is_dir())

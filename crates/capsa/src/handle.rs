@@ -113,6 +113,11 @@ impl VmHandle {
         }
     }
 
+    /// The backend's instance (for snapshots, see `crate::snapshot`).
+    pub(crate) fn instance(&self) -> &dyn VmInstance {
+        self.instance.get()
+    }
+
     /// The VM's name.
     pub fn name(&self) -> &str {
         &self.name

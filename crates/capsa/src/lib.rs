@@ -22,13 +22,16 @@
 //! daemon) goes through the same spec.
 #![deny(missing_docs)]
 
+pub mod base_snapshot;
 mod builder;
 mod console;
 mod error;
 mod guest;
 mod handle;
+mod pool;
 mod registry;
 mod sandbox;
+mod snapshot;
 mod vsock;
 
 pub use builder::{Capsa, LinuxDirectBoot, Strategy, VmBuilder};
@@ -36,14 +39,17 @@ pub use capsa_agent_client::{AgentClientError, ExecChild, ExecOutput, ExecStdin,
 pub use capsa_core::{
     Accel, DiskFormat, DiskSpec, ExitReason, KernelCmdline, VmSpec, VmStatus, GUEST_READY_MARKER,
 };
+pub use capsa_core::{SnapshotMeta, CAPSA_VERSION};
 pub use capsa_proto::{AgentInfo, ErrorKind, ExitStatus, FileKind, FileMeta};
 pub use capsa_vmm::{SandboxRecord, SandboxState, StateRoot};
 pub use console::{ConsoleReader, ConsoleWriter, VmConsole, CONSOLE_BUFFER_LIMIT};
 pub use error::{Error, Result};
 pub use guest::{bundle, default_bundle};
 pub use handle::VmHandle;
+pub use pool::{Pool, PoolBuilder, PoolStats, DEFAULT_POOL_SIZE};
 pub use registry::Sandboxes;
 pub use sandbox::{Command, Sandbox, SandboxBuilder, DEFAULT_OP_TIMEOUT, DEFAULT_READY_TIMEOUT};
+pub use snapshot::{RestoreBuilder, Snapshot};
 
 /// Re-export of the image crate, for bundle options.
 pub use capsa_image as image;

@@ -24,20 +24,20 @@ pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_secs(600);
 /// Describes a sandbox; [`SandboxBuilder::build`] boots it.
 #[derive(Debug, Clone)]
 pub struct SandboxBuilder {
-    cpus: u32,
-    memory_mib: u64,
-    env: Vec<(String, String)>,
-    workdir: Option<String>,
-    disks: Vec<DiskSpec>,
-    accel: Accel,
-    name: Option<String>,
-    cmdline: Vec<String>,
-    bundle: Option<capsa_image::Bundle>,
-    ready_timeout: Duration,
-    op_timeout: Duration,
-    strategy: Strategy,
-    state_root: Option<PathBuf>,
-    keep_running: bool,
+    pub(crate) cpus: u32,
+    pub(crate) memory_mib: u64,
+    pub(crate) env: Vec<(String, String)>,
+    pub(crate) workdir: Option<String>,
+    pub(crate) disks: Vec<DiskSpec>,
+    pub(crate) accel: Accel,
+    pub(crate) name: Option<String>,
+    pub(crate) cmdline: Vec<String>,
+    pub(crate) bundle: Option<capsa_image::Bundle>,
+    pub(crate) ready_timeout: Duration,
+    pub(crate) op_timeout: Duration,
+    pub(crate) strategy: Strategy,
+    pub(crate) state_root: Option<PathBuf>,
+    pub(crate) keep_running: bool,
 }
 
 /// What `sandbox.json` holds for a sandbox, so a reattach restores the
@@ -307,11 +307,11 @@ impl Command {
 
 /// A running sandbox. Dropping it kills its VM.
 pub struct Sandbox {
-    vm: VmHandle,
-    client: AgentClient,
-    env: Arc<Vec<(String, String)>>,
-    workdir: Option<String>,
-    op_timeout: Duration,
+    pub(crate) vm: VmHandle,
+    pub(crate) client: AgentClient,
+    pub(crate) env: Arc<Vec<(String, String)>>,
+    pub(crate) workdir: Option<String>,
+    pub(crate) op_timeout: Duration,
 }
 
 impl std::fmt::Debug for Sandbox {

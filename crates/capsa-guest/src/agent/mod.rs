@@ -35,6 +35,7 @@
 mod exec;
 mod frame;
 mod fs;
+mod identity;
 mod info;
 pub mod listen;
 mod reaper;
@@ -114,7 +115,7 @@ pub(crate) fn client_frame_name(f: &ClientFrame) -> &'static str {
     }
 }
 
-fn invalid(message: impl Into<String>) -> AgentError {
+pub(crate) fn invalid(message: impl Into<String>) -> AgentError {
     AgentError {
         kind: ErrorKind::InvalidInput,
         message: message.into(),
@@ -248,6 +249,7 @@ impl Agent {
                 mode,
             } => fs::mkdir(&path, parents, mode)?,
             Request::Remove { path, recursive } => fs::remove(&path, recursive)?,
+            Request::SetIdentity(req) => identity::set_identity(req)?,
         };
         send(stream, &reply)
     }
