@@ -3,6 +3,7 @@
 
 mod boot;
 mod doctor;
+mod exec_io;
 mod image;
 mod run;
 mod term;
