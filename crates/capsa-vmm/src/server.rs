@@ -1,0 +1,640 @@
+//! The monitor process: owns one VM for its whole life.
+//!
+//! `capsa-vmm serve --state-dir DIR` boots `DIR/spec.json` with the QEMU
+//! backend (sockets in `DIR`), records every transition in `DIR/state.json`,
+//! serves the [`crate::service::Monitor`] RPC on stdin/stdout and on
+//! `DIR/monitor.sock`, and multiplexes the serial console to `console.log` and
+//! `console.sock` clients. It exits when the VM ends.
+//!
+//! Its spawner holds the other end of stdin: when that closes (the spawner
+//! exited, crashed or dropped its handle) and keep-alive is off, the VM is
+//! killed, so a library user's VM never outlives its program by accident.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use capsa_core::{
+    ConsoleStreams, ExitReason, Hypervisor, StartOptions, VmInstance, VmSpec, VmStatus,
+};
+use futures::StreamExt;
+use tarpc::server::{BaseChannel, Channel};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{broadcast, mpsc, watch, OnceCell};
+
+use crate::service::{Monitor, MonitorInfo, RpcError};
+use crate::state::{self, files, RecordedState, StateFile};
+use crate::{Result, VmmError};
+
+/// Console history replayed to each new console client.
+pub const CONSOLE_HISTORY: usize = 1 << 20;
+/// `console.log` is truncated when it would grow past this.
+pub const CONSOLE_LOG_CAP: u64 = 16 << 20;
+/// How long a SIGTERM'd guest gets to power off before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long the monitor lingers after the VM ended, so in-flight replies flush.
+const EXIT_LINGER: Duration = Duration::from_millis(300);
+
+/// Options of `capsa-vmm serve`.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// The sandbox directory (holds `spec.json`).
+    pub state_dir: PathBuf,
+    /// Keep the VM when stdin closes.
+    pub keep_alive: bool,
+}
+
+struct Inner {
+    dir: PathBuf,
+    info: Mutex<MonitorInfo>,
+    record: Mutex<StateFile>,
+    instance: OnceCell<Arc<dyn VmInstance>>,
+    start_error: Mutex<Option<RpcError>>,
+    exit: watch::Sender<Option<ExitReason>>,
+    keep_alive: AtomicBool,
+}
+
+impl Inner {
+    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a transition in `state.json`; a failed write is logged, not fatal
+    /// (the VM matters more than its record).
+    fn set_state(&self, state: RecordedState, exit: Option<ExitReason>) {
+        let mut r = Self::lock(&self.record);
+        if r.state == RecordedState::Stopped {
+            return;
+        }
+        r.state = state;
+        if exit.is_some() {
+            r.exit = exit;
+        }
+        r.updated_at = state::now_secs();
+        if let Err(e) = r.write(&self.dir) {
+            tracing::warn!("cannot record state {state:?}: {e}");
+        }
+    }
+
+    fn instance(&self) -> std::result::Result<&Arc<dyn VmInstance>, RpcError> {
+        if let Some(i) = self.instance.get() {
+            return Ok(i);
+        }
+        if let Some(e) = Self::lock(&self.start_error).clone() {
+            return Err(e);
+        }
+        Err(RpcError {
+            code: "starting".into(),
+            message: "the VM is still starting".into(),
+            fix: Some("retry once status() reports running".into()),
+        })
+    }
+}
+
+/// The RPC face of the monitor; cheap to clone per connection.
+#[derive(Clone)]
+struct Server(Arc<Inner>);
+
+impl Monitor for Server {
+    async fn describe(self, _: tarpc::context::Context) -> MonitorInfo {
+        Inner::lock(&self.0.info).clone()
+    }
+
+    async fn status(self, _: tarpc::context::Context) -> std::result::Result<VmStatus, RpcError> {
+        if let Some(reason) = self.0.exit.borrow().clone() {
+            return Ok(VmStatus::Stopped { reason });
+        }
+        match self.0.instance() {
+            Ok(i) => Ok(i.status().await?),
+            Err(e) if e.code == "starting" => Ok(VmStatus::Starting),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn pause(self, _: tarpc::context::Context) -> std::result::Result<(), RpcError> {
+        self.0.instance()?.pause().await?;
+        self.0.set_state(RecordedState::Paused, None);
+        Ok(())
+    }
+
+    async fn resume(self, _: tarpc::context::Context) -> std::result::Result<(), RpcError> {
+        self.0.instance()?.resume().await?;
+        self.0.set_state(RecordedState::Running, None);
+        Ok(())
+    }
+
+    async fn request_shutdown(
+        self,
+        _: tarpc::context::Context,
+    ) -> std::result::Result<(), RpcError> {
+        Ok(self.0.instance()?.request_shutdown().await?)
+    }
+
+    async fn kill(self, _: tarpc::context::Context) -> std::result::Result<(), RpcError> {
+        if self.0.exit.borrow().is_some() {
+            return Ok(());
+        }
+        Ok(self.0.instance()?.kill().await?)
+    }
+
+    async fn wait(self, _: tarpc::context::Context) -> std::result::Result<ExitReason, RpcError> {
+        let mut rx = self.0.exit.subscribe();
+        let r = rx
+            .wait_for(|r| r.is_some())
+            .await
+            .map_err(|_| RpcError::new("gone", "the monitor is shutting down"))?
+            .clone();
+        r.ok_or_else(|| RpcError::new("gone", "no exit recorded"))
+    }
+
+    async fn set_keep_alive(self, _: tarpc::context::Context, keep: bool) {
+        tracing::info!(keep, "keep-alive set");
+        self.0.keep_alive.store(keep, Ordering::SeqCst);
+    }
+}
+
+/// Serves the monitor RPC on one byte stream until it closes.
+async fn serve_conn<S>(server: Server, io: S)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let transport = crate::service::transport(io);
+    BaseChannel::with_defaults(transport)
+        .execute(server.serve())
+        .for_each(|f| async {
+            tokio::spawn(f);
+        })
+        .await;
+}
+
+/// Runs the monitor to completion on the calling thread (it must live as long
+/// as the monitor: QEMU's parent-death signal fires when its forking thread exits).
+pub fn run(opts: ServeOptions) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| VmmError::io("creating the runtime", e))?;
+    rt.block_on(serve(opts))
+}
+
+/// Takes fds 0 and 1 for the RPC channel and points the process's own stdin
+/// at /dev/null and stdout at stderr, so no child can write into the channel.
+fn take_stdio() -> Result<(std::fs::File, std::fs::File)> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: dup/dup2/open on fds this process owns; results are checked.
+    unsafe {
+        let rin = libc::dup(0);
+        let rout = libc::dup(1);
+        if rin < 0 || rout < 0 {
+            return Err(VmmError::io(
+                "duplicating stdio",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+        if null >= 0 {
+            libc::dup2(null, 0);
+            libc::close(null);
+        }
+        libc::dup2(2, 1);
+        libc::fcntl(rin, libc::F_SETFD, libc::FD_CLOEXEC);
+        libc::fcntl(rout, libc::F_SETFD, libc::FD_CLOEXEC);
+        Ok((
+            std::fs::File::from_raw_fd(rin),
+            std::fs::File::from_raw_fd(rout),
+        ))
+    }
+}
+
+/// An async byte stream over the spawner's pipes (falls back to blocking-pool
+/// file I/O when stdio is not a pipe, e.g. a terminal when run by hand).
+fn stdio_stream(rin: std::fs::File, rout: std::fs::File) -> Result<Box<dyn AsyncReadWrite>> {
+    use std::os::unix::fs::FileTypeExt;
+    use tokio::net::unix::pipe;
+    let is_fifo = |f: &std::fs::File| f.metadata().is_ok_and(|m| m.file_type().is_fifo());
+    let err = |e| VmmError::io("registering the stdio pipes", e);
+    let r: Box<dyn AsyncRead + Send + Unpin> = if is_fifo(&rin) {
+        Box::new(pipe::Receiver::from_file(rin).map_err(err)?)
+    } else {
+        Box::new(tokio::fs::File::from_std(rin))
+    };
+    let w: Box<dyn AsyncWrite + Send + Unpin> = if is_fifo(&rout) {
+        Box::new(pipe::Sender::from_file(rout).map_err(err)?)
+    } else {
+        Box::new(tokio::fs::File::from_std(rout))
+    };
+    Ok(Box::new(tokio::io::join(r, w)))
+}
+
+trait AsyncReadWrite: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> AsyncReadWrite for T {}
+
+fn bind_private(path: &Path) -> Result<UnixListener> {
+    let _ = std::fs::remove_file(path);
+    let l = UnixListener::bind(path)
+        .map_err(|e| VmmError::io(format!("binding {}", path.display()), e))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| VmmError::io(format!("chmod {}", path.display()), e))?;
+    Ok(l)
+}
+
+async fn serve(opts: ServeOptions) -> Result<()> {
+    // Own session: a Ctrl-C (SIGINT/SIGHUP) meant for the spawner's terminal
+    // must not kill the VM of a keep-alive sandbox.
+    // SAFETY: setsid has no memory effects; failure (already a leader) is harmless.
+    unsafe {
+        libc::setsid();
+    }
+    let dir = opts.state_dir.clone();
+    let spec: VmSpec =
+        state::read_json_opt(&dir.join(files::SPEC))?.ok_or_else(|| VmmError::BadState {
+            path: dir.join(files::SPEC),
+            message: "missing".into(),
+        })?;
+    state::check_socket_paths(&dir)?;
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "vm".into());
+    let me = std::process::id();
+    std::fs::write(dir.join(files::PID), format!("{me}\n"))
+        .map_err(|e| VmmError::io("writing monitor.pid", e))?;
+    let created_at = StateFile::read(&dir)
+        .ok()
+        .flatten()
+        .map_or_else(state::now_secs, |s| s.created_at);
+    let record = StateFile {
+        state: RecordedState::Starting,
+        exit: None,
+        monitor_pid: me,
+        monitor_starttime: state::process_starttime(me),
+        vmm_pid: None,
+        vmm_starttime: None,
+        created_at,
+        updated_at: state::now_secs(),
+    };
+    record.write(&dir)?;
+    let console_enabled = spec.console.enabled;
+    let info = MonitorInfo {
+        name: name.clone(),
+        monitor_pid: me,
+        vmm_pid: None,
+        state_dir: dir.clone(),
+        vsock_socket: spec.vsock.map(|_| dir.join(files::VSOCK_SOCK)),
+        console_socket: console_enabled.then(|| dir.join(files::CONSOLE_SOCK)),
+        console_log: console_enabled.then(|| dir.join(files::CONSOLE_LOG)),
+        spec: spec.clone(),
+        created_at,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let (exit_tx, mut exit_rx) = watch::channel(None);
+    let inner = Arc::new(Inner {
+        dir: dir.clone(),
+        info: Mutex::new(info),
+        record: Mutex::new(record),
+        instance: OnceCell::new(),
+        start_error: Mutex::new(None),
+        exit: exit_tx,
+        keep_alive: AtomicBool::new(opts.keep_alive),
+    });
+    let server = Server(inner.clone());
+
+    // Sockets first, then the stdio channel: once the spawner's first RPC
+    // answers, every socket exists.
+    let listener = bind_private(&dir.join(files::MONITOR_SOCK))?;
+    let hub = if console_enabled {
+        let l = bind_private(&dir.join(files::CONSOLE_SOCK))?;
+        let hub = ConsoleHub::new(&dir.join(files::CONSOLE_LOG))?;
+        tokio::spawn(hub.clone().accept(l));
+        Some(hub)
+    } else {
+        None
+    };
+    {
+        let server = server.clone();
+        tokio::spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((s, _)) => {
+                        tokio::spawn(serve_conn(server.clone(), s));
+                    }
+                    Err(e) => {
+                        tracing::warn!("monitor.sock accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+    }
+    let (stdin_closed_tx, mut stdin_closed) = watch::channel(false);
+    let (rin, rout) = take_stdio()?;
+    {
+        let server = server.clone();
+        tokio::spawn(async move {
+            match stdio_stream(rin, rout) {
+                Ok(io) => serve_conn(server, io).await,
+                Err(e) => tracing::error!("no RPC on stdio: {e}"),
+            }
+            tracing::info!("stdin closed");
+            let _ = stdin_closed_tx.send(true);
+        });
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| VmmError::io("installing the SIGTERM handler", e))?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|e| VmmError::io("installing the SIGINT handler", e))?;
+
+    // Start the VM here, on the main thread (see `run`).
+    tracing::info!(name = %name, dir = %dir.display(), "starting the VM");
+    let started = match capsa_qemu::QemuBackend::new() {
+        Ok(b) => {
+            b.start(
+                spec,
+                StartOptions {
+                    run_dir: dir.clone(),
+                    name: name.clone(),
+                },
+            )
+            .await
+        }
+        Err(e) => Err(e.into()),
+    };
+    let mut instance = match started {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::error!("the VM failed to start: {e}");
+            let fix = e.fix().map(str::to_string);
+            let message = e.to_string();
+            *Inner::lock(&inner.start_error) = Some(RpcError {
+                code: "start_failed".into(),
+                message: message.clone(),
+                fix,
+            });
+            let reason = ExitReason::Failed { code: -1, message };
+            inner.set_state(RecordedState::Stopped, Some(reason.clone()));
+            let _ = inner.exit.send(Some(reason));
+            finish(&inner, false).await;
+            return Ok(());
+        }
+    };
+    if let (Some(hub), Some(streams)) = (&hub, instance.take_console()) {
+        hub.attach(streams);
+    }
+    let instance: Arc<dyn VmInstance> = Arc::from(instance);
+    let vmm_pid = instance.pid();
+    {
+        let mut r = Inner::lock(&inner.record);
+        r.vmm_pid = vmm_pid;
+        r.vmm_starttime = vmm_pid.and_then(state::process_starttime);
+    }
+    Inner::lock(&inner.info).vmm_pid = vmm_pid;
+    let _ = inner.instance.set(instance.clone());
+    inner.set_state(RecordedState::Running, None);
+    tracing::info!(?vmm_pid, "the VM runs");
+    {
+        let instance = instance.clone();
+        let exit = inner.exit.clone();
+        tokio::spawn(async move {
+            let r = instance
+                .wait()
+                .await
+                .unwrap_or_else(|e| ExitReason::Failed {
+                    code: -1,
+                    message: e.to_string(),
+                });
+            let _ = exit.send(Some(r));
+        });
+    }
+
+    let mut ephemeral = false;
+    let mut stopping = false;
+    loop {
+        if exit_rx.borrow().is_some() {
+            break;
+        }
+        let closed = *stdin_closed.borrow();
+        if closed && !inner.keep_alive.load(Ordering::SeqCst) && !ephemeral {
+            tracing::info!("spawner gone and keep-alive off: killing the VM");
+            ephemeral = true;
+            let _ = instance.kill().await;
+            continue;
+        }
+        tokio::select! {
+            _ = exit_rx.changed() => {}
+            _ = stdin_closed.changed(), if !closed => {}
+            // Re-check keep-alive now and then after stdin closed (it may be switched off).
+            _ = tokio::time::sleep(Duration::from_millis(500)), if closed => {}
+            s = term.recv(), if !stopping => {
+                if s.is_some() {
+                    stopping = true;
+                    spawn_graceful_stop(instance.clone());
+                }
+            }
+            s = int.recv(), if !stopping => {
+                if s.is_some() {
+                    stopping = true;
+                    spawn_graceful_stop(instance.clone());
+                }
+            }
+        }
+    }
+    let reason = exit_rx.borrow().clone();
+    tracing::info!(?reason, "the VM ended");
+    inner.set_state(RecordedState::Stopped, reason);
+    finish(&inner, ephemeral).await;
+    Ok(())
+}
+
+/// A graceful stop as a task: ask the guest, then kill after the grace period.
+fn spawn_graceful_stop(i: Arc<dyn VmInstance>) {
+    tokio::spawn(async move {
+        tracing::info!("SIGTERM: asking the guest to shut down");
+        if i.request_shutdown().await.is_err()
+            || tokio::time::timeout(STOP_GRACE, i.wait()).await.is_err()
+        {
+            tracing::warn!("the guest did not shut down in time: killing it");
+            let _ = i.kill().await;
+        }
+    });
+}
+
+/// Removes the monitor's sockets (and, for an ephemeral VM, the whole
+/// directory), after letting in-flight replies flush.
+async fn finish(inner: &Inner, ephemeral: bool) {
+    tokio::time::sleep(EXIT_LINGER).await;
+    let dir = &inner.dir;
+    for f in [
+        files::MONITOR_SOCK,
+        files::CONSOLE_SOCK,
+        files::VSOCK_SOCK,
+        files::VHOST_VSOCK_SOCK,
+        files::QMP_SOCK,
+        files::PID,
+    ] {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
+    if ephemeral {
+        tracing::info!("removing the ephemeral state directory");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// The console multiplexer: one reader of the guest's serial output, many clients.
+#[derive(Clone)]
+struct ConsoleHub(Arc<HubInner>);
+
+struct HubInner {
+    state: Mutex<HubState>,
+    input_tx: mpsc::Sender<Vec<u8>>,
+    input_rx: Mutex<Option<mpsc::Receiver<Vec<u8>>>>,
+    log: Mutex<Option<(std::fs::File, u64)>>,
+}
+
+struct HubState {
+    history: VecDeque<u8>,
+    /// `None` once the guest's output ended.
+    live: Option<broadcast::Sender<Arc<[u8]>>>,
+}
+
+impl ConsoleHub {
+    fn new(log: &Path) -> Result<Self> {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(|e| VmmError::io(format!("opening {}", log.display()), e))?;
+        let size = f.metadata().map_or(0, |m| m.len());
+        let (input_tx, input_rx) = mpsc::channel(64);
+        let (live, _) = broadcast::channel(1024);
+        Ok(Self(Arc::new(HubInner {
+            state: Mutex::new(HubState {
+                history: VecDeque::new(),
+                live: Some(live),
+            }),
+            input_tx,
+            input_rx: Mutex::new(Some(input_rx)),
+            log: Mutex::new(Some((f, size))),
+        })))
+    }
+
+    /// Starts pumping the VM's console through the hub.
+    fn attach(&self, streams: ConsoleStreams) {
+        let ConsoleStreams {
+            mut input,
+            mut output,
+        } = streams;
+        let hub = self.clone();
+        tokio::spawn(async move {
+            let mut chunk = vec![0u8; 64 * 1024];
+            loop {
+                let n = match output.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                hub.push(&chunk[..n]);
+            }
+            let mut st = Inner::lock(&hub.0.state);
+            st.live = None;
+        });
+        let rx = Inner::lock(&self.0.input_rx).take();
+        if let Some(mut rx) = rx {
+            tokio::spawn(async move {
+                while let Some(bytes) = rx.recv().await {
+                    if input.write_all(&bytes).await.is_err() || input.flush().await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    }
+
+    fn push(&self, bytes: &[u8]) {
+        {
+            use std::io::Write;
+            let mut log = Inner::lock(&self.0.log);
+            if let Some((f, size)) = log.as_mut() {
+                if *size + bytes.len() as u64 > CONSOLE_LOG_CAP {
+                    // Keep the newest output; the log is for humans, not an archive.
+                    let _ = f.set_len(0);
+                    *size = 0;
+                    let _ = f.write_all(b"[capsa: console log truncated at 16 MiB]\n");
+                }
+                match f.write_all(bytes) {
+                    Ok(()) => *size += bytes.len() as u64,
+                    Err(e) => {
+                        tracing::warn!("console log write failed, logging stops: {e}");
+                        *log = None;
+                    }
+                }
+            }
+        }
+        let mut st = Inner::lock(&self.0.state);
+        st.history.extend(bytes);
+        if st.history.len() > CONSOLE_HISTORY {
+            let excess = st.history.len() - CONSOLE_HISTORY;
+            st.history.drain(..excess);
+        }
+        if let Some(live) = &st.live {
+            let _ = live.send(Arc::from(bytes));
+        }
+    }
+
+    async fn accept(self, listener: UnixListener) {
+        loop {
+            match listener.accept().await {
+                Ok((s, _)) => {
+                    tokio::spawn(self.clone().client(s));
+                }
+                Err(e) => {
+                    tracing::warn!("console.sock accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    /// One console client: the retained history, then live output; its bytes go to the guest.
+    async fn client(self, s: UnixStream) {
+        let (history, rx) = {
+            let st = Inner::lock(&self.0.state);
+            let h: Vec<u8> = st.history.iter().copied().collect();
+            (h, st.live.as_ref().map(|l| l.subscribe()))
+        };
+        let (mut r, mut w) = s.into_split();
+        let input = self.0.input_tx.clone();
+        let reader = tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            loop {
+                match r.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if input.send(buf[..n].to_vec()).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        let out = async {
+            w.write_all(&history).await?;
+            if let Some(mut rx) = rx {
+                loop {
+                    match rx.recv().await {
+                        Ok(b) => w.write_all(&b).await?,
+                        Err(broadcast::error::RecvError::Lagged(n)) => {
+                            tracing::debug!("a slow console client skipped {n} chunks");
+                        }
+                        Err(broadcast::error::RecvError::Closed) => break,
+                    }
+                }
+            }
+            w.shutdown().await
+        };
+        let _ = out.await;
+        reader.abort();
+    }
+}
