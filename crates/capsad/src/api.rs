@@ -397,7 +397,17 @@ mod tests {
         for ok in ["a", "sb-1", "A.b_c", &"x".repeat(63)] {
             assert!(validate_name(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "..", "a/b", ".hidden", "a..b", "-x", "é", &"x".repeat(64), "a b"] {
+        for bad in [
+            "",
+            "..",
+            "a/b",
+            ".hidden",
+            "a..b",
+            "-x",
+            "é",
+            &"x".repeat(64),
+            "a b",
+        ] {
             assert!(validate_name(bad).is_err(), "{bad}");
         }
     }

@@ -22,7 +22,9 @@ const MAX_TOKEN_LEN: usize = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
     /// The token file is readable by group or others.
-    #[error("token file {path} has mode {mode:04o}, readable by group or others; fix: chmod 600 {path}")]
+    #[error(
+        "token file {path} has mode {mode:04o}, readable by group or others; fix: chmod 600 {path}"
+    )]
     TooOpen {
         /// The file.
         path: String,

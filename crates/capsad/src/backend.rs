@@ -64,4 +64,3 @@ pub trait Backend: Send + Sync + 'static {
 }
 
 pub mod in_process;
-

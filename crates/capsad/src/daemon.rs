@@ -90,7 +90,10 @@ fn group_id(name: &str) -> Result<libc::gid_t, StartError> {
 
 /// Binds the Unix socket: refuses when another daemon answers, removes a
 /// stale socket file, creates it 0600 (umask) and then applies the group.
-async fn bind_socket(path: &Path, group: Option<&str>) -> Result<tokio::net::UnixListener, StartError> {
+async fn bind_socket(
+    path: &Path,
+    group: Option<&str>,
+) -> Result<tokio::net::UnixListener, StartError> {
     if path.as_os_str().len() > 107 {
         return Err(StartError::SocketPathTooLong(path.into()));
     }
@@ -151,7 +154,12 @@ pub async fn run(cfg: Config, backend: Arc<dyn Backend>) -> Result<(), StartErro
                 .iter()
                 .filter(|s| s.state == crate::api::SandboxState::Dead)
                 .count();
-            tracing::info!(sandboxes = l.len(), dead, backend = backend.kind(), "rediscovered sandboxes");
+            tracing::info!(
+                sandboxes = l.len(),
+                dead,
+                backend = backend.kind(),
+                "rediscovered sandboxes"
+            );
         }
         Err(e) => tracing::warn!("listing sandboxes: {e}"),
     }

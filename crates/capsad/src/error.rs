@@ -221,13 +221,7 @@ impl IntoResponse for ApiError {
         if self.status.is_server_error() {
             tracing::warn!(status = %self.status, message = %self.detail.message, "request failed");
         }
-        (
-            self.status,
-            axum::Json(ErrorBody {
-                error: self.detail,
-            }),
-        )
-            .into_response()
+        (self.status, axum::Json(ErrorBody { error: self.detail })).into_response()
     }
 }
 
@@ -273,8 +267,7 @@ impl From<PathRejection> for ApiError {
 
 impl From<QueryRejection> for ApiError {
     fn from(r: QueryRejection) -> Self {
-        Self::bad_request(r.body_text())
-            .fix("check the query parameters against GET /openapi.json")
+        Self::bad_request(r.body_text()).fix("check the query parameters against GET /openapi.json")
     }
 }
 

@@ -52,7 +52,10 @@ impl Drop for NameGuard {
         drop(self.guard.take());
         let mut map = self.table.map.lock().unwrap_or_else(|p| p.into_inner());
         // Only the table's own reference left: nobody holds or waits for it.
-        if map.get(&self.name).is_some_and(|m| Arc::strong_count(m) == 1) {
+        if map
+            .get(&self.name)
+            .is_some_and(|m| Arc::strong_count(m) == 1)
+        {
             map.remove(&self.name);
         }
     }

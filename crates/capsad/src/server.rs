@@ -222,8 +222,10 @@ fn validate_create(req: &CreateSandboxRequest) -> ApiResult<()> {
     }
     if let Some(m) = req.memory_mib {
         if !(64..=1 << 20).contains(&m) {
-            return Err(ApiError::bad_request(format!("memory_mib {m} is out of range"))
-                .fix("give 64 to 1048576 MiB (and no more than the host has)"));
+            return Err(
+                ApiError::bad_request(format!("memory_mib {m} is out of range"))
+                    .fix("give 64 to 1048576 MiB (and no more than the host has)"),
+            );
         }
     }
     validate_env(&req.env)?;
@@ -265,7 +267,10 @@ fn generated_name() -> String {
             .unwrap_or(0);
         b = n.to_le_bytes();
     }
-    format!("sb-{}", b.iter().map(|x| format!("{x:02x}")).collect::<String>())
+    format!(
+        "sb-{}",
+        b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+    )
 }
 
 /// Creates a sandbox and (unless `start: false`) boots it; answers once its agent is up.
@@ -398,8 +403,11 @@ fn command_of(req: &ExecRequest) -> ApiResult<(capsa::Command, Option<Vec<u8>>)>
     }
     if let Some(t) = req.timeout_ms {
         if t == 0 || t > MAX_EXEC_TIMEOUT_MS {
-            return Err(ApiError::bad_request(format!("timeout_ms {t} is out of range"))
-                .fix(format!("give 1 to {MAX_EXEC_TIMEOUT_MS} ms, or leave it out")));
+            return Err(
+                ApiError::bad_request(format!("timeout_ms {t} is out of range")).fix(format!(
+                    "give 1 to {MAX_EXEC_TIMEOUT_MS} ms, or leave it out"
+                )),
+            );
         }
         cmd = cmd.timeout(Duration::from_millis(t));
     }
@@ -464,7 +472,11 @@ async fn pump(out: Option<capsa::ExecOutput>, tx: mpsc::Sender<ExecEvent>, stder
 /// Drives a started exec: feeds stdin, forwards output, then the exit (or an
 /// error). Returns when the exec ends or `tx` is closed (the client left; then
 /// dropping the child makes the agent kill the process group).
-async fn drive_exec(mut child: capsa::ExecChild, stdin: Option<Vec<u8>>, tx: mpsc::Sender<ExecEvent>) {
+async fn drive_exec(
+    mut child: capsa::ExecChild,
+    stdin: Option<Vec<u8>>,
+    tx: mpsc::Sender<ExecEvent>,
+) {
     if let (Some(data), Some(mut s)) = (stdin, child.stdin()) {
         tokio::spawn(async move {
             // A process may exit without reading all of stdin; not an error.
@@ -564,10 +576,13 @@ async fn exec_ws_session(st: AppState, name: String, mut ws: WebSocket) {
     let first = match tokio::time::timeout(Duration::from_secs(60), ws.recv()).await {
         Ok(Some(Ok(Message::Text(t)))) => t,
         _ => {
-            let _ = ws_send(&mut ws, &ExecEvent::Error {
-                code: ErrorCode::BadRequest,
-                message: "the first message must be a text frame with the exec request".into(),
-            })
+            let _ = ws_send(
+                &mut ws,
+                &ExecEvent::Error {
+                    code: ErrorCode::BadRequest,
+                    message: "the first message must be a text frame with the exec request".into(),
+                },
+            )
             .await;
             return;
         }
@@ -582,10 +597,13 @@ async fn exec_ws_session(st: AppState, name: String, mut ws: WebSocket) {
     let mut child = match started.await {
         Ok(c) => c,
         Err(e) => {
-            let _ = ws_send(&mut ws, &ExecEvent::Error {
-                code: e.detail.code,
-                message: e.detail.message,
-            })
+            let _ = ws_send(
+                &mut ws,
+                &ExecEvent::Error {
+                    code: e.detail.code,
+                    message: e.detail.message,
+                },
+            )
             .await;
             return;
         }
@@ -665,7 +683,8 @@ async fn put_file(
 ) -> ApiResult<Json<FileInfo>> {
     let name = name_of(p)?;
     let (path, mode) = file_args(q)?;
-    let reader = tokio_util::io::StreamReader::new(body.into_data_stream().map_err(io::Error::other));
+    let reader =
+        tokio_util::io::StreamReader::new(body.into_data_stream().map_err(io::Error::other));
     let meta = st
         .backend
         .write_file(&name, &path, mode, Box::new(reader))
@@ -713,21 +732,22 @@ async fn get_file(
             },
         }
     };
-    let stream = futures::stream::unfold((reader, pending), |(mut reader, mut pending)| async move {
-        let mut buf = vec![0u8; CHUNK];
-        match reader.read(&mut buf).await {
-            Ok(0) => match pending.take()?.await {
-                Ok(Ok(_)) => None,
-                Ok(Err(e)) => Some((Err(io::Error::other(e.to_string())), (reader, None))),
-                Err(_) => Some((Err(io::Error::other("reader ended")), (reader, None))),
-            },
-            Ok(n) => {
-                buf.truncate(n);
-                Some((Ok(Bytes::from(buf)), (reader, pending)))
+    let stream =
+        futures::stream::unfold((reader, pending), |(mut reader, mut pending)| async move {
+            let mut buf = vec![0u8; CHUNK];
+            match reader.read(&mut buf).await {
+                Ok(0) => match pending.take()?.await {
+                    Ok(Ok(_)) => None,
+                    Ok(Err(e)) => Some((Err(io::Error::other(e.to_string())), (reader, None))),
+                    Err(_) => Some((Err(io::Error::other("reader ended")), (reader, None))),
+                },
+                Ok(n) => {
+                    buf.truncate(n);
+                    Some((Ok(Bytes::from(buf)), (reader, pending)))
+                }
+                Err(e) => Some((Err(e), (reader, None))),
             }
-            Err(e) => Some((Err(e), (reader, None))),
-        }
-    });
+        });
     Ok((
         [(header::CONTENT_TYPE, "application/octet-stream")],
         Body::from_stream(stream),

@@ -83,7 +83,9 @@ impl InProcessBackend {
 
     async fn running(&self, name: &str) -> ApiResult<Arc<Sandbox>> {
         let entries = self.entries.lock().await;
-        let e = entries.get(name).ok_or_else(|| ApiError::no_sandbox(name))?;
+        let e = entries
+            .get(name)
+            .ok_or_else(|| ApiError::no_sandbox(name))?;
         e.sandbox.clone().ok_or_else(|| {
             ApiError::conflict(format!("sandbox {name:?} is {:?}, not running", e.state))
                 .fix(format!("start it with POST /v1/sandboxes/{name}/start"))
@@ -110,7 +112,11 @@ impl InProcessBackend {
                 None => return Ok(e.info(name)),
             }
         };
-        let r = if kill { sb.kill().await } else { sb.stop().await };
+        let r = if kill {
+            sb.kill().await
+        } else {
+            sb.stop().await
+        };
         let exit = match r {
             Ok(reason) => serde_json::to_value(reason).ok(),
             Err(e) => {
@@ -270,9 +276,9 @@ impl Backend for InProcessBackend {
 
     async fn console(&self, name: &str) -> ApiResult<ConsolePaths> {
         self.get(name).await?;
-        Err(ApiError::unavailable(
-            "the in-process backend keeps no console log or console socket",
+        Err(
+            ApiError::unavailable("the in-process backend keeps no console log or console socket")
+                .fix("run capsad with the monitor backend (capsa-vmm) for console access"),
         )
-        .fix("run capsad with the monitor backend (capsa-vmm) for console access"))
     }
 }
