@@ -258,6 +258,18 @@ impl StateRoot {
                 Ok(r) => out.push(r),
                 // Removed between readdir and read: not an error for a listing.
                 Err(VmmError::NotFound { .. }) => {}
+                // One corrupt sandbox must not hide the others: list it as dead.
+                Err(VmmError::BadState { .. }) => out.push(SandboxRecord {
+                    dir: self.sandbox_dir(&name),
+                    name,
+                    state: SandboxState::Dead,
+                    monitor_pid: None,
+                    vmm_pid: None,
+                    created_at: 0,
+                    spec: None,
+                    extra: None,
+                    exit: None,
+                }),
                 Err(e) => return Err(e),
             }
         }
@@ -333,6 +345,24 @@ impl StateRoot {
         })
     }
 
+    /// Kills whatever processes of the sandbox are left: a live monitor
+    /// (SIGKILL, after checking its start time) and QEMU (after checking
+    /// `/proc/<pid>/cmdline` names QEMU and this directory). The directory stays.
+    pub fn kill_leftovers(&self, name: &str) -> Result<()> {
+        validate_name(name)?;
+        let dir = self.sandbox_dir(name);
+        if let Some(s) = StateFile::read(&dir)? {
+            if process_alive(s.monitor_pid, s.monitor_starttime) {
+                tracing::info!(sandbox = name, pid = s.monitor_pid, "killing its monitor");
+                kill_pid(s.monitor_pid);
+            }
+            if let Some(pid) = s.vmm_pid {
+                kill_leftover_qemu(pid, s.vmm_starttime, &dir);
+            }
+        }
+        Ok(())
+    }
+
     /// Removes the sandbox's directory, first killing whatever is left of it:
     /// a live monitor (SIGKILL, after checking its start time) and QEMU
     /// (after checking `/proc/<pid>/cmdline` names QEMU and this directory).
@@ -348,14 +378,9 @@ impl StateRoot {
                 root: self.root.clone(),
             });
         }
-        if let Ok(Some(s)) = StateFile::read(&dir) {
-            if process_alive(s.monitor_pid, s.monitor_starttime) {
-                tracing::info!(sandbox = name, pid = s.monitor_pid, "killing its monitor");
-                kill_pid(s.monitor_pid);
-            }
-            if let Some(pid) = s.vmm_pid {
-                kill_leftover_qemu(pid, s.vmm_starttime, &dir);
-            }
+        // A malformed state.json must not block removal.
+        if let Err(e) = self.kill_leftovers(name) {
+            tracing::warn!(sandbox = name, "{e}");
         }
         std::fs::remove_dir_all(&dir)
             .or_else(|e| {

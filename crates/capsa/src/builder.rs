@@ -9,7 +9,28 @@ use capsa_core::{
     Accel, BootSource, DiskSpec, HostLimits, Hypervisor, KernelCmdline, StartOptions, VmSpec,
 };
 
+use crate::handle::{Instance, RunDir};
 use crate::{Error, Result, VmConsole, VmHandle};
+
+/// How long a monitor gets to bring QEMU up (boot itself is not included).
+const MONITOR_START_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Where the VMM runs.
+///
+/// `InProcess` keeps QEMU as a child of this process (its vsock device and
+/// console pump are tasks here); the VM ends with the handle or the process.
+/// `Monitor` runs it under a `capsa-vmm` process of its own, registered by
+/// name under a state root, so it can be found again ([`crate::Sandboxes`]),
+/// survive this process (keep-running sandboxes), and be driven by several
+/// processes at once.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Strategy {
+    /// QEMU is a child of this process.
+    #[default]
+    InProcess,
+    /// QEMU runs under a per-VM `capsa-vmm` monitor process.
+    Monitor,
+}
 
 /// Entry point of the library.
 #[derive(Debug, Clone, Copy)]
@@ -55,6 +76,12 @@ pub struct VmBuilder {
     name: Option<String>,
     backend: Option<Arc<dyn Hypervisor>>,
     deferred: Option<Error>,
+    strategy: Strategy,
+    state_root: Option<PathBuf>,
+    /// Monitor only: the VM outlives this handle and process.
+    pub(crate) keep_alive: bool,
+    /// Monitor only: library extras for `sandbox.json`.
+    pub(crate) extra: Option<serde_json::Value>,
 }
 
 impl std::fmt::Debug for VmBuilder {
@@ -62,6 +89,7 @@ impl std::fmt::Debug for VmBuilder {
         f.debug_struct("VmBuilder")
             .field("spec", &self.spec)
             .field("name", &self.name)
+            .field("strategy", &self.strategy)
             .finish()
     }
 }
@@ -77,6 +105,10 @@ impl VmBuilder {
             name: None,
             backend: None,
             deferred: None,
+            strategy: Strategy::InProcess,
+            state_root: None,
+            keep_alive: false,
+            extra: None,
         }
     }
 
@@ -87,6 +119,10 @@ impl VmBuilder {
             name: None,
             backend: None,
             deferred: None,
+            strategy: Strategy::InProcess,
+            state_root: None,
+            keep_alive: false,
+            extra: None,
         }
     }
 
@@ -168,6 +204,18 @@ impl VmBuilder {
         self
     }
 
+    /// Chooses where the VMM runs (default [`Strategy::InProcess`]).
+    pub fn strategy(mut self, strategy: Strategy) -> Self {
+        self.strategy = strategy;
+        self
+    }
+
+    /// The state root for [`Strategy::Monitor`] (default: [`crate::StateRoot::default_root`]).
+    pub fn state_root(mut self, path: impl Into<PathBuf>) -> Self {
+        self.state_root = Some(path.into());
+        self
+    }
+
     /// The spec as built so far.
     pub fn spec(&self) -> &VmSpec {
         &self.spec
@@ -180,10 +228,6 @@ impl VmBuilder {
         }
         let mut spec = self.spec;
         spec.validate(&HostLimits::detect())?;
-        let backend: Arc<dyn Hypervisor> = match self.backend {
-            Some(b) => b,
-            None => Arc::new(capsa_qemu::QemuBackend::new().map_err(capsa_core::Error::from)?),
-        };
         let name = self.name.unwrap_or_else(|| {
             format!(
                 "vm-{}-{}",
@@ -191,7 +235,22 @@ impl VmBuilder {
                 NEXT_ID.fetch_add(1, Ordering::Relaxed)
             )
         });
+        if self.strategy == Strategy::Monitor {
+            return build_monitor(
+                spec,
+                name,
+                self.backend,
+                self.state_root,
+                self.keep_alive,
+                self.extra,
+            )
+            .await;
+        }
         validate_name(&name)?;
+        let backend: Arc<dyn Hypervisor> = match self.backend {
+            Some(b) => b,
+            None => Arc::new(capsa_qemu::QemuBackend::new().map_err(capsa_core::Error::from)?),
+        };
         let run_dir = make_run_dir()?;
         let console_log = spec
             .console
@@ -214,8 +273,95 @@ impl VmBuilder {
             ),
             None => None,
         };
-        Ok(VmHandle::new(name, spec, instance, console, run_dir))
+        Ok(VmHandle::new(
+            name,
+            spec,
+            Instance::InProcess(instance),
+            console,
+            RunDir::Temp(run_dir),
+        ))
     }
+}
+
+/// The monitor path of [`VmBuilder::build`]: pre-flight checks here (so bad
+/// input fails before any process exists), then a `capsa-vmm` process boots it.
+async fn build_monitor(
+    spec: VmSpec,
+    name: String,
+    backend: Option<Arc<dyn Hypervisor>>,
+    state_root: Option<PathBuf>,
+    keep_alive: bool,
+    extra: Option<serde_json::Value>,
+) -> Result<VmHandle> {
+    if let Err(e) = capsa_vmm::validate_name(&name) {
+        return Err(capsa_core::Error::invalid(
+            "name",
+            format!("{name:?} is not a valid sandbox name"),
+            e.to_string(),
+        )
+        .into());
+    }
+    if backend.is_some() {
+        return Err(Error::InvalidArgument(
+            "a custom backend runs in this process; it cannot be combined with Strategy::Monitor"
+                .into(),
+        ));
+    }
+    // The monitor runs QEMU: refuse what it cannot do now, with the typed error.
+    let qemu = capsa_qemu::QemuBackend::new().map_err(capsa_core::Error::from)?;
+    qemu.capabilities().check(&spec)?;
+    let root = state_root
+        .map(capsa_vmm::StateRoot::new)
+        .unwrap_or_else(capsa_vmm::StateRoot::default_root);
+    let handle = capsa_vmm::spawn(
+        spec.clone(),
+        capsa_vmm::SpawnOptions {
+            state_root: root,
+            name: name.clone(),
+            keep_alive,
+            extra,
+            monitor_binary: None,
+        },
+    )
+    .await?;
+    if let Err(e) = handle.wait_started(MONITOR_START_TIMEOUT).await {
+        use capsa_core::VmInstance;
+        let _ = handle.kill().await;
+        return Err(e.into());
+    }
+    attach_monitor(name, spec, handle)
+}
+
+/// Wraps a monitor handle (spawned or connected) into a [`VmHandle`],
+/// connecting to its console socket.
+pub(crate) fn attach_monitor(
+    name: String,
+    spec: VmSpec,
+    mut handle: capsa_vmm::MonitorHandle,
+) -> Result<VmHandle> {
+    use capsa_core::VmInstance;
+    let dir = handle.dir().to_path_buf();
+    let info = handle.info();
+    let console = match handle.take_console() {
+        Some(streams) => Some(
+            // The monitor keeps console.log; a user-chosen log is also written here.
+            VmConsole::start_with_log(
+                streams.output,
+                streams.input,
+                spec.console.log.clone(),
+                spec.console.log.clone().or(info.console_log),
+            )
+            .map_err(|e| Error::io("opening the console log", e))?,
+        ),
+        None => None,
+    };
+    Ok(VmHandle::new(
+        name,
+        spec,
+        Instance::Monitor(handle),
+        console,
+        RunDir::State(dir),
+    ))
 }
 
 fn validate_name(name: &str) -> Result<()> {

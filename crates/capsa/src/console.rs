@@ -69,11 +69,24 @@ impl std::fmt::Debug for VmConsole {
 impl VmConsole {
     /// Starts the pump tasks over the VMM's console streams.
     pub(crate) fn start(
-        mut output: Box<dyn AsyncRead + Send + Sync + Unpin>,
-        mut input: Box<dyn AsyncWrite + Send + Sync + Unpin>,
+        output: Box<dyn AsyncRead + Send + Sync + Unpin>,
+        input: Box<dyn AsyncWrite + Send + Sync + Unpin>,
         log: Option<PathBuf>,
     ) -> io::Result<Self> {
-        let mut log_file = match &log {
+        Self::start_with_log(output, input, log.clone(), log)
+    }
+
+    /// Like [`VmConsole::start`], but the log shown by [`VmConsole::log_path`]
+    /// (`shown_log`) may be kept by someone else (the monitor process writes
+    /// `console.log` itself); only `write_log` is appended to here.
+    pub(crate) fn start_with_log(
+        mut output: Box<dyn AsyncRead + Send + Sync + Unpin>,
+        mut input: Box<dyn AsyncWrite + Send + Sync + Unpin>,
+        write_log: Option<PathBuf>,
+        shown_log: Option<PathBuf>,
+    ) -> io::Result<Self> {
+        let log = shown_log;
+        let mut log_file = match &write_log {
             Some(p) => Some(
                 std::fs::OpenOptions::new()
                     .create(true)

@@ -52,6 +52,15 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// Finding, starting or talking to a monitor process (or a sandbox record) failed.
+    #[error(transparent)]
+    Vmm(#[from] capsa_vmm::VmmError),
+    /// The request only makes sense for a VM run by a `capsa-vmm` monitor.
+    #[error("{what} needs the monitor strategy; fix: build with .strategy(Strategy::Monitor) or .keep_running(true)")]
+    NeedsMonitor {
+        /// What was asked.
+        what: &'static str,
+    },
     /// An argument to a library call is unusable.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
@@ -74,6 +83,9 @@ impl Error {
             // Image errors carry their fix in the message itself.
             Error::Image(_) => None,
             Error::NoConsole => Some("call .console() on the builder".into()),
+            Error::NeedsMonitor { .. } => {
+                Some("build with .strategy(Strategy::Monitor) or .keep_running(true)".into())
+            }
             _ => None,
         }
     }

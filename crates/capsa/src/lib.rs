@@ -27,19 +27,22 @@ mod console;
 mod error;
 mod guest;
 mod handle;
+mod registry;
 mod sandbox;
 mod vsock;
 
-pub use builder::{Capsa, LinuxDirectBoot, VmBuilder};
+pub use builder::{Capsa, LinuxDirectBoot, Strategy, VmBuilder};
 pub use capsa_agent_client::{AgentClientError, ExecChild, ExecOutput, ExecStdin, Output};
 pub use capsa_core::{
     Accel, DiskFormat, DiskSpec, ExitReason, KernelCmdline, VmSpec, VmStatus, GUEST_READY_MARKER,
 };
 pub use capsa_proto::{AgentInfo, ErrorKind, ExitStatus, FileKind, FileMeta};
+pub use capsa_vmm::{SandboxRecord, SandboxState, StateRoot};
 pub use console::{ConsoleReader, ConsoleWriter, VmConsole, CONSOLE_BUFFER_LIMIT};
 pub use error::{Error, Result};
 pub use guest::{bundle, default_bundle};
 pub use handle::VmHandle;
+pub use registry::Sandboxes;
 pub use sandbox::{Command, Sandbox, SandboxBuilder, DEFAULT_OP_TIMEOUT, DEFAULT_READY_TIMEOUT};
 
 /// Re-export of the image crate, for bundle options.

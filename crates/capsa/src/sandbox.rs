@@ -14,7 +14,7 @@ use capsa_proto::{
     AgentInfo, ExecRequest, FileKind, FileMeta, PtySize, WriteFileRequest, AGENT_PORT,
 };
 
-use crate::{Capsa, Error, LinuxDirectBoot, Result, VmHandle};
+use crate::{Capsa, Error, LinuxDirectBoot, Result, Strategy, VmHandle};
 
 /// Default for [`SandboxBuilder::ready_timeout`]: a TCG boot takes ~2.5 s; CI machines are slower.
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(120);
@@ -35,6 +35,24 @@ pub struct SandboxBuilder {
     bundle: Option<capsa_image::Bundle>,
     ready_timeout: Duration,
     op_timeout: Duration,
+    strategy: Strategy,
+    state_root: Option<PathBuf>,
+    keep_running: bool,
+}
+
+/// What `sandbox.json` holds for a sandbox, so a reattach restores the
+/// sandbox-level options the creator chose.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub(crate) struct SandboxExtra {
+    /// `sandbox` (or `vm` for plain monitor VMs).
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    #[serde(default)]
+    pub workdir: Option<String>,
+    #[serde(default)]
+    pub op_timeout_ms: Option<u64>,
 }
 
 impl Capsa {
@@ -52,6 +70,9 @@ impl Capsa {
             bundle: None,
             ready_timeout: DEFAULT_READY_TIMEOUT,
             op_timeout: DEFAULT_OP_TIMEOUT,
+            strategy: Strategy::InProcess,
+            state_root: None,
+            keep_running: false,
         }
     }
 }
@@ -125,8 +146,38 @@ impl SandboxBuilder {
         self
     }
 
+    /// Chooses where the VMM runs (default [`Strategy::InProcess`]).
+    pub fn strategy(mut self, strategy: Strategy) -> Self {
+        self.strategy = strategy;
+        self
+    }
+
+    /// The state root for monitor-run sandboxes (default [`crate::StateRoot::default_root`]).
+    pub fn state_root(mut self, path: impl Into<PathBuf>) -> Self {
+        self.state_root = Some(path.into());
+        self
+    }
+
+    /// Keeps the sandbox running after this process lets go of it (drop,
+    /// exit, crash): it runs under a monitor ([`Strategy::Monitor`] is
+    /// implied), is found again by name with [`crate::Sandboxes`], and ends
+    /// only by `stop`/`kill`/[`crate::Sandboxes::remove`]. Needs a [`SandboxBuilder::name`].
+    pub fn keep_running(mut self, keep: bool) -> Self {
+        self.keep_running = keep;
+        if keep {
+            self.strategy = Strategy::Monitor;
+        }
+        self
+    }
+
     /// Boots the VM and returns once its agent answers.
     pub async fn build(self) -> Result<Sandbox> {
+        if self.keep_running && self.name.is_none() {
+            return Err(Error::InvalidArgument(
+                "a keep-running sandbox needs a name to be found again; fix: call .name(\"my-box\")"
+                    .into(),
+            ));
+        }
         let bundle = match self.bundle {
             Some(b) => b,
             None => crate::default_bundle().await?,
@@ -147,23 +198,20 @@ impl SandboxBuilder {
         if let Some(n) = self.name {
             vm = vm.name(n);
         }
+        vm = vm.strategy(self.strategy);
+        if let Some(r) = &self.state_root {
+            vm = vm.state_root(r);
+        }
+        let extra = SandboxExtra {
+            kind: "sandbox".into(),
+            env: self.env.clone(),
+            workdir: self.workdir.clone(),
+            op_timeout_ms: Some(self.op_timeout.as_millis().min(u128::from(u64::MAX)) as u64),
+        };
+        vm.keep_alive = self.keep_running;
+        vm.extra = serde_json::to_value(&extra).ok();
         let vm = vm.build().await?;
-        let console = vm.console()?;
-        let start = tokio::time::Instant::now();
-        console
-            .wait_for(capsa_proto::AGENT_LISTENING_MARKER, self.ready_timeout)
-            .await?;
-        let uds = vm.vsock_socket()?;
-        let client = agent_client(uds);
-        let left = self.ready_timeout.saturating_sub(start.elapsed());
-        client.info(left.max(Duration::from_secs(1))).await?;
-        Ok(Sandbox {
-            vm,
-            client,
-            env: Arc::new(self.env),
-            workdir: self.workdir,
-            op_timeout: self.op_timeout,
-        })
+        Sandbox::ready(vm, extra, self.ready_timeout, true).await
     }
 }
 
@@ -273,6 +321,77 @@ impl std::fmt::Debug for Sandbox {
 }
 
 impl Sandbox {
+    /// Waits for the agent of a freshly started (or attached) VM and wraps it.
+    /// A VM whose agent never answers is killed (and a kept one removed).
+    pub(crate) async fn ready(
+        vm: VmHandle,
+        extra: SandboxExtra,
+        ready_timeout: Duration,
+        wait_marker: bool,
+    ) -> Result<Sandbox> {
+        let start = tokio::time::Instant::now();
+        let ready = async {
+            if wait_marker {
+                vm.console()?
+                    .wait_for(capsa_proto::AGENT_LISTENING_MARKER, ready_timeout)
+                    .await?;
+            }
+            let client = agent_client(vm.vsock_socket()?);
+            let left = ready_timeout.saturating_sub(start.elapsed());
+            client.info(left.max(Duration::from_secs(1))).await?;
+            Ok::<_, Error>(client)
+        }
+        .await;
+        let client = match ready {
+            Ok(c) => c,
+            Err(e) => {
+                if wait_marker {
+                    let _ = vm.kill().await;
+                    if let Some(dir) = vm.state_dir() {
+                        let _ = std::fs::remove_dir_all(dir);
+                    }
+                }
+                return Err(e);
+            }
+        };
+        Ok(Sandbox {
+            vm,
+            client,
+            env: Arc::new(extra.env),
+            workdir: extra.workdir,
+            op_timeout: extra
+                .op_timeout_ms
+                .map_or(DEFAULT_OP_TIMEOUT, Duration::from_millis),
+        })
+    }
+
+    /// The sandbox's (VM's) name.
+    pub fn name(&self) -> &str {
+        self.vm.name()
+    }
+
+    /// The sandbox's registry record (state, pids, spec), for a monitor-run sandbox.
+    pub fn record(&self) -> Result<crate::SandboxRecord> {
+        let dir = self.vm.state_dir().ok_or(Error::NeedsMonitor {
+            what: "a sandbox record",
+        })?;
+        let root = dir
+            .parent()
+            .and_then(Path::parent)
+            .ok_or(Error::NeedsMonitor {
+                what: "a sandbox record",
+            })?;
+        Ok(capsa_vmm::StateRoot::new(root).get(self.name())?)
+    }
+
+    /// Leaves the sandbox running after this handle is gone and returns its
+    /// record; [`crate::Sandboxes::open`] finds it again. Monitor-run only.
+    pub async fn detach(self) -> Result<crate::SandboxRecord> {
+        let record = self.record()?;
+        self.vm.detach().await?;
+        Ok(record)
+    }
+
     /// The underlying VM.
     pub fn vm(&self) -> &VmHandle {
         &self.vm

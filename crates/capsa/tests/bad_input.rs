@@ -3,9 +3,13 @@
 
 mod common;
 
+/// Set by the `monitor_*` test binaries that include this suite.
+#[allow(dead_code)]
+const FORCE_MONITOR: bool = false;
+
 use capsa::{Capsa, Error, LinuxDirectBoot};
 use capsa_core::{DiskProbeError, Error as CoreError};
-use common::{bundle, qemu_children};
+use common::{bundle, qemu_children, strategy};
 
 fn assert_no_qemu() {
     assert!(qemu_children().is_empty(), "a QEMU process was left behind");
@@ -14,6 +18,7 @@ fn assert_no_qemu() {
 #[tokio::test]
 async fn missing_kernel() {
     let e = Capsa::vm(LinuxDirectBoot::new("/nonexistent/vmlinux", None::<&str>))
+        .strategy(strategy())
         .build()
         .await
         .unwrap_err();
@@ -36,6 +41,7 @@ async fn memory_zero_and_beyond_host() {
     let b = bundle().await;
     for mib in [0, u64::MAX / 2] {
         let e = Capsa::vm(LinuxDirectBoot::from_bundle(&b))
+            .strategy(strategy())
             .memory_mb(mib)
             .build()
             .await
@@ -71,6 +77,7 @@ async fn corrupt_and_missing_disks() {
     bytes.extend_from_slice(&[0xee; 508]);
     std::fs::write(&bad, bytes).unwrap();
     let e = Capsa::vm(LinuxDirectBoot::from_bundle(&b))
+        .strategy(strategy())
         .disk(&bad)
         .build()
         .await
@@ -87,6 +94,7 @@ async fn corrupt_and_missing_disks() {
     );
     assert!(e.fix().unwrap().contains("qemu-img"));
     let e = Capsa::vm(LinuxDirectBoot::from_bundle(&b))
+        .strategy(strategy())
         .disk(dir.path().join("nope.img"))
         .build()
         .await
@@ -108,12 +116,14 @@ async fn corrupt_and_missing_disks() {
 async fn bad_cmdline_and_name() {
     let b = bundle().await;
     let e = Capsa::vm(LinuxDirectBoot::from_bundle(&b))
+        .strategy(strategy())
         .cmdline_arg("a=\"open")
         .build()
         .await
         .unwrap_err();
     assert!(matches!(e, Error::Core(CoreError::Cmdline(_))), "{e}");
     let e = Capsa::vm(LinuxDirectBoot::from_bundle(&b))
+        .strategy(strategy())
         .name("../etc")
         .build()
         .await

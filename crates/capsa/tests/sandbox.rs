@@ -2,14 +2,17 @@
 
 mod common;
 
+/// Set by the `monitor_*` test binaries that include this suite.
+#[allow(dead_code)]
+const FORCE_MONITOR: bool = false;
+
 use std::time::{Duration, UNIX_EPOCH};
 
-use capsa::{Capsa, Command, Error, ErrorKind, Sandbox};
+use capsa::{Command, Error, ErrorKind, Sandbox};
 use sha2::{Digest, Sha256};
 
 async fn sandbox(mem: u64) -> Sandbox {
-    common::init_tracing();
-    Capsa::sandbox()
+    common::sandbox()
         .memory_mb(mem)
         .build()
         .await

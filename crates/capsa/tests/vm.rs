@@ -2,6 +2,10 @@
 
 mod common;
 
+/// Set by the `monitor_*` test binaries that include this suite.
+#[allow(dead_code)]
+const FORCE_MONITOR: bool = false;
+
 use std::time::Duration;
 
 use capsa::{ExitReason, VmStatus, GUEST_READY_MARKER};

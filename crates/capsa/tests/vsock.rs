@@ -3,14 +3,17 @@
 
 mod common;
 
+/// Set by the `monitor_*` test binaries that include this suite.
+#[allow(dead_code)]
+const FORCE_MONITOR: bool = false;
+
 use std::time::Duration;
 
-use capsa::{Capsa, Command, Sandbox};
+use capsa::{Command, Sandbox};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn sandbox() -> Sandbox {
-    common::init_tracing();
-    Capsa::sandbox()
+    common::sandbox()
         .memory_mb(256)
         .build()
         .await

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use capsa::{Capsa, LinuxDirectBoot, VmBuilder};
+use capsa::{Capsa, LinuxDirectBoot, SandboxBuilder, Strategy, VmBuilder};
 
 /// Generous: TCG boots take ~2 s alone, but CI machines may run several at once.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -21,6 +21,20 @@ pub async fn bundle() -> capsa::image::Bundle {
     capsa::default_bundle().await.expect("default guest bundle")
 }
 
+/// The strategy the suites run under: forced by the including test binary
+/// (`crate::FORCE_MONITOR`, see `monitor_*.rs`), else `$CAPSA_TEST_STRATEGY`
+/// (`monitor` or `inprocess`), else in-process.
+pub fn strategy() -> Strategy {
+    if crate::FORCE_MONITOR {
+        return Strategy::Monitor;
+    }
+    match std::env::var("CAPSA_TEST_STRATEGY").as_deref() {
+        Ok("monitor") => Strategy::Monitor,
+        Ok("inprocess") | Ok("") | Err(_) => Strategy::InProcess,
+        Ok(other) => panic!("CAPSA_TEST_STRATEGY={other}: use monitor or inprocess"),
+    }
+}
+
 /// A builder for a small VM on the default guest, with its console captured.
 pub async fn vm() -> VmBuilder {
     let b = bundle().await;
@@ -28,6 +42,13 @@ pub async fn vm() -> VmBuilder {
         .cpus(1)
         .memory_mb(256)
         .console()
+        .strategy(strategy())
+}
+
+/// A sandbox builder on the suite's strategy.
+pub fn sandbox() -> SandboxBuilder {
+    init_tracing();
+    Capsa::sandbox().strategy(strategy())
 }
 
 /// Child processes of this test process whose command name mentions qemu.
