@@ -106,7 +106,7 @@ pub struct DiskRequest {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSandboxRequest {
-    /// Name (`[A-Za-z0-9][A-Za-z0-9_.-]*`, at most 63 bytes); generated when absent.
+    /// Name (`[a-z0-9][a-z0-9_.-]*`, at most 63 bytes); generated when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     /// vCPUs (default 1).
@@ -293,7 +293,7 @@ pub fn validate_name(name: &str) -> Result<(), ApiError> {
             format!("invalid sandbox name {:?}: {why}", truncate(name, 80)),
         )
         .fix(format!(
-            "use 1 to {MAX_NAME_LEN} characters from A-Z a-z 0-9 _ . -, starting with a letter or digit"
+            "use 1 to {MAX_NAME_LEN} characters from a-z 0-9 _ . -, starting with a letter or digit"
         )))
     };
     if name.is_empty() {
@@ -306,16 +306,26 @@ pub fn validate_name(name: &str) -> Result<(), ApiError> {
         return bad("it contains a path separator or `..`");
     }
     let mut chars = name.chars();
-    if !chars.next().is_some_and(|c| c.is_ascii_alphanumeric()) {
-        return bad("it must start with a letter or digit");
+    if !chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+    {
+        return bad("it must start with a lower-case letter or digit");
     }
     if !name
         .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '.' | '-'))
     {
-        return bad("it contains a character outside A-Z a-z 0-9 _ . -");
+        return bad("it contains a character outside a-z 0-9 _ . -");
     }
-    Ok(())
+    // The library's own rule, so both always agree.
+    capsa_vmm::validate_name(name).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidName,
+            e.to_string(),
+        )
+    })
 }
 
 /// Checks a guest path: absolute, no `..` component, no NUL, bounded.
@@ -394,7 +404,7 @@ mod tests {
 
     #[test]
     fn names() {
-        for ok in ["a", "sb-1", "A.b_c", &"x".repeat(63)] {
+        for ok in ["a", "sb-1", "a.b_c", &"x".repeat(63)] {
             assert!(validate_name(ok).is_ok(), "{ok}");
         }
         for bad in [

@@ -64,3 +64,4 @@ pub trait Backend: Send + Sync + 'static {
 }
 
 pub mod in_process;
+pub mod monitor;

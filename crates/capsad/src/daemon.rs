@@ -61,19 +61,6 @@ fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StartError {
     move |source| StartError::Io { context, source }
 }
 
-/// The default state root: `$CAPSA_STATE_DIR`, else `$XDG_STATE_HOME/capsa`,
-/// else `~/.local/state/capsa`.
-pub fn default_state_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("CAPSA_STATE_DIR") {
-        return PathBuf::from(d);
-    }
-    if let Some(d) = std::env::var_os("XDG_STATE_HOME") {
-        return PathBuf::from(d).join("capsa");
-    }
-    let home = std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into());
-    PathBuf::from(home).join(".local/state/capsa")
-}
-
 fn group_id(name: &str) -> Result<libc::gid_t, StartError> {
     if let Ok(gid) = name.parse::<libc::gid_t>() {
         return Ok(gid);

@@ -190,6 +190,31 @@ impl ApiError {
                 None => ApiError::unavailable(message)
                     .fix("the sandbox's agent is unreachable: check its state; restart it with POST /v1/sandboxes/{name}/start"),
             },
+            E::Vmm(v) => {
+                use capsa_vmm::VmmError as V;
+                match v {
+                    V::InvalidName { .. } | V::PathTooLong { .. } => ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        ErrorCode::InvalidName,
+                        message,
+                    ),
+                    V::NotFound { .. } => {
+                        ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, message)
+                    }
+                    V::AlreadyExists { .. }
+                    | V::Dead { .. }
+                    | V::Stopped { .. }
+                    | V::Running { .. } => ApiError::conflict(message),
+                    V::MonitorNotFound { .. } => ApiError::unavailable(message),
+                    V::Core(
+                        capsa_core::Error::InvalidSpec { .. }
+                        | capsa_core::Error::Disk { .. }
+                        | capsa_core::Error::Cmdline(_),
+                    ) => ApiError::bad_request(message),
+                    V::Core(capsa_core::Error::Unsupported { .. }) => ApiError::unavailable(message),
+                    _ => ApiError::internal(message),
+                }
+            }
             E::ConsoleClosed { .. } | E::NoConsole | E::NoVsock | E::Vsock { .. } => {
                 ApiError::unavailable(message)
             }

@@ -32,12 +32,13 @@ impl Daemon {
 
     /// Starts capsad on `dir` with extra args.
     pub fn start_on(dir: &Path, extra: &[&str]) -> Self {
+        ensure_monitor_binary();
         let socket = dir.join("capsad.sock");
         let child = Command::new(env!("CARGO_BIN_EXE_capsad"))
             .arg("--state-dir")
             .arg(dir)
             .args(extra)
-            .env("RUST_LOG", "capsad=debug,info")
+            .env("RUST_LOG", "capsad=debug,info,tarpc=warn")
             .stdin(Stdio::null())
             .spawn()
             .expect("spawning capsad");
@@ -80,10 +81,43 @@ impl Daemon {
         }
     }
 
+    /// Makes this daemon own (and clean up) `tmp`.
+    pub fn set_tmp(&mut self, tmp: tempfile::TempDir) {
+        self._tmp = Some(tmp);
+    }
+
     /// Keeps the temp dir alive past this daemon (for a restart on it).
     pub fn take_tmp(&mut self) -> Option<tempfile::TempDir> {
         self._tmp.take()
     }
+}
+
+/// Builds `capsa-vmm` next to `capsad` if missing (capsad finds it there).
+pub fn ensure_monitor_binary() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let bin = Path::new(env!("CARGO_BIN_EXE_capsad")).with_file_name("capsa-vmm");
+        if bin.is_file() {
+            return;
+        }
+        let st = Command::new(env!("CARGO"))
+            .args(["build", "-p", "capsa-vmm", "--bin", "capsa-vmm"])
+            .status()
+            .expect("running cargo");
+        assert!(st.success() && bin.is_file(), "cannot build capsa-vmm");
+    });
+}
+
+/// SIGKILLs every process whose command line mentions `dir` (test cleanup
+/// after a failure: monitors keep running on purpose).
+pub fn kill_mentioning(dir: &Path) -> usize {
+    let needle = dir.display().to_string();
+    let found = processes_mentioning(&needle);
+    for (pid, _) in &found {
+        // SAFETY: signalling a pid we just found; a test machine.
+        unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+    }
+    found.len()
 }
 
 impl Drop for Daemon {
@@ -102,6 +136,15 @@ impl Drop for Daemon {
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        if self._tmp.is_some() {
+            let n = kill_mentioning(&self.dir);
+            if n > 0 {
+                eprintln!(
+                    "cleanup: killed {n} leftover processes under {}",
+                    self.dir.display()
+                );
             }
         }
     }
