@@ -58,8 +58,8 @@ impl Remote {
                 Some(p) => (p, true),
                 None => (d.as_str(), false),
             };
-            let abs = std::path::absolute(path)
-                .with_context(|| format!("resolving disk path {path}"))?;
+            let abs =
+                std::path::absolute(path).with_context(|| format!("resolving disk path {path}"))?;
             disks.push(DiskRequest {
                 path: abs.display().to_string(),
                 read_only,
@@ -120,7 +120,8 @@ impl Remote {
     }
 
     pub async fn copy_in(&self, name: &str, host: &Path, guest: &str) -> anyhow::Result<()> {
-        let meta = std::fs::metadata(host).with_context(|| format!("reading {}", host.display()))?;
+        let meta =
+            std::fs::metadata(host).with_context(|| format!("reading {}", host.display()))?;
         if !meta.is_file() {
             anyhow::bail!(
                 "{} is not a regular file: through capsad `capsa cp` copies single files \

@@ -47,8 +47,9 @@ impl View {
                 .unwrap_or_else(|| format!("{:?}", r.state).to_lowercase()),
             cpus: r.spec.as_ref().map(|s| s.cpus),
             memory_mib: r.spec.as_ref().map(|s| s.memory_mib),
-            monitor_pid: r.monitor_pid,
-            vmm_pid: r.vmm_pid,
+            // A pid of a process that has ended means nothing (it may be reused).
+            monitor_pid: r.monitor_pid.filter(|_| r.is_live()),
+            vmm_pid: r.vmm_pid.filter(|_| r.is_live()),
             created_at: r.created_at,
             exit: r.exit.as_ref().and_then(|e| serde_json::to_value(e).ok()),
         }
