@@ -178,8 +178,8 @@ pub async fn ps(conn: &Conn, a: PsArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<24} {:<9} {:>4} {:>8} {:>8} {}",
-        "NAME", "STATE", "CPUS", "MEMORY", "PID", "CREATED"
+        "{:<24} {:<9} {:>4} {:>8} {:>8} CREATED",
+        "NAME", "STATE", "CPUS", "MEMORY", "PID"
     );
     for r in list {
         println!(

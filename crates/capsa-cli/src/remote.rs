@@ -266,7 +266,7 @@ fn view(i: SandboxInfo) -> View {
     let spec = i.spec.as_ref();
     View {
         name: i.name,
-        state: serde_json::to_value(&i.state)
+        state: serde_json::to_value(i.state)
             .ok()
             .and_then(|v| v.as_str().map(str::to_string))
             .unwrap_or_else(|| "unknown".into()),

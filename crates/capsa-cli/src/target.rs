@@ -41,7 +41,7 @@ impl View {
     fn from_record(r: &capsa::SandboxRecord) -> Self {
         Self {
             name: r.name.clone(),
-            state: serde_json::to_value(&r.state)
+            state: serde_json::to_value(r.state)
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_string))
                 .unwrap_or_else(|| format!("{:?}", r.state).to_lowercase()),

@@ -81,7 +81,7 @@ fn pid_alive(pid: u64) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| {
             s.rsplit_once(')')
-                .map_or(true, |(_, rest)| !rest.trim_start().starts_with('Z'))
+                .is_none_or(|(_, rest)| !rest.trim_start().starts_with('Z'))
         })
         .unwrap_or(false)
 }
