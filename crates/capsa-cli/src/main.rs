@@ -3,8 +3,12 @@
 
 mod boot;
 mod doctor;
+mod exec_io;
 mod image;
+mod named;
+mod remote;
 mod run;
+mod target;
 mod term;
 
 use std::process::ExitCode;
@@ -21,6 +25,8 @@ struct Cli {
     /// More log output (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
+    #[command(flatten)]
+    conn: named::Conn,
     #[command(subcommand)]
     command: Command,
 }
@@ -42,6 +48,28 @@ enum Command {
     /// Manage guest bundles (kernel + initramfs).
     #[command(subcommand)]
     Image(image::ImageCmd),
+    /// Create a named sandbox that keeps running after this command returns.
+    Create(named::CreateArgs),
+    /// List named sandboxes.
+    Ps(named::PsArgs),
+    /// Run a command in a named sandbox; exits with the command's exit code.
+    Exec(named::ExecArgs),
+    /// Copy files between the host and a sandbox: `cp SRC NAME:/DST` or `cp NAME:/SRC DST`.
+    Cp(named::CpArgs),
+    /// Print a sandbox's console output.
+    Logs(named::LogsArgs),
+    /// Attach this terminal to a sandbox's serial console (Ctrl-] detaches).
+    Attach(named::NameArgs),
+    /// Boot a stopped sandbox again.
+    Start(named::NameArgs),
+    /// Shut a sandbox down (gracefully, then by force after --timeout).
+    Stop(named::StopArgs),
+    /// End a sandbox's VM at once.
+    Kill(named::NameArgs),
+    /// Remove sandboxes and their state.
+    Rm(named::RmArgs),
+    /// Show everything known about a sandbox, as JSON.
+    Inspect(named::InspectArgs),
 }
 
 fn main() -> ExitCode {
@@ -75,6 +103,17 @@ fn main() -> ExitCode {
             Command::Doctor => doctor::run().await,
             Command::Backends { json } => doctor::backends(json).await,
             Command::Image(cmd) => image::run(cmd).await,
+            Command::Create(a) => named::create(&cli.conn, a).await,
+            Command::Ps(a) => named::ps(&cli.conn, a).await,
+            Command::Exec(a) => named::exec(&cli.conn, a).await,
+            Command::Cp(a) => named::cp(&cli.conn, a).await,
+            Command::Logs(a) => named::logs(&cli.conn, a).await,
+            Command::Attach(a) => named::attach(&cli.conn, a).await,
+            Command::Start(a) => named::start(&cli.conn, a).await,
+            Command::Stop(a) => named::stop(&cli.conn, a).await,
+            Command::Kill(a) => named::kill(&cli.conn, a).await,
+            Command::Rm(a) => named::rm(&cli.conn, a).await,
+            Command::Inspect(a) => named::inspect(&cli.conn, a).await,
         }
     });
     let code = match result {
@@ -90,7 +129,7 @@ fn main() -> ExitCode {
 }
 
 /// Prints an error with its causes and, when known, the fix.
-fn report(e: &anyhow::Error) {
+pub(crate) fn report(e: &anyhow::Error) {
     eprintln!("capsa: error: {e}");
     let mut fix = None;
     for cause in e.chain().skip(1) {

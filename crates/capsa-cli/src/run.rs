@@ -1,14 +1,12 @@
 //! `capsa run`: a fresh sandbox, one command, its output and exit code, teardown.
 
-use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use capsa::{Accel, Capsa, Command, DiskSpec};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use capsa::{Accel, Capsa, DiskSpec};
 
-use crate::term::RawMode;
+use crate::exec_io::{self, Finished, Stdio};
 
 /// Flags of `capsa run`.
 #[derive(clap::Args, Debug)]
@@ -58,7 +56,7 @@ pub struct RunArgs {
     command: Vec<String>,
 }
 
-fn parse_env(s: &str) -> Result<(String, String), String> {
+pub(crate) fn parse_env(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
         _ => Err(format!("{s:?} is not KEY=VALUE")),
@@ -85,15 +83,6 @@ fn parse_copy_out(s: &str) -> Result<(String, PathBuf), String> {
         _ => Err(format!(
             "{s:?} is not GUEST:HOST with an absolute GUEST path"
         )),
-    }
-}
-
-fn window_size() -> Option<(u16, u16)> {
-    // SAFETY: TIOCGWINSZ fills the winsize struct we own.
-    unsafe {
-        let mut ws: libc::winsize = std::mem::zeroed();
-        (libc::ioctl(1, libc::TIOCGWINSZ, &mut ws) == 0 && ws.ws_row > 0)
-            .then_some((ws.ws_row, ws.ws_col))
     }
 }
 
@@ -129,77 +118,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         sb.copy_in(h, g).await?;
     }
 
-    let mut cmd = Command::new(&args.command[0]).args(args.command[1..].iter().cloned());
-    if args.interactive {
-        cmd = cmd.stdin_piped();
-    }
-    if let Some(t) = args.timeout {
-        if !(t.is_finite() && t > 0.0) {
-            anyhow::bail!("--timeout must be a positive number of seconds");
-        }
-        cmd = cmd.timeout(Duration::from_secs_f64(t));
-    }
-    let tty = args
-        .tty
-        .then(window_size)
-        .flatten()
-        .or(args.tty.then_some((24, 80)));
-    if let Some((rows, cols)) = tty {
-        cmd = cmd.pty(rows, cols).env(
-            "TERM",
-            std::env::var("TERM").unwrap_or_else(|_| "xterm".into()),
-        );
-    }
+    let stdio = Stdio::from_flags(args.interactive, args.tty);
+    let cmd = exec_io::command(&args.command, stdio, args.timeout)?;
     let mut child = sb.spawn(&cmd).await?;
-    let raw = if args.tty && args.interactive {
-        RawMode::enter(0)
-    } else {
-        None
-    };
-
-    let out = child.stdout().map(|o| tokio::spawn(pump(o, false)));
-    let err = child.stderr().map(|o| tokio::spawn(pump(o, true)));
-    if let Some(mut stdin) = child.stdin() {
-        // A plain thread: a blocking stdin read cannot be cancelled.
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
-        std::thread::spawn(move || {
-            let mut i = std::io::stdin();
-            let mut buf = [0u8; 16 * 1024];
-            while let Ok(n) = i.read(&mut buf) {
-                if n == 0 || tx.blocking_send(buf[..n].to_vec()).is_err() {
-                    break;
-                }
-            }
-        });
-        tokio::spawn(async move {
-            while let Some(chunk) = rx.recv().await {
-                if stdin.write_all(&chunk).await.is_err() {
-                    return;
-                }
-            }
-            let _ = stdin.shutdown().await;
-        });
-    }
-    let mut winch = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())?;
-    let status = loop {
-        tokio::select! {
-            s = child.wait() => break Some(s?),
-            _ = tokio::signal::ctrl_c(), if raw.is_none() => break None,
-            _ = winch.recv(), if tty.is_some() => {
-                if let Some((r, c)) = window_size() {
-                    let _ = child.resize(r, c).await;
-                }
-            }
+    let status = match exec_io::drive(&mut child, stdio).await? {
+        Finished::Exited(s) => s,
+        Finished::Interrupted => {
+            eprintln!("[capsa] interrupted; tearing the sandbox down");
+            sb.kill().await?;
+            return Ok(ExitCode::from(130));
         }
-    };
-    for t in [out, err].into_iter().flatten() {
-        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
-    }
-    drop(raw);
-    let Some(status) = status else {
-        eprintln!("[capsa] interrupted; tearing the sandbox down");
-        sb.kill().await?;
-        return Ok(ExitCode::from(130));
     };
     for (g, h) in &args.copy_out {
         sb.copy_out(g, h).await?;
@@ -210,34 +138,5 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         // Attached disks may hold unflushed guest writes: shut down properly.
         sb.vm().stop_timeout(Duration::from_secs(10)).await?;
     }
-    let code = if status.timed_out {
-        eprintln!("[capsa] command timed out");
-        124
-    } else if let Some(sig) = status.signal {
-        128 + sig
-    } else {
-        status.code.unwrap_or(1)
-    };
-    Ok(ExitCode::from(code.clamp(0, 255) as u8))
-}
-
-async fn pump(mut from: capsa::ExecOutput, to_stderr: bool) {
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => {
-                let r = if to_stderr {
-                    let mut e = std::io::stderr();
-                    e.write_all(&buf[..n]).and_then(|_| e.flush())
-                } else {
-                    let mut o = std::io::stdout();
-                    o.write_all(&buf[..n]).and_then(|_| o.flush())
-                };
-                if r.is_err() {
-                    return;
-                }
-            }
-        }
-    }
+    Ok(exec_io::exit_code(&status))
 }

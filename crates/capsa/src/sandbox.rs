@@ -237,6 +237,11 @@ pub struct Command {
 }
 
 impl Command {
+    /// The agent request this command becomes (for front ends that forward it, like the CLI to capsad).
+    pub fn request(&self) -> &ExecRequest {
+        &self.req
+    }
+
     /// Runs `program` (looked up in the guest's `PATH` unless it contains `/`).
     pub fn new(program: impl Into<String>) -> Self {
         Self {

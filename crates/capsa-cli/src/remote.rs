@@ -1,0 +1,285 @@
+//! The named-sandbox commands through a capsad (`--host` / `CAPSA_HOST`).
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+use capsad::api::{AccelChoice, CreateSandboxRequest, DiskRequest, ExecRequest, SandboxInfo};
+use capsad::client::{BoxStream, Client, ExecChunk};
+use futures::StreamExt;
+
+use crate::exec_io::{Finished, Stdio};
+use crate::named::CreateArgs;
+use crate::target::View;
+
+/// A capsad endpoint with its token.
+pub struct Remote {
+    client: Client,
+}
+
+/// A command running through capsad; dropping the stream ends it.
+pub struct RemoteExec {
+    stream: Option<BoxStream<ExecChunk>>,
+}
+
+impl Remote {
+    /// Reads the token and prepares a client (no connection yet).
+    pub fn connect(host: &str, token_file: Option<&Path>) -> anyhow::Result<Self> {
+        let socket = host.strip_prefix("unix://").unwrap_or(host);
+        let token_file = match token_file {
+            Some(p) => p.to_path_buf(),
+            None if socket.starts_with('/') => {
+                crate::target::default_token_file(Path::new(socket))
+            }
+            None => anyhow::bail!(
+                "no token file for {host}: pass --token-file (or CAPSA_TOKEN_FILE) with capsad's token"
+            ),
+        };
+        let token = std::fs::read_to_string(&token_file)
+            .with_context(|| {
+                format!(
+                    "reading capsad's token from {} (fix: --token-file PATH, or run as the user that started capsad)",
+                    token_file.display()
+                )
+            })?
+            .trim()
+            .to_string();
+        Ok(Self {
+            client: Client::from_host(host, token)?,
+        })
+    }
+
+    pub async fn create(&self, a: &CreateArgs) -> anyhow::Result<View> {
+        let mut disks = Vec::new();
+        for d in &a.disks {
+            let (path, read_only) = match d.strip_suffix(":ro") {
+                Some(p) => (p, true),
+                None => (d.as_str(), false),
+            };
+            let abs =
+                std::path::absolute(path).with_context(|| format!("resolving disk path {path}"))?;
+            disks.push(DiskRequest {
+                path: abs.display().to_string(),
+                read_only,
+            });
+        }
+        let req = CreateSandboxRequest {
+            name: Some(a.name.clone()),
+            cpus: Some(a.cpus),
+            memory_mib: Some(a.memory),
+            env: a.env.iter().cloned().collect::<BTreeMap<_, _>>(),
+            workdir: a.workdir.clone(),
+            accel: Some(match a.accel {
+                capsa::Accel::Auto => AccelChoice::Auto,
+                capsa::Accel::Kvm => AccelChoice::Kvm,
+                capsa::Accel::Tcg => AccelChoice::Tcg,
+            }),
+            disks,
+            start: true,
+        };
+        Ok(view(self.client.create(&req).await?))
+    }
+
+    pub async fn list(&self) -> anyhow::Result<Vec<View>> {
+        Ok(self.client.list().await?.into_iter().map(view).collect())
+    }
+
+    pub async fn inspect(&self, name: &str) -> anyhow::Result<serde_json::Value> {
+        Ok(serde_json::to_value(self.client.get(name).await?)?)
+    }
+
+    pub async fn spawn(
+        &self,
+        name: &str,
+        cmd: &capsa::Command,
+        stdio: Stdio,
+    ) -> anyhow::Result<RemoteExec> {
+        if stdio.interactive || stdio.tty.is_some() {
+            anyhow::bail!(
+                "interactive exec (-i/-t) through capsad is not supported by the CLI yet; \
+                 fix: run `capsa exec` on the daemon's host without --host (it talks to the monitor directly)"
+            );
+        }
+        let r = cmd.request();
+        let req = ExecRequest {
+            argv: r.argv.clone(),
+            env: r.env.iter().cloned().collect(),
+            cwd: r.cwd.clone(),
+            stdin: None,
+            timeout_ms: r.timeout_ms,
+            tty: false,
+            rows: None,
+            cols: None,
+        };
+        let stream = self.client.exec(name, &req).await?;
+        Ok(RemoteExec {
+            stream: Some(stream),
+        })
+    }
+
+    pub async fn copy_in(&self, name: &str, host: &Path, guest: &str) -> anyhow::Result<()> {
+        let meta =
+            std::fs::metadata(host).with_context(|| format!("reading {}", host.display()))?;
+        if !meta.is_file() {
+            anyhow::bail!(
+                "{} is not a regular file: through capsad `capsa cp` copies single files \
+                 (fix: pack a directory with tar first, or copy without --host)",
+                host.display()
+            );
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let file = tokio::fs::File::open(host)
+            .await
+            .with_context(|| format!("opening {}", host.display()))?;
+        self.client
+            .upload(name, guest, meta.permissions().mode() & 0o7777, file)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn copy_out(&self, name: &str, guest: &str, host: &Path) -> anyhow::Result<()> {
+        let target = if host.is_dir() {
+            let base = Path::new(guest)
+                .file_name()
+                .context("the guest path names no file")?;
+            host.join(base)
+        } else {
+            host.to_path_buf()
+        };
+        // Download beside the target, then rename: a failed copy leaves the old file intact.
+        let tmp = target.with_extension("capsa-partial");
+        let file = tokio::fs::File::create(&tmp)
+            .await
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        match self.client.download(name, guest, file).await {
+            Ok(_) => {
+                std::fs::rename(&tmp, &target)
+                    .with_context(|| format!("moving the download to {}", target.display()))?;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                Err(e.into())
+            }
+        }
+    }
+
+    pub async fn logs(&self, name: &str, follow: bool) -> anyhow::Result<()> {
+        let mut out = std::io::stdout();
+        if !follow {
+            out.write_all(&self.client.console(name).await?)?;
+            out.flush()?;
+            return Ok(());
+        }
+        let mut s = self.client.console_follow(name).await?;
+        loop {
+            tokio::select! {
+                item = s.next() => match item {
+                    Some(chunk) => {
+                        out.write_all(&chunk?)?;
+                        out.flush()?;
+                    }
+                    None => return Ok(()),
+                },
+                _ = tokio::signal::ctrl_c() => return Ok(()),
+            }
+        }
+    }
+
+    pub async fn attach(&self, _name: &str) -> anyhow::Result<()> {
+        anyhow::bail!(
+            "`capsa attach` through capsad is not supported by the CLI yet (the API serves it at \
+             GET /v1/sandboxes/NAME/console/ws); fix: run `capsa attach` without --host on the daemon's host"
+        )
+    }
+
+    pub async fn start(&self, name: &str) -> anyhow::Result<()> {
+        self.client.start(name).await?;
+        Ok(())
+    }
+
+    pub async fn stop(&self, name: &str, _grace: Duration) -> anyhow::Result<()> {
+        self.client.stop(name).await?;
+        Ok(())
+    }
+
+    pub async fn kill(&self, name: &str) -> anyhow::Result<()> {
+        self.client.kill(name).await?;
+        Ok(())
+    }
+
+    pub async fn remove(&self, name: &str, force: bool) -> anyhow::Result<()> {
+        self.client.delete(name, force).await?;
+        Ok(())
+    }
+}
+
+impl RemoteExec {
+    /// Prints the streamed output until the exit line (or Ctrl-C).
+    pub async fn drive(&mut self, _stdio: Stdio) -> anyhow::Result<Finished> {
+        let Some(stream) = self.stream.as_mut() else {
+            anyhow::bail!("this exec has already ended");
+        };
+        loop {
+            let item = tokio::select! {
+                i = stream.next() => i,
+                _ = tokio::signal::ctrl_c() => return Ok(Finished::Interrupted),
+            };
+            match item {
+                Some(Ok(ExecChunk::Stdout(d))) => {
+                    let mut o = std::io::stdout();
+                    o.write_all(&d)?;
+                    o.flush()?;
+                }
+                Some(Ok(ExecChunk::Stderr(d))) => {
+                    let mut e = std::io::stderr();
+                    e.write_all(&d)?;
+                    e.flush()?;
+                }
+                Some(Ok(ExecChunk::Exit {
+                    code,
+                    signal,
+                    timed_out,
+                })) => {
+                    return Ok(Finished::Exited(capsa::ExitStatus {
+                        code,
+                        signal,
+                        timed_out,
+                    }))
+                }
+                Some(Err(e)) => return Err(e.into()),
+                None => anyhow::bail!("capsad closed the exec stream before the command ended"),
+            }
+        }
+    }
+
+    /// Drops the stream: capsad kills the command when its client goes away.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        self.stream = None;
+        Ok(())
+    }
+}
+
+fn view(i: SandboxInfo) -> View {
+    let spec = i.spec.as_ref();
+    View {
+        name: i.name,
+        state: serde_json::to_value(i.state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_else(|| "unknown".into()),
+        cpus: spec
+            .and_then(|s| s.get("cpus"))
+            .and_then(|v| v.as_u64())
+            .map(|v| v as u32),
+        memory_mib: spec
+            .and_then(|s| s.get("memory_mib"))
+            .and_then(|v| v.as_u64()),
+        monitor_pid: i.monitor_pid,
+        vmm_pid: i.vmm_pid,
+        created_at: i.created_at.unwrap_or(0),
+        exit: i.exit,
+    }
+}

@@ -1,0 +1,268 @@
+//! Named sandboxes through the `capsa` binary, with no daemon: create, ps,
+//! exec, cp, logs, stop, start, kill, rm, and the crash cases.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A private state directory (short: Unix socket paths are limited to 108 bytes).
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("cn")
+            .tempdir_in("/tmp")
+            .expect("temp state dir");
+        Self { dir }
+    }
+
+    fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn capsa(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_capsa"));
+        c.env("CAPSA_STATE_DIR", self.root())
+            .env_remove("CAPSA_HOST")
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.capsa().args(args).output().expect("running capsa")
+    }
+
+    /// Runs and asserts success; returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "capsa {args:?} failed: {:?}\nstdout: {}\nstderr: {}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    fn ps(&self) -> Vec<serde_json::Value> {
+        serde_json::from_str(&self.ok(&["ps", "--json"])).expect("ps --json is JSON")
+    }
+
+    fn state_of(&self, name: &str) -> Option<String> {
+        self.ps()
+            .into_iter()
+            .find(|v| v["name"] == name)
+            .map(|v| v["state"].as_str().unwrap_or_default().to_string())
+    }
+
+    fn create(&self, name: &str) {
+        self.ok(&["create", "--name", name, "--memory", "256M"]);
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        // Never leave VMs behind, whatever the test did.
+        if let Ok(rd) = std::fs::read_dir(self.root().join("sandboxes")) {
+            for e in rd.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                let _ = self.run(&["rm", "--force", &n]);
+            }
+        }
+    }
+}
+
+fn pid_alive(pid: u64) -> bool {
+    // A zombie is dead for our purpose.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(')')
+                .is_none_or(|(_, rest)| !rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < end, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn lifecycle_create_exec_cp_logs_stop_start_kill_rm() {
+    let env = Env::new();
+    env.create("life");
+    assert_eq!(env.state_of("life").as_deref(), Some("running"));
+    let table = env.ok(&["ps"]);
+    assert!(table.contains("NAME") && table.contains("life"), "{table}");
+
+    // Exit codes pass through; output streams to our stdout/stderr.
+    assert_eq!(
+        env.ok(&["exec", "life", "--", "uname", "-s"]).trim(),
+        "Linux"
+    );
+    let o = env.run(&["exec", "life", "--", "sh", "-c", "echo oops >&2; exit 7"]);
+    assert_eq!(o.status.code(), Some(7));
+    assert_eq!(String::from_utf8_lossy(&o.stderr).trim(), "oops");
+    let o = env.run(&[
+        "exec",
+        "life",
+        "-e",
+        "A=b",
+        "-w",
+        "/tmp",
+        "--",
+        "sh",
+        "-c",
+        "echo $A $PWD",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "b /tmp");
+
+    // State set by one exec is seen by the next: it is one long-lived VM.
+    env.ok(&["exec", "life", "--", "sh", "-c", "echo kept > /tmp/state"]);
+    assert_eq!(
+        env.ok(&["exec", "life", "--", "cat", "/tmp/state"]).trim(),
+        "kept"
+    );
+
+    // cp both ways, with a checksum.
+    let host = tempfile::tempdir().unwrap();
+    let src = host.path().join("in.bin");
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&src, &data).unwrap();
+    env.ok(&["cp", src.to_str().unwrap(), "life:/tmp/in.bin"]);
+    let dst = host.path().join("out.bin");
+    env.ok(&["cp", "life:/tmp/in.bin", dst.to_str().unwrap()]);
+    assert_eq!(std::fs::read(&dst).unwrap(), data);
+
+    // The console log holds the guest's boot.
+    let logs = env.ok(&["logs", "life"]);
+    assert!(logs.contains("capsa-agent: listening"), "{logs}");
+
+    let inspect: serde_json::Value = serde_json::from_str(&env.ok(&["inspect", "life"])).unwrap();
+    assert_eq!(inspect["name"], "life");
+    assert_eq!(inspect["spec"]["memory_mib"], 256);
+
+    // rm refuses a running sandbox and says how to proceed.
+    let o = env.run(&["rm", "life"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--force") || err.contains("stop"), "{err}");
+
+    env.ok(&["stop", "life"]);
+    assert_eq!(env.state_of("life").as_deref(), Some("stopped"));
+    let o = env.run(&["exec", "life", "--", "true"]);
+    assert!(!o.status.success(), "exec into a stopped sandbox must fail");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("start"),
+        "the error should say how to start it: {err}"
+    );
+
+    env.ok(&["start", "life"]);
+    assert_eq!(
+        env.ok(&["exec", "life", "--", "echo", "back"]).trim(),
+        "back"
+    );
+    env.ok(&["kill", "life"]);
+    assert_eq!(env.state_of("life").as_deref(), Some("stopped"));
+    env.ok(&["rm", "life"]);
+    assert!(env.ps().is_empty());
+    assert!(!env.root().join("sandboxes/life").exists());
+}
+
+#[test]
+fn kill_9_of_the_cli_during_exec_leaves_the_sandbox_healthy() {
+    let env = Env::new();
+    env.create("crash");
+    let mut child = env
+        .capsa()
+        .args(["exec", "crash", "--", "sh", "-c", "echo started; sleep 30"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the command really runs in the guest.
+    let mut out = child.stdout.take().unwrap();
+    let mut buf = [0u8; 64];
+    let n = std::io::Read::read(&mut out, &mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("started"));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    let _ = child.wait();
+
+    // The sandbox still works, and the orphaned command was ended with its connection.
+    assert_eq!(
+        env.ok(&["exec", "crash", "--", "echo", "alive"]).trim(),
+        "alive"
+    );
+    wait_until(
+        "the orphaned sleep is gone",
+        Duration::from_secs(20),
+        || {
+            let ps = env.ok(&["exec", "crash", "--", "ps"]);
+            !ps.contains("sleep 30")
+        },
+    );
+    assert_eq!(env.state_of("crash").as_deref(), Some("running"));
+}
+
+#[test]
+fn kill_9_of_a_monitor_marks_it_dead_and_rm_cleans_up() {
+    let env = Env::new();
+    env.create("doomed");
+    let rec = env
+        .ps()
+        .into_iter()
+        .find(|v| v["name"] == "doomed")
+        .expect("listed");
+    let monitor = rec["monitor_pid"].as_u64().expect("monitor pid");
+    let qemu = rec["vmm_pid"].as_u64().expect("qemu pid");
+    // SAFETY: a process this test created (through capsa).
+    unsafe { libc::kill(monitor as i32, libc::SIGKILL) };
+    wait_until("QEMU is gone", Duration::from_secs(20), || !pid_alive(qemu));
+    wait_until(
+        "the sandbox is reported dead",
+        Duration::from_secs(20),
+        || env.state_of("doomed").as_deref() == Some("dead"),
+    );
+    let o = env.run(&["exec", "doomed", "--", "true"]);
+    assert!(!o.status.success());
+    env.ok(&["rm", "doomed"]);
+    assert!(env.ps().is_empty());
+    assert!(!env.root().join("sandboxes/doomed").exists());
+}
+
+#[test]
+fn bad_names_and_missing_sandboxes_get_clear_errors() {
+    let env = Env::new();
+    for (args, needle) in [
+        (vec!["create", "--name", "../evil"], "name"),
+        (vec!["create", "--name", "UPPER"], "name"),
+        (vec!["exec", "nosuch", "--", "true"], "nosuch"),
+        (vec!["logs", "nosuch"], "nosuch"),
+        (vec!["rm", "nosuch"], "nosuch"),
+        (vec!["cp", "/etc/hosts", "/tmp/x"], "NAME:"),
+        (vec!["cp", "a:/x", "b:/y"], "host"),
+    ] {
+        let o = env.run(&args);
+        assert!(!o.status.success(), "{args:?} should fail");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains(needle),
+            "{args:?}: error should mention {needle:?}: {err}"
+        );
+    }
+    // Nothing was created by the failures.
+    assert!(env.ps().is_empty());
+    let leftover: Vec<PathBuf> = std::fs::read_dir(env.root().join("sandboxes"))
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(leftover.is_empty(), "{leftover:?}");
+}

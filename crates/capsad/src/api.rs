@@ -1,0 +1,441 @@
+//! The wire types of the API (requests, responses, stream items) and the
+//! validation every input goes through before it reaches the library.
+//!
+//! These types are shared by the server and [`crate::client`], and the
+//! OpenAPI document is generated from them, so the three cannot drift.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::error::{ApiError, ErrorCode};
+use axum::http::StatusCode;
+
+/// Longest sandbox name (it becomes a directory and part of socket paths).
+pub const MAX_NAME_LEN: usize = 63;
+/// Longest guest path accepted.
+pub const MAX_GUEST_PATH: usize = 4096;
+/// Most environment variables in one request.
+pub const MAX_ENV: usize = 1024;
+/// Most argv entries in one exec.
+pub const MAX_ARGV: usize = 4096;
+/// Most disks per sandbox.
+pub const MAX_DISKS: usize = 16;
+
+/// Lifecycle state of a sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SandboxState {
+    /// Booting; the agent does not answer yet.
+    Starting,
+    /// Up; exec and files work.
+    Running,
+    /// Paused (vCPUs stopped).
+    Paused,
+    /// Shut down; `start` boots it again.
+    Stopped,
+    /// Its monitor died without recording an exit; only `DELETE` applies.
+    Dead,
+}
+
+/// A sandbox as the daemon reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SandboxInfo {
+    /// Unique name.
+    pub name: String,
+    /// Current state.
+    pub state: SandboxState,
+    /// Host directory holding its state (console log, sockets), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<String>,
+    /// PID of its monitor process, when one runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monitor_pid: Option<u32>,
+    /// PID of its VMM (QEMU) process, when one runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmm_pid: Option<u32>,
+    /// Creation time, seconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<u64>,
+    /// The VM spec it runs with (free-form; see capsa-core's `VmSpec`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub spec: Option<serde_json::Value>,
+    /// How its VM last ended, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub exit: Option<serde_json::Value>,
+}
+
+/// Accelerator choice.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AccelChoice {
+    /// KVM when it really works here, TCG otherwise.
+    #[default]
+    Auto,
+    /// KVM or fail.
+    Kvm,
+    /// Software emulation.
+    Tcg,
+}
+
+impl From<AccelChoice> for capsa::Accel {
+    fn from(a: AccelChoice) -> Self {
+        match a {
+            AccelChoice::Auto => capsa::Accel::Auto,
+            AccelChoice::Kvm => capsa::Accel::Kvm,
+            AccelChoice::Tcg => capsa::Accel::Tcg,
+        }
+    }
+}
+
+/// A host disk image to attach (virtio-blk).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiskRequest {
+    /// Absolute host path of a raw or qcow2 image (format detected from its header).
+    pub path: String,
+    /// Attach read-only.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// Body of `POST /v1/sandboxes`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSandboxRequest {
+    /// Name (`[a-z0-9][a-z0-9_.-]*`, at most 63 bytes); generated when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// vCPUs (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 64)]
+    pub cpus: Option<u32>,
+    /// Guest RAM in MiB (default 512).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 64, maximum = 1048576)]
+    pub memory_mib: Option<u64>,
+    /// Environment for every command run in it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Default working directory of commands (absolute guest path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    /// Accelerator (default auto).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accel: Option<AccelChoice>,
+    /// Disks to attach.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskRequest>,
+    /// Boot it now (default true); `false` only records it, stopped.
+    #[serde(default = "yes")]
+    pub start: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Body of `POST /v1/sandboxes/{name}/exec`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// Program and arguments (the program is looked up in the guest's PATH).
+    pub argv: Vec<String>,
+    /// Extra environment (over the sandbox's).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Working directory (absolute guest path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// Bytes for stdin, base64; stdin is closed after them. Absent: empty stdin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<String>,
+    /// Kill the command after this many milliseconds (reported as `timed_out`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Run on a pseudo-terminal (stderr merges into stdout).
+    #[serde(default)]
+    pub tty: bool,
+    /// Terminal rows with `tty` (default 24).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<u16>,
+    /// Terminal columns with `tty` (default 80).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cols: Option<u16>,
+}
+
+/// One line of the NDJSON stream an exec answers with. The last line is
+/// `exit` or `error`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ExecEvent {
+    /// Bytes the command wrote to stdout (base64).
+    Stdout {
+        /// Base64 of the bytes.
+        data: String,
+    },
+    /// Bytes the command wrote to stderr (base64).
+    Stderr {
+        /// Base64 of the bytes.
+        data: String,
+    },
+    /// The command ended.
+    Exit {
+        /// Exit code, if it exited.
+        code: Option<i32>,
+        /// Signal, if one killed it.
+        signal: Option<i32>,
+        /// Whether `timeout_ms` killed it.
+        timed_out: bool,
+    },
+    /// The exec failed after the response started.
+    Error {
+        /// Stable code, as in error bodies.
+        code: ErrorCode,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// Metadata of a file written to the guest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct FileInfo {
+    /// Guest path.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Permission bits.
+    pub mode: u32,
+}
+
+/// Answer of `GET /v1/health`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    /// Always `ok` when the daemon answers.
+    pub status: String,
+    /// capsad's version.
+    pub version: String,
+    /// Which backend serves sandboxes (`monitor` or `in-process`).
+    pub backend: String,
+    /// Number of sandboxes known.
+    pub sandboxes: usize,
+}
+
+/// One server-sent event of `GET /v1/events` (the SSE `data:` field).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    /// A sandbox appeared or changed state.
+    State {
+        /// Sandbox name.
+        name: String,
+        /// Its new state.
+        state: SandboxState,
+    },
+    /// A sandbox disappeared.
+    Removed {
+        /// Sandbox name.
+        name: String,
+    },
+    /// The daemon performed an action on a sandbox.
+    Action {
+        /// Sandbox name.
+        name: String,
+        /// `create`, `start`, `stop`, `kill` or `delete`.
+        action: String,
+        /// Whether it succeeded.
+        ok: bool,
+    },
+}
+
+/// Query of `DELETE /v1/sandboxes/{name}`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct DeleteQuery {
+    /// Kill it first if it runs (otherwise a running sandbox is a conflict).
+    #[serde(default)]
+    pub force: Option<bool>,
+}
+
+/// Query of the file endpoints.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct FileQuery {
+    /// Absolute guest path without `..`.
+    pub path: String,
+    /// Octal permission bits for uploads (default `0644`).
+    #[serde(default)]
+    pub mode: Option<String>,
+}
+
+/// Query of `GET /v1/sandboxes/{name}/console`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ConsoleQuery {
+    /// Keep the response open and stream new output.
+    #[serde(default)]
+    pub follow: Option<bool>,
+}
+
+/// Checks a sandbox name: it becomes a directory name, so no separators,
+/// no `..`, nothing hidden, bounded length.
+pub fn validate_name(name: &str) -> Result<(), ApiError> {
+    let bad = |why: &str| {
+        Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidName,
+            format!("invalid sandbox name {:?}: {why}", truncate(name, 80)),
+        )
+        .fix(format!(
+            "use 1 to {MAX_NAME_LEN} characters from a-z 0-9 _ . -, starting with a letter or digit"
+        )))
+    };
+    if name.is_empty() {
+        return bad("it is empty");
+    }
+    if name.len() > MAX_NAME_LEN {
+        return bad("it is too long");
+    }
+    if name.contains("..") || name.contains('/') {
+        return bad("it contains a path separator or `..`");
+    }
+    let mut chars = name.chars();
+    if !chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+    {
+        return bad("it must start with a lower-case letter or digit");
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '.' | '-'))
+    {
+        return bad("it contains a character outside a-z 0-9 _ . -");
+    }
+    // The library's own rule, so both always agree.
+    capsa_vmm::validate_name(name).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidName,
+            e.to_string(),
+        )
+    })
+}
+
+/// Checks a guest path: absolute, no `..` component, no NUL, bounded.
+pub fn validate_guest_path(what: &str, path: &str) -> Result<(), ApiError> {
+    let bad = |why: &str| {
+        Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidPath,
+            format!("invalid {what} {:?}: {why}", truncate(path, 120)),
+        )
+        .fix("give an absolute guest path such as /work/file.txt, without `..`"))
+    };
+    if !path.starts_with('/') {
+        return bad("it is not absolute");
+    }
+    if path.len() > MAX_GUEST_PATH {
+        return bad("it is too long");
+    }
+    if path.contains('\0') {
+        return bad("it contains a NUL byte");
+    }
+    if path.split('/').any(|c| c == "..") {
+        return bad("it contains `..`");
+    }
+    Ok(())
+}
+
+/// Checks environment entries: keys non-empty without `=` or NUL; values without NUL.
+pub fn validate_env(env: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    if env.len() > MAX_ENV {
+        return Err(ApiError::bad_request(format!(
+            "{} environment variables; at most {MAX_ENV} are accepted",
+            env.len()
+        )));
+    }
+    for (k, v) in env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+            return Err(ApiError::bad_request(format!(
+                "invalid environment variable {:?}",
+                truncate(k, 80)
+            ))
+            .fix("names must be non-empty without `=`; names and values without NUL bytes"));
+        }
+    }
+    Ok(())
+}
+
+/// Parses an octal mode string like `0644` or `755`.
+pub fn parse_mode(s: &str) -> Result<u32, ApiError> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    match u32::from_str_radix(digits, 8) {
+        Ok(m) if m <= 0o7777 && !digits.is_empty() && digits.len() <= 5 => Ok(m),
+        _ => Err(ApiError::bad_request(format!(
+            "invalid mode {:?}: not octal permission bits",
+            truncate(s, 20)
+        ))
+        .fix("give octal permission bits such as 0644 or 0755")),
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        s.to_string()
+    } else {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}...", &s[..end])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["a", "sb-1", "a.b_c", &"x".repeat(63)] {
+            assert!(validate_name(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "..",
+            "a/b",
+            ".hidden",
+            "a..b",
+            "-x",
+            "é",
+            &"x".repeat(64),
+            "a b",
+        ] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn paths() {
+        assert!(validate_guest_path("path", "/a/b").is_ok());
+        for bad in ["a", "/a/../b", "/..", "", "/a\0"] {
+            assert!(validate_guest_path("path", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn modes() {
+        assert_eq!(parse_mode("0644").unwrap(), 0o644);
+        assert_eq!(parse_mode("755").unwrap(), 0o755);
+        for bad in ["", "9", "77777", "0o", "-1", "12345678901"] {
+            assert!(parse_mode(bad).is_err(), "{bad}");
+        }
+    }
+}

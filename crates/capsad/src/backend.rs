@@ -1,0 +1,67 @@
+//! What the HTTP layer needs from "something that runs sandboxes".
+//!
+//! Handlers only see [`Backend`], so routing, validation, auth and streaming
+//! do not depend on how sandboxes are kept alive. Every input has been
+//! validated by the caller (names, guest paths, env) before a backend sees it,
+//! and the server serializes lifecycle calls per name.
+
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use capsa::{ExecChild, FileMeta};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::api::{CreateSandboxRequest, SandboxInfo};
+use crate::error::ApiResult;
+
+/// A streamed request body handed to a backend.
+pub type BoxReader = Box<dyn AsyncRead + Send + Unpin>;
+/// A streamed response body handed to a backend.
+pub type BoxWriter = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// Where a sandbox's console lives on the host.
+#[derive(Debug, Clone)]
+pub struct ConsolePaths {
+    /// Append-only log of everything the guest printed.
+    pub log: PathBuf,
+    /// Live console socket (history, then live bytes; input goes to the guest).
+    pub socket: PathBuf,
+}
+
+/// The operations capsad serves, on sandboxes named by already-validated names.
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// Short name of the implementation, reported by `/v1/health`.
+    fn kind(&self) -> &'static str;
+    /// Every known sandbox.
+    async fn list(&self) -> ApiResult<Vec<SandboxInfo>>;
+    /// One sandbox (`not_found` when unknown).
+    async fn get(&self, name: &str) -> ApiResult<SandboxInfo>;
+    /// Creates `name` and boots it unless `req.start` is false (`conflict` when taken).
+    async fn create(&self, name: &str, req: &CreateSandboxRequest) -> ApiResult<SandboxInfo>;
+    /// Boots a stopped sandbox.
+    async fn start(&self, name: &str) -> ApiResult<SandboxInfo>;
+    /// Shuts a sandbox down gracefully (then kills it after a grace period).
+    async fn stop(&self, name: &str) -> ApiResult<SandboxInfo>;
+    /// Kills a sandbox's VM at once.
+    async fn kill(&self, name: &str) -> ApiResult<SandboxInfo>;
+    /// Forgets a sandbox and its state; a running one needs `force`.
+    async fn remove(&self, name: &str, force: bool) -> ApiResult<()>;
+    /// Starts a command in a running sandbox.
+    async fn spawn(&self, name: &str, cmd: &capsa::Command) -> ApiResult<ExecChild>;
+    /// Streams `reader` into the guest file `path`.
+    async fn write_file(
+        &self,
+        name: &str,
+        path: &str,
+        mode: u32,
+        reader: BoxReader,
+    ) -> ApiResult<FileMeta>;
+    /// Streams the guest file `path` into `writer`.
+    async fn read_file(&self, name: &str, path: &str, writer: BoxWriter) -> ApiResult<FileMeta>;
+    /// The console's host paths (`unavailable` when this backend has none).
+    async fn console(&self, name: &str) -> ApiResult<ConsolePaths>;
+}
+
+pub mod in_process;
+pub mod monitor;

@@ -1,0 +1,303 @@
+//! The one error shape every endpoint answers with.
+//!
+//! Clients (the CLI, scripts, the fuzzer) match on `error.code`, which is
+//! stable; `message` names the problem and `fix` says what to do about it.
+//! axum's own rejections (bad JSON, bad path or query, unknown route, wrong
+//! method, oversize body) are converted into the same shape, so no endpoint
+//! ever answers with a plain-text body.
+
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Stable machine-readable error codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request is malformed (bad JSON, unknown field, bad value).
+    BadRequest,
+    /// A sandbox name breaks the naming rules.
+    InvalidName,
+    /// A guest path is not absolute or contains `..`.
+    InvalidPath,
+    /// No or a wrong bearer token.
+    Unauthorized,
+    /// The sandbox, file or route does not exist.
+    NotFound,
+    /// The method is not allowed on this route.
+    MethodNotAllowed,
+    /// The name is taken, an operation on it is in progress, or its state forbids the action.
+    Conflict,
+    /// The body is larger than this endpoint accepts.
+    PayloadTooLarge,
+    /// The body is not `application/json` where JSON is expected.
+    UnsupportedMediaType,
+    /// The guest refused the operation (permission denied, busy).
+    GuestError,
+    /// The operation did not finish in time.
+    Timeout,
+    /// The daemon cannot serve this now (e.g. a feature missing on this host).
+    Unavailable,
+    /// A bug or an unexpected host failure; the message has details.
+    Internal,
+}
+
+/// The body of every error response.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// What went wrong and how to fix it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorDetail {
+    /// Stable code to match on.
+    pub code: ErrorCode,
+    /// Human-readable description naming the problem.
+    pub message: String,
+    /// What to do about it, when there is something to do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+/// An error as a handler returns it: status + body.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// The body.
+    pub detail: ErrorDetail,
+}
+
+/// Result alias for handlers.
+pub type ApiResult<T> = Result<T, ApiError>;
+
+impl ApiError {
+    /// An error with an explicit status and code.
+    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            detail: ErrorDetail {
+                code,
+                message: message.into(),
+                fix: None,
+            },
+        }
+    }
+
+    /// Adds the fix hint.
+    pub fn fix(mut self, fix: impl Into<String>) -> Self {
+        self.detail.fix = Some(fix.into());
+        self
+    }
+
+    /// 400 bad_request.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, message)
+    }
+
+    /// 404 not_found for a sandbox.
+    pub fn no_sandbox(name: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NotFound,
+            format!("no sandbox named {name:?}"),
+        )
+        .fix("list sandboxes with GET /v1/sandboxes, or create it with POST /v1/sandboxes")
+    }
+
+    /// 409 conflict.
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, ErrorCode::Conflict, message)
+    }
+
+    /// 500 internal.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Internal,
+            message,
+        )
+    }
+
+    /// 503 unavailable.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
+            message,
+        )
+    }
+
+    /// 401 unauthorized.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, message).fix(
+            "send `Authorization: Bearer <token>` with the token from capsad's token file \
+             (default <state dir>/capsad.token)",
+        )
+    }
+
+    /// 404 for an unknown route.
+    pub fn no_route(path: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NotFound,
+            format!("no route {path:?}"),
+        )
+        .fix("see GET /openapi.json for the routes capsad serves")
+    }
+
+    /// 405 for a known route with the wrong method.
+    pub fn method_not_allowed() -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::MethodNotAllowed,
+            "this method is not allowed on this route",
+        )
+        .fix("see GET /openapi.json for the methods each route accepts")
+    }
+
+    /// Maps a library error to the closest HTTP error.
+    pub fn from_capsa(context: &str, e: &capsa::Error) -> Self {
+        use capsa::{AgentClientError, Error as E, ErrorKind as K};
+        let message = format!("{context}: {e}");
+        let fix = e.fix();
+        let err = match e {
+            E::Core(capsa_core::Error::InvalidSpec { .. })
+            | E::Core(capsa_core::Error::Disk { .. })
+            | E::Core(capsa_core::Error::Cmdline(_))
+            | E::InvalidArgument(_) => ApiError::bad_request(message),
+            E::Core(capsa_core::Error::Unsupported { .. }) => ApiError::unavailable(message),
+            E::Agent(AgentClientError::InvalidRequest(_)) => ApiError::bad_request(message),
+            E::Agent(AgentClientError::Timeout { .. }) | E::ConsoleTimeout { .. } => {
+                ApiError::new(StatusCode::GATEWAY_TIMEOUT, ErrorCode::Timeout, message)
+            }
+            E::Agent(a) => match a.remote_kind() {
+                Some(K::NotFound) => {
+                    ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, message)
+                }
+                Some(K::InvalidInput) => ApiError::bad_request(message),
+                Some(K::AlreadyExists) => ApiError::conflict(message),
+                Some(K::PermissionDenied) | Some(K::Busy) | Some(K::Io) => {
+                    ApiError::new(StatusCode::CONFLICT, ErrorCode::GuestError, message)
+                }
+                Some(_) => ApiError::new(StatusCode::BAD_GATEWAY, ErrorCode::GuestError, message),
+                None => ApiError::unavailable(message)
+                    .fix("the sandbox's agent is unreachable: check its state; restart it with POST /v1/sandboxes/{name}/start"),
+            },
+            E::Vmm(v) => {
+                use capsa_vmm::VmmError as V;
+                match v {
+                    V::InvalidName { .. } | V::PathTooLong { .. } => ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        ErrorCode::InvalidName,
+                        message,
+                    ),
+                    V::NotFound { .. } => {
+                        ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, message)
+                    }
+                    V::AlreadyExists { .. }
+                    | V::Dead { .. }
+                    | V::Stopped { .. }
+                    | V::Running { .. } => ApiError::conflict(message),
+                    V::MonitorNotFound { .. } => ApiError::unavailable(message),
+                    V::Core(
+                        capsa_core::Error::InvalidSpec { .. }
+                        | capsa_core::Error::Disk { .. }
+                        | capsa_core::Error::Cmdline(_),
+                    ) => ApiError::bad_request(message),
+                    V::Core(capsa_core::Error::Unsupported { .. }) => ApiError::unavailable(message),
+                    _ => ApiError::internal(message),
+                }
+            }
+            E::ConsoleClosed { .. } | E::NoConsole | E::NoVsock | E::Vsock { .. } => {
+                ApiError::unavailable(message)
+            }
+            _ => ApiError::internal(message),
+        };
+        match fix {
+            Some(f) => err.fix(f),
+            None => err,
+        }
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} ({:?}): {}",
+            self.status.as_u16(),
+            self.detail.code,
+            self.detail.message
+        )
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::warn!(status = %self.status, message = %self.detail.message, "request failed");
+        }
+        (self.status, axum::Json(ErrorBody { error: self.detail })).into_response()
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        let status = r.status();
+        let text = r.body_text();
+        match r {
+            JsonRejection::MissingJsonContentType(_) => Self::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                ErrorCode::UnsupportedMediaType,
+                text,
+            )
+            .fix("send the body with `Content-Type: application/json`"),
+            JsonRejection::BytesRejection(_) if status == StatusCode::PAYLOAD_TOO_LARGE => {
+                too_large(text)
+            }
+            _ if status == StatusCode::PAYLOAD_TOO_LARGE => too_large(text),
+            JsonRejection::JsonDataError(_) => Self::bad_request(text)
+                .fix("check field names and types against GET /openapi.json (unknown fields are refused)"),
+            JsonRejection::JsonSyntaxError(_) => {
+                Self::bad_request(text).fix("send a well-formed JSON object")
+            }
+            _ => Self::bad_request(text),
+        }
+    }
+}
+
+fn too_large(text: String) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::PayloadTooLarge,
+        text,
+    )
+    .fix("send a smaller body; upload files with PUT /v1/sandboxes/{name}/files, which streams")
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(r: PathRejection) -> Self {
+        Self::bad_request(r.body_text())
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(r: QueryRejection) -> Self {
+        Self::bad_request(r.body_text()).fix("check the query parameters against GET /openapi.json")
+    }
+}
+
+impl From<axum::extract::ws::rejection::WebSocketUpgradeRejection> for ApiError {
+    fn from(r: axum::extract::ws::rejection::WebSocketUpgradeRejection) -> Self {
+        Self::bad_request(r.body_text()).fix("connect with a WebSocket client")
+    }
+}

@@ -1,0 +1,85 @@
+//! `capsad`: the capsa daemon (runs in the foreground; see the crate README).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Parser;
+
+/// The capsa daemon: an HTTP+JSON API on a Unix socket to manage sandboxes.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// State root (sandboxes, socket, token); the library's StateRoot. Default:
+    /// $XDG_RUNTIME_DIR/capsa, /run/capsa for root, else $TMPDIR/capsa-<uid>.
+    #[arg(long, env = "CAPSA_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Unix socket to serve on. Default: <state dir>/capsad.sock.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Let this group connect (socket mode 0660 instead of 0600).
+    #[arg(long)]
+    socket_group: Option<String>,
+    /// Bearer token file (0600; generated when missing). Default: <state dir>/capsad.token.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Also serve on this loopback TCP address (e.g. 127.0.0.1:7070), same auth.
+    #[arg(long)]
+    listen_tcp: Option<SocketAddr>,
+    /// Where sandboxes live: `monitor` (per-VM capsa-vmm processes; survive a
+    /// daemon restart) or `in-process` (VMs die with the daemon).
+    #[arg(long, default_value = "monitor", value_parser = ["monitor", "in-process"])]
+    backend: String,
+    /// Print the OpenAPI document and exit.
+    #[arg(long)]
+    print_openapi: bool,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,tarpc=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    if args.print_openapi {
+        match capsad::server::openapi().to_pretty_json() {
+            Ok(s) => {
+                use std::io::Write;
+                let _ = writeln!(std::io::stdout(), "{s}");
+                return std::process::ExitCode::SUCCESS;
+            }
+            Err(e) => {
+                eprintln!("capsad: {e}");
+                return std::process::ExitCode::FAILURE;
+            }
+        }
+    }
+    let state_dir = args
+        .state_dir
+        .unwrap_or_else(|| capsa::StateRoot::default_root().path().to_path_buf());
+    let cfg = capsad::daemon::Config {
+        state_dir: state_dir.clone(),
+        socket: args.socket,
+        socket_group: args.socket_group,
+        token_file: args.token_file,
+        listen_tcp: args.listen_tcp,
+    };
+    let backend: Arc<dyn capsad::backend::Backend> = if args.backend == "monitor" {
+        let b = capsad::backend::monitor::MonitorBackend::new(state_dir);
+        b.report_dead();
+        Arc::new(b)
+    } else {
+        Arc::new(capsad::backend::in_process::InProcessBackend::new())
+    };
+    match capsad::daemon::run(cfg, backend).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("capsad: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,449 @@
+//! Bad requests against the real daemon over its real socket: each gets a 4xx
+//! JSON error in the one shape, and the daemon keeps serving. No VM needed.
+
+mod common;
+
+use capsad::client::{Client, ClientError};
+use capsad::ErrorBody;
+use hyper::{Method, StatusCode};
+
+async fn expect_err(
+    c: &Client,
+    m: Method,
+    path: &str,
+    ctype: Option<&str>,
+    body: Vec<u8>,
+    status: StatusCode,
+    code: &str,
+) {
+    let (st, b) = c.raw(m.clone(), path, ctype, body).await.expect("request");
+    assert_eq!(st, status, "{m} {path}: {}", String::from_utf8_lossy(&b));
+    let e: ErrorBody = serde_json::from_slice(&b).unwrap_or_else(|e| {
+        panic!(
+            "{m} {path}: not an error body ({e}): {}",
+            String::from_utf8_lossy(&b)
+        )
+    });
+    let got = serde_json::to_value(e.error.code).unwrap();
+    assert_eq!(got, code, "{m} {path}: {}", e.error.message);
+    assert!(!e.error.message.is_empty());
+}
+
+#[tokio::test]
+async fn bad_requests_get_json_errors_and_the_daemon_keeps_serving() {
+    let d = common::Daemon::start();
+    let c = d.client();
+    let h = c.health().await.expect("health");
+    assert_eq!(h.status, "ok");
+
+    // Auth: none, wrong, right.
+    let none = Client::connect(&d.socket, "").unwrap();
+    match none.health().await {
+        Err(ClientError::Api { status, detail }) => {
+            assert_eq!(status, StatusCode::UNAUTHORIZED);
+            assert!(detail.fix.is_some());
+        }
+        other => panic!("{other:?}"),
+    }
+    let wrong = Client::connect(&d.socket, "nope").unwrap();
+    expect_err(
+        &wrong,
+        Method::GET,
+        "/v1/sandboxes",
+        None,
+        vec![],
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    )
+    .await;
+    expect_err(
+        &wrong,
+        Method::GET,
+        "/openapi.json",
+        None,
+        vec![],
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    )
+    .await;
+
+    let json = Some("application/json");
+    expect_err(
+        &c,
+        Method::POST,
+        "/v1/sandboxes",
+        json,
+        b"{not json".to_vec(),
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    )
+    .await;
+    expect_err(
+        &c,
+        Method::POST,
+        "/v1/sandboxes",
+        json,
+        br#"{"name":"a","bogus":1}"#.to_vec(),
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    )
+    .await;
+    expect_err(
+        &c,
+        Method::POST,
+        "/v1/sandboxes",
+        json,
+        br#"{"cpus":"two"}"#.to_vec(),
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    )
+    .await;
+    expect_err(
+        &c,
+        Method::POST,
+        "/v1/sandboxes",
+        None,
+        br#"{"name":"a"}"#.to_vec(),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+    )
+    .await;
+    let long = format!(r#"{{"name":"{}"}}"#, "x".repeat(200));
+    expect_err(
+        &c,
+        Method::POST,
+        "/v1/sandboxes",
+        json,
+        long.into_bytes(),
+        StatusCode::BAD_REQUEST,
+        "invalid_name",
+    )
+    .await;
+    expect_err(
+        &c,
+        Method::POST,
+        "/v1/sandboxes",
+        json,
+        br#"{"name":"../etc"}"#.to_vec(),
+        StatusCode::BAD_REQUEST,
+        "invalid_name",
+    )
+    .await;
+    expect_err(
+        &c,
+        Method::POST,
+        "/v1/sandboxes",
+        json,
+        br#"{"name":"a/b"}"#.to_vec(),
+        StatusCode::BAD_REQUEST,
+        "invalid_name",
+    )
+    .await;
+    expect_err(
+        &c,
+        Method::POST,
+        "/v1/sandboxes",
+        json,
+        br#"{"name":"ok","workdir":"rel"}"#.to_vec(),
+        StatusCode::BAD_REQUEST,
+        "invalid_path",
+    )
+    .await;
+    expect_err(
+        &c,
+        Method::POST,
+        "/v1/sandboxes",
+        json,
+        br#"{"name":"ok","cpus":0}"#.to_vec(),
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    )
+    .await;
+    expect_err(
+        &c,
+        Method::GET,
+        "/v1/sandboxes/%2E%2E",
+        None,
+        vec![],
+        StatusCode::BAD_REQUEST,
+        "invalid_name",
+    )
+    .await;
+    expect_err(
+        &c,
+        Method::GET,
+        "/v1/sandboxes/..%2Fetc",
+        None,
+        vec![],
+        StatusCode::BAD_REQUEST,
+        "invalid_name",
+    )
+    .await;
+    expect_err(
+        &c,
+        Method::GET,
+        "/v1/sandboxes/nosuch",
+        None,
+        vec![],
+        StatusCode::NOT_FOUND,
+        "not_found",
+    )
+    .await;
+    expect_err(
+        &c,
+        Method::DELETE,
+        "/v1/sandboxes/nosuch?force=maybe",
+        None,
+        vec![],
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    )
+    .await;
+    expect_err(
+        &c,
+        Method::DELETE,
+        "/v1/sandboxes/nosuch?bogus=1",
+        None,
+        vec![],
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    )
+    .await;
+    // Guest file paths.
+    for p in ["rel/file", "/a/../etc/passwd", "/..", "%2Fa%2F..%2Fb"] {
+        expect_err(
+            &c,
+            Method::GET,
+            &format!("/v1/sandboxes/x/files?path={p}"),
+            None,
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+        )
+        .await;
+        expect_err(
+            &c,
+            Method::PUT,
+            &format!("/v1/sandboxes/x/files?path={p}"),
+            None,
+            b"data".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+        )
+        .await;
+    }
+    expect_err(
+        &c,
+        Method::GET,
+        "/v1/sandboxes/x/files",
+        None,
+        vec![],
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    )
+    .await;
+    expect_err(
+        &c,
+        Method::PUT,
+        "/v1/sandboxes/x/files?path=/a&mode=999",
+        None,
+        vec![],
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    )
+    .await;
+    // Exec validation happens before the sandbox lookup.
+    expect_err(
+        &c,
+        Method::POST,
+        "/v1/sandboxes/x/exec",
+        json,
+        br#"{"argv":[]}"#.to_vec(),
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    )
+    .await;
+    expect_err(
+        &c,
+        Method::POST,
+        "/v1/sandboxes/x/exec",
+        json,
+        br#"{"argv":["true"],"stdin":"***"}"#.to_vec(),
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    )
+    .await;
+    expect_err(
+        &c,
+        Method::POST,
+        "/v1/sandboxes/x/exec",
+        json,
+        br#"{"argv":["true"],"cwd":"/../x"}"#.to_vec(),
+        StatusCode::BAD_REQUEST,
+        "invalid_path",
+    )
+    .await;
+    // A 10 MiB body to a small endpoint.
+    let mut big = br#"{"name":""#.to_vec();
+    big.extend(std::iter::repeat_n(b'a', 10 << 20));
+    big.extend(br#""}"#);
+    for path in ["/v1/sandboxes", "/v1/sandboxes/x/exec"] {
+        let (status, body) = raw_oversize(&d.socket, &d.token, path, &big);
+        assert_eq!(status, 413, "{path}: {body}");
+        let e: ErrorBody = serde_json::from_str(&body).expect(&body);
+        assert_eq!(
+            serde_json::to_value(e.error.code).unwrap(),
+            "payload_too_large"
+        );
+    }
+    // Unknown routes and methods.
+    expect_err(
+        &c,
+        Method::GET,
+        "/v2/nothing",
+        None,
+        vec![],
+        StatusCode::NOT_FOUND,
+        "not_found",
+    )
+    .await;
+    expect_err(
+        &c,
+        Method::PATCH,
+        "/v1/sandboxes",
+        None,
+        vec![],
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+    )
+    .await;
+    // Websocket routes without an upgrade.
+    expect_err(
+        &c,
+        Method::GET,
+        "/v1/sandboxes/x/exec/ws",
+        None,
+        vec![],
+        StatusCode::NOT_FOUND,
+        "not_found",
+    )
+    .await;
+
+    // Still serving.
+    assert_eq!(c.list().await.expect("list").len(), 0);
+    assert_eq!(c.health().await.expect("health").status, "ok");
+}
+
+#[tokio::test]
+async fn openapi_document_parses_and_covers_the_routes() {
+    let d = common::Daemon::start();
+    let doc = d.client().openapi().await.expect("openapi");
+    let paths = doc["paths"].as_object().expect("paths");
+    for p in [
+        "/v1/health",
+        "/v1/sandboxes",
+        "/v1/sandboxes/{name}",
+        "/v1/sandboxes/{name}/exec",
+        "/v1/sandboxes/{name}/files",
+        "/v1/sandboxes/{name}/console",
+        "/v1/events",
+    ] {
+        assert!(paths.contains_key(p), "{p} missing");
+    }
+    assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+    // Structural validation with a typed OpenAPI model. `openapiv3` models
+    // 3.0; utoipa emits 3.1, whose only construct here that 3.0 lacks is
+    // `type: [T, "null"]` (3.0: `type: T, nullable: true`).
+    let mut v = doc.clone();
+    v["openapi"] = "3.0.3".into();
+    to_30(&mut v);
+    let parsed: openapiv3::OpenAPI = serde_json::from_value(v).expect("typed OpenAPI parse");
+    assert!(parsed.paths.paths.len() >= 10);
+}
+
+#[test]
+fn refuses_a_second_daemon_and_an_open_token_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = common::Daemon::start();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_capsad"))
+        .arg("--state-dir")
+        .arg(&d.dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already serving"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+
+    let tmp = tempfile::tempdir_in("/tmp").unwrap();
+    let tok = tmp.path().join("capsad.token");
+    std::fs::write(&tok, "abc\n").unwrap();
+    std::fs::set_permissions(&tok, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_capsad"))
+        .arg("--state-dir")
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("chmod 600"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_capsad"))
+        .arg("--state-dir")
+        .arg(tmp.path())
+        .args(["--listen-tcp", "0.0.0.0:1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
+
+fn to_30(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => {
+            if let Some(serde_json::Value::Array(types)) = m.get("type").cloned() {
+                let non_null: Vec<_> = types.iter().filter(|t| *t != "null").cloned().collect();
+                if non_null.len() == 1 {
+                    m.insert("type".into(), non_null[0].clone());
+                    m.insert("nullable".into(), true.into());
+                }
+            }
+            for x in m.values_mut() {
+                to_30(x);
+            }
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(to_30),
+        _ => {}
+    }
+}
+
+/// Sends a huge body over a raw socket while reading the answer concurrently:
+/// the server answers 413 before reading it all and closes, so the write
+/// side may fail; what matters is the response.
+fn raw_oversize(socket: &std::path::Path, token: &str, path: &str, body: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let body = body.to_vec();
+    let t = std::thread::spawn(move || {
+        let _ = w.write_all(head.as_bytes());
+        let _ = w.write_all(&body);
+    });
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let _ = s.shutdown(std::net::Shutdown::Both);
+    let _ = t.join();
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
