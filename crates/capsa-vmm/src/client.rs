@@ -5,11 +5,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use capsa_core::{ConsoleStreams, ExitReason, VmInstance, VmSpec, VmStatus};
+use capsa_core::{ConsoleStreams, ExitReason, SnapshotMeta, VmInstance, VmSpec, VmStatus};
 use tarpc::client::RpcError as TransportError;
 
-use crate::service::{context_with_deadline, MonitorClient, MonitorInfo, LONG_CALL};
-use crate::state::{self, files, StateFile, StateRoot};
+use crate::service::{
+    context_with_deadline, MonitorClient, MonitorInfo, LONG_CALL, SNAPSHOT_CALL,
+};
+use crate::state::{self, files, RestoreRequest, StateFile, StateRoot};
 use crate::{Result, VmmError};
 
 /// How long a fresh monitor gets to answer its first RPC.
@@ -123,6 +125,31 @@ fn rpc_err(call: &'static str, e: TransportError) -> VmmError {
 /// Fails with [`VmmError::AlreadyExists`] if the directory exists at all.
 /// The VM may still be starting: see [`MonitorHandle::wait_started`].
 pub async fn spawn(spec: VmSpec, opts: SpawnOptions) -> Result<MonitorHandle> {
+    spawn_inner(spec, opts, None).await
+}
+
+/// Like [`spawn`], but the monitor restores the snapshot in `snapshot` (a
+/// directory) instead of booting: `spec` is the snapshot's (from its
+/// metadata); once restored, the monitor records the VM's own spec (disks on
+/// its overlays) in `spec.json`. The caller checks the snapshot first (it is
+/// checked again by the monitor); a failed restore is reported like a failed
+/// boot, by [`MonitorHandle::wait_started`].
+pub async fn spawn_restored(
+    snapshot: &Path,
+    spec: VmSpec,
+    opts: SpawnOptions,
+) -> Result<MonitorHandle> {
+    // The monitor's working directory is not ours.
+    let snapshot = std::path::absolute(snapshot)
+        .map_err(|e| VmmError::io(format!("resolving {}", snapshot.display()), e))?;
+    spawn_inner(spec, opts, Some(RestoreRequest { snapshot })).await
+}
+
+async fn spawn_inner(
+    spec: VmSpec,
+    opts: SpawnOptions,
+    restore: Option<RestoreRequest>,
+) -> Result<MonitorHandle> {
     state::validate_name(&opts.name)?;
     let dir = opts.state_root.sandbox_dir(&opts.name);
     state::check_socket_paths(&dir)?;
@@ -147,6 +174,9 @@ pub async fn spawn(spec: VmSpec, opts: SpawnOptions) -> Result<MonitorHandle> {
         write_json(&dir.join(files::SPEC), &spec)?;
         if let Some(extra) = &opts.extra {
             write_json(&dir.join(files::SANDBOX), extra)?;
+        }
+        if let Some(r) = &restore {
+            write_json(&dir.join(files::RESTORE), r)?;
         }
         launch(&binary, &dir, &opts.name, opts.keep_alive).await
     }
@@ -366,6 +396,18 @@ impl MonitorHandle {
         Ok(())
     }
 
+    /// Saves the VM into `dir` (made absolute here: the monitor's working
+    /// directory is not ours); see [`VmInstance::snapshot`].
+    async fn snapshot_rpc(&self, dir: &Path) -> capsa_core::Result<SnapshotMeta> {
+        let dir = std::path::absolute(dir)
+            .map_err(|e| capsa_core::Error::io(format!("resolving {}", dir.display()), e))?;
+        let r = self
+            .client
+            .snapshot(context_with_deadline(SNAPSHOT_CALL), dir)
+            .await;
+        Ok(r.map_err(|e| self.core_err("snapshot", e))??)
+    }
+
     /// Lets the VM run on without this handle: keep-alive on, then the pipes close.
     pub async fn detach(mut self) -> Result<()> {
         self.set_keep_alive(true).await
@@ -488,6 +530,10 @@ impl VmInstance for MonitorHandle {
                 None => Err(self.core_err("kill", e)),
             },
         }
+    }
+
+    async fn snapshot(&self, dir: &Path) -> capsa_core::Result<SnapshotMeta> {
+        self.snapshot_rpc(dir).await
     }
 
     async fn wait(&self) -> capsa_core::Result<ExitReason> {

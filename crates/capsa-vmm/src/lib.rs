@@ -21,7 +21,11 @@ pub mod server;
 pub mod service;
 pub mod state;
 
-pub use client::{connect, find_monitor_binary, respawn, spawn, MonitorHandle, SpawnOptions};
+pub use client::{
+    connect, find_monitor_binary, respawn, spawn, spawn_restored, MonitorHandle, SpawnOptions,
+};
 pub use error::{Result, VmmError};
 pub use service::{MonitorInfo, RpcError};
-pub use state::{validate_name, SandboxRecord, SandboxState, StateError, StateRoot};
+pub use state::{
+    validate_name, RestoreRequest, SandboxRecord, SandboxState, StateError, StateRoot,
+};

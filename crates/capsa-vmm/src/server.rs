@@ -1,7 +1,8 @@
 //! The monitor process: owns one VM for its whole life.
 //!
 //! `capsa-vmm serve --state-dir DIR` boots `DIR/spec.json` with the QEMU
-//! backend (sockets in `DIR`), records every transition in `DIR/state.json`,
+//! backend (sockets in `DIR`) — or, when `DIR/restore.json` names a snapshot,
+//! restores that snapshot instead (see [`crate::state::RestoreRequest`]) — records every transition in `DIR/state.json`,
 //! serves the [`crate::service::Monitor`] RPC on stdin/stdout and on
 //! `DIR/monitor.sock`, and multiplexes the serial console to `console.log` and
 //! `console.sock` clients. It exits when the VM ends.
@@ -17,7 +18,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use capsa_core::{
-    ConsoleStreams, ExitReason, Hypervisor, StartOptions, VmInstance, VmSpec, VmStatus,
+    ConsoleStreams, ExitReason, Hypervisor, SnapshotMeta, StartOptions, VmInstance, VmSpec,
+    VmStatus,
 };
 use futures::StreamExt;
 use tarpc::server::{BaseChannel, Channel};
@@ -26,7 +28,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{broadcast, mpsc, watch, OnceCell};
 
 use crate::service::{Monitor, MonitorInfo, RpcError};
-use crate::state::{self, files, RecordedState, StateFile};
+use crate::state::{self, files, RecordedState, RestoreRequest, StateFile};
 use crate::{Result, VmmError};
 
 /// Console history replayed to each new console client.
@@ -154,6 +156,42 @@ impl Monitor for Server {
         tracing::info!(keep, "keep-alive set");
         self.0.keep_alive.store(keep, Ordering::SeqCst);
     }
+
+    async fn snapshot(
+        self,
+        _: tarpc::context::Context,
+        dir: PathBuf,
+    ) -> std::result::Result<SnapshotMeta, RpcError> {
+        // The monitor's working directory is not the caller's.
+        if !dir.is_absolute() {
+            return Err(RpcError {
+                code: "invalid_argument".into(),
+                message: format!("snapshot directory {} is not absolute", dir.display()),
+                fix: Some("pass an absolute path".into()),
+            });
+        }
+        let instance = self.0.instance()?.clone();
+        tracing::info!(dir = %dir.display(), "taking a snapshot");
+        let t = std::time::Instant::now();
+        let meta = instance.snapshot(&dir).await.map_err(|e| {
+            tracing::warn!("snapshot failed: {e}");
+            RpcError::from(e)
+        })?;
+        tracing::info!(took = ?t.elapsed(), "snapshot taken");
+        Ok(meta)
+    }
+}
+
+/// Starts the VM from the snapshot `req` names: checks it against this host
+/// (kernel, versions, files) and restores it with run files in `run_dir`.
+async fn restore_vm(
+    backend: &capsa_qemu::QemuBackend,
+    req: &RestoreRequest,
+    opts: StartOptions,
+) -> capsa_core::Result<capsa_core::RestoredVm> {
+    let meta = SnapshotMeta::read(&req.snapshot)?;
+    meta.check_host(&req.snapshot)?;
+    backend.restore(&req.snapshot, &meta, opts).await
 }
 
 /// Serves the monitor RPC on one byte stream until it closes.
@@ -255,6 +293,7 @@ async fn serve(opts: ServeOptions) -> Result<()> {
             path: dir.join(files::SPEC),
             message: "missing".into(),
         })?;
+    let restore: Option<RestoreRequest> = state::read_json_opt(&dir.join(files::RESTORE))?;
     state::check_socket_paths(&dir)?;
     let name = dir
         .file_name()
@@ -349,19 +388,27 @@ async fn serve(opts: ServeOptions) -> Result<()> {
         .map_err(|e| VmmError::io("installing the SIGINT handler", e))?;
 
     // Start the VM here, on the main thread (see `run`).
-    tracing::info!(name = %name, dir = %dir.display(), "starting the VM");
+    tracing::info!(name = %name, dir = %dir.display(), restore = ?restore, "starting the VM");
+    let opts = StartOptions {
+        run_dir: dir.clone(),
+        name: name.clone(),
+    };
     let started = match capsa_qemu::QemuBackend::new() {
-        Ok(b) => {
-            b.start(
-                spec,
-                StartOptions {
-                    run_dir: dir.clone(),
-                    name: name.clone(),
-                },
-            )
-            .await
-        }
+        Ok(b) => match &restore {
+            None => b.start(spec, opts).await.map(|i| (i, None)),
+            Some(req) => restore_vm(&b, req, opts)
+                .await
+                .map(|r| (r.instance, Some(r.spec))),
+        },
         Err(e) => Err(e.into()),
+    };
+    let started = match started {
+        Ok((instance, Some(restored_spec))) => {
+            record_restore(&inner, &restored_spec);
+            Ok(instance)
+        }
+        Ok((instance, None)) => Ok(instance),
+        Err(e) => Err(e),
     };
     let mut instance = match started {
         Ok(i) => i,
@@ -449,6 +496,21 @@ async fn serve(opts: ServeOptions) -> Result<()> {
     let orphaned = *stdin_closed.borrow() && !inner.keep_alive.load(Ordering::SeqCst);
     finish(&inner, ephemeral || orphaned).await;
     Ok(())
+}
+
+/// After a restore: `spec.json` becomes the restored VM's spec (its disks are
+/// its own overlays in the sandbox directory, so a later `start` boots from
+/// them), and `restore.json` is renamed so it is not acted on again.
+/// Failures are logged: the running VM matters more than its record.
+fn record_restore(inner: &Inner, spec: &VmSpec) {
+    let dir = &inner.dir;
+    if let Err(e) = state::write_json_atomic(&dir.join(files::SPEC), spec) {
+        tracing::warn!("cannot record the restored spec: {e}");
+    }
+    if let Err(e) = std::fs::rename(dir.join(files::RESTORE), dir.join(files::RESTORED_FROM)) {
+        tracing::warn!("cannot retire {}: {e}", files::RESTORE);
+    }
+    Inner::lock(&inner.info).spec = spec.clone();
 }
 
 /// A graceful stop as a task: ask the guest, then kill after the grace period.

@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use capsa_core::{ExitReason, VmSpec, VmStatus};
+use capsa_core::{ExitReason, SnapshotMeta, VmSpec, VmStatus};
 use serde::{Deserialize, Serialize};
 use tarpc::tokio_serde::formats::Json;
 use tarpc::tokio_util::codec::LengthDelimitedCodec;
@@ -20,6 +20,10 @@ pub const MAX_FRAME: usize = 16 << 20;
 /// Deadline put on long calls (`wait`, `kill`); tarpc's default is 10 s.
 /// Kept under tokio's ~2 year timer limit; `wait` re-issues the call when it passes.
 pub const LONG_CALL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Deadline put on `snapshot`: saving copies guest RAM and disks, which takes
+/// seconds per GiB under TCG and longer on slow disks.
+pub const SNAPSHOT_CALL: Duration = Duration::from_secs(30 * 60);
 
 /// An error answered by the monitor; `code` is stable for matching.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -121,6 +125,10 @@ pub trait Monitor {
     async fn wait() -> Result<ExitReason, RpcError>;
     /// Whether the monitor keeps the VM when its spawner goes away (stdin EOF).
     async fn set_keep_alive(keep: bool);
+    /// Saves the VM into `dir`, an absolute path to a new or empty directory
+    /// (see [`capsa_core::VmInstance::snapshot`]); the VM goes on as it was.
+    /// Long-running: give the context [`SNAPSHOT_CALL`].
+    async fn snapshot(dir: PathBuf) -> Result<SnapshotMeta, RpcError>;
 }
 
 /// A tarpc context whose deadline is `after` from now.

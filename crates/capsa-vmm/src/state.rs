@@ -5,6 +5,9 @@
 //! <root>/sandboxes/<name>/
 //!   spec.json         the VmSpec the monitor boots (written by the spawner)
 //!   sandbox.json      library-level extras (env, workdir, kind), opaque here
+//!   restore.json      present until started: restore this snapshot instead of booting
+//!   restored-from.json  what restore.json said, once the restore succeeded
+//!   disk<N>.qcow2     a restored VM's own overlays on the snapshot's frozen disks
 //!   state.json        written atomically by the monitor on every transition
 //!   monitor.pid       the monitor's pid
 //!   monitor.sock      tarpc control socket (mode 0600)
@@ -56,6 +59,20 @@ pub mod files {
     pub const VHOST_VSOCK_SOCK: &str = "vhost-vsock.sock";
     /// QEMU's QMP socket.
     pub const QMP_SOCK: &str = "qmp.sock";
+    /// A [`super::RestoreRequest`]: the monitor restores instead of booting.
+    pub const RESTORE: &str = "restore.json";
+    /// The [`super::RestoreRequest`] a restored sandbox came from (kept for
+    /// `inspect`; no longer acted on, so `start` after a stop boots cold).
+    pub const RESTORED_FROM: &str = "restored-from.json";
+}
+
+/// Asks the monitor to start the VM from a snapshot instead of booting
+/// `spec.json` (the content of [`files::RESTORE`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreRequest {
+    /// The snapshot directory (absolute).
+    pub snapshot: PathBuf,
 }
 
 /// Longest Unix socket path (`sun_path` is 108 bytes including the NUL).
@@ -441,6 +458,23 @@ pub fn check_socket_paths(dir: &Path) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// Writes `v` as JSON to `path` atomically (temp file in the same directory, then rename).
+pub(crate) fn write_json_atomic<T: Serialize>(path: &Path, v: &T) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(v).map_err(|e| VmmError::BadState {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    std::fs::write(&tmp, bytes)
+        .map_err(|e| VmmError::io(format!("writing {}", tmp.display()), e))?;
+    std::fs::rename(&tmp, path)
+        .map_err(|e| VmmError::io(format!("renaming to {}", path.display()), e))
 }
 
 /// Reads a JSON file, `Ok(None)` when missing. Bounded: a file above 1 MiB is refused.

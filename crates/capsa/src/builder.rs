@@ -13,7 +13,7 @@ use crate::handle::{Instance, RunDir};
 use crate::{Error, Result, VmConsole, VmHandle};
 
 /// How long a monitor gets to bring QEMU up (boot itself is not included).
-const MONITOR_START_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+pub(crate) const MONITOR_START_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Where the VMM runs.
 ///

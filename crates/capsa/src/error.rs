@@ -61,6 +61,28 @@ pub enum Error {
         /// What was asked.
         what: &'static str,
     },
+    /// No snapshot has this name in the snapshot store.
+    #[error("no snapshot named {name:?} in {root}. Fix: `capsa snapshot ls` lists the snapshots there (or set CAPSA_SNAPSHOT_DIR)")]
+    SnapshotNotFound {
+        /// The snapshot name.
+        name: String,
+        /// The store that was searched.
+        root: std::path::PathBuf,
+    },
+    /// A snapshot of this name exists already.
+    #[error("a snapshot named {name:?} already exists. Fix: pick another name or remove it with `capsa snapshot rm {name}`")]
+    SnapshotExists {
+        /// The snapshot name.
+        name: String,
+    },
+    /// A snapshot name breaks the naming rule (the sandbox rule).
+    #[error("invalid snapshot name {name:?}: {problem}. Fix: use 1-63 characters [a-z0-9][a-z0-9_.-]*, e.g. `base.1`")]
+    SnapshotName {
+        /// The refused name.
+        name: String,
+        /// Which part of the rule it breaks.
+        problem: &'static str,
+    },
     /// An argument to a library call is unusable.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

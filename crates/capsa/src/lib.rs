@@ -32,6 +32,7 @@ mod pool;
 mod registry;
 mod sandbox;
 mod snapshot;
+mod snapshot_store;
 mod vsock;
 
 pub use builder::{Capsa, LinuxDirectBoot, Strategy, VmBuilder};
@@ -50,6 +51,7 @@ pub use pool::{Pool, PoolBuilder, PoolStats, DEFAULT_POOL_SIZE};
 pub use registry::Sandboxes;
 pub use sandbox::{Command, Sandbox, SandboxBuilder, DEFAULT_OP_TIMEOUT, DEFAULT_READY_TIMEOUT};
 pub use snapshot::{RestoreBuilder, Snapshot};
+pub use snapshot_store::{SnapshotEntry, Snapshots, SpecSummary};
 
 /// Re-export of the image crate, for bundle options.
 pub use capsa_image as image;

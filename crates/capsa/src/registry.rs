@@ -8,7 +8,7 @@ use capsa_core::{HostLimits, VmInstance};
 use capsa_vmm::{SandboxRecord, SandboxState, StateRoot, VmmError};
 
 use crate::sandbox::SandboxExtra;
-use crate::{Error, Result, Sandbox, SandboxBuilder, DEFAULT_READY_TIMEOUT};
+use crate::{Error, Result, RestoreBuilder, Sandbox, SandboxBuilder, DEFAULT_READY_TIMEOUT};
 
 /// How long an attach waits for the agent of a running sandbox.
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -46,6 +46,17 @@ impl Sandboxes {
 
     /// Creates a keep-running sandbox here (`builder.keep_running(true)`, this root).
     pub async fn create(&self, builder: SandboxBuilder) -> Result<Sandbox> {
+        builder
+            .state_root(self.root.path())
+            .keep_running(true)
+            .build()
+            .await
+    }
+
+    /// Creates a keep-running sandbox here restored from a snapshot
+    /// (`builder.keep_running(true)`, this root; the builder needs a name).
+    /// The clone gets a fresh identity unless the builder says otherwise.
+    pub async fn create_restored(&self, builder: RestoreBuilder) -> Result<Sandbox> {
         builder
             .state_root(self.root.path())
             .keep_running(true)

@@ -25,8 +25,8 @@ use capsa_core::{Hypervisor, SnapshotMeta, StartOptions, VmSpec};
 use capsa_proto::IdentityRequest;
 use serde::{Deserialize, Serialize};
 
-use crate::sandbox::{agent_client, DEFAULT_OP_TIMEOUT, DEFAULT_READY_TIMEOUT};
-use crate::{Capsa, Error, Result, Sandbox, SandboxBuilder, VmConsole, VmHandle};
+use crate::sandbox::{agent_client, SandboxExtra, DEFAULT_OP_TIMEOUT, DEFAULT_READY_TIMEOUT};
+use crate::{Capsa, Error, Result, Sandbox, SandboxBuilder, Strategy, VmConsole, VmHandle};
 
 /// The library's own file in a snapshot directory: host-side sandbox
 /// settings that are not part of the VM (environment, working directory).
@@ -158,6 +158,9 @@ impl Capsa {
             ready_timeout: DEFAULT_READY_TIMEOUT,
             op_timeout: DEFAULT_OP_TIMEOUT,
             backend: None,
+            strategy: Strategy::InProcess,
+            state_root: None,
+            keep_running: false,
         }
     }
 }
@@ -175,6 +178,9 @@ pub struct RestoreBuilder {
     ready_timeout: Duration,
     op_timeout: Duration,
     backend: Option<Arc<dyn Hypervisor>>,
+    strategy: Strategy,
+    state_root: Option<PathBuf>,
+    keep_running: bool,
 }
 
 impl std::fmt::Debug for RestoreBuilder {
@@ -182,6 +188,8 @@ impl std::fmt::Debug for RestoreBuilder {
         f.debug_struct("RestoreBuilder")
             .field("dir", &self.dir)
             .field("name", &self.name)
+            .field("strategy", &self.strategy)
+            .field("keep_running", &self.keep_running)
             .finish()
     }
 }
@@ -247,9 +255,40 @@ impl RestoreBuilder {
         self.ready_timeout
     }
 
+    /// Chooses where the restored VM runs (default [`Strategy::InProcess`]);
+    /// under [`Strategy::Monitor`] a `capsa-vmm` process restores and owns it.
+    pub fn strategy(mut self, strategy: Strategy) -> Self {
+        self.strategy = strategy;
+        self
+    }
+
+    /// The state root for monitor-run sandboxes (default [`crate::StateRoot::default_root`]).
+    pub fn state_root(mut self, path: impl Into<PathBuf>) -> Self {
+        self.state_root = Some(path.into());
+        self
+    }
+
+    /// Keeps the restored sandbox running after this process lets go of it,
+    /// as [`SandboxBuilder::keep_running`] does: implies [`Strategy::Monitor`]
+    /// and needs a [`RestoreBuilder::name`].
+    pub fn keep_running(mut self, keep: bool) -> Self {
+        self.keep_running = keep;
+        if keep {
+            self.strategy = Strategy::Monitor;
+        }
+        self
+    }
+
     /// Restores the sandbox: checks the snapshot against this host, starts
-    /// the VM from it, waits for the agent and gives the guest a fresh identity.
+    /// the VM from it (in this process or under a monitor), waits for the
+    /// agent and gives the guest a fresh identity.
     pub async fn build(self) -> Result<Sandbox> {
+        if self.keep_running && self.name.is_none() {
+            return Err(Error::InvalidArgument(
+                "a keep-running sandbox needs a name to be found again; fix: call .name(\"my-box\")"
+                    .into(),
+            ));
+        }
         let meta = SnapshotMeta::read(&self.dir)?;
         let dir = self.dir.clone();
         let m = meta.clone();
@@ -266,23 +305,57 @@ impl RestoreBuilder {
             )));
         }
         let settings = read_settings(&self.dir);
-        let backend: Arc<dyn Hypervisor> = match self.backend {
-            Some(b) => b,
-            None => Arc::new(capsa_qemu::QemuBackend::new().map_err(capsa_core::Error::from)?),
+        let mut env = settings.env;
+        env.extend(self.env.iter().cloned());
+        let workdir = self.workdir.clone().or(settings.workdir);
+        let start = tokio::time::Instant::now();
+        let vm = match self.strategy {
+            Strategy::InProcess => self.start_in_process(&meta).await?,
+            Strategy::Monitor => self.start_monitor(&meta, &env, &workdir).await?,
         };
-        let name = self.name.unwrap_or_else(|| {
+        let vm_up = start.elapsed();
+        let identity = match self.fresh_identity {
+            true => Some(fresh_identity(self.hostname.clone())?),
+            false => None,
+        };
+        let within = self.ready_timeout.saturating_sub(start.elapsed());
+        let sb = match finish_restore(vm, identity, within, env, workdir, self.op_timeout).await {
+            Ok(sb) => sb,
+            Err((vm, e)) => {
+                // A half-restored sandbox is of no use: do not leave it registered.
+                let _ = vm.kill().await;
+                if let Some(d) = vm.state_dir() {
+                    let _ = std::fs::remove_dir_all(d);
+                }
+                return Err(e);
+            }
+        };
+        tracing::debug!(?vm_up, total = ?start.elapsed(), "sandbox restored");
+        Ok(sb)
+    }
+
+    fn name_or_generated(&self) -> String {
+        self.name.clone().unwrap_or_else(|| {
             format!(
                 "restored-{}-{}",
                 std::process::id(),
                 NEXT_ID.fetch_add(1, Ordering::Relaxed)
             )
-        });
+        })
+    }
+
+    /// The in-process strategy: this process runs QEMU (and the vsock device).
+    async fn start_in_process(&self, meta: &SnapshotMeta) -> Result<VmHandle> {
+        let backend: Arc<dyn Hypervisor> = match &self.backend {
+            Some(b) => b.clone(),
+            None => Arc::new(capsa_qemu::QemuBackend::new().map_err(capsa_core::Error::from)?),
+        };
+        let name = self.name_or_generated();
         let run_dir = crate::builder::make_run_dir()?;
-        let start = tokio::time::Instant::now();
         let restored = backend
             .restore(
                 &self.dir,
-                &meta,
+                meta,
                 StartOptions {
                     run_dir: run_dir.path().to_path_buf(),
                     name: name.clone(),
@@ -301,37 +374,106 @@ impl RestoreBuilder {
             ),
             None => None,
         };
-        let vm = VmHandle::new(
+        Ok(VmHandle::new(
             name,
             restored.spec,
             crate::handle::Instance::InProcess(instance),
             console,
             crate::handle::RunDir::Temp(run_dir),
-        );
-        let vm_up = start.elapsed();
-        let client = agent_client(vm.vsock_socket()?);
-        // The first call that gets through doubles as the readiness probe.
-        let identity = match self.fresh_identity {
-            true => Some(fresh_identity(self.hostname)?),
-            false => None,
+        ))
+    }
+
+    /// The monitor strategy: a `capsa-vmm` process restores the VM into a
+    /// sandbox directory under the state root (`restore.json`) and owns it.
+    async fn start_monitor(
+        &self,
+        meta: &SnapshotMeta,
+        env: &[(String, String)],
+        workdir: &Option<String>,
+    ) -> Result<VmHandle> {
+        if self.backend.is_some() {
+            return Err(Error::InvalidArgument(
+                "a custom backend runs in this process; it cannot be combined with Strategy::Monitor"
+                    .into(),
+            ));
+        }
+        let name = self.name_or_generated();
+        if let Err(e) = capsa_vmm::validate_name(&name) {
+            return Err(capsa_core::Error::invalid(
+                "name",
+                format!("{name:?} is not a valid sandbox name"),
+                e.to_string(),
+            )
+            .into());
+        }
+        // The monitor runs QEMU: refuse what it cannot do now, with the typed error.
+        let qemu = capsa_qemu::QemuBackend::new().map_err(capsa_core::Error::from)?;
+        qemu.capabilities().check(&meta.spec)?;
+        let root = self
+            .state_root
+            .clone()
+            .map(capsa_vmm::StateRoot::new)
+            .unwrap_or_else(capsa_vmm::StateRoot::default_root);
+        let extra = SandboxExtra {
+            kind: "sandbox".into(),
+            env: env.to_vec(),
+            workdir: workdir.clone(),
+            op_timeout_ms: Some(self.op_timeout.as_millis().min(u128::from(u64::MAX)) as u64),
         };
-        wait_for_agent(
-            &client,
-            identity,
-            self.ready_timeout.saturating_sub(start.elapsed()),
+        let handle = capsa_vmm::spawn_restored(
+            &self.dir,
+            meta.spec.clone(),
+            capsa_vmm::SpawnOptions {
+                state_root: root,
+                name: name.clone(),
+                keep_alive: self.keep_running,
+                extra: serde_json::to_value(&extra).ok(),
+                monitor_binary: None,
+            },
         )
         .await?;
-        tracing::debug!(?vm_up, total = ?start.elapsed(), "sandbox restored");
-        let mut env = settings.env;
-        env.extend(self.env);
-        Ok(Sandbox {
-            vm,
-            client,
-            env: Arc::new(env),
-            workdir: self.workdir.or(settings.workdir),
-            op_timeout: self.op_timeout,
-        })
+        if let Err(e) = handle.wait_started(crate::builder::MONITOR_START_TIMEOUT).await {
+            use capsa_core::VmInstance;
+            let _ = handle.kill().await;
+            let dir = handle.dir().to_path_buf();
+            drop(handle);
+            // A failed restore leaves nothing worth keeping under the name.
+            let _ = std::fs::remove_dir_all(dir);
+            return Err(e.into());
+        }
+        // The monitor recorded the restored spec (disks on its own overlays).
+        let spec = handle.info().spec;
+        crate::builder::attach_monitor(name, spec, handle)
     }
+}
+
+/// The part of a restore both strategies share: wait for the agent of the
+/// restored VM while handing it its fresh identity, then wrap the sandbox.
+/// On failure the VM is handed back so the caller can dispose of it.
+async fn finish_restore(
+    vm: VmHandle,
+    identity: Option<IdentityRequest>,
+    within: Duration,
+    env: Vec<(String, String)>,
+    workdir: Option<String>,
+    op_timeout: Duration,
+) -> std::result::Result<Sandbox, (VmHandle, Error)> {
+    let socket = match vm.vsock_socket() {
+        Ok(s) => s,
+        Err(e) => return Err((vm, e)),
+    };
+    let client = agent_client(socket);
+    // The first call that gets through doubles as the readiness probe.
+    if let Err(e) = wait_for_agent(&client, identity, within).await {
+        return Err((vm, e));
+    }
+    Ok(Sandbox {
+        vm,
+        client,
+        env: Arc::new(env),
+        workdir,
+        op_timeout,
+    })
 }
 
 fn read_settings(dir: &Path) -> SandboxSettings {
