@@ -8,6 +8,7 @@ mod image;
 mod named;
 mod remote;
 mod run;
+mod snapshot;
 mod target;
 mod term;
 
@@ -27,6 +28,8 @@ struct Cli {
     verbose: u8,
     #[command(flatten)]
     conn: named::Conn,
+    #[command(flatten)]
+    store: snapshot::StoreArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -70,6 +73,9 @@ enum Command {
     Rm(named::RmArgs),
     /// Show everything known about a sandbox, as JSON.
     Inspect(named::InspectArgs),
+    /// Save, list and remove named snapshots of sandboxes (`create --from-snapshot` restores one).
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCmd),
 }
 
 fn main() -> ExitCode {
@@ -103,7 +109,7 @@ fn main() -> ExitCode {
             Command::Doctor => doctor::run().await,
             Command::Backends { json } => doctor::backends(json).await,
             Command::Image(cmd) => image::run(cmd).await,
-            Command::Create(a) => named::create(&cli.conn, a).await,
+            Command::Create(a) => named::create(&cli.conn, &cli.store, a).await,
             Command::Ps(a) => named::ps(&cli.conn, a).await,
             Command::Exec(a) => named::exec(&cli.conn, a).await,
             Command::Cp(a) => named::cp(&cli.conn, a).await,
@@ -114,6 +120,7 @@ fn main() -> ExitCode {
             Command::Kill(a) => named::kill(&cli.conn, a).await,
             Command::Rm(a) => named::rm(&cli.conn, a).await,
             Command::Inspect(a) => named::inspect(&cli.conn, a).await,
+            Command::Snapshot(c) => snapshot::run(&cli.conn, &cli.store, c).await,
         }
     });
     let code = match result {

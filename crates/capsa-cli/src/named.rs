@@ -34,6 +34,10 @@ pub struct CreateArgs {
     /// The sandbox's name: 1-63 of a-z, 0-9, '-', '_', '.', starting with a letter or digit.
     #[arg(long)]
     pub name: String,
+    /// Restore the named snapshot (see `capsa snapshot ls`) instead of booting:
+    /// the VM is the snapshot's (no --cpus/--memory/--accel/--disk), with a fresh identity.
+    #[arg(long, value_name = "SNAPSHOT", conflicts_with_all = ["cpus", "memory", "accel", "disks"])]
+    pub from_snapshot: Option<String>,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     pub cpus: u32,
@@ -144,7 +148,16 @@ pub struct InspectArgs {
     pub name: String,
 }
 
-pub async fn create(conn: &Conn, a: CreateArgs) -> anyhow::Result<ExitCode> {
+pub async fn create(
+    conn: &Conn,
+    store: &crate::snapshot::StoreArgs,
+    a: CreateArgs,
+) -> anyhow::Result<ExitCode> {
+    if let Some(snap) = &a.from_snapshot {
+        let rec = crate::snapshot::create_from(conn, store, &a, snap).await?;
+        print_created(&a, &rec)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let target = Target::from_conn(conn)?;
     let mut b = Capsa::sandbox()
         .name(&a.name)
@@ -161,12 +174,17 @@ pub async fn create(conn: &Conn, a: CreateArgs) -> anyhow::Result<ExitCode> {
         b = b.disk(DiskSpec::parse_cli(d));
     }
     let rec = target.create(b, &a).await?;
+    print_created(&a, &rec)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_created(a: &CreateArgs, rec: &crate::target::View) -> anyhow::Result<()> {
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&rec)?);
+        println!("{}", serde_json::to_string_pretty(rec)?);
     } else {
         println!("{}", a.name);
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 pub async fn ps(conn: &Conn, a: PsArgs) -> anyhow::Result<ExitCode> {
@@ -321,7 +339,7 @@ pub async fn inspect(conn: &Conn, a: InspectArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// "12s ago", "5m ago", ... from unix seconds.
-fn ago(created: u64) -> String {
+pub(crate) fn ago(created: u64) -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());

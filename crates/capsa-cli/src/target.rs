@@ -38,7 +38,8 @@ pub struct View {
 }
 
 impl View {
-    fn from_record(r: &capsa::SandboxRecord) -> Self {
+    /// The view of a sandbox record from the state directory.
+    pub fn from_record(r: &capsa::SandboxRecord) -> Self {
         Self {
             name: r.name.clone(),
             state: serde_json::to_value(r.state)
