@@ -62,9 +62,10 @@ fn no_daemon(conn: &Conn, what: &str) -> anyhow::Result<()> {
 }
 
 pub async fn run(conn: &Conn, store: &StoreArgs, cmd: SnapshotCmd) -> anyhow::Result<ExitCode> {
+    // Listing local snapshots when a daemon was named would mislead.
+    no_daemon(conn, "`capsa snapshot`")?;
     match cmd {
         SnapshotCmd::Create { name, snapshot } => {
-            no_daemon(conn, "`capsa snapshot create`")?;
             let Target::Direct(sandboxes) = Target::from_conn(conn)? else {
                 unreachable!("no --host was given");
             };

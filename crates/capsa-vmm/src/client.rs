@@ -8,9 +8,7 @@ use std::time::Duration;
 use capsa_core::{ConsoleStreams, ExitReason, SnapshotMeta, VmInstance, VmSpec, VmStatus};
 use tarpc::client::RpcError as TransportError;
 
-use crate::service::{
-    context_with_deadline, MonitorClient, MonitorInfo, LONG_CALL, SNAPSHOT_CALL,
-};
+use crate::service::{context_with_deadline, MonitorClient, MonitorInfo, LONG_CALL, SNAPSHOT_CALL};
 use crate::state::{self, files, RestoreRequest, StateFile, StateRoot};
 use crate::{Result, VmmError};
 

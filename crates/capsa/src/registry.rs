@@ -8,7 +8,7 @@ use capsa_core::{HostLimits, VmInstance};
 use capsa_vmm::{SandboxRecord, SandboxState, StateRoot, VmmError};
 
 use crate::sandbox::SandboxExtra;
-use crate::{Error, Result, RestoreBuilder, Sandbox, SandboxBuilder, DEFAULT_READY_TIMEOUT};
+use crate::{Error, RestoreBuilder, Result, Sandbox, SandboxBuilder, DEFAULT_READY_TIMEOUT};
 
 /// How long an attach waits for the agent of a running sandbox.
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(30);

@@ -432,7 +432,10 @@ impl RestoreBuilder {
             },
         )
         .await?;
-        if let Err(e) = handle.wait_started(crate::builder::MONITOR_START_TIMEOUT).await {
+        if let Err(e) = handle
+            .wait_started(crate::builder::MONITOR_START_TIMEOUT)
+            .await
+        {
             use capsa_core::VmInstance;
             let _ = handle.kill().await;
             let dir = handle.dir().to_path_buf();

@@ -84,7 +84,10 @@ async fn monitor_snapshot_restores_into_named_sandbox() {
     assert!(entry.size_bytes > 0);
     assert_eq!(entry.spec.as_ref().map(|s| s.memory_mib), Some(256));
     // The source runs on (its vsock device was re-plugged).
-    assert_eq!(sh(&src, "cat /work/before.txt").await, "written before the snapshot");
+    assert_eq!(
+        sh(&src, "cat /work/before.txt").await,
+        "written before the snapshot"
+    );
     let e = store.create("base", &src).await.unwrap_err();
     assert!(e.to_string().contains("already exists"), "{e}");
 
@@ -106,7 +109,10 @@ async fn monitor_snapshot_restores_into_named_sandbox() {
     assert_eq!(sh(&clone, "echo $FROM").await, "src");
     // Writes do not leak between source and clone.
     sh(&clone, "echo clone > /work/only-clone").await;
-    assert_eq!(sh(&src, "ls /work/only-clone 2>/dev/null || echo none").await, "none");
+    assert_eq!(
+        sh(&src, "ls /work/only-clone 2>/dev/null || echo none").await,
+        "none"
+    );
 
     let rec = clone.record().unwrap();
     assert_eq!(rec.state, SandboxState::Running);
@@ -116,14 +122,20 @@ async fn monitor_snapshot_restores_into_named_sandbox() {
     drop(clone);
     // Kept running: found again by name, identity kept.
     let again = reg.open("clone").await.expect("reattach");
-    assert_eq!(sh(&again, "cat /proc/sys/kernel/hostname").await, clone_host);
+    assert_eq!(
+        sh(&again, "cat /proc/sys/kernel/hostname").await,
+        clone_host
+    );
     assert_eq!(sh(&again, "cat /work/only-clone").await, "clone");
 
     eprintln!("[{:?}] reattached", t0.elapsed());
     // A stop, then `start` boots cold from the recorded (restored) spec.
     again.vm().stop().await.unwrap();
     drop(again);
-    eventually("the clone's monitor to exit", 30, || !process_alive(monitor, None)).await;
+    eventually("the clone's monitor to exit", 30, || {
+        !process_alive(monitor, None)
+    })
+    .await;
     let booted = reg.start("clone").await.expect("start after a stop");
     assert_eq!(sh(&booted, "echo up").await, "up");
     drop(booted);
@@ -138,11 +150,17 @@ async fn monitor_snapshot_restores_into_named_sandbox() {
         .build()
         .await
         .expect("ephemeral monitor restore");
-    assert_eq!(sh(&eph, "cat /work/before.txt").await, "written before the snapshot");
+    assert_eq!(
+        sh(&eph, "cat /work/before.txt").await,
+        "written before the snapshot"
+    );
     let dir = eph.vm().state_dir().unwrap().to_path_buf();
     let pid = eph.vm().monitor_pid().unwrap();
     drop(eph);
-    eventually("the ephemeral monitor to exit", 30, || !process_alive(pid, None)).await;
+    eventually("the ephemeral monitor to exit", 30, || {
+        !process_alive(pid, None)
+    })
+    .await;
     eventually("the ephemeral directory to go", 30, || !dir.exists()).await;
 
     let src_monitor = src.vm().monitor_pid().unwrap();
