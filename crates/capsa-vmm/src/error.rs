@@ -31,7 +31,7 @@ pub enum VmmError {
         max: usize,
     },
     /// No sandbox has this name.
-    #[error("no sandbox named {name:?} in {root}. Fix: `capsa ls` lists the sandboxes there (or set CAPSA_STATE_DIR)")]
+    #[error("no sandbox named {name:?} in {root}. Fix: `capsa ps` lists the sandboxes there (or set CAPSA_STATE_DIR)")]
     NotFound {
         /// The sandbox name.
         name: String,

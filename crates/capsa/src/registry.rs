@@ -1,5 +1,5 @@
 //! The sandbox registry: sandboxes run by `capsa-vmm` monitors, found by name
-//! under a state root. The CLI (`capsa ls/rm/start/exec`) and `capsad` use it.
+//! under a state root. The CLI (`capsa ps/rm/start/exec`) and `capsad` use it.
 
 use std::path::PathBuf;
 use std::time::Duration;
