@@ -720,17 +720,23 @@ async fn get_file(
     let mut reader = tokio::io::BufReader::with_capacity(CHUNK, r);
     // Wait for the first bytes or the end, so a missing file is a 404 rather
     // than an empty 200.
-    let pending = {
+    let first = {
         use tokio::io::AsyncBufReadExt;
         tokio::select! {
             biased;
-            _ = reader.fill_buf() => Some(res_rx),
-            res = &mut res_rx => match res {
-                Ok(Ok(_)) => None,
-                Ok(Err(e)) => return Err(e),
-                Err(_) => return Err(ApiError::internal("the file reader ended without a result")),
+            res = &mut res_rx => Some(res),
+            // Data, or EOF (then the result decides).
+            r = reader.fill_buf() => match r {
+                Ok(b) if !b.is_empty() => None,
+                _ => Some((&mut res_rx).await),
             },
         }
+    };
+    let pending = match first {
+        None => Some(res_rx),
+        Some(Ok(Ok(_))) => None,
+        Some(Ok(Err(e))) => return Err(e),
+        Some(Err(_)) => return Err(ApiError::internal("the file reader ended without a result")),
     };
     let stream =
         futures::stream::unfold((reader, pending), |(mut reader, mut pending)| async move {
