@@ -221,10 +221,10 @@ fn validate_create(req: &CreateSandboxRequest) -> ApiResult<()> {
         }
     }
     if let Some(m) = req.memory_mib {
-        if !(64..=1 << 20).contains(&m) {
+        if !(128..=1 << 20).contains(&m) {
             return Err(
                 ApiError::bad_request(format!("memory_mib {m} is out of range"))
-                    .fix("give 64 to 1048576 MiB (and no more than the host has)"),
+                    .fix("give 128 to 1048576 MiB (a guest needs at least 128) (and no more than the host has)"),
             );
         }
     }
