@@ -41,6 +41,8 @@ TOKEN="$(cat "$STATE/capsad.token")"
 
 # /v1/events and console follow stream forever: not for a request/response fuzzer.
 set +e
+# schemathesis keeps a crash cache in its working directory: keep it under target/.
+cd target
 "$VENV/bin/schemathesis" run "http://127.0.0.1:$PORT/openapi.json" \
     -H "Authorization: Bearer $TOKEN" \
     --checks not_a_server_error \
