@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MAX_EXAMPLES="${1:-${CAPSA_API_FUZZ_EXAMPLES:-40}}"
-VENV=target/api-fuzz-venv
+VENV="$PWD/target/api-fuzz-venv"
 
 if [ ! -x "$VENV/bin/schemathesis" ]; then
     echo "api-fuzz: installing schemathesis into $VENV (pip install schemathesis)" >&2
