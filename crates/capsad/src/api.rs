@@ -115,7 +115,7 @@ pub struct CreateSandboxRequest {
     pub cpus: Option<u32>,
     /// Guest RAM in MiB (default 512).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(minimum = 64, maximum = 1048576)]
+    #[schema(minimum = 128, maximum = 1048576)]
     pub memory_mib: Option<u64>,
     /// Environment for every command run in it.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]

@@ -187,8 +187,11 @@ impl ApiError {
                     ApiError::new(StatusCode::CONFLICT, ErrorCode::GuestError, message)
                 }
                 Some(_) => ApiError::new(StatusCode::BAD_GATEWAY, ErrorCode::GuestError, message),
-                None => ApiError::unavailable(message)
-                    .fix("the sandbox's agent is unreachable: check its state; restart it with POST /v1/sandboxes/{name}/start"),
+                // The sandbox is recorded running but its agent does not
+                // answer: a state of that sandbox (booting, shutting down,
+                // broken guest), not a daemon failure.
+                None => ApiError::new(StatusCode::CONFLICT, ErrorCode::Unavailable, message)
+                    .fix("the sandbox's guest agent does not answer: check its state and console; stop and start it again"),
             },
             E::Vmm(v) => {
                 use capsa_vmm::VmmError as V;

@@ -221,10 +221,10 @@ fn validate_create(req: &CreateSandboxRequest) -> ApiResult<()> {
         }
     }
     if let Some(m) = req.memory_mib {
-        if !(64..=1 << 20).contains(&m) {
+        if !(128..=1 << 20).contains(&m) {
             return Err(
                 ApiError::bad_request(format!("memory_mib {m} is out of range"))
-                    .fix("give 64 to 1048576 MiB (and no more than the host has)"),
+                    .fix("give 128 to 1048576 MiB (a guest needs at least 128) (and no more than the host has)"),
             );
         }
     }
@@ -720,17 +720,23 @@ async fn get_file(
     let mut reader = tokio::io::BufReader::with_capacity(CHUNK, r);
     // Wait for the first bytes or the end, so a missing file is a 404 rather
     // than an empty 200.
-    let pending = {
+    let first = {
         use tokio::io::AsyncBufReadExt;
         tokio::select! {
             biased;
-            _ = reader.fill_buf() => Some(res_rx),
-            res = &mut res_rx => match res {
-                Ok(Ok(_)) => None,
-                Ok(Err(e)) => return Err(e),
-                Err(_) => return Err(ApiError::internal("the file reader ended without a result")),
+            res = &mut res_rx => Some(res),
+            // Data, or EOF (then the result decides).
+            r = reader.fill_buf() => match r {
+                Ok(b) if !b.is_empty() => None,
+                _ => Some((&mut res_rx).await),
             },
         }
+    };
+    let pending = match first {
+        None => Some(res_rx),
+        Some(Ok(Ok(_))) => None,
+        Some(Ok(Err(e))) => return Err(e),
+        Some(Err(_)) => return Err(ApiError::internal("the file reader ended without a result")),
     };
     let stream =
         futures::stream::unfold((reader, pending), |(mut reader, mut pending)| async move {

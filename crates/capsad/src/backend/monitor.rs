@@ -185,10 +185,12 @@ impl Backend for MonitorBackend {
             .await
             .map_err(|e| ApiError::from_capsa(&format!("creating sandbox {name:?}"), &e))?;
         if !req.start {
+            let pid = self.record(name)?.monitor_pid;
             if let Err(e) = sb.stop().await {
                 tracing::warn!(sandbox = name, "stopping after create: {e}");
             }
             drop(sb);
+            self.wait_monitor_gone(name, pid).await;
         } else {
             self.attached
                 .lock()
@@ -207,6 +209,8 @@ impl Backend for MonitorBackend {
             )));
         }
         self.forget(name).await;
+        // A monitor that recorded the exit may still be closing its sockets.
+        self.wait_monitor_gone(name, rec.monitor_pid).await;
         let sb = self
             .reg
             .start(name)
