@@ -12,6 +12,11 @@ if ! { [ -x /bin/busybox ] && ! LC_ALL=C readelf -l /bin/busybox 2>/dev/null | g
 fi
 command -v dpkg-deb >/dev/null 2>&1 || need_pkgs+=(dpkg)
 command -v readelf >/dev/null 2>&1 || need_pkgs+=(binutils)
+# The API fuzzer (scripts/api-fuzz.sh) runs schemathesis in a venv and probes with curl.
+command -v curl >/dev/null 2>&1 || need_pkgs+=(curl)
+if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+  need_pkgs+=(python3 python3-venv)
+fi
 
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "capsa setup: installing missing packages: ${need_pkgs[*]}" >&2

@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # The test command: host set-up (only what is missing), then every test,
-# including the ones that boot real VMs under QEMU.
+# including the ones that boot real VMs under QEMU, then the API fuzzer.
+#
+#   scripts/test.sh [nextest args...]
+#
+# CAPSA_SKIP_API_FUZZ=1 skips the schemathesis run (it installs schemathesis
+# from PyPI on first use and takes a few minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -12,4 +17,8 @@ fi
 # use), so concurrently starting tests find it cached instead of racing for it.
 cargo build --workspace --locked
 ./target/debug/capsa image build >/dev/null
-exec cargo nextest run --workspace --locked "$@"
+cargo nextest run --workspace --locked "$@"
+if [ "${CAPSA_SKIP_API_FUZZ:-0}" != 1 ] && [ $# -eq 0 ]; then
+  echo "capsa test: fuzzing capsad's API against its OpenAPI document (scripts/api-fuzz.sh)" >&2
+  CAPSA_API_FUZZ_MAX_TIME="${CAPSA_API_FUZZ_MAX_TIME:-420}" scripts/api-fuzz.sh "${CAPSA_API_FUZZ_EXAMPLES:-25}"
+fi
