@@ -1,6 +1,5 @@
 //! `capsa boot`: a VM with this terminal on its serial console.
 
-use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -8,12 +7,8 @@ use std::time::Duration;
 use anyhow::Context;
 use capsa::{Accel, Capsa, DiskSpec, ExitReason, LinuxDirectBoot};
 use capsa_image::{BundleOptions, Progress};
-use tokio::io::AsyncReadExt;
 
-use crate::term::RawMode;
-
-/// The detach key: Ctrl-] (as telnet and virsh use).
-const DETACH: u8 = 0x1d;
+use crate::console_io::{self, Ended};
 
 /// Flags of `capsa boot`.
 #[derive(clap::Args, Debug)]
@@ -92,76 +87,14 @@ pub async fn run(args: BootArgs) -> anyhow::Result<ExitCode> {
         vm.pid().unwrap_or(0)
     );
 
-    let raw = RawMode::enter(0);
-    let (mut reader, mut writer) = console.split();
-    let out_task = tokio::spawn(async move {
-        let mut buf = vec![0u8; 16 * 1024];
-        let mut stdout = std::io::stdout();
-        loop {
-            match reader.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if stdout
-                        .write_all(&buf[..n])
-                        .and_then(|_| stdout.flush())
-                        .is_err()
-                    {
-                        break;
-                    }
-                }
-            }
-        }
-    });
-
-    // stdin is read on a plain thread: a blocking read cannot be cancelled, and
-    // must not hold up the runtime when the VM ends first.
-    let (in_tx, mut in_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
-    std::thread::spawn(move || {
-        let mut stdin = std::io::stdin();
-        let mut buf = [0u8; 4096];
-        loop {
-            match stdin.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if in_tx.blocking_send(buf[..n].to_vec()).is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-    });
-
-    let interactive = raw.is_some();
-    let mut stdin_open = true;
-    let outcome = loop {
-        tokio::select! {
-            r = vm.wait() => break Outcome::Exited(r?),
-            chunk = in_rx.recv(), if stdin_open => match chunk {
-                Some(bytes) => {
-                    if let Some(pos) = bytes.iter().position(|&c| c == DETACH) {
-                        use tokio::io::AsyncWriteExt;
-                        let _ = writer.write_all(&bytes[..pos]).await;
-                        break Outcome::Detached;
-                    }
-                    use tokio::io::AsyncWriteExt;
-                    if writer.write_all(&bytes).await.is_err() {
-                        stdin_open = false;
-                    }
-                }
-                None => stdin_open = false,
-            },
-            _ = tokio::signal::ctrl_c(), if !interactive => break Outcome::Interrupted,
-        }
-    };
-    let reason = match outcome {
-        Outcome::Exited(r) => r,
-        Outcome::Detached | Outcome::Interrupted => {
+    let (reader, writer) = console.split();
+    let reason = match console_io::bridge(reader, writer, vm.wait()).await {
+        Ended::Finished(r) => r?,
+        Ended::Detached | Ended::Interrupted | Ended::Closed => {
             eprint!("\r\n[capsa] detached; stopping VM {}\r\n", vm.name());
             vm.stop_timeout(Duration::from_secs(5)).await?
         }
     };
-    let _ = tokio::time::timeout(Duration::from_secs(2), out_task).await;
-    drop(raw);
     Ok(match reason {
         ExitReason::PoweredOff => {
             eprintln!("[capsa] VM {} powered off", vm.name());
@@ -176,10 +109,4 @@ pub async fn run(args: BootArgs) -> anyhow::Result<ExitCode> {
             ExitCode::FAILURE
         }
     })
-}
-
-enum Outcome {
-    Exited(ExitReason),
-    Detached,
-    Interrupted,
 }

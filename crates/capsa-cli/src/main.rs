@@ -2,6 +2,7 @@
 //! the same `VmSpec` the library builds, and calls the library.
 
 mod boot;
+mod console_io;
 mod doctor;
 mod exec_io;
 mod image;

@@ -1,19 +1,15 @@
 //! Where named-sandbox commands go: straight to the monitors, or to a capsad.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use capsa::{Command, ExecChild, SandboxBuilder, Sandboxes};
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 use crate::exec_io::{self, Finished, Stdio};
 use crate::named::{Conn, CreateArgs};
-use crate::term::RawMode;
-
-/// The detach key of `capsa attach`: Ctrl-] (as telnet and virsh use).
-const DETACH: u8 = 0x1d;
 
 /// One sandbox as the CLI shows it, the same whether it came from the state
 /// directory or from capsad.
@@ -270,68 +266,17 @@ async fn direct_logs(s: &Sandboxes, name: &str, follow: bool) -> anyhow::Result<
 }
 
 /// Wires this terminal to a live console stream until Ctrl-] or the stream ends.
-pub async fn bridge_console<R, W>(name: &str, mut reader: R, mut writer: W) -> anyhow::Result<()>
+pub async fn bridge_console<R, W>(name: &str, reader: R, writer: W) -> anyhow::Result<()>
 where
     R: tokio::io::AsyncRead + Unpin + Send + 'static,
     W: tokio::io::AsyncWrite + Unpin,
 {
     eprintln!("[capsa] attached to {name}; Ctrl-] detaches (the sandbox keeps running)\r");
-    let raw = RawMode::enter(0);
-    let mut out_task = tokio::spawn(async move {
-        let mut buf = vec![0u8; 16 * 1024];
-        let mut stdout = std::io::stdout();
-        loop {
-            match reader.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if stdout
-                        .write_all(&buf[..n])
-                        .and_then(|_| stdout.flush())
-                        .is_err()
-                    {
-                        break;
-                    }
-                }
-            }
-        }
-    });
-    // A plain thread: a blocking stdin read cannot be cancelled.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
-    std::thread::spawn(move || {
-        let mut stdin = std::io::stdin();
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = stdin.read(&mut buf) {
-            if n == 0 || tx.blocking_send(buf[..n].to_vec()).is_err() {
-                break;
-            }
-        }
-    });
-    let interactive = raw.is_some();
-    let mut stdin_open = true;
-    loop {
-        tokio::select! {
-            _ = &mut out_task => break,
-            chunk = rx.recv(), if stdin_open => match chunk {
-                Some(bytes) => {
-                    let (data, detach) = match bytes.iter().position(|&c| c == DETACH) {
-                        Some(p) => (&bytes[..p], true),
-                        None => (&bytes[..], false),
-                    };
-                    if writer.write_all(data).await.is_err() {
-                        stdin_open = false;
-                    }
-                    if detach {
-                        break;
-                    }
-                }
-                None => stdin_open = false,
-            },
-            _ = tokio::signal::ctrl_c(), if !interactive => break,
-        }
+    let never = std::future::pending::<()>();
+    match crate::console_io::bridge(reader, writer, never).await {
+        crate::console_io::Ended::Closed => eprint!("\r\n[capsa] the console of {name} closed\r\n"),
+        _ => eprint!("\r\n[capsa] detached from {name}\r\n"),
     }
-    out_task.abort();
-    drop(raw);
-    eprint!("\r\n[capsa] detached from {name}\r\n");
     Ok(())
 }
 

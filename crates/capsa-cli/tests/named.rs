@@ -421,3 +421,49 @@ fn snapshot_bad_input_gets_clear_errors() {
         assert!(err.contains("not supported through capsad"), "{err}");
     }
 }
+
+#[test]
+fn attach_shows_the_console_and_ctrl_close_bracket_detaches() {
+    let env = Env::new();
+    env.create("att");
+    let mut child = env
+        .capsa()
+        .args(["attach", "att"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    // The console history comes first: the guest's boot, up to the agent.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = std::io::Read::read(&mut out, &mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&seen).contains("capsa-agent: listening") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("attach shows the console history");
+    // Ctrl-] detaches: the CLI exits 0 and the sandbox keeps running.
+    let mut stdin = child.stdin.take().unwrap();
+    std::io::Write::write_all(&mut stdin, &[0x1d]).unwrap();
+    let end = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < end, "attach did not detach on Ctrl-]");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+    assert_eq!(env.state_of("att").as_deref(), Some("running"));
+    assert_eq!(env.ok(&["exec", "att", "--", "echo", "ok"]).trim(), "ok");
+}

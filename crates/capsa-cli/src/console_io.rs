@@ -1,0 +1,98 @@
+//! This terminal on a guest serial console: shared by `capsa boot` and `capsa attach`.
+
+use std::future::Future;
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::term::RawMode;
+
+/// The detach key: Ctrl-] (as telnet and virsh use).
+pub const DETACH: u8 = 0x1d;
+
+/// Why a console session ended.
+pub enum Ended<T> {
+    /// The user pressed the detach key.
+    Detached,
+    /// Ctrl-C outside raw mode (stdin is not a terminal).
+    Interrupted,
+    /// The console stream closed.
+    Closed,
+    /// The `until` future finished first (e.g. the VM ended).
+    Finished(T),
+}
+
+/// Copies the console to stdout and stdin to the console (raw mode when stdin
+/// is a terminal) until Ctrl-], Ctrl-C (not in raw mode), the stream closes, or
+/// `until` completes. The terminal is restored on every path.
+pub async fn bridge<R, W, F>(mut reader: R, mut writer: W, until: F) -> Ended<F::Output>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin,
+    F: Future,
+{
+    let raw = RawMode::enter(0);
+    let mut out_task = tokio::spawn(async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut stdout = std::io::stdout();
+        loop {
+            match reader.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if stdout
+                        .write_all(&buf[..n])
+                        .and_then(|_| stdout.flush())
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    // stdin is read on a plain thread: a blocking read cannot be cancelled, and
+    // must not hold up the runtime when the session ends first.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdin.read(&mut buf) {
+            if n == 0 || tx.blocking_send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let interactive = raw.is_some();
+    let mut stdin_open = true;
+    tokio::pin!(until);
+    let ended = loop {
+        tokio::select! {
+            v = &mut until => break Ended::Finished(v),
+            _ = &mut out_task => break Ended::Closed,
+            chunk = rx.recv(), if stdin_open => match chunk {
+                Some(bytes) => {
+                    let (data, detach) = match bytes.iter().position(|&c| c == DETACH) {
+                        Some(p) => (&bytes[..p], true),
+                        None => (&bytes[..], false),
+                    };
+                    if writer.write_all(data).await.is_err() {
+                        stdin_open = false;
+                    }
+                    if detach {
+                        break Ended::Detached;
+                    }
+                }
+                None => stdin_open = false,
+            },
+            _ = tokio::signal::ctrl_c(), if !interactive => break Ended::Interrupted,
+        }
+    };
+    if matches!(ended, Ended::Finished(_)) {
+        // Let the last output (e.g. the guest's power-off lines) reach the terminal.
+        let _ = tokio::time::timeout(Duration::from_secs(2), &mut out_task).await;
+    }
+    out_task.abort();
+    drop(raw);
+    ended
+}
