@@ -76,6 +76,25 @@ impl QemuBackend {
             .to_string())
     }
 
+    /// The KVM probe's verdict for this host and QEMU binary: cached, or made
+    /// now by booting `kernel` under KVM (once per host kernel and binary).
+    async fn probe_record(&self, kernel: &Path, initrd: Option<&Path>) -> accel::ProbeRecord {
+        let key = accel::probe_key(&self.binary);
+        if let Some(rec) = accel::read_cached(&self.probe_cache, &key) {
+            return rec;
+        }
+        tracing::info!("probing whether a guest really runs under KVM (once per host)");
+        let (kvm_works, detail) =
+            accel::boot_probe(&self.binary, kernel, initrd, accel::PROBE_TIMEOUT).await;
+        let rec = accel::ProbeRecord {
+            key,
+            kvm_works,
+            detail,
+        };
+        accel::write_cached(&self.probe_cache, &rec);
+        rec
+    }
+
     /// Resolves `requested` to a concrete accelerator and says why.
     ///
     /// `auto` uses KVM only if a guest kernel (the given one) really reaches
@@ -94,6 +113,22 @@ impl QemuBackend {
                     what: format!("KVM on this host ({why})"),
                     fix: "use --accel tcg, or give this user access to /dev/kvm".into(),
                 })?;
+                // Forcing KVM skips the choice, not the check: where a guest
+                // cannot run under it, QEMU would only crash after start.
+                let rec = self.probe_record(kernel, initrd).await;
+                if !rec.kvm_works {
+                    return Err(Error::Unsupported {
+                        backend: "qemu".into(),
+                        what: format!(
+                            "KVM on this host: a probe boot found guests do not run under it ({})",
+                            rec.detail
+                        ),
+                        fix: format!(
+                            "use --accel auto or tcg (delete {} to probe again)",
+                            self.probe_cache.display()
+                        ),
+                    });
+                }
                 return Ok((Accel::Kvm, "KVM requested".into()));
             }
             Accel::Auto => {}
@@ -105,22 +140,7 @@ impl QemuBackend {
         let verdict = if let Err(why) = accel::kvm_device_usable() {
             (Accel::Tcg, format!("TCG: {why}"))
         } else {
-            let key = accel::probe_key(&self.binary);
-            let rec = match accel::read_cached(&self.probe_cache, &key) {
-                Some(rec) => rec,
-                None => {
-                    tracing::info!("probing whether a guest really runs under KVM (once per host)");
-                    let (kvm_works, detail) =
-                        accel::boot_probe(&self.binary, kernel, initrd, accel::PROBE_TIMEOUT).await;
-                    let rec = accel::ProbeRecord {
-                        key,
-                        kvm_works,
-                        detail,
-                    };
-                    accel::write_cached(&self.probe_cache, &rec);
-                    rec
-                }
-            };
+            let rec = self.probe_record(kernel, initrd).await;
             if rec.kvm_works {
                 (Accel::Kvm, format!("KVM: {}", rec.detail))
             } else {

@@ -310,6 +310,13 @@ async fn build_monitor(
     // The monitor runs QEMU: refuse what it cannot do now, with the typed error.
     let qemu = capsa_qemu::QemuBackend::new().map_err(capsa_core::Error::from)?;
     qemu.capabilities().check(&spec)?;
+    if spec.accel == capsa_core::Accel::Kvm {
+        // A forced KVM that cannot run guests here is the caller's error, not
+        // a monitor failure: check it (cached probe) before any process starts.
+        let BootSource::LinuxDirect { kernel, initrd, .. } = &spec.boot;
+        qemu.resolve_accel(spec.accel, kernel, initrd.as_deref())
+            .await?;
+    }
     let root = state_root
         .map(capsa_vmm::StateRoot::new)
         .unwrap_or_else(capsa_vmm::StateRoot::default_root);

@@ -134,3 +134,32 @@ async fn bad_cmdline_and_name() {
     );
     assert_no_qemu();
 }
+
+#[tokio::test]
+async fn forced_kvm_where_guests_cannot_run_is_refused_before_start() {
+    let b = bundle().await;
+    let r = Capsa::vm(LinuxDirectBoot::from_bundle(&b))
+        .strategy(strategy())
+        .memory_mb(256)
+        .accel(capsa::Accel::Kvm)
+        .build()
+        .await;
+    match r {
+        Err(e) => {
+            // This machine (and CI's): /dev/kvm exists, but a probe boot shows
+            // guests die under it; the force must fail clearly, not crash QEMU.
+            assert!(
+                matches!(e, Error::Core(CoreError::Unsupported { .. })),
+                "expected Unsupported, got {e}"
+            );
+            assert!(e.to_string().contains("KVM"), "{e}");
+            assert!(e.fix().unwrap_or_default().contains("tcg"), "{e}");
+            assert_no_qemu();
+        }
+        Ok(vm) => {
+            // A host where KVM really runs guests: the force is honoured.
+            assert_eq!(vm.spec().accel, capsa::Accel::Kvm);
+            vm.kill().await.expect("kill");
+        }
+    }
+}

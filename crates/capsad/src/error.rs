@@ -38,6 +38,9 @@ pub enum ErrorCode {
     GuestError,
     /// The operation did not finish in time.
     Timeout,
+    /// The request is well-formed but asks for something this host or backend
+    /// cannot do (e.g. a forced accelerator that does not work here).
+    Unsupported,
     /// The daemon cannot serve this now (e.g. a feature missing on this host).
     Unavailable,
     /// A bug or an unexpected host failure; the message has details.
@@ -125,6 +128,15 @@ impl ApiError {
         )
     }
 
+    /// 422 unsupported: valid, but not possible on this host.
+    pub fn unsupported(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::Unsupported,
+            message,
+        )
+    }
+
     /// 503 unavailable.
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(
@@ -172,7 +184,7 @@ impl ApiError {
             | E::Core(capsa_core::Error::Disk { .. })
             | E::Core(capsa_core::Error::Cmdline(_))
             | E::InvalidArgument(_) => ApiError::bad_request(message),
-            E::Core(capsa_core::Error::Unsupported { .. }) => ApiError::unavailable(message),
+            E::Core(capsa_core::Error::Unsupported { .. }) => ApiError::unsupported(message),
             E::Agent(AgentClientError::InvalidRequest(_)) => ApiError::bad_request(message),
             E::Agent(AgentClientError::Timeout { .. }) | E::ConsoleTimeout { .. } => {
                 ApiError::new(StatusCode::GATEWAY_TIMEOUT, ErrorCode::Timeout, message)
@@ -214,7 +226,9 @@ impl ApiError {
                         | capsa_core::Error::Disk { .. }
                         | capsa_core::Error::Cmdline(_),
                     ) => ApiError::bad_request(message),
-                    V::Core(capsa_core::Error::Unsupported { .. }) => ApiError::unavailable(message),
+                    V::Core(capsa_core::Error::Unsupported { .. }) => {
+                        ApiError::unsupported(message)
+                    }
                     _ => ApiError::internal(message),
                 }
             }

@@ -278,7 +278,7 @@ fn generated_name() -> String {
     request_body = CreateSandboxRequest,
     responses((status = 201, body = SandboxInfo), (status = 400, body = ErrorBody),
         (status = 409, body = ErrorBody), (status = 413, body = ErrorBody),
-        (status = 415, body = ErrorBody)))]
+        (status = 415, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn create_sandbox(
     State(st): State<AppState>,
     body: Result<Json<CreateSandboxRequest>, JsonRejection>,
