@@ -100,36 +100,6 @@ impl MonitorBackend {
         }
     }
 
-    /// Waits (bounded) until the monitor that ran `pid` has exited, so a
-    /// `stop`/`kill` answer means its sockets are released and `start` can
-    /// bind them again at once.
-    async fn wait_monitor_gone(&self, name: &str, pid: Option<u32>) {
-        let Some(pid) = pid else { return };
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
-        while std::path::Path::new(&format!("/proc/{pid}")).exists() {
-            // A zombie is gone for our purposes (its sockets are closed).
-            let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| {
-                    s.rsplit(')')
-                        .next()
-                        .map(|r| r.trim_start().starts_with('Z'))
-                })
-                .unwrap_or(false);
-            if zombie || tokio::time::Instant::now() > deadline {
-                if !zombie {
-                    tracing::warn!(
-                        sandbox = name,
-                        pid,
-                        "monitor still running after the VM ended"
-                    );
-                }
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    }
-
     async fn forget(&self, name: &str) -> Option<Arc<Sandbox>> {
         self.attached.lock().await.remove(name)
     }
@@ -185,12 +155,11 @@ impl Backend for MonitorBackend {
             .await
             .map_err(|e| ApiError::from_capsa(&format!("creating sandbox {name:?}"), &e))?;
         if !req.start {
-            let pid = self.record(name)?.monitor_pid;
+            // The monitor records the stop only once its sockets are released,
+            // so a `start` right after this answer works.
             if let Err(e) = sb.stop().await {
                 tracing::warn!(sandbox = name, "stopping after create: {e}");
             }
-            drop(sb);
-            self.wait_monitor_gone(name, pid).await;
         } else {
             self.attached
                 .lock()
@@ -209,8 +178,6 @@ impl Backend for MonitorBackend {
             )));
         }
         self.forget(name).await;
-        // A monitor that recorded the exit may still be closing its sockets.
-        self.wait_monitor_gone(name, rec.monitor_pid).await;
         let sb = self
             .reg
             .start(name)
@@ -228,11 +195,8 @@ impl Backend for MonitorBackend {
             return self.get(name).await;
         }
         let sb = self.running(name).await?;
-        let pid = self.record(name)?.monitor_pid;
         let r = sb.stop().await;
         self.forget(name).await;
-        drop(sb);
-        self.wait_monitor_gone(name, pid).await;
         r.map_err(|e| ApiError::from_capsa(&format!("stopping sandbox {name:?}"), &e))?;
         self.get(name).await
     }
@@ -242,11 +206,8 @@ impl Backend for MonitorBackend {
             return self.get(name).await;
         }
         let sb = self.running(name).await?;
-        let pid = self.record(name)?.monitor_pid;
         let r = sb.kill().await;
         self.forget(name).await;
-        drop(sb);
-        self.wait_monitor_gone(name, pid).await;
         r.map_err(|e| ApiError::from_capsa(&format!("killing sandbox {name:?}"), &e))?;
         self.get(name).await
     }
