@@ -7,6 +7,7 @@ mod doctor;
 mod exec_io;
 mod image;
 mod named;
+mod pool;
 mod remote;
 mod run;
 mod snapshot;
@@ -77,6 +78,9 @@ enum Command {
     /// Save, list and remove named snapshots of sandboxes (`create --from-snapshot` restores one).
     #[command(subcommand)]
     Snapshot(snapshot::SnapshotCmd),
+    /// capsad's warm pools of ready sandboxes: create, ls, acquire, rm (needs --host).
+    #[command(subcommand)]
+    Pool(pool::PoolCmd),
 }
 
 fn main() -> ExitCode {
@@ -122,6 +126,7 @@ fn main() -> ExitCode {
             Command::Rm(a) => named::rm(&cli.conn, a).await,
             Command::Inspect(a) => named::inspect(&cli.conn, a).await,
             Command::Snapshot(c) => snapshot::run(&cli.conn, &cli.store, c).await,
+            Command::Pool(c) => pool::run(&cli.conn, c).await,
         }
     });
     let code = match result {

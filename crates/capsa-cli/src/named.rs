@@ -196,19 +196,28 @@ pub async fn ps(conn: &Conn, a: PsArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<24} {:<9} {:>4} {:>8} {:>8} CREATED",
-        "NAME", "STATE", "CPUS", "MEMORY", "PID"
+        "{:<24} {:<9} {:>4} {:>8} {:>8} {:<16} CREATED",
+        "NAME", "STATE", "CPUS", "MEMORY", "PID", "POOL"
     );
     for r in list {
         println!(
-            "{:<24} {:<9} {:>4} {:>8} {:>8} {}",
+            "{:<24} {:<9} {:>4} {:>8} {:>8} {:<16} {}",
             r.name,
             r.state,
             r.cpus.map_or("-".into(), |c| c.to_string()),
             r.memory_mib.map_or("-".into(), |m| format!("{m}M")),
             r.monitor_pid.map_or("-".into(), |p| p.to_string()),
+            match (&r.pool, &r.pool_state) {
+                (Some(p), Some(s)) => format!("{p} ({s})"),
+                (Some(p), None) => p.clone(),
+                _ => "-".into(),
+            },
             ago(r.created_at)
         );
+    }
+    // With a daemon, the pools themselves (a pool may have no member yet).
+    for line in crate::pool::summaries(conn).await {
+        println!("{line}");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -25,6 +25,33 @@ pub struct RemoteExec {
 }
 
 impl Remote {
+    /// The typed API client (snapshot and pool commands use it directly).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// `capsa create --from-snapshot` through capsad.
+    pub async fn create_from_snapshot(
+        &self,
+        a: &CreateArgs,
+        snapshot: &str,
+    ) -> anyhow::Result<View> {
+        let req = CreateSandboxRequest {
+            name: Some(a.name.clone()),
+            env: a.env.iter().cloned().collect::<BTreeMap<_, _>>(),
+            workdir: a.workdir.clone(),
+            from_snapshot: Some(snapshot.to_string()),
+            start: true,
+            ..Default::default()
+        };
+        Ok(view(self.client.create(&req).await?))
+    }
+
+    /// `capsa pool acquire` through capsad.
+    pub async fn acquire(&self, pool: &str, name: Option<&str>) -> anyhow::Result<View> {
+        Ok(view(self.client.acquire(pool, name).await?))
+    }
+
     /// Reads the token and prepares a client (no connection yet).
     pub fn connect(host: &str, token_file: Option<&Path>) -> anyhow::Result<Self> {
         let socket = host.strip_prefix("unix://").unwrap_or(host);
@@ -78,6 +105,7 @@ impl Remote {
             }),
             disks,
             start: true,
+            from_snapshot: None,
         };
         Ok(view(self.client.create(&req).await?))
     }
@@ -279,6 +307,8 @@ fn view(i: SandboxInfo) -> View {
             .and_then(|v| v.as_u64()),
         monitor_pid: i.monitor_pid,
         vmm_pid: i.vmm_pid,
+        pool: i.pool,
+        pool_state: i.pool_state,
         created_at: i.created_at.unwrap_or(0),
         exit: i.exit,
     }

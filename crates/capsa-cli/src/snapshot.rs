@@ -2,8 +2,9 @@
 //! `capsa create --from-snapshot`.
 //!
 //! Snapshots live in the snapshot store (`$CAPSA_SNAPSHOT_DIR`, else
-//! `~/.local/share/capsa/snapshots`), see [`capsa::Snapshots`]. They are
-//! handled here directly; capsad does not serve them yet.
+//! `~/.local/share/capsa/snapshots`), see [`capsa::Snapshots`]. Without
+//! `--host` they are handled here directly; with it, capsad's store is used
+//! through its API (`/v1/snapshots`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -52,22 +53,90 @@ impl StoreArgs {
     }
 }
 
-fn no_daemon(conn: &Conn, what: &str) -> anyhow::Result<()> {
-    if conn.host.is_some() {
-        anyhow::bail!(
-            "{what} is not supported through capsad yet. Fix: run it on the daemon's host without --host/CAPSA_HOST (with the same CAPSA_STATE_DIR as capsad)"
-        );
+/// The snapshot commands through capsad (its own store, not --snapshot-dir).
+async fn run_remote(r: &crate::remote::Remote, cmd: SnapshotCmd) -> anyhow::Result<ExitCode> {
+    let c = r.client();
+    match cmd {
+        SnapshotCmd::Create { name, snapshot } => {
+            let e = c.snapshot(&name, &snapshot).await?;
+            println!("{}", e.name);
+        }
+        SnapshotCmd::Ls { json } => {
+            let list = c.snapshots().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            header();
+            for e in list {
+                row(
+                    &e.name,
+                    e.size_bytes,
+                    e.cpus,
+                    e.memory_mib,
+                    e.source.as_deref(),
+                    e.problem.as_deref(),
+                    e.created_at,
+                );
+            }
+        }
+        SnapshotCmd::Rm { snapshots } => {
+            let mut failed = false;
+            for s in &snapshots {
+                match c.delete_snapshot(s).await {
+                    Ok(()) => println!("{s}"),
+                    Err(e) => {
+                        failed = true;
+                        crate::report(&e.into());
+                    }
+                }
+            }
+            if failed {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
+}
+
+fn header() {
+    println!(
+        "{:<24} {:>9} {:>4} {:>8} {:<24} CREATED",
+        "NAME", "SIZE", "CPUS", "MEMORY", "SOURCE"
+    );
+}
+
+fn row(
+    name: &str,
+    size: u64,
+    cpus: Option<u32>,
+    mem: Option<u64>,
+    source: Option<&str>,
+    problem: Option<&str>,
+    created_at: u64,
+) {
+    println!(
+        "{:<24} {:>9} {:>4} {:>8} {:<24} {}",
+        name,
+        human_size(size),
+        cpus.map_or("-".into(), |c| c.to_string()),
+        mem.map_or("-".into(), |m| format!("{m}M")),
+        source.unwrap_or("-"),
+        match problem {
+            Some(p) => format!("unusable: {p}"),
+            None => crate::named::ago(created_at),
+        }
+    );
 }
 
 pub async fn run(conn: &Conn, store: &StoreArgs, cmd: SnapshotCmd) -> anyhow::Result<ExitCode> {
-    // Listing local snapshots when a daemon was named would mislead.
-    no_daemon(conn, "`capsa snapshot`")?;
+    if let Target::Remote(r) = Target::from_conn(conn)? {
+        return run_remote(&r, cmd).await;
+    }
     match cmd {
         SnapshotCmd::Create { name, snapshot } => {
             let Target::Direct(sandboxes) = Target::from_conn(conn)? else {
-                unreachable!("no --host was given");
+                unreachable!("--host was handled above");
             };
             let store = store.store();
             // Check the name before touching the sandbox.
@@ -83,25 +152,16 @@ pub async fn run(conn: &Conn, store: &StoreArgs, cmd: SnapshotCmd) -> anyhow::Re
                 println!("{}", serde_json::to_string_pretty(&list)?);
                 return Ok(ExitCode::SUCCESS);
             }
-            println!(
-                "{:<24} {:>9} {:>4} {:>8} {:<24} CREATED",
-                "NAME", "SIZE", "CPUS", "MEMORY", "SOURCE"
-            );
+            header();
             for e in list {
-                let (cpus, mem) = e.spec.as_ref().map_or(("-".into(), "-".into()), |s| {
-                    (s.cpus.to_string(), format!("{}M", s.memory_mib))
-                });
-                println!(
-                    "{:<24} {:>9} {:>4} {:>8} {:<24} {}",
-                    e.name,
-                    human_size(e.size_bytes),
-                    cpus,
-                    mem,
-                    e.source.as_deref().unwrap_or("-"),
-                    match &e.problem {
-                        Some(p) => format!("unusable: {p}"),
-                        None => crate::named::ago(e.created_at),
-                    }
+                row(
+                    &e.name,
+                    e.size_bytes,
+                    e.spec.as_ref().map(|s| s.cpus),
+                    e.spec.as_ref().map(|s| s.memory_mib),
+                    e.source.as_deref(),
+                    e.problem.as_deref(),
+                    e.created_at,
                 );
             }
             Ok(ExitCode::SUCCESS)
@@ -135,9 +195,9 @@ pub async fn create_from(
     a: &CreateArgs,
     snapshot: &str,
 ) -> anyhow::Result<View> {
-    no_daemon(conn, "`capsa create --from-snapshot`")?;
-    let Target::Direct(sandboxes) = Target::from_conn(conn)? else {
-        unreachable!("no --host was given");
+    let sandboxes = match Target::from_conn(conn)? {
+        Target::Direct(s) => s,
+        Target::Remote(r) => return r.create_from_snapshot(a, snapshot).await,
     };
     let snap = store.store().get(snapshot)?;
     let mut b = Capsa::restore(snap.path()).name(&a.name);

@@ -31,6 +31,12 @@ pub struct View {
     pub created_at: u64,
     /// How it ended, if it has.
     pub exit: Option<serde_json::Value>,
+    /// The capsad warm pool it belongs to, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// `ready` (idle in its pool) or `acquired`, for pool members.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_state: Option<String>,
 }
 
 impl View {
@@ -49,6 +55,8 @@ impl View {
             vmm_pid: r.vmm_pid.filter(|_| r.is_live()),
             created_at: r.created_at,
             exit: r.exit.as_ref().and_then(|e| serde_json::to_value(e).ok()),
+            pool: Sandboxes::label(r, "pool").map(str::to_string),
+            pool_state: Sandboxes::label(r, "pool_state").map(str::to_string),
         }
     }
 }

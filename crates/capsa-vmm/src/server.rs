@@ -330,7 +330,7 @@ async fn serve(opts: ServeOptions) -> Result<()> {
         created_at,
         version: env!("CARGO_PKG_VERSION").to_string(),
     };
-    let (exit_tx, mut exit_rx) = watch::channel(None);
+    let (exit_tx, _) = watch::channel(None);
     let inner = Arc::new(Inner {
         dir: dir.clone(),
         info: Mutex::new(info),
@@ -422,6 +422,7 @@ async fn serve(opts: ServeOptions) -> Result<()> {
                 fix,
             });
             let reason = ExitReason::Failed { code: -1, message };
+            release_sockets(&dir);
             inner.set_state(RecordedState::Stopped, Some(reason.clone()));
             let _ = inner.exit.send(Some(reason));
             finish(&inner, false).await;
@@ -442,9 +443,12 @@ async fn serve(opts: ServeOptions) -> Result<()> {
     let _ = inner.instance.set(instance.clone());
     inner.set_state(RecordedState::Running, None);
     tracing::info!(?vmm_pid, "the VM runs");
+    // The VM's end goes to the main loop first, not straight to `wait()`
+    // callers: the sockets are released and the stop recorded before anyone
+    // learns the VM ended (see `release_sockets`).
+    let (ended_tx, mut exit_rx) = watch::channel(None);
     {
         let instance = instance.clone();
-        let exit = inner.exit.clone();
         tokio::spawn(async move {
             let r = instance
                 .wait()
@@ -453,7 +457,7 @@ async fn serve(opts: ServeOptions) -> Result<()> {
                     code: -1,
                     message: e.to_string(),
                 });
-            let _ = exit.send(Some(r));
+            let _ = ended_tx.send(Some(r));
         });
     }
 
@@ -491,7 +495,9 @@ async fn serve(opts: ServeOptions) -> Result<()> {
     }
     let reason = exit_rx.borrow().clone();
     tracing::info!(?reason, "the VM ended");
-    inner.set_state(RecordedState::Stopped, reason);
+    release_sockets(&dir);
+    inner.set_state(RecordedState::Stopped, reason.clone());
+    let _ = inner.exit.send(reason);
     // Spawner gone and nobody asked to keep the VM: nobody else will clean up.
     let orphaned = *stdin_closed.borrow() && !inner.keep_alive.load(Ordering::SeqCst);
     finish(&inner, ephemeral || orphaned).await;
@@ -526,21 +532,30 @@ fn spawn_graceful_stop(i: Arc<dyn VmInstance>) {
     });
 }
 
-/// Removes the monitor's sockets (and, for an ephemeral VM, the whole
-/// directory), after letting in-flight replies flush.
-async fn finish(inner: &Inner, ephemeral: bool) {
-    tokio::time::sleep(EXIT_LINGER).await;
-    let dir = &inner.dir;
+/// Unlinks the sandbox's socket paths (and the pid file) once its VM ended,
+/// before the stop is recorded: a `stopped` record then means the paths are
+/// free, so an immediate restart's new monitor can bind them. The open
+/// listeners stay usable for connections already made (in-flight replies);
+/// nothing of this monitor touches the paths afterwards (the vsock device
+/// removes only the socket files it bound itself).
+fn release_sockets(dir: &Path) {
     for f in [
-        files::MONITOR_SOCK,
-        files::CONSOLE_SOCK,
         files::VSOCK_SOCK,
         files::VHOST_VSOCK_SOCK,
         files::QMP_SOCK,
+        files::CONSOLE_SOCK,
+        files::MONITOR_SOCK,
         files::PID,
     ] {
         let _ = std::fs::remove_file(dir.join(f));
     }
+}
+
+/// Lets in-flight replies flush, then (for an ephemeral VM) removes the
+/// whole directory.
+async fn finish(inner: &Inner, ephemeral: bool) {
+    tokio::time::sleep(EXIT_LINGER).await;
+    let dir = &inner.dir;
     if ephemeral {
         tracing::info!("removing the ephemeral state directory");
         let _ = std::fs::remove_dir_all(dir);

@@ -45,6 +45,10 @@ struct Inner {
     muxer: Arc<Mutex<Muxer>>,
     stats: Arc<SharedStats>,
     config: VsockConfig,
+    /// (device, inode) of the two socket files this device bound, so its
+    /// clean-up never removes a socket a successor bound at the same path
+    /// after this one's files were unlinked (a monitor restarting a VM).
+    bound: [Option<(u64, u64)>; 2],
 }
 
 /// A running vsock device backend.
@@ -93,6 +97,7 @@ impl VsockDevice {
             frontend: Mutex::new(None),
             muxer: Arc::new(Mutex::new(muxer)),
             stats,
+            bound: [file_id(&config.uds_path), file_id(&config.vhost_socket)],
             config: config.clone(),
         });
         let thread_inner = inner.clone();
@@ -254,9 +259,24 @@ fn serve(inner: Arc<Inner>, mut listener: Listener) -> Result<(), VsockError> {
     let result = serve_frontends(&inner, &mut listener);
     lock(&inner.muxer).reset_all("device shut down");
     drop(listener);
-    let _ = std::fs::remove_file(&inner.config.vhost_socket);
-    let _ = std::fs::remove_file(&inner.config.uds_path);
+    remove_if_ours(&inner.config.uds_path, inner.bound[0]);
+    remove_if_ours(&inner.config.vhost_socket, inner.bound[1]);
     result
+}
+
+/// The (device, inode) of the file at `path`, if there is one.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// Removes `path` only if it is still the socket file this device bound.
+fn remove_if_ours(path: &Path, ours: Option<(u64, u64)>) {
+    if ours.is_some() && file_id(path) == ours {
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 fn serve_frontends(inner: &Arc<Inner>, listener: &mut Listener) -> Result<(), VsockError> {

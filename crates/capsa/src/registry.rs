@@ -157,6 +157,49 @@ impl Sandboxes {
     }
 }
 
+impl Sandboxes {
+    /// A label of a sandbox record (set with [`RestoreBuilder::label`] or
+    /// [`Sandboxes::set_label`]).
+    pub fn label<'a>(rec: &'a SandboxRecord, key: &str) -> Option<&'a str> {
+        rec.extra.as_ref()?.get("labels")?.get(key)?.as_str()
+    }
+
+    /// Sets (`Some`) or removes (`None`) a label in the sandbox's
+    /// `sandbox.json`, atomically (temp file + rename), keeping every other
+    /// field as it is.
+    pub fn set_label(&self, name: &str, key: &str, value: Option<&str>) -> Result<()> {
+        let rec = self.root.get(name)?;
+        let path = rec.dir.join(capsa_vmm::state::files::SANDBOX);
+        let mut doc = match rec.extra {
+            Some(serde_json::Value::Object(m)) => m,
+            _ => serde_json::Map::new(),
+        };
+        let labels = doc
+            .entry("labels")
+            .or_insert_with(|| serde_json::Value::Object(Default::default()));
+        if !labels.is_object() {
+            *labels = serde_json::Value::Object(Default::default());
+        }
+        if let Some(m) = labels.as_object_mut() {
+            match value {
+                Some(v) => {
+                    m.insert(key.to_string(), v.into());
+                }
+                None => {
+                    m.remove(key);
+                }
+            }
+        }
+        let bytes = serde_json::to_vec_pretty(&doc)
+            .map_err(|e| Error::io("encoding sandbox.json", std::io::Error::other(e)))?;
+        let tmp = rec.dir.join(".sandbox.json.label.tmp");
+        std::fs::write(&tmp, bytes)
+            .map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
+        std::fs::rename(&tmp, &path)
+            .map_err(|e| Error::io(format!("renaming to {}", path.display()), e))
+    }
+}
+
 fn extra_of(rec: &SandboxRecord) -> SandboxExtra {
     rec.extra
         .clone()

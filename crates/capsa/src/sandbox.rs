@@ -53,6 +53,10 @@ pub(crate) struct SandboxExtra {
     pub workdir: Option<String>,
     #[serde(default)]
     pub op_timeout_ms: Option<u64>,
+    /// Free-form labels of whoever manages the sandbox (e.g. capsad's pool
+    /// membership), read back by listings such as `capsa ps`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 impl Capsa {
@@ -207,6 +211,7 @@ impl SandboxBuilder {
             env: self.env.clone(),
             workdir: self.workdir.clone(),
             op_timeout_ms: Some(self.op_timeout.as_millis().min(u128::from(u64::MAX)) as u64),
+            labels: Default::default(),
         };
         vm.keep_alive = self.keep_running;
         vm.extra = serde_json::to_value(&extra).ok();

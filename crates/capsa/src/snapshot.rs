@@ -161,6 +161,7 @@ impl Capsa {
             strategy: Strategy::InProcess,
             state_root: None,
             keep_running: false,
+            labels: Default::default(),
         }
     }
 }
@@ -181,6 +182,7 @@ pub struct RestoreBuilder {
     strategy: Strategy,
     state_root: Option<PathBuf>,
     keep_running: bool,
+    labels: std::collections::BTreeMap<String, String>,
 }
 
 impl std::fmt::Debug for RestoreBuilder {
@@ -195,6 +197,14 @@ impl std::fmt::Debug for RestoreBuilder {
 }
 
 impl RestoreBuilder {
+    /// Monitor only: a label recorded in the sandbox's `sandbox.json` from
+    /// the moment its directory exists (see [`crate::Sandboxes::label`]), so
+    /// a manager that crashes mid-restore can still tell its sandboxes apart.
+    pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.labels.insert(key.into(), value.into());
+        self
+    }
+
     /// Names the restored VM (default: generated).
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());
@@ -419,6 +429,7 @@ impl RestoreBuilder {
             env: env.to_vec(),
             workdir: workdir.clone(),
             op_timeout_ms: Some(self.op_timeout.as_millis().min(u128::from(u64::MAX)) as u64),
+            labels: self.labels.clone(),
         };
         let handle = capsa_vmm::spawn_restored(
             &self.dir,

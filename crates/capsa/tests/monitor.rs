@@ -253,3 +253,33 @@ async fn registry_refuses_bad_requests() {
     assert!(e.to_string().contains("CAPSA_STATE_DIR"), "{e}");
     assert!(common::qemu_children().is_empty());
 }
+
+/// `stop` then an immediate `start`: the old monitor must have let go of its
+/// sockets (vsock.sock, monitor.sock) by the time the stop is recorded, so
+/// the new monitor can bind them at once.
+#[tokio::test]
+async fn stop_then_immediate_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = registry(&tmp);
+    let _c = Cleanup(reg.root().clone(), "lazarus");
+    for round in 0..2 {
+        let sb = if round == 0 {
+            reg.create(common::sandbox().name("lazarus").memory_mb(256))
+                .await
+                .unwrap()
+        } else {
+            reg.start("lazarus").await.unwrap()
+        };
+        let out = sb.exec(&Command::new("true")).await.unwrap();
+        assert_eq!(out.status.code, Some(0));
+        sb.kill().await.unwrap();
+        drop(sb);
+        // No waiting: the record says stopped, so start must work now.
+        let rec = reg.get("lazarus").unwrap();
+        assert_eq!(rec.state, SandboxState::Stopped, "round {round}");
+    }
+    let again = reg.start("lazarus").await.unwrap();
+    again.exec(&Command::new("true")).await.unwrap();
+    drop(again);
+    reg.remove("lazarus", true).await.unwrap();
+}

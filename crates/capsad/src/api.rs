@@ -66,6 +66,12 @@ pub struct SandboxInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub exit: Option<serde_json::Value>,
+    /// The warm pool it belongs (or belonged) to, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// `ready` (idle in its pool) or `acquired` (handed out), for pool members.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_state: Option<String>,
 }
 
 /// Accelerator choice.
@@ -132,10 +138,122 @@ pub struct CreateSandboxRequest {
     /// Boot it now (default true); `false` only records it, stopped.
     #[serde(default = "yes")]
     pub start: bool,
+    /// Restore it from this named snapshot (see `GET /v1/snapshots`) instead
+    /// of booting; the snapshot fixes cpus, memory, disks and accel, so those
+    /// must be absent. `start: false` is refused with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_snapshot: Option<String>,
 }
 
 fn yes() -> bool {
     true
+}
+
+/// Largest pool accepted (each member is a running VM).
+pub const MAX_POOL_SIZE: usize = 32;
+/// Longest pool name: members are named `<pool>-<8 hex digits>`, within [`MAX_NAME_LEN`].
+pub const MAX_POOL_NAME_LEN: usize = MAX_NAME_LEN - 9;
+
+/// A named snapshot in the daemon's snapshot store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotInfo {
+    /// Its name.
+    pub name: String,
+    /// Creation time, seconds since the Unix epoch.
+    pub created_at: u64,
+    /// Bytes on disk.
+    pub size_bytes: u64,
+    /// vCPUs of the VM it was taken from, when readable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+    /// Guest RAM in MiB, when readable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
+    /// The sandbox it was taken from, when recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// capsa version that wrote it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capsa_version: Option<String>,
+    /// Why it cannot be restored here, if it cannot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+}
+
+/// Body of `POST /v1/sandboxes/{name}/snapshot`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshotRequest {
+    /// Name of the new snapshot (the sandbox naming rule).
+    pub snapshot: String,
+}
+
+/// Body of `POST /v1/pools`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreatePoolRequest {
+    /// Pool name (the sandbox naming rule, at most 54 bytes); members are `<name>-<hex>`.
+    pub name: String,
+    /// How many members to keep restored and ready (1 to 32).
+    #[schema(minimum = 1, maximum = 32)]
+    pub size: usize,
+    /// vCPUs of each member (default 1; not with `snapshot`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 64)]
+    pub cpus: Option<u32>,
+    /// Guest RAM of each member in MiB (default 512; not with `snapshot`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 128, maximum = 1048576)]
+    pub memory_mib: Option<u64>,
+    /// Restore members from this named snapshot instead of a base snapshot
+    /// of a freshly booted sandbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+}
+
+/// A warm pool as the daemon reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PoolInfo {
+    /// Pool name.
+    pub name: String,
+    /// Target number of ready members.
+    pub size: usize,
+    /// Members restored and idle, ready to hand out.
+    pub ready: usize,
+    /// Members being restored now.
+    pub starting: usize,
+    /// Members handed out since the daemon started.
+    pub acquired_total: u64,
+    /// Members restored since the daemon started (adopted ones excluded).
+    pub restored_total: u64,
+    /// Restores that failed since the daemon started.
+    pub failed_total: u64,
+    /// vCPUs of each member, when the pool sets them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+    /// Guest RAM of each member, when the pool sets it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
+    /// The named snapshot members come from, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+    /// `preparing` (making its base snapshot), `ready` or `failing`.
+    pub status: String,
+    /// The last restore error, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// Body of `POST /v1/pools/{name}/acquire`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AcquireRequest {
+    /// Name for the sandbox. Absent (the fast path): a ready member is
+    /// handed over under its own name `<pool>-<hex>`. Present: a member is
+    /// restored fresh under this name from the pool's snapshot (a restore's
+    /// time, not a handover's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 /// Body of `POST /v1/sandboxes/{name}/exec`.
@@ -238,6 +356,13 @@ pub enum Event {
     /// A sandbox disappeared.
     Removed {
         /// Sandbox name.
+        name: String,
+    },
+    /// A pool handed out a member (or one was restored for an acquire).
+    Acquired {
+        /// Pool name.
+        pool: String,
+        /// The sandbox handed out.
         name: String,
     },
     /// The daemon performed an action on a sandbox.

@@ -11,8 +11,10 @@ use async_trait::async_trait;
 use capsa::{ExecChild, FileMeta};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::api::{CreateSandboxRequest, SandboxInfo};
-use crate::error::ApiResult;
+use crate::api::{
+    AcquireRequest, CreatePoolRequest, CreateSandboxRequest, PoolInfo, SandboxInfo, SnapshotInfo,
+};
+use crate::error::{ApiError, ApiResult};
 
 /// A streamed request body handed to a backend.
 pub type BoxReader = Box<dyn AsyncRead + Send + Unpin>;
@@ -61,7 +63,55 @@ pub trait Backend: Send + Sync + 'static {
     async fn read_file(&self, name: &str, path: &str, writer: BoxWriter) -> ApiResult<FileMeta>;
     /// The console's host paths (`unavailable` when this backend has none).
     async fn console(&self, name: &str) -> ApiResult<ConsolePaths>;
+
+    /// Starts the configured pools once the daemon owns its socket (saved
+    /// ones and `flags`); `Err` is a configuration error to report and exit.
+    fn start_pools(&self, flags: Vec<pools::PoolConfig>) -> Result<(), String> {
+        if flags.is_empty() {
+            Ok(())
+        } else {
+            Err("--pool needs the monitor backend; fix: drop --backend in-process".into())
+        }
+    }
+    /// Snapshots a running sandbox into the snapshot store as `snapshot`.
+    async fn snapshot_create(&self, _name: &str, _snapshot: &str) -> ApiResult<SnapshotInfo> {
+        Err(monitor_only("snapshots"))
+    }
+    /// Every snapshot in the store.
+    async fn snapshot_list(&self) -> ApiResult<Vec<SnapshotInfo>> {
+        Err(monitor_only("snapshots"))
+    }
+    /// Deletes a snapshot (`conflict` while a pool restores from it).
+    async fn snapshot_remove(&self, _snapshot: &str) -> ApiResult<()> {
+        Err(monitor_only("snapshots"))
+    }
+    /// Creates a warm pool (validated; it fills in the background).
+    async fn pool_create(&self, _req: &CreatePoolRequest) -> ApiResult<PoolInfo> {
+        Err(monitor_only("pools"))
+    }
+    /// Every pool.
+    async fn pool_list(&self) -> ApiResult<Vec<PoolInfo>> {
+        Err(monitor_only("pools"))
+    }
+    /// One pool.
+    async fn pool_get(&self, _name: &str) -> ApiResult<PoolInfo> {
+        Err(monitor_only("pools"))
+    }
+    /// Deletes a pool and its idle members (handed-out ones stay).
+    async fn pool_remove(&self, _name: &str) -> ApiResult<()> {
+        Err(monitor_only("pools"))
+    }
+    /// Hands out a ready member of a pool.
+    async fn pool_acquire(&self, _pool: &str, _req: &AcquireRequest) -> ApiResult<SandboxInfo> {
+        Err(monitor_only("pools"))
+    }
+}
+
+fn monitor_only(what: &str) -> ApiError {
+    ApiError::unavailable(format!("{what} need the monitor backend"))
+        .fix("run capsad with --backend monitor (the default)")
 }
 
 pub mod in_process;
 pub mod monitor;
+pub mod pools;

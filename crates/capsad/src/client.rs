@@ -449,6 +449,72 @@ impl Client {
         Ok(Box::pin(s.map_err(ClientError::Http)))
     }
 
+    async fn delete_path(&self, path: &str) -> Result<()> {
+        let resp = self
+            .send(self.request(Method::DELETE, path, None, empty()))
+            .await?;
+        check(resp).await?;
+        Ok(())
+    }
+
+    /// `POST /v1/sandboxes/{name}/snapshot`: snapshots a running sandbox as `snapshot`.
+    pub async fn snapshot(&self, name: &str, snapshot: &str) -> Result<SnapshotInfo> {
+        let body = serde_json::to_vec(&CreateSnapshotRequest {
+            snapshot: snapshot.into(),
+        })
+        .map_err(|e| ClientError::Decode(e.to_string()))?;
+        self.call(Method::POST, &sb_path(name, "/snapshot"), Some(body))
+            .await
+    }
+
+    /// `GET /v1/snapshots`.
+    pub async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        self.call(Method::GET, "/v1/snapshots", None).await
+    }
+
+    /// `DELETE /v1/snapshots/{name}`.
+    pub async fn delete_snapshot(&self, name: &str) -> Result<()> {
+        self.delete_path(&format!("/v1/snapshots/{}", seg(name)))
+            .await
+    }
+
+    /// `POST /v1/pools`: creates a warm pool (it fills in the background).
+    pub async fn create_pool(&self, req: &CreatePoolRequest) -> Result<PoolInfo> {
+        let body = serde_json::to_vec(req).map_err(|e| ClientError::Decode(e.to_string()))?;
+        self.call(Method::POST, "/v1/pools", Some(body)).await
+    }
+
+    /// `GET /v1/pools`.
+    pub async fn pools(&self) -> Result<Vec<PoolInfo>> {
+        self.call(Method::GET, "/v1/pools", None).await
+    }
+
+    /// `GET /v1/pools/{name}`.
+    pub async fn pool(&self, name: &str) -> Result<PoolInfo> {
+        self.call(Method::GET, &format!("/v1/pools/{}", seg(name)), None)
+            .await
+    }
+
+    /// `DELETE /v1/pools/{name}`: the pool and its idle members.
+    pub async fn delete_pool(&self, name: &str) -> Result<()> {
+        self.delete_path(&format!("/v1/pools/{}", seg(name))).await
+    }
+
+    /// `POST /v1/pools/{name}/acquire`: a ready member (`name: None`, fast)
+    /// or a fresh one restored under `name`. Release it with [`Client::delete`].
+    pub async fn acquire(&self, pool: &str, name: Option<&str>) -> Result<SandboxInfo> {
+        let body = serde_json::to_vec(&AcquireRequest {
+            name: name.map(str::to_string),
+        })
+        .map_err(|e| ClientError::Decode(e.to_string()))?;
+        self.call(
+            Method::POST,
+            &format!("/v1/pools/{}/acquire", seg(pool)),
+            Some(body),
+        )
+        .await
+    }
+
     /// `GET /v1/events`: server-sent events, decoded.
     pub async fn events(&self) -> Result<BoxStream<Event>> {
         let incoming = self.streaming(Method::GET, "/v1/events", None).await?;
@@ -489,6 +555,10 @@ fn enc(s: &str) -> String {
         }
     }
     out
+}
+
+fn seg(name: &str) -> String {
+    enc(name).replace('/', "%2F")
 }
 
 fn sb_path(name: &str, rest: &str) -> String {

@@ -22,6 +22,8 @@ pub struct Config {
     pub token_file: Option<PathBuf>,
     /// Also serve on this loopback TCP address.
     pub listen_tcp: Option<SocketAddr>,
+    /// Warm pools to run (`--pool`), besides those saved by the API.
+    pub pools: Vec<crate::backend::pools::PoolConfig>,
 }
 
 /// Why the daemon could not start.
@@ -45,6 +47,9 @@ pub enum StartError {
     /// The token file is unusable.
     #[error(transparent)]
     Token(#[from] crate::auth::TokenError),
+    /// A pool configuration is unusable.
+    #[error("{0}")]
+    Pool(String),
     /// Host I/O failed.
     #[error("{context}: {source}")]
     Io {
@@ -133,6 +138,10 @@ pub async fn run(cfg: Config, backend: Arc<dyn Backend>) -> Result<(), StartErro
         .unwrap_or_else(|| cfg.state_dir.join("capsad.sock"));
     let listener = bind_socket(&socket, cfg.socket_group.as_deref()).await?;
 
+    // Only the daemon that owns the socket runs pools (restores members).
+    backend
+        .start_pools(cfg.pools.clone())
+        .map_err(StartError::Pool)?;
     let state = AppState::new(backend.clone());
     let poller = state.spawn_event_poller();
     match backend.list().await {

@@ -215,6 +215,7 @@ impl ApiError {
                     ),
                     V::NotFound { .. } => {
                         ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, message)
+                            .fix("GET /v1/sandboxes lists the sandboxes")
                     }
                     V::AlreadyExists { .. }
                     | V::Dead { .. }
@@ -232,6 +233,19 @@ impl ApiError {
                     _ => ApiError::internal(message),
                 }
             }
+            E::SnapshotNotFound { .. } => {
+                ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, message).fix(
+                    "GET /v1/snapshots lists the snapshots; POST /v1/sandboxes/{name}/snapshot makes one",
+                )
+            }
+            E::SnapshotExists { .. } => ApiError::conflict(message)
+                .fix("pick another snapshot name, or DELETE /v1/snapshots/{name} first"),
+            E::SnapshotName { .. } => {
+                ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::InvalidName, message)
+                    .fix("use 1-63 characters [a-z0-9][a-z0-9_.-]*")
+            }
+            E::Core(capsa_core::Error::SnapshotMismatch { .. })
+            | E::Core(capsa_core::Error::Snapshot { .. }) => ApiError::conflict(message),
             E::ConsoleClosed { .. } | E::NoConsole | E::NoVsock | E::Vsock { .. } => {
                 ApiError::unavailable(message)
             }

@@ -30,6 +30,15 @@ struct Args {
     /// daemon restart) or `in-process` (VMs die with the daemon).
     #[arg(long, default_value = "monitor", value_parser = ["monitor", "in-process"])]
     backend: String,
+    /// Keep a warm pool of restored sandboxes: NAME=SIZE, optionally
+    /// followed by ,memory=MIB ,cpus=N or ,snapshot=SNAPSHOT (repeatable).
+    /// Members are named NAME-<hex>; take one with POST /v1/pools/NAME/acquire.
+    #[arg(long = "pool", value_name = "NAME=SIZE[,memory=MIB][,cpus=N][,snapshot=S]", value_parser = capsad::backend::pools::PoolConfig::parse_flag)]
+    pools: Vec<capsad::backend::pools::PoolConfig>,
+    /// Named snapshot store. Default: the library's (CAPSA_SNAPSHOT_DIR,
+    /// else $XDG_DATA_HOME/capsa/snapshots, else ~/.local/share/capsa/snapshots).
+    #[arg(long)]
+    snapshot_dir: Option<PathBuf>,
     /// Print the OpenAPI document and exit.
     #[arg(long)]
     print_openapi: bool,
@@ -67,9 +76,10 @@ async fn main() -> std::process::ExitCode {
         socket_group: args.socket_group,
         token_file: args.token_file,
         listen_tcp: args.listen_tcp,
+        pools: args.pools,
     };
     let backend: Arc<dyn capsad::backend::Backend> = if args.backend == "monitor" {
-        let b = capsad::backend::monitor::MonitorBackend::new(state_dir);
+        let b = capsad::backend::monitor::MonitorBackend::new(state_dir, args.snapshot_dir);
         b.report_dead();
         Arc::new(b)
     } else {

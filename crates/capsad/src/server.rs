@@ -158,6 +158,12 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(console))
         .routes(routes!(console_ws))
         .routes(routes!(events))
+        .routes(routes!(snapshot_sandbox))
+        .routes(routes!(list_snapshots))
+        .routes(routes!(delete_snapshot))
+        .routes(routes!(list_pools, create_pool))
+        .routes(routes!(get_pool, delete_pool))
+        .routes(routes!(acquire))
 }
 
 /// The OpenAPI document of the API (what `GET /openapi.json` serves).
@@ -214,6 +220,23 @@ async fn list_sandboxes(State(st): State<AppState>) -> ApiResult<Json<Vec<Sandbo
 }
 
 fn validate_create(req: &CreateSandboxRequest) -> ApiResult<()> {
+    if let Some(s) = &req.from_snapshot {
+        validate_snapshot_name(s)?;
+        if req.cpus.is_some()
+            || req.memory_mib.is_some()
+            || !req.disks.is_empty()
+            || req.accel.is_some()
+        {
+            return Err(ApiError::bad_request(
+                "from_snapshot conflicts with cpus, memory_mib, disks and accel: the snapshot fixes them",
+            )
+            .fix("drop cpus/memory_mib/disks/accel, or drop from_snapshot to boot a new spec"));
+        }
+        if !req.start {
+            return Err(ApiError::bad_request("from_snapshot with start: false")
+                .fix("a restored sandbox is running from the start: drop `start: false`"));
+        }
+    }
     if let Some(c) = req.cpus {
         if !(1..=capsa_core::MAX_CPUS).contains(&c) {
             return Err(ApiError::bad_request(format!("cpus {c} is out of range"))
@@ -915,4 +938,155 @@ async fn events(State(st): State<AppState>) -> ApiResult<Response> {
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response())
+}
+
+fn validate_snapshot_name(name: &str) -> ApiResult<()> {
+    validate_name(name).map_err(|mut e| {
+        e.detail.message = e.detail.message.replace("sandbox name", "snapshot name");
+        e
+    })
+}
+
+type SnapParam = Result<Path<String>, PathRejection>;
+
+/// Snapshots a running sandbox (memory, devices, disks) into the daemon's
+/// snapshot store; the sandbox keeps running.
+#[utoipa::path(post, path = "/v1/sandboxes/{name}/snapshot", tag = "snapshots",
+    params(("name" = String, Path, description = "sandbox name")),
+    request_body = CreateSnapshotRequest,
+    responses((status = 201, body = SnapshotInfo), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn snapshot_sandbox(
+    State(st): State<AppState>,
+    p: NameParam,
+    body: Result<Json<CreateSnapshotRequest>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<SnapshotInfo>)> {
+    let name = name_of(p)?;
+    let Json(req) = body?;
+    validate_snapshot_name(&req.snapshot)?;
+    let _g = st.locks.try_lock(&name)?;
+    let r = st.backend.snapshot_create(&name, &req.snapshot).await;
+    st.emit(Event::Action {
+        name,
+        action: "snapshot".into(),
+        ok: r.is_ok(),
+    });
+    Ok((StatusCode::CREATED, Json(r?)))
+}
+
+/// Every named snapshot in the daemon's store.
+#[utoipa::path(get, path = "/v1/snapshots", tag = "snapshots",
+    responses((status = 200, body = Vec<SnapshotInfo>), (status = 401, body = ErrorBody)))]
+async fn list_snapshots(State(st): State<AppState>) -> ApiResult<Json<Vec<SnapshotInfo>>> {
+    Ok(Json(st.backend.snapshot_list().await?))
+}
+
+/// Deletes a named snapshot (409 while a pool restores from it).
+#[utoipa::path(delete, path = "/v1/snapshots/{name}", tag = "snapshots",
+    params(("name" = String, Path, description = "snapshot name")),
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
+async fn delete_snapshot(State(st): State<AppState>, p: SnapParam) -> ApiResult<StatusCode> {
+    let Path(name) = p?;
+    validate_snapshot_name(&name)?;
+    let _g = st.locks.try_lock(&format!("snapshot/{name}"))?;
+    st.backend.snapshot_remove(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Every warm pool with its counters.
+#[utoipa::path(get, path = "/v1/pools", tag = "pools",
+    responses((status = 200, body = Vec<PoolInfo>), (status = 401, body = ErrorBody)))]
+async fn list_pools(State(st): State<AppState>) -> ApiResult<Json<Vec<PoolInfo>>> {
+    Ok(Json(st.backend.pool_list().await?))
+}
+
+/// Creates a warm pool; it fills in the background (first its base snapshot,
+/// then one restore at a time). Saved: it survives a daemon restart.
+#[utoipa::path(post, path = "/v1/pools", tag = "pools",
+    request_body = CreatePoolRequest,
+    responses((status = 201, body = PoolInfo), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn create_pool(
+    State(st): State<AppState>,
+    body: Result<Json<CreatePoolRequest>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<PoolInfo>)> {
+    let Json(req) = body?;
+    Ok((
+        StatusCode::CREATED,
+        Json(st.backend.pool_create(&req).await?),
+    ))
+}
+
+type PoolParam = Result<Path<String>, PathRejection>;
+
+fn pool_of(p: PoolParam) -> ApiResult<String> {
+    let Path(name) = p?;
+    validate_name(&name).map_err(|mut e| {
+        e.detail.message = e.detail.message.replace("sandbox name", "pool name");
+        e
+    })?;
+    Ok(name)
+}
+
+/// One pool.
+#[utoipa::path(get, path = "/v1/pools/{name}", tag = "pools",
+    params(("name" = String, Path, description = "pool name")),
+    responses((status = 200, body = PoolInfo), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody)))]
+async fn get_pool(State(st): State<AppState>, p: PoolParam) -> ApiResult<Json<PoolInfo>> {
+    let name = pool_of(p)?;
+    Ok(Json(st.backend.pool_get(&name).await?))
+}
+
+/// Deletes a pool and destroys its idle members; members already handed
+/// out stay (delete them as sandboxes).
+#[utoipa::path(delete, path = "/v1/pools/{name}", tag = "pools",
+    params(("name" = String, Path, description = "pool name")),
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn delete_pool(State(st): State<AppState>, p: PoolParam) -> ApiResult<StatusCode> {
+    let name = pool_of(p)?;
+    st.backend.pool_remove(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Hands out a ready member of the pool: a running sandbox, at once (the
+/// pool refills in the background). It is the caller's from now on; release
+/// it with `DELETE /v1/sandboxes/{name}?force=true` (destroyed, never
+/// reused). With `name`, a fresh member is restored under that name instead
+/// (a restore's time). Waits up to 60 s when the pool is empty (then 503).
+#[utoipa::path(post, path = "/v1/pools/{name}/acquire", tag = "pools",
+    params(("name" = String, Path, description = "pool name")),
+    request_body = AcquireRequest,
+    responses((status = 200, body = SandboxInfo), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
+async fn acquire(
+    State(st): State<AppState>,
+    p: PoolParam,
+    body: Bytes,
+) -> ApiResult<Json<SandboxInfo>> {
+    let pool = pool_of(p)?;
+    // The body is optional: an empty one is `{}`.
+    let req: AcquireRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        AcquireRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::bad_request(format!("acquire request: {e}"))
+                .fix("send {} or {\"name\": \"my-box\"} (or no body)")
+        })?
+    };
+    let _g = match &req.name {
+        Some(n) => {
+            validate_name(n)?;
+            Some(st.locks.try_lock(n)?)
+        }
+        None => None,
+    };
+    let info = st.backend.pool_acquire(&pool, &req).await?;
+    st.emit(Event::Acquired {
+        pool,
+        name: info.name.clone(),
+    });
+    Ok(Json(info))
 }

@@ -37,6 +37,8 @@ impl Entry {
                 .as_ref()
                 .and_then(|s| serde_json::to_value(s.vm().spec()).ok()),
             exit: self.exit.clone(),
+            pool: None,
+            pool_state: None,
         }
     }
 }
@@ -159,6 +161,12 @@ impl Backend for InProcessBackend {
     }
 
     async fn create(&self, name: &str, req: &CreateSandboxRequest) -> ApiResult<SandboxInfo> {
+        if req.from_snapshot.is_some() {
+            return Err(
+                ApiError::unavailable("from_snapshot needs the monitor backend")
+                    .fix("run capsad with --backend monitor (the default)"),
+            );
+        }
         {
             let mut entries = self.entries.lock().await;
             if entries.contains_key(name) {

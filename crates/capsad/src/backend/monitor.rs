@@ -11,21 +11,42 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use capsa::{Capsa, DiskSpec, ExecChild, FileMeta, Sandbox, SandboxRecord, Sandboxes};
-use tokio::sync::Mutex;
+use capsa::{Capsa, DiskSpec, ExecChild, FileMeta, Sandbox, SandboxRecord, Sandboxes, Snapshots};
 
+use super::pools::{Attached, PoolConfig, Pools, LABEL_POOL, LABEL_POOL_STATE};
 use super::{Backend, BoxReader, BoxWriter, ConsolePaths};
-use crate::api::{CreateSandboxRequest, SandboxInfo, SandboxState};
+use crate::api::{
+    AcquireRequest, CreatePoolRequest, CreateSandboxRequest, PoolInfo, SandboxInfo, SandboxState,
+    SnapshotInfo,
+};
 use crate::error::{ApiError, ApiResult};
 
 /// Sandboxes under monitors, found by name in a state root.
 pub struct MonitorBackend {
     reg: Sandboxes,
-    attached: Mutex<HashMap<String, Arc<Sandbox>>>,
+    attached: Attached,
+    pools: Pools,
+}
+
+fn snapshot_info(e: capsa::SnapshotEntry) -> SnapshotInfo {
+    SnapshotInfo {
+        name: e.name,
+        created_at: e.created_at,
+        size_bytes: e.size_bytes,
+        cpus: e.spec.as_ref().map(|s| s.cpus),
+        memory_mib: e.spec.as_ref().map(|s| s.memory_mib),
+        source: e.source,
+        capsa_version: e.capsa_version,
+        problem: e.problem,
+    }
 }
 
 fn info_of(r: SandboxRecord) -> SandboxInfo {
+    let pool = Sandboxes::label(&r, LABEL_POOL).map(str::to_string);
+    let pool_state = Sandboxes::label(&r, LABEL_POOL_STATE).map(str::to_string);
     SandboxInfo {
+        pool,
+        pool_state,
         state: match r.state {
             capsa::SandboxState::Starting => SandboxState::Starting,
             capsa::SandboxState::Running => SandboxState::Running,
@@ -44,12 +65,50 @@ fn info_of(r: SandboxRecord) -> SandboxInfo {
 }
 
 impl MonitorBackend {
-    /// The backend over the state root `root`.
-    pub fn new(root: PathBuf) -> Self {
+    /// The backend over the state root `root`, with named snapshots in
+    /// `snapshots` (default: the library's [`Snapshots::default_root`]).
+    pub fn new(root: PathBuf, snapshots: Option<PathBuf>) -> Self {
+        let reg = Sandboxes::new(Some(root));
+        let attached: Attached = Arc::new(tokio::sync::Mutex::new(HashMap::new()));
+        let pools = Pools::new(reg.clone(), Snapshots::new(snapshots), attached.clone(), 1);
         Self {
-            reg: Sandboxes::new(Some(root)),
-            attached: Mutex::new(HashMap::new()),
+            reg,
+            attached,
+            pools,
         }
+    }
+
+    /// Starts the pools: those saved by an earlier daemon (`pools.json`),
+    /// then `flags` (which replace saved ones of the same name); ready
+    /// members left by an earlier daemon are adopted, those of pools that are
+    /// gone are removed. Must run inside the runtime.
+    fn start_pools_now(&self, flags: Vec<PoolConfig>) -> Result<(), String> {
+        for f in &flags {
+            self.pools.validate(f).map_err(|e| {
+                format!(
+                    "--pool {}: {}{}",
+                    f.name,
+                    e.detail.message,
+                    e.detail
+                        .fix
+                        .map(|f| format!("; fix: {f}"))
+                        .unwrap_or_default()
+                )
+            })?;
+        }
+        let mut saved = self.pools.saved();
+        saved.retain(|s| !flags.iter().any(|f| f.name == s.name));
+        for cfg in saved {
+            let name = cfg.name.clone();
+            if let Err(e) = self.pools.create(cfg, false) {
+                tracing::warn!(pool = %name, "not restarting a saved pool: {e}");
+            }
+        }
+        for cfg in flags {
+            self.pools.create(cfg, false).map_err(|e| e.to_string())?;
+        }
+        self.pools.clean_orphans();
+        Ok(())
     }
 
     fn record(&self, name: &str) -> ApiResult<SandboxRecord> {
@@ -100,36 +159,6 @@ impl MonitorBackend {
         }
     }
 
-    /// Waits (bounded) until the monitor that ran `pid` has exited, so a
-    /// `stop`/`kill` answer means its sockets are released and `start` can
-    /// bind them again at once.
-    async fn wait_monitor_gone(&self, name: &str, pid: Option<u32>) {
-        let Some(pid) = pid else { return };
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
-        while std::path::Path::new(&format!("/proc/{pid}")).exists() {
-            // A zombie is gone for our purposes (its sockets are closed).
-            let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| {
-                    s.rsplit(')')
-                        .next()
-                        .map(|r| r.trim_start().starts_with('Z'))
-                })
-                .unwrap_or(false);
-            if zombie || tokio::time::Instant::now() > deadline {
-                if !zombie {
-                    tracing::warn!(
-                        sandbox = name,
-                        pid,
-                        "monitor still running after the VM ended"
-                    );
-                }
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    }
-
     async fn forget(&self, name: &str) -> Option<Arc<Sandbox>> {
         self.attached.lock().await.remove(name)
     }
@@ -158,6 +187,30 @@ impl Backend for MonitorBackend {
             return Err(ApiError::conflict(format!("sandbox {name:?} exists"))
                 .fix("pick another name, or DELETE the existing sandbox first"));
         }
+        if let Some(snap) = &req.from_snapshot {
+            let path = self
+                .pools
+                .snapshots()
+                .get(snap)
+                .map_err(|e| ApiError::from_capsa(&format!("snapshot {snap:?}"), &e))?
+                .path()
+                .to_path_buf();
+            let mut b = Capsa::restore(path).name(name);
+            for (k, v) in &req.env {
+                b = b.env(k, v);
+            }
+            if let Some(w) = &req.workdir {
+                b = b.workdir(w);
+            }
+            let sb = self.reg.create_restored(b).await.map_err(|e| {
+                ApiError::from_capsa(&format!("restoring sandbox {name:?} from {snap:?}"), &e)
+            })?;
+            self.attached
+                .lock()
+                .await
+                .insert(name.to_string(), Arc::new(sb));
+            return self.get(name).await;
+        }
         let mut b = Capsa::sandbox().name(name);
         if let Some(c) = req.cpus {
             b = b.cpus(c);
@@ -185,12 +238,11 @@ impl Backend for MonitorBackend {
             .await
             .map_err(|e| ApiError::from_capsa(&format!("creating sandbox {name:?}"), &e))?;
         if !req.start {
-            let pid = self.record(name)?.monitor_pid;
+            // The monitor records the stop only once its sockets are released,
+            // so a `start` right after this answer works.
             if let Err(e) = sb.stop().await {
                 tracing::warn!(sandbox = name, "stopping after create: {e}");
             }
-            drop(sb);
-            self.wait_monitor_gone(name, pid).await;
         } else {
             self.attached
                 .lock()
@@ -209,8 +261,6 @@ impl Backend for MonitorBackend {
             )));
         }
         self.forget(name).await;
-        // A monitor that recorded the exit may still be closing its sockets.
-        self.wait_monitor_gone(name, rec.monitor_pid).await;
         let sb = self
             .reg
             .start(name)
@@ -228,11 +278,8 @@ impl Backend for MonitorBackend {
             return self.get(name).await;
         }
         let sb = self.running(name).await?;
-        let pid = self.record(name)?.monitor_pid;
         let r = sb.stop().await;
         self.forget(name).await;
-        drop(sb);
-        self.wait_monitor_gone(name, pid).await;
         r.map_err(|e| ApiError::from_capsa(&format!("stopping sandbox {name:?}"), &e))?;
         self.get(name).await
     }
@@ -242,11 +289,8 @@ impl Backend for MonitorBackend {
             return self.get(name).await;
         }
         let sb = self.running(name).await?;
-        let pid = self.record(name)?.monitor_pid;
         let r = sb.kill().await;
         self.forget(name).await;
-        drop(sb);
-        self.wait_monitor_gone(name, pid).await;
         r.map_err(|e| ApiError::from_capsa(&format!("killing sandbox {name:?}"), &e))?;
         self.get(name).await
     }
@@ -298,6 +342,64 @@ impl Backend for MonitorBackend {
         sb.read_file_to(path, writer)
             .await
             .map_err(|e| ApiError::from_capsa(&format!("reading {path}"), &e))
+    }
+
+    fn start_pools(&self, flags: Vec<PoolConfig>) -> Result<(), String> {
+        self.start_pools_now(flags)
+    }
+
+    async fn snapshot_create(&self, name: &str, snapshot: &str) -> ApiResult<SnapshotInfo> {
+        let sb = self.running(name).await?;
+        let e = self
+            .pools
+            .snapshots()
+            .create(snapshot, &sb)
+            .await
+            .map_err(|e| ApiError::from_capsa(&format!("snapshotting {name:?}"), &e))?;
+        Ok(snapshot_info(e))
+    }
+
+    async fn snapshot_list(&self) -> ApiResult<Vec<SnapshotInfo>> {
+        let l = self
+            .pools
+            .snapshots()
+            .list()
+            .map_err(|e| ApiError::from_capsa("listing snapshots", &e))?;
+        Ok(l.into_iter().map(snapshot_info).collect())
+    }
+
+    async fn snapshot_remove(&self, snapshot: &str) -> ApiResult<()> {
+        if let Some(p) = self.pools.uses_snapshot(snapshot) {
+            return Err(ApiError::conflict(format!(
+                "pool {p:?} restores its members from snapshot {snapshot:?}"
+            ))
+            .fix(format!("DELETE /v1/pools/{p} first")));
+        }
+        self.pools
+            .snapshots()
+            .remove(snapshot)
+            .map_err(|e| ApiError::from_capsa(&format!("removing snapshot {snapshot:?}"), &e))
+    }
+
+    async fn pool_create(&self, req: &CreatePoolRequest) -> ApiResult<PoolInfo> {
+        self.pools.create(PoolConfig::from(req), true)
+    }
+
+    async fn pool_list(&self) -> ApiResult<Vec<PoolInfo>> {
+        Ok(self.pools.list())
+    }
+
+    async fn pool_get(&self, name: &str) -> ApiResult<PoolInfo> {
+        self.pools.get(name)
+    }
+
+    async fn pool_remove(&self, name: &str) -> ApiResult<()> {
+        self.pools.remove(name).await
+    }
+
+    async fn pool_acquire(&self, pool: &str, req: &AcquireRequest) -> ApiResult<SandboxInfo> {
+        let name = self.pools.acquire(pool, req.name.as_deref()).await?;
+        self.get(&name).await
     }
 
     async fn console(&self, name: &str) -> ApiResult<ConsolePaths> {

@@ -37,6 +37,8 @@ impl Daemon {
         let child = Command::new(env!("CARGO_BIN_EXE_capsad"))
             .arg("--state-dir")
             .arg(dir)
+            .arg("--snapshot-dir")
+            .arg(dir.join("snapshots"))
             .args(extra)
             .env("RUST_LOG", "capsad=debug,info,tarpc=warn")
             .stdin(Stdio::null())

@@ -1,0 +1,164 @@
+//! `capsa pool create|ls|acquire|rm`: capsad's warm pools (they live in the
+//! daemon, so these commands need `--host`/`CAPSA_HOST`).
+//!
+//! A pool keeps N sandboxes restored and idle; `acquire` hands one over at
+//! once (its name is `<pool>-<hex>`) and the pool refills in the background.
+//! A handed-out sandbox is an ordinary named sandbox: `capsa exec` into it,
+//! `capsa rm -f` it when done (it is destroyed, never reused).
+
+use std::process::ExitCode;
+
+use capsad::api::CreatePoolRequest;
+
+use crate::named::Conn;
+use crate::target::Target;
+
+/// `capsa pool ...` (needs --host).
+#[derive(clap::Subcommand, Debug)]
+pub enum PoolCmd {
+    /// Create a warm pool in capsad (it fills in the background; saved across daemon restarts).
+    Create {
+        /// Pool name (members are named NAME-<hex>).
+        name: String,
+        /// How many sandboxes to keep ready (1-32).
+        #[arg(long, default_value_t = 2)]
+        size: usize,
+        /// vCPUs per sandbox.
+        #[arg(long, conflicts_with = "snapshot")]
+        cpus: Option<u32>,
+        /// Guest memory per sandbox, e.g. 256M.
+        #[arg(long, value_parser = crate::parse_mib, conflicts_with = "snapshot")]
+        memory: Option<u64>,
+        /// Restore members from this named snapshot (capsad's store) instead
+        /// of a base snapshot of a fresh boot.
+        #[arg(long)]
+        snapshot: Option<String>,
+    },
+    /// List pools: size, ready, starting, handed out.
+    Ls {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take a ready sandbox from a pool; prints its name. Release it with `capsa rm -f NAME`.
+    Acquire {
+        /// The pool.
+        pool: String,
+        /// Restore a fresh member under this name instead of handing over a
+        /// ready one (a restore's time, not a handover's).
+        #[arg(long)]
+        name: Option<String>,
+        /// Print the sandbox's record as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete pools and their idle members (handed-out sandboxes stay).
+    Rm {
+        /// The pools.
+        #[arg(required = true)]
+        pools: Vec<String>,
+    },
+}
+
+pub async fn run(conn: &Conn, cmd: PoolCmd) -> anyhow::Result<ExitCode> {
+    let Target::Remote(r) = Target::from_conn(conn)? else {
+        anyhow::bail!(
+            "pools live in capsad. Fix: pass --host unix:///path/to/capsad.sock (or set CAPSA_HOST); \
+             from Rust without a daemon, use capsa::Capsa::pool"
+        );
+    };
+    let c = r.client();
+    match cmd {
+        PoolCmd::Create {
+            name,
+            size,
+            cpus,
+            memory,
+            snapshot,
+        } => {
+            let p = c
+                .create_pool(&CreatePoolRequest {
+                    name,
+                    size,
+                    cpus,
+                    memory_mib: memory,
+                    snapshot,
+                })
+                .await?;
+            println!("{}", p.name);
+        }
+        PoolCmd::Ls { json } => {
+            let list = c.pools().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!(
+                "{:<20} {:>4} {:>5} {:>8} {:>8} {:<10} SOURCE",
+                "POOL", "SIZE", "READY", "STARTING", "ACQUIRED", "STATUS"
+            );
+            for p in list {
+                println!(
+                    "{:<20} {:>4} {:>5} {:>8} {:>8} {:<10} {}",
+                    p.name,
+                    p.size,
+                    p.ready,
+                    p.starting,
+                    p.acquired_total,
+                    p.status,
+                    match (&p.snapshot, p.memory_mib) {
+                        (Some(s), _) => format!("snapshot {s}"),
+                        (None, Some(m)) => format!("{}x {m}M", p.cpus.unwrap_or(1)),
+                        (None, None) => "default spec".into(),
+                    }
+                );
+                if let Some(e) = &p.last_error {
+                    println!("  last error: {e}");
+                }
+            }
+        }
+        PoolCmd::Acquire { pool, name, json } => {
+            let v = r.acquire(&pool, name.as_deref()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{}", v.name);
+            }
+        }
+        PoolCmd::Rm { pools } => {
+            let mut failed = false;
+            for p in &pools {
+                match c.delete_pool(p).await {
+                    Ok(()) => println!("{p}"),
+                    Err(e) => {
+                        failed = true;
+                        crate::report(&e.into());
+                    }
+                }
+            }
+            if failed {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The one-line summaries `capsa ps --host` prints under the table.
+pub async fn summaries(conn: &Conn) -> Vec<String> {
+    let Ok(Target::Remote(r)) = Target::from_conn(conn) else {
+        return Vec::new();
+    };
+    match r.client().pools().await {
+        Ok(list) => list
+            .into_iter()
+            .map(|p| {
+                format!(
+                    "pool {}: {}/{} ready, {} starting, {} acquired ({})",
+                    p.name, p.ready, p.size, p.starting, p.acquired_total, p.status
+                )
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
