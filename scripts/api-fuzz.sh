@@ -21,7 +21,10 @@ BIN="${CARGO_TARGET_DIR:-target}/debug/capsad"
 
 STATE="$(mktemp -d /tmp/capsad-fuzz.XXXXXX)"
 PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
-"$BIN" --state-dir "$STATE" --listen-tcp "127.0.0.1:$PORT" 2>"$STATE/capsad.log" &
+# Snapshots stay under $STATE (removed at the end); pools are refused past
+# validation (--max-pool-members 0): a fuzzer's pools would be running VMs.
+"$BIN" --state-dir "$STATE" --snapshot-dir "$STATE/snapshots" --max-pool-members 0 \
+    --listen-tcp "127.0.0.1:$PORT" 2>"$STATE/capsad.log" &
 PID=$!
 cleanup() {
     kill "$PID" 2>/dev/null || true

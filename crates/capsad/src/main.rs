@@ -35,6 +35,9 @@ struct Args {
     /// Members are named NAME-<hex>; take one with POST /v1/pools/NAME/acquire.
     #[arg(long = "pool", value_name = "NAME=SIZE[,memory=MIB][,cpus=N][,snapshot=S]", value_parser = capsad::backend::pools::PoolConfig::parse_flag)]
     pools: Vec<capsad::backend::pools::PoolConfig>,
+    /// Most ready pool members the daemon holds across all pools (each is a running VM).
+    #[arg(long, default_value_t = capsad::backend::pools::DEFAULT_MAX_POOL_MEMBERS)]
+    max_pool_members: usize,
     /// Named snapshot store. Default: the library's (CAPSA_SNAPSHOT_DIR,
     /// else $XDG_DATA_HOME/capsa/snapshots, else ~/.local/share/capsa/snapshots).
     #[arg(long)]
@@ -79,7 +82,11 @@ async fn main() -> std::process::ExitCode {
         pools: args.pools,
     };
     let backend: Arc<dyn capsad::backend::Backend> = if args.backend == "monitor" {
-        let b = capsad::backend::monitor::MonitorBackend::new(state_dir, args.snapshot_dir);
+        let b = capsad::backend::monitor::MonitorBackend::new(
+            state_dir,
+            args.snapshot_dir,
+            args.max_pool_members,
+        );
         b.report_dead();
         Arc::new(b)
     } else {

@@ -127,6 +127,17 @@ async fn pool_acquire_refill_release_and_restart() {
     let p = c.create_pool(&req).await.unwrap();
     assert_eq!((p.name.as_str(), p.size), ("p", 2));
     api_err(c.create_pool(&req).await.unwrap_err(), 409, "conflict");
+    // All pools together stay under --max-pool-members (default 16).
+    let mut big = bad(15);
+    big.name = "big".into();
+    match c.create_pool(&big).await.unwrap_err() {
+        ClientError::Api { status, detail } => {
+            assert_eq!(status.as_u16(), 409, "{detail:?}");
+            assert!(detail.message.contains("pool members"), "{detail:?}");
+            assert!(detail.fix.unwrap().contains("--max-pool-members"));
+        }
+        other => panic!("{other:?}"),
+    }
     let (st, body) = c
         .raw(
             Method::POST,

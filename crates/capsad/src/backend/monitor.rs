@@ -67,10 +67,17 @@ fn info_of(r: SandboxRecord) -> SandboxInfo {
 impl MonitorBackend {
     /// The backend over the state root `root`, with named snapshots in
     /// `snapshots` (default: the library's [`Snapshots::default_root`]).
-    pub fn new(root: PathBuf, snapshots: Option<PathBuf>) -> Self {
+    /// At most `max_pool_members` ready members across all pools.
+    pub fn new(root: PathBuf, snapshots: Option<PathBuf>, max_pool_members: usize) -> Self {
         let reg = Sandboxes::new(Some(root));
         let attached: Attached = Arc::new(tokio::sync::Mutex::new(HashMap::new()));
-        let pools = Pools::new(reg.clone(), Snapshots::new(snapshots), attached.clone(), 1);
+        let pools = Pools::new(
+            reg.clone(),
+            Snapshots::new(snapshots),
+            attached.clone(),
+            1,
+            max_pool_members,
+        );
         Self {
             reg,
             attached,

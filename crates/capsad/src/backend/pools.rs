@@ -187,7 +187,12 @@ pub struct Pools {
     shared: Arc<Shared>,
     pools: Mutex<BTreeMap<String, Arc<Pool>>>,
     config_file: PathBuf,
+    max_members: usize,
 }
+
+/// Default bound on the ready members of all pools together (each is a
+/// running VM): a client cannot make the daemon hold more than this.
+pub const DEFAULT_MAX_POOL_MEMBERS: usize = 16;
 
 fn random_hex() -> String {
     let mut b = [0u8; 4];
@@ -207,9 +212,16 @@ fn random_hex() -> String {
 impl Pools {
     /// The pools over `reg` (members), `snapshots` (named snapshots) and the
     /// backend's exec cache; `parallel` restores may run at once (all pools).
-    pub fn new(reg: Sandboxes, snapshots: Snapshots, attached: Attached, parallel: usize) -> Self {
+    pub fn new(
+        reg: Sandboxes,
+        snapshots: Snapshots,
+        attached: Attached,
+        parallel: usize,
+        max_members: usize,
+    ) -> Self {
         let config_file = reg.root().path().join(POOLS_FILE);
         Self {
+            max_members,
             shared: Arc::new(Shared {
                 reg,
                 snapshots,
@@ -298,6 +310,14 @@ impl Pools {
                         cfg.name
                     )),
                 );
+            }
+            let held: usize = map.values().map(|p| p.cfg.size).sum();
+            if held + cfg.size > self.max_members {
+                return Err(ApiError::conflict(format!(
+                    "pool {:?} of {} would exceed the daemon's {} pool members ({held} held by other pools)",
+                    cfg.name, cfg.size, self.max_members
+                ))
+                .fix("delete a pool, make this one smaller, or start capsad with a larger --max-pool-members"));
             }
             let pool = Arc::new(Pool {
                 cfg: cfg.clone(),
