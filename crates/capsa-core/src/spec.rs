@@ -252,6 +252,18 @@ impl VmSpec {
                 format!("ask for 1 to {MAX_CPUS} vCPUs"),
             ));
         }
+        if self.cpus > host.cpus.max(1) {
+            // More vCPUs than host CPUs cannot run at once; under TCG such a
+            // guest may not even finish booting. Refuse instead of timing out.
+            return Err(Error::invalid(
+                "cpus",
+                format!(
+                    "{} vCPUs requested, but this host has {} CPUs",
+                    self.cpus, host.cpus
+                ),
+                format!("ask for at most {} vCPUs", host.cpus.max(1)),
+            ));
+        }
         if self.memory_mib < MIN_MEMORY_MIB {
             return Err(Error::invalid(
                 "memory",
@@ -392,6 +404,16 @@ mod tests {
             s.validate(&host()),
             Err(Error::InvalidSpec { field: "cpus", .. })
         ));
+        // More vCPUs than host CPUs: refused with the host's count in the fix.
+        s.cpus = host().cpus + 1;
+        let e = s.validate(&host()).unwrap_err();
+        assert!(matches!(e, Error::InvalidSpec { field: "cpus", .. }), "{e}");
+        assert!(
+            e.to_string().contains(&format!("at most {}", host().cpus)),
+            "{e}"
+        );
+        s.cpus = host().cpus;
+        s.validate(&host()).unwrap();
         let mut s = VmSpec::linux("/nonexistent/vmlinux", None);
         assert!(matches!(
             s.validate(&host()),
