@@ -574,7 +574,7 @@ async fn restore_member(
     name: &str,
     state: &str,
 ) -> capsa::Result<Sandbox> {
-    shared
+    let sb = shared
         .reg
         .create_restored(
             Capsa::restore(base)
@@ -582,7 +582,16 @@ async fn restore_member(
                 .label(LABEL_POOL, pool)
                 .label(LABEL_POOL_STATE, state),
         )
-        .await
+        .await?;
+    // Right after a restore TCG has no translated code: the first fork+exec
+    // costs ~100 ms. Pay it here, before the member counts as ready, as the
+    // library's pool does, so acquire-to-first-exec stays short.
+    let warm = sb.exec(&capsa::Command::new("true")).await;
+    if let Err(e) = warm {
+        let _ = shared.reg.remove(name, true).await;
+        return Err(e);
+    }
+    Ok(sb)
 }
 
 /// The snapshot a pool's members restore from: the named one, or the
