@@ -372,6 +372,14 @@ impl StateRoot {
             if process_alive(s.monitor_pid, s.monitor_starttime) {
                 tracing::info!(sandbox = name, pid = s.monitor_pid, "killing its monitor");
                 kill_pid(s.monitor_pid);
+                // kill(2) only queues the signal: wait (bounded) until it is
+                // gone, so "removed" means no process of the sandbox is left.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+                while process_alive(s.monitor_pid, s.monitor_starttime)
+                    && std::time::Instant::now() < deadline
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
             }
             if let Some(pid) = s.vmm_pid {
                 kill_leftover_qemu(pid, s.vmm_starttime, &dir);

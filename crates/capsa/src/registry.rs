@@ -153,7 +153,12 @@ impl Sandboxes {
                 let _ = tokio::time::timeout(Duration::from_secs(5), h.wait()).await;
             }
         }
-        Ok(self.root.remove(name)?)
+        // Removal may wait (bounded) for killed processes to go: off the runtime.
+        let (root, owned) = (self.root.clone(), name.to_string());
+        tokio::task::spawn_blocking(move || root.remove(&owned))
+            .await
+            .map_err(|e| Error::io("removing a sandbox", std::io::Error::other(e)))??;
+        Ok(())
     }
 }
 
