@@ -145,6 +145,35 @@ pub struct CreateSandboxRequest {
     pub from_snapshot: Option<String>,
 }
 
+impl CreateSandboxRequest {
+    /// The library builder for this request's spec, named `name`; both
+    /// backends boot from it, so a field means the same everywhere.
+    pub fn builder(&self, name: &str) -> capsa::SandboxBuilder {
+        let mut b = capsa::Capsa::sandbox().name(name);
+        if let Some(c) = self.cpus {
+            b = b.cpus(c);
+        }
+        if let Some(m) = self.memory_mib {
+            b = b.memory_mb(m);
+        }
+        for (k, v) in &self.env {
+            b = b.env(k, v);
+        }
+        if let Some(w) = &self.workdir {
+            b = b.workdir(w);
+        }
+        if let Some(a) = self.accel {
+            b = b.accel(a.into());
+        }
+        for d in &self.disks {
+            let mut spec = capsa::DiskSpec::new(&d.path);
+            spec.read_only = d.read_only;
+            b = b.disk(spec);
+        }
+        b
+    }
+}
+
 fn yes() -> bool {
     true
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use capsa::{Capsa, DiskSpec, ExecChild, FileMeta, Sandbox};
+use capsa::{ExecChild, FileMeta, Sandbox};
 use tokio::sync::Mutex;
 
 use super::{Backend, BoxReader, BoxWriter, ConsolePaths};
@@ -56,27 +56,7 @@ impl InProcessBackend {
     }
 
     async fn boot(&self, name: &str, req: &CreateSandboxRequest) -> ApiResult<Arc<Sandbox>> {
-        let mut b = Capsa::sandbox().name(name);
-        if let Some(c) = req.cpus {
-            b = b.cpus(c);
-        }
-        if let Some(m) = req.memory_mib {
-            b = b.memory_mb(m);
-        }
-        for (k, v) in &req.env {
-            b = b.env(k, v);
-        }
-        if let Some(w) = &req.workdir {
-            b = b.workdir(w);
-        }
-        if let Some(a) = req.accel {
-            b = b.accel(a.into());
-        }
-        for d in &req.disks {
-            let mut spec = DiskSpec::new(&d.path);
-            spec.read_only = d.read_only;
-            b = b.disk(spec);
-        }
+        let b = req.builder(name);
         b.build()
             .await
             .map(Arc::new)

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use capsa::{Capsa, DiskSpec, ExecChild, FileMeta, Sandbox, SandboxRecord, Sandboxes, Snapshots};
+use capsa::{Capsa, ExecChild, FileMeta, Sandbox, SandboxRecord, Sandboxes, Snapshots};
 
 use super::pools::{Attached, PoolConfig, Pools, LABEL_POOL, LABEL_POOL_STATE};
 use super::{Backend, BoxReader, BoxWriter, ConsolePaths};
@@ -218,27 +218,7 @@ impl Backend for MonitorBackend {
                 .insert(name.to_string(), Arc::new(sb));
             return self.get(name).await;
         }
-        let mut b = Capsa::sandbox().name(name);
-        if let Some(c) = req.cpus {
-            b = b.cpus(c);
-        }
-        if let Some(m) = req.memory_mib {
-            b = b.memory_mb(m);
-        }
-        for (k, v) in &req.env {
-            b = b.env(k, v);
-        }
-        if let Some(w) = &req.workdir {
-            b = b.workdir(w);
-        }
-        if let Some(a) = req.accel {
-            b = b.accel(a.into());
-        }
-        for d in &req.disks {
-            let mut spec = DiskSpec::new(&d.path);
-            spec.read_only = d.read_only;
-            b = b.disk(spec);
-        }
+        let b = req.builder(name);
         let sb = self
             .reg
             .create(b)
