@@ -228,7 +228,15 @@ impl Remote {
         Ok(())
     }
 
-    pub async fn stop(&self, name: &str, _grace: Duration) -> anyhow::Result<()> {
+    pub async fn stop(&self, name: &str, grace: Duration) -> anyhow::Result<()> {
+        if grace != capsa::DEFAULT_STOP_TIMEOUT {
+            // capsad's stop always grants the library's default grace period.
+            anyhow::bail!(
+                "--timeout is not supported through capsad (it grants the guest {}s); \
+                 fix: drop --timeout, or run `capsa stop` without --host",
+                capsa::DEFAULT_STOP_TIMEOUT.as_secs()
+            );
+        }
         self.client.stop(name).await?;
         Ok(())
     }

@@ -46,7 +46,7 @@ pub use capsa_vmm::{SandboxRecord, SandboxState, StateRoot};
 pub use console::{ConsoleReader, ConsoleWriter, VmConsole, CONSOLE_BUFFER_LIMIT};
 pub use error::{Error, Result};
 pub use guest::{bundle, default_bundle};
-pub use handle::VmHandle;
+pub use handle::{VmHandle, DEFAULT_STOP_TIMEOUT};
 pub use pool::{Pool, PoolBuilder, PoolStats, DEFAULT_POOL_SIZE};
 pub use registry::Sandboxes;
 pub use sandbox::{Command, Sandbox, SandboxBuilder, DEFAULT_OP_TIMEOUT, DEFAULT_READY_TIMEOUT};

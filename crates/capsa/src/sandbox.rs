@@ -176,12 +176,7 @@ impl SandboxBuilder {
 
     /// Boots the VM and returns once its agent answers.
     pub async fn build(self) -> Result<Sandbox> {
-        if self.keep_running && self.name.is_none() {
-            return Err(Error::InvalidArgument(
-                "a keep-running sandbox needs a name to be found again; fix: call .name(\"my-box\")"
-                    .into(),
-            ));
-        }
+        check_keep_running_name(self.keep_running, self.name.as_deref())?;
         let bundle = match self.bundle {
             Some(b) => b,
             None => crate::default_bundle().await?,
@@ -677,6 +672,17 @@ fn set_meta(path: &Path, m: &FileMeta) -> Result<()> {
         .open(path)
     {
         let _ = f.set_modified(t);
+    }
+    Ok(())
+}
+
+/// A keep-running sandbox is found again by name only: refuse one without.
+pub(crate) fn check_keep_running_name(keep_running: bool, name: Option<&str>) -> Result<()> {
+    if keep_running && name.is_none() {
+        return Err(Error::InvalidArgument(
+            "a keep-running sandbox needs a name to be found again; fix: call .name(\"my-box\")"
+                .into(),
+        ));
     }
     Ok(())
 }

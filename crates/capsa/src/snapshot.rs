@@ -293,12 +293,7 @@ impl RestoreBuilder {
     /// the VM from it (in this process or under a monitor), waits for the
     /// agent and gives the guest a fresh identity.
     pub async fn build(self) -> Result<Sandbox> {
-        if self.keep_running && self.name.is_none() {
-            return Err(Error::InvalidArgument(
-                "a keep-running sandbox needs a name to be found again; fix: call .name(\"my-box\")"
-                    .into(),
-            ));
-        }
+        crate::sandbox::check_keep_running_name(self.keep_running, self.name.as_deref())?;
         let meta = SnapshotMeta::read(&self.dir)?;
         let dir = self.dir.clone();
         let m = meta.clone();
