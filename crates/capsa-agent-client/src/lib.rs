@@ -58,6 +58,11 @@ pub use capsa_proto::{
 pub use error::{AgentClientError, Result};
 pub use exec::{ExecChild, ExecOutput, ExecStdin, Output};
 
+/// The most entries [`AgentClient::list_dir`] accepts for one directory
+/// (about 40 MiB of names at worst); [`AgentClient::list_dir_bounded`] takes
+/// another bound.
+pub const MAX_LIST_ENTRIES: usize = 1 << 17;
+
 /// A connected byte stream to the agent.
 pub trait AgentStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 
@@ -332,9 +337,26 @@ impl AgentClient {
                 AgentFrame::Meta(m) => m,
                 other => return Err(unexpected("read_file", &other)),
             };
+            // The guest announced the size when it opened the file: never
+            // write more than that, whatever it streams afterwards (a file
+            // growing meanwhile, or a hostile agent streaming forever).
+            let mut left = meta.size;
             loop {
                 match recv(&mut s).await? {
-                    AgentFrame::Data(d) => writer.write_all(&d).await?,
+                    AgentFrame::Data(d) => {
+                        let n = (d.len() as u64).min(left) as usize;
+                        writer.write_all(&d[..n]).await?;
+                        left -= n as u64;
+                        if n < d.len() {
+                            tracing::warn!(
+                                path,
+                                size = meta.size,
+                                "the guest sent more than the size it announced; the copy \
+                                 stops at that size"
+                            );
+                            break;
+                        }
+                    }
                     AgentFrame::End => break,
                     other => return Err(unexpected("read_file", &other)),
                 }
@@ -361,6 +383,19 @@ impl AgentClient {
     /// fetched page by page (one connection per page); `deadline` bounds all
     /// of them together.
     pub async fn list_dir(&self, path: &str, deadline: Duration) -> Result<Vec<DirEntry>> {
+        self.list_dir_bounded(path, MAX_LIST_ENTRIES, deadline)
+            .await
+    }
+
+    /// Like [`AgentClient::list_dir`], but fails with
+    /// [`AgentClientError::Protocol`] once the guest has sent more than
+    /// `max_entries` entries, so an endless listing cannot grow memory.
+    pub async fn list_dir_bounded(
+        &self,
+        path: &str,
+        max_entries: usize,
+        deadline: Duration,
+    ) -> Result<Vec<DirEntry>> {
         invalid_path(path)?;
         within("list_dir", deadline, async {
             let mut all = Vec::new();
@@ -376,6 +411,12 @@ impl AgentClient {
                     AgentFrame::EntriesPage { entries, more } => {
                         let last = entries.last().map(|e| e.name.clone());
                         all.extend(entries);
+                        if all.len() > max_entries {
+                            return Err(AgentClientError::Protocol(format!(
+                                "{path} lists more than {max_entries} entries; copy a \
+                                 smaller directory or raise the limit"
+                            )));
+                        }
                         match (more, last) {
                             (true, Some(last)) => after = Some(last),
                             (true, None) => {

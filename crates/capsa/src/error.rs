@@ -86,6 +86,10 @@ pub enum Error {
     /// An argument to a library call is unusable.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// The guest sent something the host refuses to act on (a file name that
+    /// is not one component, a tree past its bounds); nothing was written for it.
+    #[error("refused guest input: {0}")]
+    GuestInput(String),
     /// Host I/O failed.
     #[error("{context}: {source}")]
     Io {

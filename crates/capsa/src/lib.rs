@@ -25,6 +25,7 @@
 pub mod base_snapshot;
 mod builder;
 mod console;
+pub mod copy;
 mod error;
 mod guest;
 mod handle;
@@ -44,6 +45,7 @@ pub use capsa_core::{SnapshotMeta, CAPSA_VERSION};
 pub use capsa_proto::{AgentInfo, ErrorKind, ExecRequest, ExitStatus, FileKind, FileMeta};
 pub use capsa_vmm::{SandboxRecord, SandboxState, StateRoot};
 pub use console::{ConsoleReader, ConsoleWriter, VmConsole, CONSOLE_BUFFER_LIMIT};
+pub use copy::CopyOutOptions;
 pub use error::{Error, Result};
 pub use guest::{bundle, default_bundle};
 pub use handle::{VmHandle, DEFAULT_STOP_TIMEOUT};

@@ -10,9 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use capsa_agent_client::{AgentClient, BoxedStream, ExecChild, Output};
 use capsa_core::{Accel, DiskSpec};
-use capsa_proto::{
-    AgentInfo, ExecRequest, FileKind, FileMeta, PtySize, WriteFileRequest, AGENT_PORT,
-};
+use capsa_proto::{AgentInfo, ExecRequest, FileMeta, PtySize, WriteFileRequest, AGENT_PORT};
 
 use crate::{Capsa, Error, LinuxDirectBoot, Result, Strategy, VmHandle};
 
@@ -571,46 +569,22 @@ impl Sandbox {
         Ok(())
     }
 
-    /// Copies a guest file or directory (recursively) to `host`, keeping modes and mtimes.
+    /// Copies a guest file or directory (recursively) to `host`, keeping
+    /// modes (without setuid, setgid and sticky bits) and mtimes. The guest is
+    /// untrusted: nothing is written outside `host`; see [`crate::copy`].
     pub async fn copy_out(&self, guest: &str, host: &Path) -> Result<()> {
-        let mut stack = vec![(guest.trim_end_matches('/').to_string(), host.to_path_buf())];
-        let mut first = true;
-        while let Some((g, h)) = stack.pop() {
-            let meta = self
-                .client
-                .stat(if g.is_empty() { "/" } else { &g }, self.op_timeout)
-                .await?;
-            match meta.kind {
-                FileKind::Dir => {
-                    std::fs::create_dir_all(&h)
-                        .map_err(|e| Error::io(format!("creating {}", h.display()), e))?;
-                    for e in self
-                        .client
-                        .list_dir(if g.is_empty() { "/" } else { &g }, self.op_timeout)
-                        .await?
-                    {
-                        stack.push((format!("{g}/{}", e.name), h.join(&e.name)));
-                    }
-                    set_meta(&h, &meta)?;
-                }
-                FileKind::File => {
-                    let f = tokio::fs::File::create(&h)
-                        .await
-                        .map_err(|e| Error::io(format!("creating {}", h.display()), e))?;
-                    let mut w = tokio::io::BufWriter::new(f);
-                    let m = self.client.read_file(&g, &mut w, self.op_timeout).await?;
-                    set_meta(&h, &m)?;
-                }
-                _ if first => {
-                    return Err(Error::InvalidArgument(format!(
-                        "{g} is not a regular file or directory"
-                    )))
-                }
-                _ => tracing::warn!(path = %g, "skipping a guest symlink or special file"),
-            }
-            first = false;
-        }
-        Ok(())
+        self.copy_out_with(guest, host, &crate::CopyOutOptions::default())
+            .await
+    }
+
+    /// [`Sandbox::copy_out`] with explicit bounds and choices.
+    pub async fn copy_out_with(
+        &self,
+        guest: &str,
+        host: &Path,
+        opts: &crate::CopyOutOptions,
+    ) -> Result<()> {
+        crate::copy::copy_out(&self.client, guest, host, opts, self.op_timeout).await
     }
 
     /// Opens a stream to a guest service on vsock `port`.
@@ -654,26 +628,6 @@ fn to_epoch(t: SystemTime) -> (i64, u32) {
             )
         }
     }
-}
-
-fn set_meta(path: &Path, m: &FileMeta) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(m.mode))
-        .map_err(|e| Error::io(format!("setting mode of {}", path.display()), e))?;
-    let (s, ns) = m.mtime;
-    let t = if s >= 0 {
-        UNIX_EPOCH + Duration::new(s as u64, ns)
-    } else {
-        UNIX_EPOCH - Duration::new(s.unsigned_abs(), 0) + Duration::new(0, ns)
-    };
-    if let Ok(f) = std::fs::File::options()
-        .write(!path.is_dir())
-        .read(true)
-        .open(path)
-    {
-        let _ = f.set_modified(t);
-    }
-    Ok(())
 }
 
 /// A keep-running sandbox is found again by name only: refuse one without.

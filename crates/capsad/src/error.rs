@@ -186,6 +186,9 @@ impl ApiError {
             | E::InvalidArgument(_) => ApiError::bad_request(message),
             E::Core(capsa_core::Error::Unsupported { .. }) => ApiError::unsupported(message),
             E::Agent(AgentClientError::InvalidRequest(_)) => ApiError::bad_request(message),
+            E::GuestInput(_) => {
+                ApiError::new(StatusCode::BAD_GATEWAY, ErrorCode::GuestError, message)
+            }
             E::Agent(AgentClientError::Timeout { .. }) | E::ConsoleTimeout { .. } => {
                 ApiError::new(StatusCode::GATEWAY_TIMEOUT, ErrorCode::Timeout, message)
             }
