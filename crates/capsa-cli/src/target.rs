@@ -202,8 +202,7 @@ impl Target {
     pub async fn stop(&self, name: &str, grace: Duration) -> anyhow::Result<()> {
         match self {
             Target::Direct(s) => {
-                let sb = s.open(name).await?;
-                sb.vm().stop_timeout(grace).await?;
+                s.stop(name, grace).await?;
                 Ok(())
             }
             Target::Remote(r) => r.stop(name, grace).await,
@@ -213,7 +212,7 @@ impl Target {
     pub async fn kill(&self, name: &str) -> anyhow::Result<()> {
         match self {
             Target::Direct(s) => {
-                s.open(name).await?.kill().await?;
+                s.kill(name).await?;
                 Ok(())
             }
             Target::Remote(r) => r.kill(name).await,

@@ -23,6 +23,9 @@ pub enum DiskProbeError {
     /// The path is not a regular file or block device.
     #[error("not a regular file or block device")]
     NotAFile,
+    /// A host block device, not allowed for this disk.
+    #[error("it is a host block device")]
+    Device,
     /// The file exists but cannot be opened as asked.
     #[error("permission denied opening it {0}")]
     PermissionDenied(&'static str),
@@ -48,6 +51,10 @@ impl DiskProbeError {
                 "check the path, or create an image with `qemu-img create -f qcow2 disk.qcow2 1G`"
             }
             DiskProbeError::NotAFile => "pass a disk image file, not a directory",
+            DiskProbeError::Device => {
+                "pass an image file; to give the guest a whole host block device on purpose, \
+                 append :dev (CLI) or set DiskSpec::allow_device (library)"
+            }
             DiskProbeError::PermissionDenied(_) => {
                 "make the file readable (and writable unless attached read-only with :ro)"
             }
@@ -61,8 +68,13 @@ impl DiskProbeError {
     }
 }
 
-/// Detects the format of the image at `path` and checks it can be opened as asked.
-pub fn probe_disk_format(path: &Path, read_only: bool) -> Result<DiskFormat, DiskProbeError> {
+/// Detects the format of the image at `path` and checks it can be opened as
+/// asked; a block device is refused unless `allow_device`.
+pub fn probe_disk_format(
+    path: &Path,
+    read_only: bool,
+    allow_device: bool,
+) -> Result<DiskFormat, DiskProbeError> {
     let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => DiskProbeError::NotFound,
         std::io::ErrorKind::PermissionDenied => DiskProbeError::PermissionDenied("for reading"),
@@ -72,6 +84,9 @@ pub fn probe_disk_format(path: &Path, read_only: bool) -> Result<DiskFormat, Dis
     let ft = meta.file_type();
     if !(ft.is_file() || ft.is_block_device()) {
         return Err(DiskProbeError::NotAFile);
+    }
+    if ft.is_block_device() && !allow_device {
+        return Err(DiskProbeError::Device);
     }
     let open_err = |e: std::io::Error, how| match e.kind() {
         std::io::ErrorKind::PermissionDenied => DiskProbeError::PermissionDenied(how),
@@ -234,27 +249,30 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let raw = dir.path().join("disk.qcow2"); // the name lies: content decides
         std::fs::write(&raw, vec![1u8; 4096]).unwrap();
-        assert_eq!(probe_disk_format(&raw, true).unwrap(), DiskFormat::Raw);
+        assert_eq!(
+            probe_disk_format(&raw, true, false).unwrap(),
+            DiskFormat::Raw
+        );
         let bad = dir.path().join("bad.img");
         let mut b = QCOW2_MAGIC.to_vec();
         b.extend_from_slice(&[0xff; 200]);
         std::fs::write(&bad, b).unwrap();
         assert!(matches!(
-            probe_disk_format(&bad, true),
+            probe_disk_format(&bad, true, false),
             Err(DiskProbeError::Corrupt(_))
         ));
         let empty = dir.path().join("empty.img");
         std::fs::write(&empty, b"").unwrap();
         assert!(matches!(
-            probe_disk_format(&empty, true),
+            probe_disk_format(&empty, true, false),
             Err(DiskProbeError::Empty)
         ));
         assert!(matches!(
-            probe_disk_format(&dir.path().join("missing"), true),
+            probe_disk_format(&dir.path().join("missing"), true, false),
             Err(DiskProbeError::NotFound)
         ));
         assert!(matches!(
-            probe_disk_format(dir.path(), true),
+            probe_disk_format(dir.path(), true, false),
             Err(DiskProbeError::NotAFile)
         ));
     }

@@ -11,6 +11,7 @@ mod backend;
 mod cmdline;
 mod disk;
 mod error;
+mod hostpath;
 mod snapshot;
 mod spec;
 
@@ -21,6 +22,7 @@ pub use backend::{
 pub use cmdline::{CmdlineError, KernelCmdline};
 pub use disk::{probe_disk_format, DiskProbeError};
 pub use error::{Error, Result};
+pub use hostpath::{check_private_dir, HostPathPolicy, PathRefusal};
 pub use snapshot::{
     FileIdentity, SnapshotDisk, SnapshotMeta, CAPSA_VERSION, SNAPSHOT_FORMAT, SNAPSHOT_META_FILE,
 };

@@ -80,6 +80,10 @@ pub struct DiskSpec {
     /// Image format; `None` means detect it from the file's header.
     #[serde(default)]
     pub format: Option<DiskFormat>,
+    /// Allow a host block device (`/dev/...`): refused unless set, so a
+    /// typo or a hostile request cannot hand a whole host disk to a guest.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_device: bool,
 }
 
 impl DiskSpec {
@@ -89,18 +93,26 @@ impl DiskSpec {
             path: path.into(),
             read_only: false,
             format: None,
+            allow_device: false,
         }
     }
 
-    /// Parses the CLI form `PATH` or `PATH:ro`.
+    /// Parses the CLI form `PATH[:ro|:rw][:dev]` (`:dev` allows a host
+    /// block device).
     pub fn parse_cli(s: &str) -> Self {
-        match s.strip_suffix(":ro") {
+        let (s, allow_device) = match s.strip_suffix(":dev") {
+            Some(p) => (p, true),
+            None => (s, false),
+        };
+        let mut d = match s.strip_suffix(":ro") {
             Some(p) => Self {
                 read_only: true,
                 ..Self::new(p)
             },
             None => Self::new(s.strip_suffix(":rw").unwrap_or(s)),
-        }
+        };
+        d.allow_device = allow_device;
+        d
     }
 }
 
@@ -309,11 +321,12 @@ impl VmSpec {
             }
         }
         for disk in &mut self.disks {
-            let format =
-                probe_disk_format(&disk.path, disk.read_only).map_err(|source| Error::Disk {
+            let format = probe_disk_format(&disk.path, disk.read_only, disk.allow_device).map_err(
+                |source| Error::Disk {
                     path: disk.path.clone(),
                     source,
-                })?;
+                },
+            )?;
             if let Some(declared) = disk.format {
                 if declared != format {
                     return Err(Error::invalid(

@@ -521,9 +521,8 @@ pub(crate) async fn restore(
                 )
                 .await?;
                 *d = DiskSpec {
-                    path: overlay,
-                    read_only: false,
                     format: Some(DiskFormat::Qcow2),
+                    ..DiskSpec::new(overlay)
                 };
             }
             None => d.format = Some(sd.format),

@@ -155,8 +155,11 @@ async fn spawn_inner(
         Some(b) => b,
         None => find_monitor_binary()?,
     };
+    opts.state_root.check()?;
     let parent = opts.state_root.sandboxes_dir();
     create_private_dir_all(&parent)?;
+    // Verified again once created: a directory raced in meanwhile is refused.
+    opts.state_root.check()?;
     let mk = {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new().mode(0o700).create(&dir)
@@ -313,6 +316,13 @@ pub async fn connect(dir: &Path) -> Result<MonitorHandle> {
 }
 
 impl MonitorHandle {
+    /// Never connects `console.sock` for this handle: callers that only run
+    /// commands or move files must not hold a console client (each one is a
+    /// descriptor in the monitor for as long as it lives).
+    pub fn skip_console(&mut self) {
+        self.console_taken = true;
+    }
+
     /// The sandbox directory.
     pub fn dir(&self) -> &Path {
         &self.dir

@@ -30,6 +30,14 @@ pub enum VmmError {
         /// The limit.
         max: usize,
     },
+    /// The state root (or its `sandboxes` directory) is not safely ours.
+    #[error("state directory {path} is unsafe: {problem}. Fix: use a directory that only you own and can write (e.g. `mkdir -m 700 DIR` and set CAPSA_STATE_DIR=DIR), or remove this one if you did not create it")]
+    UnsafeStateRoot {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
     /// No sandbox has this name.
     #[error("no sandbox named {name:?} in {root}. Fix: `capsa ps` lists the sandboxes there (or set CAPSA_STATE_DIR)")]
     NotFound {

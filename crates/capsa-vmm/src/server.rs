@@ -713,7 +713,13 @@ impl ConsoleHub {
             }
             w.shutdown().await
         };
-        let _ = out.await;
-        reader.abort();
+        // A client that has gone (its end closed) must not keep a
+        // descriptor here until the guest next prints: end on either side.
+        tokio::pin!(out);
+        let mut reader = reader;
+        tokio::select! {
+            _ = &mut out => reader.abort(),
+            _ = &mut reader => {}
+        }
     }
 }

@@ -255,9 +255,23 @@ impl StateRoot {
         self.sandboxes_dir().join(name)
     }
 
+    /// Refuses a root (or its `sandboxes` directory) that another user owns
+    /// or can write: it could hold a planted agent socket or a `state.json`
+    /// naming a victim's process. Missing directories pass (they are created 0700).
+    pub fn check(&self) -> Result<()> {
+        for d in [self.root.clone(), self.sandboxes_dir()] {
+            capsa_core::check_private_dir(&d).map_err(|problem| VmmError::UnsafeStateRoot {
+                path: d.clone(),
+                problem,
+            })?;
+        }
+        Ok(())
+    }
+
     /// Every sandbox under the root, sorted by name. Entries that are not
     /// valid sandbox names are skipped.
     pub fn list(&self) -> Result<Vec<SandboxRecord>> {
+        self.check()?;
         let dir = self.sandboxes_dir();
         let rd = match std::fs::read_dir(&dir) {
             Ok(rd) => rd,
@@ -297,6 +311,7 @@ impl StateRoot {
     /// The sandbox called `name`.
     pub fn get(&self, name: &str) -> Result<SandboxRecord> {
         validate_name(name)?;
+        self.check()?;
         let dir = self.sandbox_dir(name);
         let meta = match std::fs::metadata(&dir) {
             Ok(m) if m.is_dir() => m,
@@ -605,6 +620,38 @@ mod tests {
         let long = PathBuf::from(format!("/tmp/{}", "d".repeat(100)));
         let e = check_socket_paths(&long).unwrap_err();
         assert!(e.to_string().contains("CAPSA_STATE_DIR"), "{e}");
+    }
+
+    #[test]
+    fn roots_another_user_controls_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let root = StateRoot::new(tmp.path().join("root"));
+        std::fs::create_dir(root.path()).unwrap();
+        assert!(root.check().is_ok());
+        // Open to others: anyone could plant a sandbox directory.
+        std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        for e in [root.check().unwrap_err(), root.list().unwrap_err()] {
+            assert!(matches!(e, VmmError::UnsafeStateRoot { .. }), "{e}");
+            assert!(e.to_string().contains("Fix:"), "{e}");
+        }
+        std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        // Owned by another user (possible to set up only as root).
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            std::os::unix::fs::chown(root.path(), Some(65534), Some(65534)).unwrap();
+            let e = root.get("x").unwrap_err();
+            assert!(e.to_string().contains("owned by uid 65534"), "{e}");
+            std::os::unix::fs::chown(root.path(), Some(0), Some(0)).unwrap();
+        }
+        // A symlink planted where the root should be.
+        let link = StateRoot::new(tmp.path().join("link"));
+        std::os::unix::fs::symlink(root.path(), link.path()).unwrap();
+        assert!(link
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("symbolic link"));
     }
 
     #[test]

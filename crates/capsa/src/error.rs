@@ -86,6 +86,16 @@ pub enum Error {
     /// An argument to a library call is unusable.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A directory capsa would keep its data in is not safely the caller's.
+    #[error("{what} {path} is unsafe: {problem}")]
+    UnsafeDir {
+        /// Which directory (`"snapshot store"`, ...).
+        what: &'static str,
+        /// Its path.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
     /// The guest sent something the host refuses to act on (a file name that
     /// is not one component, a tree past its bounds); nothing was written for it.
     #[error("refused guest input: {0}")]
@@ -109,6 +119,11 @@ impl Error {
             // Image errors carry their fix in the message itself.
             Error::Image(_) => None,
             Error::NoConsole => Some("call .console() on the builder".into()),
+            Error::UnsafeDir { .. } => Some(
+                "use a directory that only you own and can write (`mkdir -m 700 DIR`), \
+                 or remove this one if you did not create it"
+                    .into(),
+            ),
             Error::NeedsMonitor { .. } => {
                 Some("build with .strategy(Strategy::Monitor) or .keep_running(true)".into())
             }

@@ -66,7 +66,59 @@ impl Sandboxes {
 
     /// Attaches to a running sandbox: its monitor over `monitor.sock`, its
     /// agent over `vsock.sock`. Dropping the result does not stop the sandbox.
+    /// The handle has no console (`vm().console()` fails): exec and files
+    /// never need one; [`Sandboxes::open_with_console`] attaches it too.
     pub async fn open(&self, name: &str) -> Result<Sandbox> {
+        self.open_inner(name, false).await
+    }
+
+    /// [`Sandboxes::open`], also attaching the serial console.
+    pub async fn open_with_console(&self, name: &str) -> Result<Sandbox> {
+        self.open_inner(name, true).await
+    }
+
+    /// Stops a running sandbox through its monitor alone (graceful, then
+    /// killed after `grace`): a frozen or hostile guest agent cannot delay it.
+    pub async fn stop(&self, name: &str, grace: Duration) -> Result<capsa_core::ExitReason> {
+        let handle = self.monitor_of(name).await?;
+        if let Err(e) = handle.request_shutdown().await {
+            tracing::debug!(
+                sandbox = name,
+                "graceful stop request failed ({e}); killing"
+            );
+            handle.kill().await?;
+        } else if tokio::time::timeout(grace, handle.wait()).await.is_err() {
+            tracing::warn!(
+                sandbox = name,
+                ?grace,
+                "guest did not shut down in time; killing"
+            );
+            handle.kill().await?;
+        }
+        Ok(handle.wait().await?)
+    }
+
+    /// Kills a running sandbox at once through its monitor alone.
+    pub async fn kill(&self, name: &str) -> Result<capsa_core::ExitReason> {
+        let handle = self.monitor_of(name).await?;
+        handle.kill().await?;
+        Ok(handle.wait().await?)
+    }
+
+    /// The monitor of a live sandbox, connected without console or agent.
+    async fn monitor_of(&self, name: &str) -> Result<capsa_vmm::MonitorHandle> {
+        let rec = self.root.get(name)?;
+        match rec.state {
+            SandboxState::Dead => return Err(VmmError::Dead { name: name.into() }.into()),
+            SandboxState::Stopped => return Err(VmmError::Stopped { name: name.into() }.into()),
+            SandboxState::Starting | SandboxState::Running | SandboxState::Paused => {}
+        }
+        let mut h = capsa_vmm::connect(&rec.dir).await?;
+        h.skip_console();
+        Ok(h)
+    }
+
+    async fn open_inner(&self, name: &str, console: bool) -> Result<Sandbox> {
         let rec = self.root.get(name)?;
         match rec.state {
             SandboxState::Dead => return Err(VmmError::Dead { name: name.into() }.into()),
@@ -77,7 +129,7 @@ impl Sandboxes {
             path: rec.dir.join(capsa_vmm::state::files::SPEC),
             message: "missing or unreadable".into(),
         })?;
-        let handle = match capsa_vmm::connect(&rec.dir).await {
+        let mut handle = match capsa_vmm::connect(&rec.dir).await {
             Ok(h) => h,
             // It may have ended between the record and the connect.
             Err(e) => {
@@ -91,6 +143,9 @@ impl Sandboxes {
         };
         if rec.state == SandboxState::Starting {
             handle.wait_started(STARTING_TIMEOUT).await?;
+        }
+        if !console {
+            handle.skip_console();
         }
         let vm = crate::builder::attach_monitor(name.to_string(), spec, handle)?;
         let extra = extra_of(&rec);

@@ -110,10 +110,22 @@ impl Snapshots {
         &self.root
     }
 
-    /// Where the snapshot `name` is (or would be); the name is checked.
+    /// Where the snapshot `name` is (or would be); the name and the store
+    /// directory are checked.
     pub fn path(&self, name: &str) -> Result<PathBuf> {
         check_name(name)?;
+        self.check()?;
         Ok(self.root.join(name))
+    }
+
+    /// Refuses a store another user owns or can write: a planted snapshot
+    /// would be restored as the caller's own memory and disks.
+    fn check(&self) -> Result<()> {
+        capsa_core::check_private_dir(&self.root).map_err(|problem| Error::UnsafeDir {
+            what: "snapshot store",
+            path: self.root.clone(),
+            problem,
+        })
     }
 
     /// Opens the snapshot `name`.
@@ -129,6 +141,7 @@ impl Snapshots {
     /// (including snapshots still being written) are skipped; a snapshot whose
     /// metadata is unreadable is listed with its `problem`.
     pub fn list(&self) -> Result<Vec<SnapshotEntry>> {
+        self.check()?;
         let rd = match std::fs::read_dir(&self.root) {
             Ok(rd) => rd,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -157,6 +170,7 @@ impl Snapshots {
             return Err(Error::SnapshotExists { name: name.into() });
         }
         create_private_dir_all(&self.root)?;
+        self.check()?;
         self.clean_stale_tmp();
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)

@@ -24,6 +24,9 @@ pub struct Config {
     pub listen_tcp: Option<SocketAddr>,
     /// Warm pools to run (`--pool`), besides those saved by the API.
     pub pools: Vec<crate::backend::pools::PoolConfig>,
+    /// Directories whose regular files API clients may attach as disks
+    /// (`--allow-disk-dir`); the state dir and capsa's cache are always allowed.
+    pub allow_disk_dirs: Vec<PathBuf>,
 }
 
 /// Why the daemon could not start.
@@ -47,6 +50,9 @@ pub enum StartError {
     /// The token file is unusable.
     #[error(transparent)]
     Token(#[from] crate::auth::TokenError),
+    /// The state directory is not safely the daemon's.
+    #[error("state directory {0} is unsafe: {1}; fix: use a directory only capsad's user owns and can write (`mkdir -m 700 DIR`, --state-dir DIR)")]
+    UnsafeStateDir(PathBuf, String),
     /// A pool configuration is unusable.
     #[error("{0}")]
     Pool(String),
@@ -120,29 +126,47 @@ async fn bind_socket(
 
 /// Runs the daemon until SIGINT/SIGTERM, then removes its socket.
 pub async fn run(cfg: Config, backend: Arc<dyn Backend>) -> Result<(), StartError> {
-    std::fs::create_dir_all(&cfg.state_dir)
-        .map_err(io(format!("creating {}", cfg.state_dir.display())))?;
-    let token_file = cfg
-        .token_file
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&cfg.state_dir)
+            .map_err(io(format!("creating {}", cfg.state_dir.display())))?;
+    }
+    capsa_core::check_private_dir(&cfg.state_dir)
+        .map_err(|problem| StartError::UnsafeStateDir(cfg.state_dir.clone(), problem))?;
+    let socket = cfg
+        .socket
         .clone()
-        .unwrap_or_else(|| cfg.state_dir.join("capsad.token"));
+        .unwrap_or_else(|| cfg.state_dir.join("capsad.sock"));
+    // Beside the socket, where `capsa --host unix://SOCKET` looks for it.
+    let token_file = cfg.token_file.clone().unwrap_or_else(|| {
+        socket
+            .parent()
+            .unwrap_or(&cfg.state_dir)
+            .join("capsad.token")
+    });
     let token = crate::auth::load_or_create_token(&token_file)?;
     if let Some(addr) = cfg.listen_tcp {
         if !addr.ip().is_loopback() {
             return Err(StartError::NotLoopback(addr));
         }
     }
-    let socket = cfg
-        .socket
-        .clone()
-        .unwrap_or_else(|| cfg.state_dir.join("capsad.sock"));
     let listener = bind_socket(&socket, cfg.socket_group.as_deref()).await?;
 
     // Only the daemon that owns the socket runs pools (restores members).
     backend
         .start_pools(cfg.pools.clone())
         .map_err(StartError::Pool)?;
-    let state = AppState::new(backend.clone());
+    let mut allowed = cfg.allow_disk_dirs.clone();
+    allowed.push(cfg.state_dir.clone());
+    if let Ok(cache) = capsa::image::default_cache_dir() {
+        allowed.push(cache);
+    }
+    let paths = capsa_core::HostPathPolicy::new(allowed);
+    tracing::info!(allowed = %paths.describe(), "host paths API clients may attach");
+    let state = AppState::new(backend.clone()).with_host_paths(paths);
     let poller = state.spawn_event_poller();
     match backend.list().await {
         Ok(l) => {

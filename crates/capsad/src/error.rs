@@ -24,6 +24,9 @@ pub enum ErrorCode {
     InvalidPath,
     /// No or a wrong bearer token.
     Unauthorized,
+    /// A host path the daemon's policy does not let API clients use
+    /// (outside `--allow-disk-dir`, a device, a symlink leading out).
+    PathNotAllowed,
     /// The sandbox, file or route does not exist.
     NotFound,
     /// The method is not allowed on this route.

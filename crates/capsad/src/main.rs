@@ -42,6 +42,11 @@ struct Args {
     /// else $XDG_DATA_HOME/capsa/snapshots, else ~/.local/share/capsa/snapshots).
     #[arg(long)]
     snapshot_dir: Option<PathBuf>,
+    /// Let API clients attach regular files below DIR as disks (repeatable).
+    /// capsad's state dir and capsa's cache are always allowed; nothing else
+    /// on the host is: no other files, no devices, no symlinks leading out.
+    #[arg(long = "allow-disk-dir", value_name = "DIR")]
+    allow_disk_dirs: Vec<PathBuf>,
     /// Print the OpenAPI document and exit.
     #[arg(long)]
     print_openapi: bool,
@@ -80,6 +85,7 @@ async fn main() -> std::process::ExitCode {
         token_file: args.token_file,
         listen_tcp: args.listen_tcp,
         pools: args.pools,
+        allow_disk_dirs: args.allow_disk_dirs,
     };
     let backend: Arc<dyn capsad::backend::Backend> = if args.backend == "monitor" {
         let b = capsad::backend::monitor::MonitorBackend::new(

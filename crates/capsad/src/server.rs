@@ -52,6 +52,8 @@ pub struct AppState {
     backend: Arc<dyn Backend>,
     locks: Arc<NameLocks>,
     events: broadcast::Sender<Event>,
+    /// Which host files API clients may attach.
+    host_paths: Arc<capsa_core::HostPathPolicy>,
 }
 
 impl AppState {
@@ -62,7 +64,15 @@ impl AppState {
             backend,
             locks: Arc::new(NameLocks::default()),
             events,
+            host_paths: Arc::new(capsa_core::HostPathPolicy::default()),
         }
+    }
+
+    /// Allows API clients to attach the host files `policy` allows (by
+    /// default, none).
+    pub fn with_host_paths(mut self, policy: capsa_core::HostPathPolicy) -> Self {
+        self.host_paths = Arc::new(policy);
+        self
     }
 
     fn emit(&self, ev: Event) {
@@ -261,19 +271,30 @@ fn validate_create(req: &CreateSandboxRequest) -> ApiResult<()> {
             req.disks.len()
         )));
     }
-    for d in &req.disks {
-        let p = std::path::Path::new(&d.path);
-        if !p.is_absolute()
-            || d.path.contains('\0')
-            || p.components()
-                .any(|c| matches!(c, std::path::Component::ParentDir))
-        {
-            return Err(ApiError::bad_request(format!(
-                "disk path {:?} is not an absolute host path without `..`",
-                d.path
+    Ok(())
+}
+
+/// Resolves every disk path through the daemon's host-path policy: only
+/// regular files below the allowed directories, symlinks resolved (and the
+/// resolved path used from here on).
+fn resolve_disks(
+    req: &mut CreateSandboxRequest,
+    policy: &capsa_core::HostPathPolicy,
+) -> ApiResult<()> {
+    for d in &mut req.disks {
+        let real = policy.check_file(&d.path).map_err(|e| {
+            ApiError::new(
+                StatusCode::FORBIDDEN,
+                crate::error::ErrorCode::PathNotAllowed,
+                format!("disk {e}"),
+            )
+            .fix(format!(
+                "attach a regular image file below one of the directories capsad allows ({}); \
+                 the daemon's operator can add one with --allow-disk-dir DIR",
+                policy.describe()
             ))
-            .fix("give the absolute path of a raw or qcow2 image on the daemon's host"));
-        }
+        })?;
+        d.path = real.display().to_string();
     }
     Ok(())
 }
@@ -299,20 +320,21 @@ fn generated_name() -> String {
 /// Creates a sandbox and (unless `start: false`) boots it; answers once its agent is up.
 #[utoipa::path(post, path = "/v1/sandboxes", tag = "sandboxes",
     request_body = CreateSandboxRequest,
-    responses((status = 201, body = SandboxInfo), (status = 400, body = ErrorBody),
+    responses((status = 201, body = SandboxInfo), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 409, body = ErrorBody), (status = 413, body = ErrorBody),
         (status = 415, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn create_sandbox(
     State(st): State<AppState>,
     body: Result<Json<CreateSandboxRequest>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<SandboxInfo>)> {
-    let Json(req) = body?;
+    let Json(mut req) = body?;
     let name = match &req.name {
         Some(n) => n.clone(),
         None => generated_name(),
     };
     validate_name(&name)?;
     validate_create(&req)?;
+    resolve_disks(&mut req, &st.host_paths)?;
     let _g = st.locks.try_lock(&name)?;
     let r = st.backend.create(&name, &req).await;
     st.emit(Event::Action {

@@ -25,6 +25,8 @@ use crate::error::{ApiError, ApiResult};
 pub struct MonitorBackend {
     reg: Sandboxes,
     attached: Attached,
+    /// One lock per name, held while that name is being attached.
+    attaching: tokio::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     pools: Pools,
 }
 
@@ -81,6 +83,7 @@ impl MonitorBackend {
         Self {
             reg,
             attached,
+            attaching: Default::default(),
             pools,
         }
     }
@@ -140,21 +143,37 @@ impl MonitorBackend {
                 ),
             );
         }
-        // Hold the map lock while attaching so concurrent first execs attach once.
-        let mut map = self.attached.lock().await;
-        if let Some(sb) = map.get(name) {
-            // The same monitor still owns it? (a restart by someone else changes the pid)
-            let same = sb.record().ok().map(|r| r.monitor_pid) == Some(rec.monitor_pid);
-            if same {
-                return Ok(sb.clone());
-            }
+        if let Some(sb) = self.cached(name, &rec).await {
+            return Ok(sb);
+        }
+        // Attaching waits for the agent (up to 30 s for a stuck guest): only
+        // this name's callers wait on it, never the map other sandboxes use.
+        // Concurrent first execs of one name still attach once.
+        let slot = {
+            let mut m = self.attaching.lock().await;
+            m.entry(name.to_string()).or_default().clone()
+        };
+        let _one = slot.lock().await;
+        if let Some(sb) = self.cached(name, &rec).await {
+            return Ok(sb);
         }
         let sb =
             Arc::new(self.reg.open(name).await.map_err(|e| {
                 ApiError::from_capsa(&format!("attaching to sandbox {name:?}"), &e)
             })?);
-        map.insert(name.to_string(), sb.clone());
+        self.attached
+            .lock()
+            .await
+            .insert(name.to_string(), sb.clone());
         Ok(sb)
+    }
+
+    /// The cached attachment of `name`, if the same monitor still owns it
+    /// (a restart by someone else changes the pid).
+    async fn cached(&self, name: &str, rec: &SandboxRecord) -> Option<Arc<Sandbox>> {
+        let sb = self.attached.lock().await.get(name).cloned()?;
+        let same = sb.record().ok().map(|r| r.monitor_pid) == Some(rec.monitor_pid);
+        same.then_some(sb)
     }
 
     /// Logs dead sandboxes found at start-up (they stay listed as dead until DELETE).
@@ -167,6 +186,7 @@ impl MonitorBackend {
     }
 
     async fn forget(&self, name: &str) -> Option<Arc<Sandbox>> {
+        self.attaching.lock().await.remove(name);
         self.attached.lock().await.remove(name)
     }
 }
@@ -264,8 +284,8 @@ impl Backend for MonitorBackend {
         if !self.record(name)?.is_live() {
             return self.get(name).await;
         }
-        let sb = self.running(name).await?;
-        let r = sb.stop().await;
+        // The monitor alone: a stuck agent must not delay a stop.
+        let r = self.reg.stop(name, capsa::DEFAULT_STOP_TIMEOUT).await;
         self.forget(name).await;
         r.map_err(|e| ApiError::from_capsa(&format!("stopping sandbox {name:?}"), &e))?;
         self.get(name).await
@@ -275,8 +295,7 @@ impl Backend for MonitorBackend {
         if !self.record(name)?.is_live() {
             return self.get(name).await;
         }
-        let sb = self.running(name).await?;
-        let r = sb.kill().await;
+        let r = self.reg.kill(name).await;
         self.forget(name).await;
         r.map_err(|e| ApiError::from_capsa(&format!("killing sandbox {name:?}"), &e))?;
         self.get(name).await
