@@ -29,7 +29,17 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
   fi
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq
-  $SUDO apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >&2
+  # Never remove a package the user has (e.g. a newer qemu-utils from
+  # backports that Debian's qemu-system-x86 conflicts with): say so instead.
+  if ! $SUDO apt-get install -y -qq --no-install-recommends --no-remove "${need_pkgs[@]}" >&2; then
+    echo "capsa setup: apt cannot install ${need_pkgs[*]} without removing packages you have:" >&2
+    LC_ALL=C apt-get install -s --no-install-recommends "${need_pkgs[@]}" 2>/dev/null \
+      | awk '/^Remv/ {print "  would remove: " $2 " " $3}' >&2 || true
+    echo "capsa setup: nothing was changed. Fix: install matching versions yourself, e.g." >&2
+    echo "  apt-get install -t <the suite your installed qemu packages come from> ${need_pkgs[*]}" >&2
+    echo "  or accept the replacement: apt-get install ${need_pkgs[*]}" >&2
+    exit 1
+  fi
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

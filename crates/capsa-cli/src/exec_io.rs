@@ -121,16 +121,68 @@ pub async fn drive(child: &mut ExecChild, stdio: Stdio) -> anyhow::Result<Finish
 }
 
 /// The shell convention: the exit code, 128+signal, or 124 after `--timeout`.
+/// A code or signal the guest reports out of range (a forged answer) is
+/// never mistaken for success: it becomes 255.
 pub fn exit_code(status: &ExitStatus) -> ExitCode {
     let code = if status.timed_out {
         eprintln!("[capsa] command timed out");
         124
     } else if let Some(sig) = status.signal {
-        128 + sig
+        if (1..=127).contains(&sig) {
+            128 + sig as u8
+        } else {
+            255
+        }
     } else {
-        status.code.unwrap_or(1)
+        match status.code {
+            Some(c) => u8::try_from(c).unwrap_or(255),
+            None => 1,
+        }
     };
-    ExitCode::from(code.clamp(0, 255) as u8)
+    ExitCode::from(code)
+}
+
+/// A command that could not start: the program is missing (exit 127) or
+/// not executable (126), as a shell reports it.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct NotStarted {
+    /// 127 or 126.
+    pub code: u8,
+    /// The guest's reason.
+    pub message: String,
+}
+
+/// Turns a failed start into [`NotStarted`] where the shell has a code for it.
+pub fn start_error(e: capsa::Error) -> anyhow::Error {
+    match e.spawn_exit_code() {
+        Some(code) => NotStarted {
+            code,
+            message: e.to_string(),
+        }
+        .into(),
+        None => e.into(),
+    }
+}
+
+/// The same for a start refused by capsad.
+pub fn remote_start_error(e: capsad::client::ClientError) -> anyhow::Error {
+    use capsad::ErrorCode as C;
+    if let capsad::client::ClientError::Api { detail, .. } = &e {
+        let code = match detail.code {
+            C::CommandNotFound => Some(127),
+            C::CommandNotExecutable => Some(126),
+            _ => None,
+        };
+        if let Some(code) = code {
+            return NotStarted {
+                code,
+                message: detail.message.clone(),
+            }
+            .into();
+        }
+    }
+    e.into()
 }
 
 async fn pump(mut from: capsa::ExecOutput, to_stderr: bool) {

@@ -83,8 +83,52 @@ enum Command {
     Pool(pool::PoolCmd),
 }
 
+/// `run`, `boot`, `image`, `doctor` and `backends` work on this machine
+/// only: a daemon or state directory given to them must not be ignored
+/// silently (`CAPSA_HOST` exported would otherwise run locally unnoticed).
+fn check_local_only(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), String> {
+    use clap::parser::ValueSource;
+    let what = match &cli.command {
+        Command::Run(_) => "run",
+        Command::Boot(_) => "boot",
+        Command::Image(_) => "image",
+        Command::Doctor => "doctor",
+        Command::Backends { .. } => "backends",
+        _ => return Ok(()),
+    };
+    if let Some(h) = &cli.conn.host {
+        let from = match matches.value_source("host") {
+            Some(ValueSource::EnvVariable) => "CAPSA_HOST",
+            _ => "--host",
+        };
+        return Err(format!(
+            "`capsa {what}` works on this machine and does not go through capsad, but {from} \
+             is set ({h}). Fix: unset CAPSA_HOST / drop --host to {what} here; with a daemon, \
+             use `capsa create`, `capsa exec` and `capsa rm -f` instead"
+        ));
+    }
+    for (id, flag) in [("state_dir", "--state-dir"), ("token_file", "--token-file")] {
+        if matches.value_source(id) == Some(ValueSource::CommandLine) {
+            return Err(format!(
+                "`capsa {what}` does not use {flag} (it is for named sandboxes and capsad). \
+                 Fix: drop {flag}"
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    if let Err(msg) = check_local_only(&cli, &matches) {
+        eprintln!("capsa: error: {msg}");
+        return ExitCode::from(2);
+    }
     let default = match cli.verbose {
         0 => "warn",
         1 => "info,capsa=info",
@@ -131,10 +175,17 @@ fn main() -> ExitCode {
     });
     let code = match result {
         Ok(code) => code,
-        Err(e) => {
-            report(&e);
-            ExitCode::FAILURE
-        }
+        Err(e) => match e.downcast_ref::<exec_io::NotStarted>() {
+            // The shell's convention: the reason on stderr, 127 or 126.
+            Some(ns) => {
+                eprintln!("capsa: {}", ns.message);
+                ExitCode::from(ns.code)
+            }
+            None => {
+                report(&e);
+                ExitCode::FAILURE
+            }
+        },
     };
     // stdin may be parked in a blocking read; do not wait for it.
     rt.shutdown_timeout(std::time::Duration::from_millis(100));

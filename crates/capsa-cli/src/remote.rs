@@ -141,7 +141,11 @@ impl Remote {
             rows: None,
             cols: None,
         };
-        let stream = self.client.exec(name, &req).await?;
+        let stream = self
+            .client
+            .exec(name, &req)
+            .await
+            .map_err(crate::exec_io::remote_start_error)?;
         Ok(RemoteExec {
             stream: Some(stream),
         })

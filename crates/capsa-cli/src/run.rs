@@ -120,7 +120,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 
     let stdio = Stdio::from_flags(args.interactive, args.tty);
     let cmd = exec_io::command(&args.command, stdio, args.timeout)?;
-    let mut child = sb.spawn(&cmd).await?;
+    let mut child = match sb.spawn(&cmd).await {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = sb.kill().await;
+            return Err(exec_io::start_error(e));
+        }
+    };
     let status = match exec_io::drive(&mut child, stdio).await? {
         Finished::Exited(s) => s,
         Finished::Interrupted => {

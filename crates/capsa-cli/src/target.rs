@@ -139,7 +139,7 @@ impl Target {
         match self {
             Target::Direct(s) => {
                 let sb = s.open(name).await?;
-                let child = sb.spawn(cmd).await?;
+                let child = sb.spawn(cmd).await.map_err(exec_io::start_error)?;
                 Ok(Running::Direct {
                     _sandbox: Box::new(sb),
                     child,

@@ -112,6 +112,20 @@ pub enum Error {
 }
 
 impl Error {
+    /// For an error from starting a command (`exec`/`spawn`): the exit code a
+    /// shell gives the same failure, 127 (no such program) or 126 (found but
+    /// not executable); `None` for any other error.
+    pub fn spawn_exit_code(&self) -> Option<u8> {
+        match self {
+            Error::Agent(a) => match a.remote_kind()? {
+                capsa_proto::ErrorKind::NotFound => Some(127),
+                capsa_proto::ErrorKind::PermissionDenied => Some(126),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
     /// The fix hint to show a user, when there is one.
     pub fn fix(&self) -> Option<String> {
         match self {

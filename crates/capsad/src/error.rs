@@ -24,6 +24,10 @@ pub enum ErrorCode {
     InvalidPath,
     /// No or a wrong bearer token.
     Unauthorized,
+    /// The command's program does not exist in the sandbox (a shell's 127).
+    CommandNotFound,
+    /// The command's program exists but cannot be executed (a shell's 126).
+    CommandNotExecutable,
     /// A host path the daemon's policy does not let API clients use
     /// (outside `--allow-disk-dir`, a device, a symlink leading out).
     PathNotAllowed,
@@ -175,6 +179,20 @@ impl ApiError {
             "this method is not allowed on this route",
         )
         .fix("see GET /openapi.json for the methods each route accepts")
+    }
+
+    /// Maps an error from starting a command: a missing or non-executable
+    /// program gets its own code (clients exit 127 or 126 on it, as shells
+    /// do); anything else as [`ApiError::from_capsa`].
+    pub fn from_spawn(e: &capsa::Error) -> Self {
+        let message = format!("starting the command: {e}");
+        match e.spawn_exit_code() {
+            Some(127) => Self::new(StatusCode::NOT_FOUND, ErrorCode::CommandNotFound, message)
+                .fix("check the program's name, or give its absolute path (PATH is the guest's)"),
+            Some(_) => Self::new(StatusCode::CONFLICT, ErrorCode::CommandNotExecutable, message)
+                .fix("make the file executable in the sandbox (chmod +x), or run it through its interpreter"),
+            None => Self::from_capsa("starting the command", e),
+        }
     }
 
     /// Maps a library error to the closest HTTP error.

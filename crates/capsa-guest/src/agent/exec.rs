@@ -145,15 +145,13 @@ pub(super) fn run<S: Read + Write + AsRawFd>(
         .map_err(|e| Fail::Reply(invalid(e.to_string())))?;
     let cwd = req.cwd.clone().unwrap_or_else(|| "/".to_string());
     check_path(&cwd).map_err(|e| Fail::Reply(invalid(format!("cwd: {e}"))))?;
+    // A bad cwd is the request's fault (InvalidInput): at exec start,
+    // NotFound and PermissionDenied mean the program alone, so the host can
+    // map them to the shell's 127 and 126.
     match std::fs::metadata(&cwd) {
         Ok(m) if m.is_dir() => {}
-        Ok(_) => {
-            return Err(Fail::Reply(AgentError {
-                kind: ErrorKind::NotFound,
-                message: format!("cwd {cwd}: not a directory"),
-            }))
-        }
-        Err(e) => return Err(Fail::Reply(AgentError::io(&format!("cwd {cwd}"), &e))),
+        Ok(_) => return Err(Fail::Reply(invalid(format!("cwd {cwd}: not a directory")))),
+        Err(e) => return Err(Fail::Reply(invalid(format!("cwd {cwd}: {e}")))),
     }
     let env = merge_env(default_env(&agent.config.term), &req.env);
     let path_var = env

@@ -237,9 +237,7 @@ impl Backend for InProcessBackend {
 
     async fn spawn(&self, name: &str, cmd: &capsa::Command) -> ApiResult<ExecChild> {
         let sb = self.running(name).await?;
-        sb.spawn(cmd)
-            .await
-            .map_err(|e| ApiError::from_capsa("starting the command", &e))
+        sb.spawn(cmd).await.map_err(|e| ApiError::from_spawn(&e))
     }
 
     async fn write_file(

@@ -325,7 +325,7 @@ impl Backend for MonitorBackend {
                 if matches!(e, capsa::Error::Agent(capsa::AgentClientError::Connect(_))) {
                     self.forget(name).await;
                 }
-                Err(ApiError::from_capsa("starting the command", &e))
+                Err(ApiError::from_spawn(&e))
             }
         }
     }
