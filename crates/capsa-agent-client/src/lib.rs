@@ -434,6 +434,25 @@ impl AgentClient {
         .await
     }
 
+    /// One page of a directory's entries, sorted by name, starting after the
+    /// name `after`; `more` says whether another page follows.
+    pub async fn list_dir_page(
+        &self,
+        path: &str,
+        after: Option<&str>,
+        deadline: Duration,
+    ) -> Result<(Vec<DirEntry>, bool)> {
+        invalid_path(path)?;
+        let req = Request::ListDirPage {
+            path: path.to_string(),
+            after: after.map(str::to_string),
+        };
+        match self.call("list_dir", req, deadline).await? {
+            AgentFrame::EntriesPage { entries, more } => Ok((entries, more)),
+            other => Err(unexpected("list_dir", &other)),
+        }
+    }
+
     /// Creates a directory (with `parents`: like `mkdir -p`) with exactly
     /// `mode` (not filtered by a umask); returns its metadata.
     pub async fn mkdir(

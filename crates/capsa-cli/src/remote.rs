@@ -151,50 +151,22 @@ impl Remote {
         })
     }
 
+    /// Recursive, like the direct copy: the same walk over capsad's file endpoints.
     pub async fn copy_in(&self, name: &str, host: &Path, guest: &str) -> anyhow::Result<()> {
-        let meta =
-            std::fs::metadata(host).with_context(|| format!("reading {}", host.display()))?;
-        if !meta.is_file() {
-            anyhow::bail!(
-                "{} is not a regular file: through capsad `capsa cp` copies single files \
-                 (fix: pack a directory with tar first, or copy without --host)",
-                host.display()
-            );
-        }
-        use std::os::unix::fs::PermissionsExt;
-        let file = tokio::fs::File::open(host)
-            .await
-            .with_context(|| format!("opening {}", host.display()))?;
-        self.client
-            .upload(name, guest, meta.permissions().mode() & 0o7777, file)
-            .await?;
-        Ok(())
+        Ok(capsa::copy::copy_in(&self.files(name), host, guest).await?)
     }
 
+    /// Recursive, like the direct copy, with the same bounds and checks on
+    /// what the guest (through capsad) sends.
     pub async fn copy_out(&self, name: &str, guest: &str, host: &Path) -> anyhow::Result<()> {
-        let target = if host.is_dir() {
-            let base = Path::new(guest)
-                .file_name()
-                .context("the guest path names no file")?;
-            host.join(base)
-        } else {
-            host.to_path_buf()
-        };
-        // Download beside the target, then rename: a failed copy leaves the old file intact.
-        let tmp = target.with_extension("capsa-partial");
-        let file = tokio::fs::File::create(&tmp)
-            .await
-            .with_context(|| format!("creating {}", tmp.display()))?;
-        match self.client.download(name, guest, file).await {
-            Ok(_) => {
-                std::fs::rename(&tmp, &target)
-                    .with_context(|| format!("moving the download to {}", target.display()))?;
-                Ok(())
-            }
-            Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
-                Err(e.into())
-            }
+        let opts = capsa::CopyOutOptions::default();
+        Ok(capsa::copy::copy_out(&self.files(name), guest, host, &opts).await?)
+    }
+
+    fn files(&self, name: &str) -> RemoteFs {
+        RemoteFs {
+            client: self.client.clone(),
+            name: name.to_string(),
         }
     }
 
@@ -323,5 +295,144 @@ fn view(i: SandboxInfo) -> View {
         pool_state: i.pool_state,
         created_at: i.created_at.unwrap_or(0),
         exit: i.exit,
+    }
+}
+
+/// A sandbox's files through capsad's file endpoints.
+struct RemoteFs {
+    client: Client,
+    name: String,
+}
+
+fn remote(e: capsad::client::ClientError) -> capsa::Error {
+    capsa::Error::Remote(e.to_string())
+}
+
+#[async_trait::async_trait]
+impl capsa::copy::GuestFs for RemoteFs {
+    async fn stat(&self, path: &str) -> capsa::Result<capsa::FileMeta> {
+        Ok(self
+            .client
+            .stat(&self.name, path)
+            .await
+            .map_err(remote)?
+            .meta())
+    }
+
+    async fn list_page(
+        &self,
+        path: &str,
+        after: Option<&str>,
+    ) -> capsa::Result<(Vec<capsa::DirEntry>, bool)> {
+        let page = self
+            .client
+            .list_dir(&self.name, path, after)
+            .await
+            .map_err(remote)?;
+        let entries = page
+            .entries
+            .into_iter()
+            .map(|e| capsa::DirEntry {
+                meta: e.stat.meta(),
+                name: e.name,
+            })
+            .collect();
+        Ok((entries, page.more))
+    }
+
+    async fn read_file(
+        &self,
+        path: &str,
+        w: &mut (dyn tokio::io::AsyncWrite + Unpin + Send),
+    ) -> capsa::Result<capsa::FileMeta> {
+        // The download carries no metadata: take it first, and keep no more
+        // than the size it announced (as the agent client does).
+        let meta = self.stat(path).await?;
+        let mut capped = Capped {
+            inner: w,
+            left: meta.size,
+        };
+        self.client
+            .download(&self.name, path, &mut capped)
+            .await
+            .map_err(remote)?;
+        Ok(meta)
+    }
+
+    async fn mkdir(&self, path: &str, mode: u32) -> capsa::Result<()> {
+        self.client
+            .mkdir(&self.name, path, mode)
+            .await
+            .map_err(remote)
+    }
+
+    async fn write_file(
+        &self,
+        path: &str,
+        r: &mut (dyn tokio::io::AsyncRead + Unpin + Send),
+        mode: u32,
+        mtime: Option<std::time::SystemTime>,
+    ) -> capsa::Result<()> {
+        let mtime = mtime
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_secs().min(253_402_300_799) as i64);
+        // The upload body must own its reader: stream through a pipe.
+        let (mut tx, rx) = tokio::io::duplex(64 * 1024);
+        let up = self
+            .client
+            .upload_with_mtime(&self.name, path, mode, mtime, rx);
+        let feed = async move {
+            let r = tokio::io::copy(r, &mut tx).await;
+            drop(tx);
+            r
+        };
+        let (up, fed) = tokio::join!(up, feed);
+        up.map_err(remote)?;
+        fed.map_err(|source| capsa::Error::Io {
+            context: format!("reading the source of {path}"),
+            source,
+        })?;
+        Ok(())
+    }
+}
+
+/// Passes on at most `left` bytes and quietly drops the rest.
+struct Capped<'a> {
+    inner: &'a mut (dyn tokio::io::AsyncWrite + Unpin + Send),
+    left: u64,
+}
+
+impl tokio::io::AsyncWrite for Capped<'_> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let n = (buf.len() as u64).min(self.left) as usize;
+        if n == 0 {
+            return std::task::Poll::Ready(Ok(buf.len()));
+        }
+        let me = &mut *self;
+        match std::pin::Pin::new(&mut *me.inner).poll_write(cx, &buf[..n]) {
+            std::task::Poll::Ready(Ok(k)) => {
+                me.left -= k as u64;
+                std::task::Poll::Ready(Ok(k))
+            }
+            other => other,
+        }
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.inner).poll_shutdown(cx)
     }
 }

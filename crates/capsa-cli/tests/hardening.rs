@@ -227,3 +227,67 @@ fn programs_that_cannot_start_exit_127_and_126_everywhere() {
         );
     }
 }
+
+/// Every file below `root` with its mode and mtime (seconds), relative paths.
+fn tree(root: &Path) -> Vec<(String, u32, i64, Vec<u8>)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(root).unwrap().display().to_string();
+            let data = if m.is_file() {
+                std::fs::read(&p).unwrap()
+            } else {
+                stack.push(p.clone());
+                Vec::new()
+            };
+            out.push((rel, m.mode() & 0o7777, m.mtime(), data));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn cp_is_recursive_both_ways_direct_and_through_capsad() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = Daemon::start();
+    d.ok(true, &["create", "--name", "cpy", "--memory", "256M"]);
+    let host = tempfile::tempdir().unwrap();
+    let src = host.path().join("src");
+    std::fs::create_dir_all(src.join("a/b/c")).unwrap();
+    std::fs::create_dir_all(src.join("empty")).unwrap();
+    std::fs::write(src.join("top.txt"), b"top").unwrap();
+    std::fs::write(src.join("a/b/c/deep.bin"), vec![7u8; 200_000]).unwrap();
+    std::fs::write(src.join("a/script.sh"), b"#!/bin/sh\necho hi\n").unwrap();
+    std::fs::set_permissions(
+        src.join("a/script.sh"),
+        std::fs::Permissions::from_mode(0o750),
+    )
+    .unwrap();
+    let old = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    std::fs::File::options()
+        .write(true)
+        .open(src.join("top.txt"))
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    let want = tree(&src);
+    for host_face in [false, true] {
+        let guest = format!("cpy:/tmp/t-{host_face}");
+        d.ok(host_face, &["cp", src.to_str().unwrap(), &guest]);
+        let back = host.path().join(format!("back-{host_face}"));
+        d.ok(host_face, &["cp", &guest, back.to_str().unwrap()]);
+        let got = tree(&back);
+        // Directory mtimes change as the copy fills them; files keep theirs.
+        let files = |t: &[(String, u32, i64, Vec<u8>)]| {
+            t.iter()
+                .map(|(p, m, t, d)| (p.clone(), *m, if d.is_empty() { 0 } else { *t }, d.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(files(&got), files(&want), "host face {host_face}");
+    }
+}

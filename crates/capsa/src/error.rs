@@ -86,6 +86,10 @@ pub enum Error {
     /// An argument to a library call is unusable.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A remote capsa service (capsad) refused or failed the call; the
+    /// message carries its reason and fix.
+    #[error("{0}")]
+    Remote(String),
     /// A directory capsa would keep its data in is not safely the caller's.
     #[error("{what} {path} is unsafe: {problem}")]
     UnsafeDir {

@@ -42,7 +42,9 @@ pub use capsa_core::{
     Accel, DiskFormat, DiskSpec, ExitReason, KernelCmdline, VmSpec, VmStatus, GUEST_READY_MARKER,
 };
 pub use capsa_core::{SnapshotMeta, CAPSA_VERSION};
-pub use capsa_proto::{AgentInfo, ErrorKind, ExecRequest, ExitStatus, FileKind, FileMeta};
+pub use capsa_proto::{
+    AgentInfo, DirEntry, ErrorKind, ExecRequest, ExitStatus, FileKind, FileMeta,
+};
 pub use capsa_vmm::{SandboxRecord, SandboxState, StateRoot};
 pub use console::{ConsoleReader, ConsoleWriter, VmConsole, CONSOLE_BUFFER_LIMIT};
 pub use copy::CopyOutOptions;

@@ -400,6 +400,19 @@ impl Sandbox {
         &self.vm
     }
 
+    /// The sandbox's files as a [`crate::copy::GuestFs`] (what the copies walk).
+    pub fn files(&self) -> crate::copy::AgentFs {
+        crate::copy::AgentFs {
+            client: self.client.clone(),
+            timeout: self.op_timeout,
+        }
+    }
+
+    /// The deadline of each agent call this handle makes.
+    pub fn op_timeout(&self) -> Duration {
+        self.op_timeout
+    }
+
     /// The agent client (for calls this type does not wrap).
     pub fn agent(&self) -> &AgentClient {
         &self.client
@@ -511,62 +524,7 @@ impl Sandbox {
 
     /// Copies a host file or directory (recursively) to `guest` path, keeping modes and mtimes.
     pub async fn copy_in(&self, host: &Path, guest: &str) -> Result<()> {
-        let meta = std::fs::symlink_metadata(host)
-            .map_err(|e| Error::io(format!("reading {}", host.display()), e))?;
-        if meta.is_dir() {
-            // Breadth-first with an explicit stack: no recursion depth tied to the tree.
-            let mut stack = vec![(host.to_path_buf(), guest.trim_end_matches('/').to_string())];
-            while let Some((h, g)) = stack.pop() {
-                let m = std::fs::metadata(&h)
-                    .map_err(|e| Error::io(format!("reading {}", h.display()), e))?;
-                use std::os::unix::fs::PermissionsExt;
-                self.client
-                    .mkdir(&g, true, m.permissions().mode() & 0o7777, self.op_timeout)
-                    .await?;
-                let rd = std::fs::read_dir(&h)
-                    .map_err(|e| Error::io(format!("listing {}", h.display()), e))?;
-                for entry in rd {
-                    let entry =
-                        entry.map_err(|e| Error::io(format!("listing {}", h.display()), e))?;
-                    let name = entry.file_name().to_string_lossy().into_owned();
-                    let (hp, gp) = (entry.path(), format!("{g}/{name}"));
-                    let ft = entry
-                        .file_type()
-                        .map_err(|e| Error::io(format!("reading {}", hp.display()), e))?;
-                    if ft.is_dir() {
-                        stack.push((hp, gp));
-                    } else {
-                        self.copy_file_in(&hp, &gp).await?;
-                    }
-                }
-            }
-            Ok(())
-        } else {
-            self.copy_file_in(host, guest).await
-        }
-    }
-
-    async fn copy_file_in(&self, host: &Path, guest: &str) -> Result<()> {
-        let meta = std::fs::symlink_metadata(host)
-            .map_err(|e| Error::io(format!("reading {}", host.display()), e))?;
-        if !meta.is_file() {
-            return Err(Error::InvalidArgument(format!(
-                "{} is not a regular file or directory (symlinks and devices are not copied)",
-                host.display()
-            )));
-        }
-        use std::os::unix::fs::PermissionsExt;
-        let f = tokio::fs::File::open(host)
-            .await
-            .map_err(|e| Error::io(format!("opening {}", host.display()), e))?;
-        self.write_file_from(
-            guest,
-            f,
-            meta.permissions().mode() & 0o7777,
-            meta.modified().ok(),
-        )
-        .await?;
-        Ok(())
+        crate::copy::copy_in(&self.files(), host, guest).await
     }
 
     /// Copies a guest file or directory (recursively) to `host`, keeping
@@ -584,7 +542,7 @@ impl Sandbox {
         host: &Path,
         opts: &crate::CopyOutOptions,
     ) -> Result<()> {
-        crate::copy::copy_out(&self.client, guest, host, opts, self.op_timeout).await
+        crate::copy::copy_out(&self.files(), guest, host, opts).await
     }
 
     /// Opens a stream to a guest service on vsock `port`.
@@ -617,7 +575,7 @@ async fn read_all(out: Option<capsa_agent_client::ExecOutput>) -> std::io::Resul
     Ok(v)
 }
 
-fn to_epoch(t: SystemTime) -> (i64, u32) {
+pub(crate) fn to_epoch(t: SystemTime) -> (i64, u32) {
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => (d.as_secs() as i64, d.subsec_nanos()),
         Err(e) => {

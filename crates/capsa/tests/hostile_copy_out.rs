@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
-use capsa::copy::copy_out;
+use capsa::copy::{copy_out, AgentFs};
 use capsa::{CopyOutOptions, Error};
 use capsa_agent_client::{AgentClient, AgentFrame, BoxedStream, DirEntry, FileKind, FileMeta};
 use capsa_proto::{asynch, ClientFrame, Request};
@@ -23,6 +23,8 @@ struct FakeTree {
     data: HashMap<String, Vec<u8>>,
     /// Listing pages without end for this path.
     endless: Option<String>,
+    /// Whether the endless listing ignores its cursor (the same page again and again).
+    stuck: bool,
 }
 
 fn meta(kind: FileKind, size: u64, mode: u32, mtime: (i64, u32)) -> FileMeta {
@@ -45,16 +47,17 @@ fn entry(name: &str, m: FileMeta) -> DirEntry {
     }
 }
 
-fn client(tree: FakeTree) -> AgentClient {
+fn client(tree: FakeTree) -> AgentFs {
     let tree = Arc::new(tree);
-    AgentClient::new(move || {
+    let client = AgentClient::new(move || {
         let tree = Arc::clone(&tree);
         async move {
             let (ours, theirs) = tokio::io::duplex(1 << 20);
             tokio::spawn(serve(theirs, tree));
             Ok(Box::new(ours) as BoxedStream)
         }
-    })
+    });
+    AgentFs { client, timeout: T }
 }
 
 async fn serve(mut s: DuplexStream, t: Arc<FakeTree>) {
@@ -67,6 +70,7 @@ async fn serve(mut s: DuplexStream, t: Arc<FakeTree>) {
         Request::Stat { path } => vec![reply(AgentFrame::Meta(t.meta[&path]))],
         Request::ListDirPage { path, after } => {
             if t.endless.as_deref() == Some(path.as_str()) {
+                let after = if t.stuck { None } else { after };
                 let start: u64 = after
                     .as_deref()
                     .and_then(|a| a.strip_prefix('f'))
@@ -155,7 +159,7 @@ async fn names_that_leave_the_target_are_refused() {
             vec![entry(bad, meta(FileKind::File, 5, 0o644, (0, 0)))],
         );
         t.data.insert(format!("/g/{bad}"), b"owned".to_vec());
-        let err = copy_out(&client(t), "/g", &target, &CopyOutOptions::default(), T)
+        let err = copy_out(&client(t), "/g", &target, &CopyOutOptions::default())
             .await
             .expect_err(bad);
         assert!(matches!(err, Error::GuestInput(_)), "{bad:?}: {err}");
@@ -198,7 +202,7 @@ async fn modes_times_and_sizes_from_the_guest_are_tamed() {
     );
     t.data.insert("/g/sub/inner".into(), b"hi".to_vec());
 
-    copy_out(&client(t), "/g", &target, &CopyOutOptions::default(), T)
+    copy_out(&client(t), "/g", &target, &CopyOutOptions::default())
         .await
         .unwrap();
     let m = std::fs::metadata(target.join("suid")).unwrap();
@@ -227,9 +231,7 @@ async fn modes_times_and_sizes_from_the_guest_are_tamed() {
         keep_special_bits: true,
         ..Default::default()
     };
-    copy_out(&client(t), "/g", &target2, &opts, T)
-        .await
-        .unwrap();
+    copy_out(&client(t), "/g", &target2, &opts).await.unwrap();
     let m = std::fs::metadata(target2.join("suid")).unwrap();
     assert_eq!(m.permissions().mode() & 0o7777, 0o6755);
 }
@@ -254,7 +256,7 @@ async fn a_host_symlink_in_the_target_is_not_followed_out() {
         );
         t.data.insert("/g/file".into(), b"x".to_vec());
         t.data.insert("/g/sub/planted".into(), b"x".to_vec());
-        let r = copy_out(&client(t), "/g", &target, &CopyOutOptions::default(), T).await;
+        let r = copy_out(&client(t), "/g", &target, &CopyOutOptions::default()).await;
         assert!(r.is_err(), "{name}: following the host symlink must fail");
         assert!(
             std::fs::read_dir(&outside).unwrap().next().is_none(),
@@ -273,7 +275,7 @@ async fn an_endless_listing_ends_with_an_error() {
         max_entries: 20_000,
         ..Default::default()
     };
-    let err = copy_out(&client(t), "/g", &work.path().join("t"), &opts, T)
+    let err = copy_out(&client(t), "/g", &work.path().join("t"), &opts)
         .await
         .unwrap_err();
     assert!(err.to_string().contains("20000"), "{err}");
@@ -287,11 +289,25 @@ async fn an_endless_listing_ends_with_an_error() {
         "/g",
         &work.path().join("t2"),
         &CopyOutOptions::default(),
-        Duration::from_secs(120),
     )
     .await
     .unwrap_err();
     assert!(err.to_string().contains("more than"), "{err}");
+
+    // A listing that repeats one page is refused at its second page.
+    let mut t = FakeTree::default();
+    t.meta.insert("/g".into(), dir());
+    t.endless = Some("/g".into());
+    t.stuck = true;
+    let err = copy_out(
+        &client(t),
+        "/g",
+        &work.path().join("t3"),
+        &CopyOutOptions::default(),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("does not advance"), "{err}");
 }
 
 #[tokio::test]
@@ -308,7 +324,7 @@ async fn deep_trees_and_byte_budgets_are_bounded() {
         max_depth: 5,
         ..Default::default()
     };
-    let err = copy_out(&client(t), "/g", &work.path().join("t"), &opts, T)
+    let err = copy_out(&client(t), "/g", &work.path().join("t"), &opts)
         .await
         .unwrap_err();
     assert!(matches!(err, Error::GuestInput(_)), "{err}");
@@ -326,7 +342,7 @@ async fn deep_trees_and_byte_budgets_are_bounded() {
         max_bytes: Some(1_500_000),
         ..Default::default()
     };
-    let err = copy_out(&client(t), "/g", &work.path().join("t3"), &opts, T)
+    let err = copy_out(&client(t), "/g", &work.path().join("t3"), &opts)
         .await
         .unwrap_err();
     assert!(err.to_string().contains("byte limit"), "{err}");

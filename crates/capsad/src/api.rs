@@ -422,9 +422,91 @@ pub struct DeleteQuery {
 pub struct FileQuery {
     /// Absolute guest path without `..`.
     pub path: String,
-    /// Octal permission bits for uploads (default `0644`).
+    /// Octal permission bits for uploads and mkdir (default `0644`, `0755` for mkdir).
     #[serde(default)]
     pub mode: Option<String>,
+    /// Modification time for uploads, in seconds since the epoch (default: now).
+    #[serde(default)]
+    pub mtime: Option<i64>,
+}
+
+/// Query of `GET /v1/sandboxes/{name}/files/list`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// Absolute guest directory without `..`.
+    pub path: String,
+    /// Continue after this entry name (the last one of the previous page).
+    #[serde(default)]
+    pub after: Option<String>,
+}
+
+/// Metadata of a guest file, as the guest reported it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct FileStat {
+    /// `file`, `dir`, `symlink` or `other`.
+    pub kind: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Permission bits (`st_mode & 0o7777`).
+    pub mode: u32,
+    /// Modification time, seconds since the epoch.
+    pub mtime: i64,
+    /// Nanoseconds of the modification time.
+    pub mtime_nanos: u32,
+}
+
+impl FileStat {
+    /// The API form of the agent's metadata.
+    pub fn of(m: &capsa::FileMeta) -> Self {
+        Self {
+            kind: match m.kind {
+                capsa::FileKind::File => "file",
+                capsa::FileKind::Dir => "dir",
+                capsa::FileKind::Symlink => "symlink",
+                capsa::FileKind::Other => "other",
+            }
+            .into(),
+            size: m.size,
+            mode: m.mode,
+            mtime: m.mtime.0,
+            mtime_nanos: m.mtime.1,
+        }
+    }
+
+    /// Back to the library's metadata (an unknown kind is `Other`).
+    pub fn meta(&self) -> capsa::FileMeta {
+        capsa::FileMeta {
+            kind: match self.kind.as_str() {
+                "file" => capsa::FileKind::File,
+                "dir" => capsa::FileKind::Dir,
+                "symlink" => capsa::FileKind::Symlink,
+                _ => capsa::FileKind::Other,
+            },
+            size: self.size,
+            mode: self.mode,
+            mtime: (self.mtime, self.mtime_nanos),
+        }
+    }
+}
+
+/// One entry of a guest directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DirEntryInfo {
+    /// File name (one path component).
+    pub name: String,
+    /// Its metadata.
+    pub stat: FileStat,
+}
+
+/// One page of a guest directory listing, sorted by name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DirPage {
+    /// The entries.
+    pub entries: Vec<DirEntryInfo>,
+    /// Whether more follow (ask again with `after` = the last name).
+    pub more: bool,
 }
 
 /// Query of `GET /v1/sandboxes/{name}/console`.

@@ -8,18 +8,12 @@
 use std::path::PathBuf;
 
 use async_trait::async_trait;
-use capsa::{ExecChild, FileMeta};
-use tokio::io::{AsyncRead, AsyncWrite};
+use capsa::ExecChild;
 
 use crate::api::{
     AcquireRequest, CreatePoolRequest, CreateSandboxRequest, PoolInfo, SandboxInfo, SnapshotInfo,
 };
 use crate::error::{ApiError, ApiResult};
-
-/// A streamed request body handed to a backend.
-pub type BoxReader = Box<dyn AsyncRead + Send + Unpin>;
-/// A streamed response body handed to a backend.
-pub type BoxWriter = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// Where a sandbox's console lives on the host.
 #[derive(Debug, Clone)]
@@ -51,16 +45,10 @@ pub trait Backend: Send + Sync + 'static {
     async fn remove(&self, name: &str, force: bool) -> ApiResult<()>;
     /// Starts a command in a running sandbox.
     async fn spawn(&self, name: &str, cmd: &capsa::Command) -> ApiResult<ExecChild>;
-    /// Streams `reader` into the guest file `path`.
-    async fn write_file(
-        &self,
-        name: &str,
-        path: &str,
-        mode: u32,
-        reader: BoxReader,
-    ) -> ApiResult<FileMeta>;
-    /// Streams the guest file `path` into `writer`.
-    async fn read_file(&self, name: &str, path: &str, writer: BoxWriter) -> ApiResult<FileMeta>;
+    /// The running sandbox's files, for the file endpoints (upload,
+    /// download, stat, list, mkdir): the same [`capsa::copy::GuestFs`] the
+    /// library's copies walk.
+    async fn files(&self, name: &str) -> ApiResult<capsa::copy::AgentFs>;
     /// The console's host paths (`unavailable` when this backend has none).
     async fn console(&self, name: &str) -> ApiResult<ConsolePaths>;
 

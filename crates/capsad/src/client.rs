@@ -392,6 +392,66 @@ impl Client {
         ))
     }
 
+    /// `GET /v1/sandboxes/{name}/files/stat`: a guest path's metadata.
+    pub async fn stat(&self, name: &str, path: &str) -> Result<FileStat> {
+        let uri = format!("{}?path={}", sb_path(name, "/files/stat"), enc(path));
+        self.call(Method::GET, &uri, None).await
+    }
+
+    /// `GET /v1/sandboxes/{name}/files/list`: one page of a guest directory.
+    pub async fn list_dir(&self, name: &str, path: &str, after: Option<&str>) -> Result<DirPage> {
+        let mut uri = format!("{}?path={}", sb_path(name, "/files/list"), enc(path));
+        if let Some(a) = after {
+            uri.push_str(&format!("&after={}", enc(a)));
+        }
+        self.call(Method::GET, &uri, None).await
+    }
+
+    /// `POST /v1/sandboxes/{name}/files/mkdir`: a guest directory and its parents.
+    pub async fn mkdir(&self, name: &str, path: &str, mode: u32) -> Result<()> {
+        let uri = format!(
+            "{}?path={}&mode={:o}",
+            sb_path(name, "/files/mkdir"),
+            enc(path),
+            mode
+        );
+        let resp = self
+            .send(self.request(Method::POST, &uri, None, empty()))
+            .await?;
+        check(resp).await?;
+        Ok(())
+    }
+
+    /// Like [`Client::upload`], also setting the file's modification time
+    /// (seconds since the epoch).
+    pub async fn upload_with_mtime<R: AsyncRead + Send + 'static>(
+        &self,
+        name: &str,
+        path: &str,
+        mode: u32,
+        mtime: Option<i64>,
+        reader: R,
+    ) -> Result<FileInfo> {
+        let stream =
+            tokio_util::io::ReaderStream::with_capacity(reader, 64 * 1024).map_ok(Frame::data);
+        let body = BodyExt::boxed_unsync(StreamBody::new(stream));
+        let mut uri = format!(
+            "{}?path={}&mode={:o}",
+            sb_path(name, "/files"),
+            enc(path),
+            mode
+        );
+        if let Some(t) = mtime {
+            uri.push_str(&format!("&mtime={t}"));
+        }
+        let resp = self
+            .send(self.request(Method::PUT, &uri, Some("application/octet-stream"), body))
+            .await?;
+        let resp = check(resp).await?;
+        let body = read_limited(resp.into_body(), MAX_JSON_RESPONSE).await?;
+        serde_json::from_slice(&body).map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
     /// `PUT /v1/sandboxes/{name}/files`: streams `reader` to the guest file `path`.
     pub async fn upload<R: AsyncRead + Send + 'static>(
         &self,
@@ -400,21 +460,7 @@ impl Client {
         mode: u32,
         reader: R,
     ) -> Result<FileInfo> {
-        let stream =
-            tokio_util::io::ReaderStream::with_capacity(reader, 64 * 1024).map_ok(Frame::data);
-        let body = BodyExt::boxed_unsync(StreamBody::new(stream));
-        let uri = format!(
-            "{}?path={}&mode={:o}",
-            sb_path(name, "/files"),
-            enc(path),
-            mode
-        );
-        let resp = self
-            .send(self.request(Method::PUT, &uri, Some("application/octet-stream"), body))
-            .await?;
-        let resp = check(resp).await?;
-        let body = read_limited(resp.into_body(), MAX_JSON_RESPONSE).await?;
-        serde_json::from_slice(&body).map_err(|e| ClientError::Decode(e.to_string()))
+        self.upload_with_mtime(name, path, mode, None, reader).await
     }
 
     /// `GET /v1/sandboxes/{name}/files`: streams the guest file into `writer`; returns its size.

@@ -165,6 +165,9 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(limited(routes!(exec), Some(EXEC_BODY_LIMIT)))
         .routes(routes!(exec_ws))
         .routes(limited(routes!(put_file, get_file), None))
+        .routes(routes!(stat_file))
+        .routes(routes!(list_files))
+        .routes(routes!(mkdir_file))
         .routes(routes!(console))
         .routes(routes!(console_ws))
         .routes(routes!(events))
@@ -704,14 +707,105 @@ async fn exec_ws_session(st: AppState, name: String, mut ws: WebSocket) {
     pumps.abort();
 }
 
-fn file_args(q: Result<Query<FileQuery>, QueryRejection>) -> ApiResult<(String, u32)> {
+fn file_args(q: Result<Query<FileQuery>, QueryRejection>) -> ApiResult<(String, u32, Option<i64>)> {
     let Query(q) = q?;
     validate_guest_path("path", &q.path)?;
     let mode = match &q.mode {
         Some(m) => parse_mode(m)?,
         None => 0o644,
     };
-    Ok((q.path, mode))
+    if let Some(t) = q.mtime {
+        if !(0..=253_402_300_799).contains(&t) {
+            return Err(ApiError::bad_request(format!("mtime {t} is out of range"))
+                .fix("give seconds since the epoch, 0 to 253402300799 (year 9999)"));
+        }
+    }
+    Ok((q.path, mode, q.mtime))
+}
+
+fn fs_err(what: &str, path: &str) -> impl FnOnce(capsa::Error) -> ApiError {
+    let ctx = format!("{what} {path}");
+    move |e| ApiError::from_capsa(&ctx, &e)
+}
+
+/// Metadata of a guest path (a final symlink is not followed).
+#[utoipa::path(get, path = "/v1/sandboxes/{name}/files/stat", tag = "files",
+    params(("name" = String, Path, description = "sandbox name"), FileQuery),
+    responses((status = 200, body = FileStat), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn stat_file(
+    State(st): State<AppState>,
+    p: NameParam,
+    q: Result<Query<FileQuery>, QueryRejection>,
+) -> ApiResult<Json<FileStat>> {
+    use capsa::copy::GuestFs;
+    let name = name_of(p)?;
+    let (path, _, _) = file_args(q)?;
+    let fs = st.backend.files(&name).await?;
+    let m = fs.stat(&path).await.map_err(fs_err("stat", &path))?;
+    Ok(Json(FileStat::of(&m)))
+}
+
+/// One page of a guest directory's entries, sorted by name.
+#[utoipa::path(get, path = "/v1/sandboxes/{name}/files/list", tag = "files",
+    params(("name" = String, Path, description = "sandbox name"), ListQuery),
+    responses((status = 200, body = DirPage), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn list_files(
+    State(st): State<AppState>,
+    p: NameParam,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> ApiResult<Json<DirPage>> {
+    use capsa::copy::GuestFs;
+    let name = name_of(p)?;
+    let Query(q) = q?;
+    validate_guest_path("path", &q.path)?;
+    if let Some(a) = &q.after {
+        if a.is_empty() || a.len() > 255 || a.contains(['/', '\0']) {
+            return Err(ApiError::bad_request("after is not a file name")
+                .fix("pass the last entry name of the previous page"));
+        }
+    }
+    let fs = st.backend.files(&name).await?;
+    let (entries, more) = fs
+        .list_page(&q.path, q.after.as_deref())
+        .await
+        .map_err(fs_err("listing", &q.path))?;
+    Ok(Json(DirPage {
+        entries: entries
+            .iter()
+            .map(|e| DirEntryInfo {
+                name: e.name.clone(),
+                stat: FileStat::of(&e.meta),
+            })
+            .collect(),
+        more,
+    }))
+}
+
+/// Creates a guest directory and its parents (`mode` for the last, default 0755).
+#[utoipa::path(post, path = "/v1/sandboxes/{name}/files/mkdir", tag = "files",
+    params(("name" = String, Path, description = "sandbox name"), FileQuery),
+    responses((status = 204), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn mkdir_file(
+    State(st): State<AppState>,
+    p: NameParam,
+    q: Result<Query<FileQuery>, QueryRejection>,
+) -> ApiResult<StatusCode> {
+    use capsa::copy::GuestFs;
+    let name = name_of(p)?;
+    let Query(q) = q?;
+    validate_guest_path("path", &q.path)?;
+    let mode = match &q.mode {
+        Some(m) => parse_mode(m)?,
+        None => 0o755,
+    };
+    let fs = st.backend.files(&name).await?;
+    fs.mkdir(&q.path, mode)
+        .await
+        .map_err(fs_err("creating", &q.path))?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Uploads the request body (streamed, any size) to a guest file; parents are created.
@@ -726,14 +820,17 @@ async fn put_file(
     q: Result<Query<FileQuery>, QueryRejection>,
     body: Body,
 ) -> ApiResult<Json<FileInfo>> {
+    use capsa::copy::GuestFs;
     let name = name_of(p)?;
-    let (path, mode) = file_args(q)?;
-    let reader =
+    let (path, mode, mtime) = file_args(q)?;
+    let mut reader =
         tokio_util::io::StreamReader::new(body.into_data_stream().map_err(io::Error::other));
-    let meta = st
-        .backend
-        .write_file(&name, &path, mode, Box::new(reader))
-        .await?;
+    let fs = st.backend.files(&name).await?;
+    let mtime = mtime.map(|s| std::time::UNIX_EPOCH + Duration::from_secs(s as u64));
+    fs.write_file(&path, &mut reader, mode, mtime)
+        .await
+        .map_err(fs_err("writing", &path))?;
+    let meta = fs.stat(&path).await.map_err(fs_err("stat", &path))?;
     Ok(Json(FileInfo {
         path,
         size: meta.size,
@@ -752,14 +849,17 @@ async fn get_file(
     p: NameParam,
     q: Result<Query<FileQuery>, QueryRejection>,
 ) -> ApiResult<Response> {
+    use capsa::copy::GuestFs;
     let name = name_of(p)?;
-    let (path, _) = file_args(q)?;
-    st.backend.get(&name).await?;
-    let (w, r) = tokio::io::duplex(CHUNK);
+    let (path, _, _) = file_args(q)?;
+    let fs = st.backend.files(&name).await?;
+    let (mut w, r) = tokio::io::duplex(CHUNK);
     let (res_tx, mut res_rx) = oneshot::channel();
-    let backend = st.backend.clone();
     tokio::spawn(async move {
-        let r = backend.read_file(&name, &path, Box::new(w)).await;
+        let r = fs
+            .read_file(&path, &mut w)
+            .await
+            .map_err(fs_err("reading", &path));
         let _ = res_tx.send(r);
     });
     let mut reader = tokio::io::BufReader::with_capacity(CHUNK, r);

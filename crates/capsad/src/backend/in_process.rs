@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use capsa::{ExecChild, FileMeta, Sandbox};
+use capsa::{ExecChild, Sandbox};
 use tokio::sync::Mutex;
 
-use super::{Backend, BoxReader, BoxWriter, ConsolePaths};
+use super::{Backend, ConsolePaths};
 use crate::api::{CreateSandboxRequest, SandboxInfo, SandboxState};
 use crate::error::{ApiError, ApiResult};
 
@@ -240,24 +240,8 @@ impl Backend for InProcessBackend {
         sb.spawn(cmd).await.map_err(|e| ApiError::from_spawn(&e))
     }
 
-    async fn write_file(
-        &self,
-        name: &str,
-        path: &str,
-        mode: u32,
-        reader: BoxReader,
-    ) -> ApiResult<FileMeta> {
-        let sb = self.running(name).await?;
-        sb.write_file_from(path, reader, mode, None)
-            .await
-            .map_err(|e| ApiError::from_capsa(&format!("writing {path}"), &e))
-    }
-
-    async fn read_file(&self, name: &str, path: &str, writer: BoxWriter) -> ApiResult<FileMeta> {
-        let sb = self.running(name).await?;
-        sb.read_file_to(path, writer)
-            .await
-            .map_err(|e| ApiError::from_capsa(&format!("reading {path}"), &e))
+    async fn files(&self, name: &str) -> ApiResult<capsa::copy::AgentFs> {
+        Ok(self.running(name).await?.files())
     }
 
     async fn console(&self, name: &str) -> ApiResult<ConsolePaths> {

@@ -11,10 +11,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use capsa::{Capsa, ExecChild, FileMeta, Sandbox, SandboxRecord, Sandboxes, Snapshots};
+use capsa::{Capsa, ExecChild, Sandbox, SandboxRecord, Sandboxes, Snapshots};
 
 use super::pools::{Attached, PoolConfig, Pools, LABEL_POOL, LABEL_POOL_STATE};
-use super::{Backend, BoxReader, BoxWriter, ConsolePaths};
+use super::{Backend, ConsolePaths};
 use crate::api::{
     AcquireRequest, CreatePoolRequest, CreateSandboxRequest, PoolInfo, SandboxInfo, SandboxState,
     SnapshotInfo,
@@ -330,24 +330,8 @@ impl Backend for MonitorBackend {
         }
     }
 
-    async fn write_file(
-        &self,
-        name: &str,
-        path: &str,
-        mode: u32,
-        reader: BoxReader,
-    ) -> ApiResult<FileMeta> {
-        let sb = self.running(name).await?;
-        sb.write_file_from(path, reader, mode, None)
-            .await
-            .map_err(|e| ApiError::from_capsa(&format!("writing {path}"), &e))
-    }
-
-    async fn read_file(&self, name: &str, path: &str, writer: BoxWriter) -> ApiResult<FileMeta> {
-        let sb = self.running(name).await?;
-        sb.read_file_to(path, writer)
-            .await
-            .map_err(|e| ApiError::from_capsa(&format!("reading {path}"), &e))
+    async fn files(&self, name: &str) -> ApiResult<capsa::copy::AgentFs> {
+        Ok(self.running(name).await?.files())
     }
 
     fn start_pools(&self, flags: Vec<PoolConfig>) -> Result<(), String> {
