@@ -84,6 +84,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    term::restore_on_panic();
     let cli = Cli::parse();
     let default = match cli.verbose {
         0 => "warn",

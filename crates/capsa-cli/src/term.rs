@@ -1,11 +1,23 @@
-//! Raw terminal mode with guaranteed restore.
+//! Raw terminal mode with guaranteed restore, and the session-ending signals.
 
 use std::os::fd::RawFd;
+use std::sync::Mutex;
+
+/// The terminal mode to put back: kept outside the [`RawMode`] guard too, so
+/// that a panic anywhere (any thread, even with `panic = "abort"`) restores it
+/// from the panic hook.
+static SAVED: Mutex<Option<(RawFd, libc::termios)>> = Mutex::new(None);
 
 /// Puts a terminal in raw mode and restores it when dropped (also on error paths).
 pub struct RawMode {
     fd: RawFd,
     saved: libc::termios,
+}
+
+/// Whether `fd` is a terminal.
+pub fn is_tty(fd: RawFd) -> bool {
+    // SAFETY: isatty only inspects the fd.
+    unsafe { libc::isatty(fd) == 1 }
 }
 
 impl RawMode {
@@ -22,6 +34,9 @@ impl RawMode {
             }
             let mut raw = saved;
             libc::cfmakeraw(&mut raw);
+            if let Ok(mut s) = SAVED.lock() {
+                s.get_or_insert((fd, saved));
+            }
             if libc::tcsetattr(fd, libc::TCSANOW, &raw) != 0 {
                 return None;
             }
@@ -35,6 +50,75 @@ impl Drop for RawMode {
         // SAFETY: restores the attributes saved in `enter` on the same fd.
         unsafe {
             libc::tcsetattr(self.fd, libc::TCSANOW, &self.saved);
+        }
+        if let Ok(mut s) = SAVED.lock() {
+            *s = None;
+        }
+    }
+}
+
+/// Restores the terminal saved by a live [`RawMode`], if any (idempotent).
+pub fn restore() {
+    // try_lock: a panic while the lock is held must not deadlock the hook.
+    let saved = match SAVED.try_lock() {
+        Ok(mut s) => s.take(),
+        Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner().take(),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    };
+    if let Some((fd, t)) = saved {
+        // SAFETY: writes back attributes read from the same fd.
+        unsafe {
+            libc::tcsetattr(fd, libc::TCSANOW, &t);
+        }
+    }
+}
+
+/// Makes a panic restore the terminal before the message is printed (so
+/// the message is readable and the shell usable afterwards).
+pub fn restore_on_panic() {
+    let prev = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        restore();
+        prev(info);
+    }));
+}
+
+/// The signals that end an interactive session from outside: the terminal
+/// closed (SIGHUP) or someone asked us to stop (SIGTERM), and SIGINT when
+/// `interrupt` (stdin is not in raw mode, so Ctrl-C is ours, not the guest's).
+pub struct Hangup {
+    hup: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Hangup {
+    /// Starts catching the signals (from now on they no longer kill the process).
+    pub fn catch(interrupt: bool) -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            hup: signal(SignalKind::hangup())?,
+            term: signal(SignalKind::terminate())?,
+            int: if interrupt {
+                Some(signal(SignalKind::interrupt())?)
+            } else {
+                None
+            },
+        })
+    }
+
+    /// Waits for one of the signals; returns its number.
+    pub async fn recv(&mut self) -> i32 {
+        let int = async {
+            match self.int.as_mut() {
+                Some(s) => s.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = self.hup.recv() => libc::SIGHUP,
+            _ = self.term.recv() => libc::SIGTERM,
+            _ = int => libc::SIGINT,
         }
     }
 }

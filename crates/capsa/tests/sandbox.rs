@@ -192,8 +192,16 @@ async fn a_thousand_resizes_while_output_streams() {
     assert_eq!(sent, 1000);
     assert_eq!((status.code, status.signal), (Some(7), None));
     let out = String::from_utf8_lossy(&reader.await.unwrap().unwrap()).into_owned();
-    assert_eq!(out.matches("line\r\n").count(), 20000, "output lost or mangled");
-    assert!(out.contains("size=33 111"), "{}", &out[out.len().saturating_sub(300)..]);
+    assert_eq!(
+        out.matches("line\r\n").count(),
+        20000,
+        "output lost or mangled"
+    );
+    assert!(
+        out.contains("size=33 111"),
+        "{}",
+        &out[out.len().saturating_sub(300)..]
+    );
 }
 
 #[tokio::test]
