@@ -213,8 +213,12 @@ impl Drop for Tmux {
 }
 
 fn hangup(pid: u32) {
+    signal(pid, libc::SIGHUP);
+}
+
+fn signal(pid: u32, sig: i32) {
     // SAFETY: signalling a process this test started (through tmux).
-    unsafe { libc::kill(pid as i32, libc::SIGHUP) };
+    unsafe { libc::kill(pid as i32, sig) };
 }
 
 /// 100 KiB of numbered lines (what a big paste looks like).
@@ -328,23 +332,23 @@ fn exercise_shell(t: &mut Tmux, side: &dyn Fn(&str) -> String) {
     }
 }
 
-/// The SIGHUP of a closed terminal: start `sleep 2000` in the shell, hang up
-/// the CLI; it ends with 129, the terminal mode is back, and nothing of the
-/// session is left in the guest.
-fn hangup_leaves_nothing(t: &mut Tmux, side: &dyn Fn(&str) -> String) {
+/// The SIGHUP of a closed terminal (or a SIGTERM): start `sleep 2000` in the
+/// shell, signal the CLI; it ends with 128+N, the terminal mode is back, and
+/// nothing of the session is left in the guest.
+fn hangup_leaves_nothing(t: &mut Tmux, side: &dyn Fn(&str) -> String, sig: i32) {
     t.line("sleep 2000");
     let end = Instant::now() + T;
     while side("ps | grep '[s]leep' || true").is_empty() {
         assert!(Instant::now() < end, "sleep 2000 did not start");
         std::thread::sleep(Duration::from_millis(200));
     }
-    hangup(t.capsa_pid());
-    assert_eq!(t.finished(), 129);
+    signal(t.capsa_pid(), sig);
+    assert_eq!(t.finished(), 128 + sig);
     let end = Instant::now() + Duration::from_secs(10);
     while !side("ps | grep '[s]leep' || true").is_empty() {
         assert!(
             Instant::now() < end,
-            "the guest program outlived the CLI's SIGHUP"
+            "the guest program outlived the CLI's signal {sig}"
         );
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -516,7 +520,9 @@ fn run_exec_and_attach_in_a_real_terminal() {
     assert_eq!(t.finished(), 3);
 
     t.start_capsa("exec -it box -- sh");
-    hangup_leaves_nothing(&mut t, &side);
+    hangup_leaves_nothing(&mut t, &side, libc::SIGHUP);
+    t.start_capsa("exec -it box -- sh");
+    hangup_leaves_nothing(&mut t, &side, libc::SIGTERM);
 
     attach_survives_resize(&mut t, "attach box");
 }
@@ -593,6 +599,25 @@ fn exec_and_attach_through_capsad_in_a_real_terminal() {
         );
         String::from_utf8_lossy(&o.stdout).trim().to_string()
     };
+    // A missing sandbox is named in the error of both WebSockets.
+    for args in [
+        &["exec", "--force-tty", "nope", "--", "sh"][..],
+        &["attach", "nope"],
+    ] {
+        let o = st
+            .capsa()
+            .arg("--host")
+            .arg(&host)
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains("nope") && err.contains("404"),
+            "{args:?}: {err}"
+        );
+    }
     remote(&["create", "--name", "rbox", "--memory", "256M"]);
     let side = |cmd: &str| remote(&["exec", "rbox", "--", "sh", "-c", cmd]);
 
@@ -605,7 +630,9 @@ fn exec_and_attach_through_capsad_in_a_real_terminal() {
     assert_eq!(t.finished(), 1);
 
     t.start_capsa("exec -it rbox -- sh");
-    hangup_leaves_nothing(&mut t, &side);
+    hangup_leaves_nothing(&mut t, &side, libc::SIGHUP);
+    t.start_capsa("exec -it rbox -- sh");
+    hangup_leaves_nothing(&mut t, &side, libc::SIGTERM);
 
     attach_survives_resize(&mut t, "attach rbox");
 }
