@@ -70,7 +70,7 @@ where
         }
     });
     let interactive = raw.is_some();
-    let mut signals = Hangup::catch(!interactive).ok();
+    let mut signals = Hangup::catch().ok();
     let mut winch =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()).ok();
     let mut stdin_open = true;

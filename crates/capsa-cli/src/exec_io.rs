@@ -130,7 +130,9 @@ pub async fn drive(child: &mut ExecChild, stdio: Stdio) -> anyhow::Result<Finish
     } else {
         None
     };
-    let mut signals = Hangup::catch(raw.is_none())?;
+    // SIGINT too in raw mode (where Ctrl-C is a key for the guest): only a
+    // `kill -INT` sends it then, and it must not skip restoring the terminal.
+    let mut signals = Hangup::catch()?;
     let mut winch = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())?;
     let out = child.stdout().map(|o| tokio::spawn(pump(o, false)));
     let err = child.stderr().map(|o| tokio::spawn(pump(o, true)));

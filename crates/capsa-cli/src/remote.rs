@@ -300,7 +300,8 @@ impl RemoteExec {
         } else {
             None
         };
-        let mut signals = crate::term::Hangup::catch(raw.is_none())?;
+        // SIGINT in raw mode too: only `kill -INT` sends it then.
+        let mut signals = crate::term::Hangup::catch()?;
         let mut winch =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())?;
         // Sends go out on their own task: a command that does not read its

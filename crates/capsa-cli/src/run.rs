@@ -111,7 +111,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     // Ctrl-C, SIGHUP or SIGTERM while booting tears the VM down too:
     // dropping the future drops the VM.
-    let mut signals = crate::term::Hangup::catch(true)?;
+    let mut signals = crate::term::Hangup::catch()?;
     let sb = tokio::select! {
         r = async {
             if args.no_snapshot {
@@ -122,10 +122,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         } => r?,
         sig = signals.recv() => return Ok(ExitCode::from((128 + sig) as u8)),
     };
-    drop(signals);
-    for (h, g) in &args.copy_in {
-        sb.copy_in(h, g).await?;
+    let copied = tokio::select! {
+        r = async {
+            for (h, g) in &args.copy_in {
+                sb.copy_in(h, g).await?;
+            }
+            Ok::<_, capsa::Error>(())
+        } => Some(r),
+        sig = signals.recv() => { sb.kill().await?; return Ok(ExitCode::from((128 + sig) as u8)) }
+    };
+    if let Some(r) = copied {
+        r?;
     }
+    // From here `drive` catches the signals itself.
+    drop(signals);
 
     let mut child = sb.spawn(&cmd).await?;
     let status = match exec_io::drive(&mut child, stdio).await? {

@@ -83,42 +83,34 @@ pub fn restore_on_panic() {
     }));
 }
 
-/// The signals that end an interactive session from outside: the terminal
-/// closed (SIGHUP) or someone asked us to stop (SIGTERM), and SIGINT when
-/// `interrupt` (stdin is not in raw mode, so Ctrl-C is ours, not the guest's).
+/// The signals that end a session from outside: the terminal closed
+/// (SIGHUP), someone asked us to stop (SIGTERM), or SIGINT (Ctrl-C when stdin
+/// is not in raw mode; in raw mode Ctrl-C is a key for the guest and only
+/// `kill -INT` sends it). Caught, they let every exit path restore the
+/// terminal and clean up.
 pub struct Hangup {
     hup: tokio::signal::unix::Signal,
     term: tokio::signal::unix::Signal,
-    int: Option<tokio::signal::unix::Signal>,
+    int: tokio::signal::unix::Signal,
 }
 
 impl Hangup {
     /// Starts catching the signals (from now on they no longer kill the process).
-    pub fn catch(interrupt: bool) -> std::io::Result<Self> {
+    pub fn catch() -> std::io::Result<Self> {
         use tokio::signal::unix::{signal, SignalKind};
         Ok(Self {
             hup: signal(SignalKind::hangup())?,
             term: signal(SignalKind::terminate())?,
-            int: if interrupt {
-                Some(signal(SignalKind::interrupt())?)
-            } else {
-                None
-            },
+            int: signal(SignalKind::interrupt())?,
         })
     }
 
     /// Waits for one of the signals; returns its number.
     pub async fn recv(&mut self) -> i32 {
-        let int = async {
-            match self.int.as_mut() {
-                Some(s) => s.recv().await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             _ = self.hup.recv() => libc::SIGHUP,
             _ = self.term.recv() => libc::SIGTERM,
-            _ = int => libc::SIGINT,
+            _ = self.int.recv() => libc::SIGINT,
         }
     }
 }
