@@ -104,19 +104,29 @@ impl Tmux {
         }
     }
 
-    /// Runs `cmd` in the guest shell (or the pane's) and returns the line
-    /// it printed after a fresh marker. The marker is computed by the shell
-    /// (`$((n+0))`), so the typed command line never matches it.
+    /// Runs `cmd` in the guest shell and returns what it printed, after a
+    /// fresh marker. The marker is computed by the shell (`$((n+0))`), so the
+    /// typed command line never matches it; and the answer must come from
+    /// the guest (whose sessions get `IN_GUEST=yes`), not from the pane's
+    /// own shell after a session died.
     fn ask(&mut self, cmd: &str) -> String {
         self.seq += 1;
         let n = self.seq;
-        self.line(&format!("echo \"@@{n}$((0))=$({cmd})@@\""));
+        self.line(&format!(
+            "echo \"@@{n}$((0))=${{IN_GUEST:-host}}|$({cmd})@@\""
+        ));
         let pat = format!("@@{n}0=");
         let s = self.wait_screen(&pat, T);
         let from = s.rfind(&pat).unwrap() + pat.len();
         let rest = &s[from..];
         let end = rest.find("@@").unwrap_or(rest.len());
-        rest[..end].trim().to_string()
+        let answer = rest[..end].trim();
+        match answer.strip_prefix("yes|") {
+            Some(a) => a.trim().to_string(),
+            None => {
+                panic!("{cmd:?} was answered by the host, not the guest: the session ended:\n{s}")
+            }
+        }
     }
 
     fn resize(&self, rows: u16, cols: u16) {
@@ -167,6 +177,8 @@ impl Tmux {
     /// Runs a capsa command line in the pane, recording the terminal mode
     /// before and after and the exit code (read with [`finished`](Self::finished)).
     fn start_capsa(&self, args: &str) {
+        // Marks the guest side for `ask` (after `-it`, before NAME or `--`).
+        let args = args.replacen("-it ", "-it -e IN_GUEST=yes ", 1);
         let d = self.dir.display();
         let _ = std::fs::remove_file(self.dir.join("rc"));
         // A clean screen, so that waits see only this session.
