@@ -263,8 +263,9 @@ fn sha256_hex(data: &[u8]) -> String {
 /// Everything an interactive shell session must survive, typed into a guest
 /// `sh` on a PTY (the session is at its prompt on entry and on return):
 /// three resizes (each read back with `stty size`), `vi` writing a file after
-/// a resize, a 100 KiB paste into `cat > file`, Ctrl-C and Ctrl-\ to `sleep`
-/// (checked from outside with `side`, which runs a command in the sandbox).
+/// a resize, a 100 KiB paste into `cat > file`, Ctrl-C, Ctrl-\ and Ctrl-Z to
+/// `sleep` (checked from outside with `side`, which runs a command in the
+/// sandbox).
 fn exercise_shell(t: &mut Tmux, side: &dyn Fn(&str) -> String) {
     for (rows, cols) in [(40, 120), (25, 70), (50, 160)] {
         t.resize(rows, cols);
@@ -330,17 +331,40 @@ fn exercise_shell(t: &mut Tmux, side: &dyn Fn(&str) -> String) {
     for (key, sig) in [("\u{3}", 2), ("\u{1c}", 3)] {
         t.line("sleep 1000");
         let end = Instant::now() + T;
-        while side("ps | grep '[s]leep' || true").is_empty() {
+        while side("ps | grep '[s]leep [0-9]' || true").is_empty() {
             assert!(Instant::now() < end, "sleep did not start");
             std::thread::sleep(Duration::from_millis(200));
         }
         t.tmux(&["send-keys", "-t", "t", "-l", key]);
         assert_eq!(t.ask("echo $?"), (128 + sig).to_string(), "{key:?}");
         assert_eq!(
-            side("ps | grep '[s]leep' || true"),
+            side("ps | grep '[s]leep [0-9]' || true"),
             "",
             "{key:?} left sleep running"
         );
+    }
+    // Ctrl-Z stops it (the guest shell has job control on the PTY).
+    t.line("sleep 1000");
+    let end = Instant::now() + T;
+    while side("ps | grep '[s]leep [0-9]' || true").is_empty() {
+        assert!(Instant::now() < end, "sleep did not start");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    t.tmux(&["send-keys", "-t", "t", "-l", "\u{1a}"]);
+    assert_eq!(t.ask("echo $?"), "148", "Ctrl-Z");
+    assert!(t.ask("jobs").contains("Stopped"), "Ctrl-Z");
+    // (A killed job is a zombie, `[sleep]`, until the shell reaps it: the
+    // checks match `sleep N`, the living.)
+    t.line("kill -9 %1");
+    let end = Instant::now() + T;
+    while !side("ps | grep '[s]leep [0-9]' || true").is_empty() {
+        assert!(
+            Instant::now() < end,
+            "the stopped sleep was not killed: {}\n{}",
+            side("ps"),
+            t.screen()
+        );
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -350,14 +374,14 @@ fn exercise_shell(t: &mut Tmux, side: &dyn Fn(&str) -> String) {
 fn hangup_leaves_nothing(t: &mut Tmux, side: &dyn Fn(&str) -> String, sig: i32) {
     t.line("sleep 2000");
     let end = Instant::now() + T;
-    while side("ps | grep '[s]leep' || true").is_empty() {
+    while side("ps | grep '[s]leep [0-9]' || true").is_empty() {
         assert!(Instant::now() < end, "sleep 2000 did not start");
         std::thread::sleep(Duration::from_millis(200));
     }
     signal(t.capsa_pid(), sig);
     assert_eq!(t.finished(), 128 + sig);
     let end = Instant::now() + Duration::from_secs(10);
-    while !side("ps | grep '[s]leep' || true").is_empty() {
+    while !side("ps | grep '[s]leep [0-9]' || true").is_empty() {
         assert!(
             Instant::now() < end,
             "the guest program outlived the CLI's signal {sig}"
