@@ -114,3 +114,56 @@ impl Hangup {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attrs(fd: RawFd) -> libc::termios {
+        // SAFETY: tcgetattr fills the struct we own.
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            assert_eq!(libc::tcgetattr(fd, &mut t), 0);
+            t
+        }
+    }
+
+    fn same(a: &libc::termios, b: &libc::termios) -> bool {
+        a.c_iflag == b.c_iflag
+            && a.c_oflag == b.c_oflag
+            && a.c_cflag == b.c_cflag
+            && a.c_lflag == b.c_lflag
+            && a.c_cc == b.c_cc
+    }
+
+    /// A panic restores the terminal from the hook even when the guard's
+    /// destructor never runs (as with `panic = "abort"`).
+    #[test]
+    fn a_panic_restores_the_terminal_mode() {
+        let (mut master, mut slave) = (0, 0);
+        // SAFETY: openpty fills the two fds.
+        let r = unsafe {
+            libc::openpty(
+                &mut master,
+                &mut slave,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(r, 0, "openpty");
+        let before = attrs(slave);
+        let raw = RawMode::enter(slave).expect("a pty is a terminal");
+        assert!(!same(&attrs(slave), &before), "raw mode changes the mode");
+        std::mem::forget(raw);
+        restore_on_panic();
+        let caught = std::panic::catch_unwind(|| panic!("boom"));
+        assert!(caught.is_err());
+        assert!(same(&attrs(slave), &before), "the panic hook restored it");
+        // SAFETY: closing the fds opened above.
+        unsafe {
+            libc::close(master);
+            libc::close(slave);
+        }
+    }
+}
