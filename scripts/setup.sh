@@ -14,6 +14,8 @@ command -v dpkg-deb >/dev/null 2>&1 || need_pkgs+=(dpkg)
 command -v readelf >/dev/null 2>&1 || need_pkgs+=(binutils)
 # The API fuzzer (scripts/api-fuzz.sh) runs schemathesis in a venv and probes with curl.
 command -v curl >/dev/null 2>&1 || need_pkgs+=(curl)
+# The interactive-terminal tests (crates/capsa-cli/tests/tty.rs) drive the CLI in tmux.
+command -v tmux >/dev/null 2>&1 || need_pkgs+=(tmux)
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
   need_pkgs+=(python3 python3-venv)
 fi

@@ -26,6 +26,8 @@ use crate::{frame_name, AgentClientError, BoxedStream, Result};
 const PIPE_BYTES: usize = 2 * CHUNK;
 /// Queued control messages (signals, resizes) before `signal` waits.
 const CONTROL_QUEUE: usize = 16;
+/// Highest signal number Linux knows (`SIGRTMAX`); the agent refuses more.
+const MAX_SIGNAL: i32 = 64;
 
 /// The caller's end of a process's stdin. Writes become `Stdin` frames;
 /// shutting it down or dropping it closes the process's stdin (on a PTY:
@@ -91,6 +93,8 @@ pub struct ExecChild {
     control: mpsc::Sender<Control>,
     status: Option<oneshot::Receiver<Result<ExitStatus>>>,
     exit: Option<ExitStatus>,
+    /// Why the first `wait` failed, repeated by later calls.
+    failure: Option<String>,
     reader: JoinHandle<()>,
     writer: JoinHandle<()>,
 }
@@ -134,6 +138,7 @@ impl ExecChild {
             control: control_tx,
             status: Some(status_rx),
             exit: None,
+            failure: None,
             reader,
             writer,
         }
@@ -179,7 +184,15 @@ impl ExecChild {
     /// in the guest they are handled in order with the stdin frames that
     /// reached it. To interrupt a program on a PTY the way a terminal does,
     /// write `\x03` to stdin instead.
+    ///
+    /// A signal number outside `1..=64` is refused here, before it can reach
+    /// the agent (which would end the exec over it).
     pub async fn signal(&self, sig: i32) -> Result<()> {
+        if !(1..=MAX_SIGNAL).contains(&sig) {
+            return Err(AgentClientError::InvalidRequest(format!(
+                "signal {sig} is out of range; give a number from 1 to {MAX_SIGNAL}"
+            )));
+        }
         self.control(Control::Signal(sig)).await
     }
 
@@ -198,7 +211,11 @@ impl ExecChild {
     ///
     /// Has no deadline of its own: bound it with the request's `timeout_ms`
     /// (enforced in the guest) or wrap it in `tokio::time::timeout`.
-    /// Calling it again returns the same status.
+    /// Calling it again returns the same status (or the same failure).
+    ///
+    /// Cancel-safe: it may be a branch of a `tokio::select!` loop that also
+    /// resizes or signals; a `wait` dropped before the status arrived loses
+    /// nothing, the next call picks the status up.
     pub async fn wait(&mut self) -> Result<ExitStatus> {
         if let Some(st) = self.exit {
             return Ok(st);
@@ -206,19 +223,41 @@ impl ExecChild {
         self.stdin = None;
         self.stdout = None;
         self.stderr = None;
-        let Some(rx) = self.status.take() else {
-            return Err(AgentClientError::Protocol(
-                "wait called again after it failed".into(),
-            ));
+        let Some(rx) = self.status.as_mut() else {
+            return Err(self.failed_again());
         };
-        let st = rx.await.map_err(|_| {
-            AgentClientError::Io(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the exec's connection task ended without a status",
-            ))
-        })??;
+        // Awaited in place (not taken out of `self`): if this future is
+        // dropped here, the receiver and the status to come stay put.
+        let got = rx.await;
+        self.status = None;
+        let st = match got {
+            Ok(Ok(st)) => st,
+            Ok(Err(e)) => {
+                self.failure = Some(e.to_string());
+                return Err(e);
+            }
+            Err(_) => {
+                let e = AgentClientError::Io(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the exec's connection task ended without a status",
+                ));
+                self.failure = Some(e.to_string());
+                return Err(e);
+            }
+        };
         self.exit = Some(st);
         Ok(st)
+    }
+
+    /// The error of a `wait` after one that failed: the same reason again.
+    fn failed_again(&self) -> AgentClientError {
+        AgentClientError::Io(io::Error::new(
+            io::ErrorKind::NotConnected,
+            format!(
+                "the exec had already failed: {}",
+                self.failure.as_deref().unwrap_or("unknown reason")
+            ),
+        ))
     }
 }
 

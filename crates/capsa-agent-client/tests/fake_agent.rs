@@ -303,3 +303,72 @@ async fn list_dir_follows_pages() {
     assert_eq!(names, ["0", "1", "2", "3", "4", "5", "6", "7"]);
     assert_eq!(connects.load(Ordering::SeqCst), 3);
 }
+
+/// `wait` as one branch of a `select!` loop that also resizes (what an
+/// interactive terminal does on every SIGWINCH): the waits that lose the race
+/// are dropped, and the one that wins still gets the status. A bad signal is
+/// an error of that call only.
+#[tokio::test]
+async fn wait_is_cancel_safe_and_failed_side_calls_do_not_end_the_exec() {
+    let (c, _) = client_with(|mut s| async move {
+        read_open(&mut s).await;
+        reply(&mut s, AgentFrame::Started { pid: 9 }).await;
+        let mut resizes = 0;
+        while resizes < 20 {
+            match asynch::read_frame::<ClientFrame>(&mut s).await {
+                Ok(ClientFrame::Resize(_)) => resizes += 1,
+                Ok(ClientFrame::Signal(n)) => assert!((1..=64).contains(&n), "sent signal {n}"),
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+        reply(&mut s, AgentFrame::Stdout(b"done".to_vec())).await;
+        reply(
+            &mut s,
+            AgentFrame::Exited(ExitStatus {
+                code: Some(5),
+                signal: None,
+                timed_out: false,
+            }),
+        )
+        .await;
+    });
+    let mut child = c
+        .exec(
+            ExecRequest {
+                argv: vec!["x".into()],
+                pty: Some(capsa_proto::PtySize { rows: 24, cols: 80 }),
+                ..Default::default()
+            },
+            T,
+        )
+        .await
+        .unwrap();
+    let e = child.signal(0).await.unwrap_err();
+    assert!(e.to_string().contains("out of range"), "{e}");
+    assert!(child.signal(65).await.is_err());
+    let out = child.stdout().unwrap();
+    let drain = tokio::spawn(async move {
+        let mut v = Vec::new();
+        let mut out = out;
+        out.read_to_end(&mut v).await.map(|_| v)
+    });
+    let mut rows = 10;
+    let status = tokio::time::timeout(T, async {
+        loop {
+            tokio::select! {
+                st = child.wait() => break st,
+                _ = tokio::time::sleep(Duration::from_millis(2)) => {
+                    rows += 1;
+                    child.resize(rows, 80).await.unwrap();
+                }
+            }
+        }
+    })
+    .await
+    .expect("the exec ends")
+    .expect("a wait dropped by select! must not poison the next one");
+    assert_eq!(status.code, Some(5));
+    assert_eq!(child.wait().await.unwrap().code, Some(5));
+    assert_eq!(drain.await.unwrap().unwrap(), b"done");
+}

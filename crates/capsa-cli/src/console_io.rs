@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::term::RawMode;
+use crate::term::{Hangup, RawMode};
 
 /// The detach key: Ctrl-] (as telnet and virsh use).
 pub const DETACH: u8 = 0x1d;
@@ -15,7 +15,7 @@ pub const DETACH: u8 = 0x1d;
 pub enum Ended<T> {
     /// The user pressed the detach key.
     Detached,
-    /// Ctrl-C outside raw mode (stdin is not a terminal).
+    /// Ctrl-C outside raw mode (stdin is not a terminal), or SIGHUP/SIGTERM.
     Interrupted,
     /// The console stream closed.
     Closed,
@@ -24,8 +24,14 @@ pub enum Ended<T> {
 }
 
 /// Copies the console to stdout and stdin to the console (raw mode when stdin
-/// is a terminal) until Ctrl-], Ctrl-C (not in raw mode), the stream closes, or
-/// `until` completes. The terminal is restored on every path.
+/// is a terminal) until Ctrl-], Ctrl-C (not in raw mode), SIGHUP or SIGTERM,
+/// the stream closes, or `until` completes. The terminal is restored on every
+/// path.
+///
+/// A serial line has no window size the host could set: the guest's console
+/// keeps the size it was given (see `stty size` there). On the first window
+/// change this says so once, with what to do, instead of silently typing
+/// `stty` into whatever program has the console.
 pub async fn bridge<R, W, F>(mut reader: R, mut writer: W, until: F) -> Ended<F::Output>
 where
     R: AsyncRead + Unpin + Send + 'static,
@@ -64,6 +70,9 @@ where
         }
     });
     let interactive = raw.is_some();
+    let mut signals = Hangup::catch().ok();
+    let mut winch =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()).ok();
     let mut stdin_open = true;
     tokio::pin!(until);
     let ended = loop {
@@ -85,7 +94,18 @@ where
                 }
                 None => stdin_open = false,
             },
-            _ = tokio::signal::ctrl_c(), if !interactive => break Ended::Interrupted,
+            _ = async { match signals.as_mut() { Some(s) => s.recv().await, None => std::future::pending().await } } => {
+                break Ended::Interrupted
+            }
+            _ = async { match winch.as_mut() { Some(w) => w.recv().await, None => std::future::pending().await } } => {
+                // Once per session: the notice must not bury the console.
+                winch = None;
+                if interactive {
+                    eprint!("\r\n[capsa] the serial console has no window size, so this resize does not \
+                        reach the guest; there, run `stty rows R cols C` if a program needs it, or use \
+                        `capsa exec -it NAME -- sh` for a terminal that follows resizes\r\n");
+                }
+            }
         }
     };
     if matches!(ended, Ended::Finished(_)) {

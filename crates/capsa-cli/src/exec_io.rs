@@ -7,7 +7,7 @@ use std::time::Duration;
 use capsa::{Command, ExecChild, ExitStatus};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::term::RawMode;
+use crate::term::{Hangup, RawMode};
 
 /// How the command meets the terminal.
 #[derive(Debug, Clone, Copy)]
@@ -19,10 +19,18 @@ pub struct Stdio {
 }
 
 impl Stdio {
-    /// From the `-i`/`-t` flags; a pty takes this terminal's size (80x24 when it has none).
-    pub fn from_flags(interactive: bool, tty: bool) -> Self {
-        let tty = tty.then(|| window_size().unwrap_or((24, 80)));
-        Self { interactive, tty }
+    /// From the `-i`/`-t`/`--force-tty` flags; a pty takes this terminal's
+    /// size (80x24 when it has none). Like `docker run -t`, a PTY is refused
+    /// when stdin is not a terminal, unless forced.
+    pub fn from_flags(interactive: bool, tty: bool, force_tty: bool) -> anyhow::Result<Self> {
+        if tty && !force_tty && !crate::term::is_tty(0) {
+            anyhow::bail!(
+                "the input device is not a TTY; fix: drop -t (use -i alone to stream piped input), \
+                 or pass --force-tty to run on a pseudo-terminal anyway"
+            );
+        }
+        let tty = (tty || force_tty).then(|| window_size().unwrap_or((24, 80)));
+        Ok(Self { interactive, tty })
     }
 }
 
@@ -32,6 +40,21 @@ pub enum Finished {
     Exited(ExitStatus),
     /// The user pressed Ctrl-C (outside raw mode).
     Interrupted,
+    /// The CLI got this signal (SIGHUP: the terminal closed; SIGTERM); the
+    /// command was sent SIGHUP, as a closing terminal does.
+    Hangup(i32),
+}
+
+impl Finished {
+    /// The exit code of a session that did not end by the command's own exit
+    /// (the shell convention, 128 + signal).
+    pub fn signal_code(&self) -> Option<ExitCode> {
+        match self {
+            Finished::Exited(_) => None,
+            Finished::Interrupted => Some(ExitCode::from(130)),
+            Finished::Hangup(sig) => Some(ExitCode::from((128 + sig).clamp(0, 255) as u8)),
+        }
+    }
 }
 
 /// Builds the guest command for `argv` with the `--timeout` and terminal settings applied.
@@ -58,37 +81,63 @@ pub fn command(argv: &[String], stdio: Stdio, timeout: Option<f64>) -> anyhow::R
     Ok(cmd)
 }
 
-/// The terminal size of stdout, if it is a terminal.
+/// The terminal size of stdin, else of stdout, if either is a terminal.
 pub fn window_size() -> Option<(u16, u16)> {
-    // SAFETY: TIOCGWINSZ fills the winsize struct we own.
-    unsafe {
-        let mut ws: libc::winsize = std::mem::zeroed();
-        (libc::ioctl(1, libc::TIOCGWINSZ, &mut ws) == 0 && ws.ws_row > 0)
-            .then_some((ws.ws_row, ws.ws_col))
-    }
+    [0, 1].into_iter().find_map(|fd| {
+        // SAFETY: TIOCGWINSZ fills the winsize struct we own.
+        unsafe {
+            let mut ws: libc::winsize = std::mem::zeroed();
+            (libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) == 0 && ws.ws_row > 0 && ws.ws_col > 0)
+                .then_some((ws.ws_row, ws.ws_col))
+        }
+    })
 }
 
-/// Pumps stdin/stdout/stderr and window changes until the command ends or Ctrl-C.
+/// This terminal's stdin as a stream of chunks, read on a plain thread (a
+/// blocking read cannot be cancelled and must not hold up the runtime).
+/// The channel closes at EOF or on a read error (the terminal went away).
+pub fn stdin_chunks() -> tokio::sync::mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
+    std::thread::spawn(move || {
+        let mut i = std::io::stdin();
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            match i.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if tx.blocking_send(buf[..n].to_vec()).is_err() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+    });
+    rx
+}
+
+/// How long a command gets to exit after the SIGHUP of a closed terminal
+/// before its connection is dropped (and the agent kills it).
+pub const HANGUP_GRACE: Duration = Duration::from_secs(2);
+
+/// Pumps stdin/stdout/stderr and window changes until the command ends, or
+/// Ctrl-C (outside raw mode), SIGHUP or SIGTERM. A failed resize is logged
+/// and the session goes on. The terminal mode is restored on every path.
 pub async fn drive(child: &mut ExecChild, stdio: Stdio) -> anyhow::Result<Finished> {
     let raw = if stdio.tty.is_some() && stdio.interactive {
         RawMode::enter(0)
     } else {
         None
     };
+    // SIGINT too in raw mode (where Ctrl-C is a key for the guest): only a
+    // `kill -INT` sends it then, and it must not skip restoring the terminal.
+    let mut signals = Hangup::catch()?;
+    let mut winch = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())?;
     let out = child.stdout().map(|o| tokio::spawn(pump(o, false)));
     let err = child.stderr().map(|o| tokio::spawn(pump(o, true)));
     if let Some(mut stdin) = child.stdin() {
-        // A plain thread: a blocking stdin read cannot be cancelled.
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
-        std::thread::spawn(move || {
-            let mut i = std::io::stdin();
-            let mut buf = [0u8; 16 * 1024];
-            while let Ok(n) = i.read(&mut buf) {
-                if n == 0 || tx.blocking_send(buf[..n].to_vec()).is_err() {
-                    break;
-                }
-            }
-        });
+        let mut rx = stdin_chunks();
         tokio::spawn(async move {
             while let Some(chunk) = rx.recv().await {
                 if stdin.write_all(&chunk).await.is_err() {
@@ -98,26 +147,42 @@ pub async fn drive(child: &mut ExecChild, stdio: Stdio) -> anyhow::Result<Finish
             let _ = stdin.shutdown().await;
         });
     }
-    let mut winch = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())?;
-    let status = loop {
+    let ended = loop {
         tokio::select! {
-            s = child.wait() => break Some(s?),
-            _ = tokio::signal::ctrl_c(), if raw.is_none() => break None,
+            // Cancel-safe: losing the race to a resize loses no status.
+            s = child.wait() => break Ok(s?),
+            sig = signals.recv() => break Err(sig),
             _ = winch.recv(), if stdio.tty.is_some() => {
                 if let Some((r, c)) = window_size() {
-                    let _ = child.resize(r, c).await;
+                    if let Err(e) = child.resize(r, c).await {
+                        tracing::debug!("resizing the guest terminal to {r}x{c}: {e}");
+                    }
                 }
             }
         }
     };
-    for t in [out, err].into_iter().flatten() {
-        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
-    }
+    let pumps = [out, err].into_iter().flatten();
+    let finished = match ended {
+        Ok(status) => {
+            for t in pumps {
+                let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+            }
+            Finished::Exited(status)
+        }
+        Err(libc::SIGINT) => {
+            pumps.for_each(|t| t.abort());
+            Finished::Interrupted
+        }
+        Err(sig) => {
+            // What a closing terminal does to its session.
+            let _ = child.signal(libc::SIGHUP).await;
+            let _ = tokio::time::timeout(HANGUP_GRACE, child.wait()).await;
+            pumps.for_each(|t| t.abort());
+            Finished::Hangup(sig)
+        }
+    };
     drop(raw);
-    Ok(match status {
-        Some(s) => Finished::Exited(s),
-        None => Finished::Interrupted,
-    })
+    Ok(finished)
 }
 
 /// The shell convention: the exit code, 128+signal, or 124 after `--timeout`.
@@ -165,24 +230,23 @@ pub fn start_error(e: capsa::Error) -> anyhow::Error {
     }
 }
 
-/// The same for a start refused by capsad.
-pub fn remote_start_error(e: capsad::client::ClientError) -> anyhow::Error {
-    use capsad::ErrorCode as C;
-    if let capsad::client::ClientError::Api { detail, .. } = &e {
-        let code = match detail.code {
-            C::CommandNotFound => Some(127),
-            C::CommandNotExecutable => Some(126),
-            _ => None,
-        };
-        if let Some(code) = code {
-            return NotStarted {
-                code,
-                message: detail.message.clone(),
-            }
-            .into();
-        }
+/// The shell's code and message for a command that could not start,
+/// whichever face refused it: the direct path ([`NotStarted`]) or capsad
+/// (`command_not_found` / `command_not_executable`, before or inside an
+/// exec stream).
+pub fn not_started(e: &anyhow::Error) -> Option<(u8, String)> {
+    if let Some(ns) = e.downcast_ref::<NotStarted>() {
+        return Some((ns.code, ns.message.clone()));
     }
-    e.into()
+    use capsad::ErrorCode as C;
+    match e.downcast_ref::<capsad::client::ClientError>()? {
+        capsad::client::ClientError::Api { detail, .. } => match detail.code {
+            C::CommandNotFound => Some((127, detail.message.clone())),
+            C::CommandNotExecutable => Some((126, detail.message.clone())),
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 async fn pump(mut from: capsa::ExecOutput, to_stderr: bool) {

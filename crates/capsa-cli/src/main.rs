@@ -119,6 +119,7 @@ fn check_local_only(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), String>
 }
 
 fn main() -> ExitCode {
+    term::restore_on_panic();
     use clap::{CommandFactory, FromArgMatches};
     let matches = Cli::command().get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
@@ -175,11 +176,11 @@ fn main() -> ExitCode {
     });
     let code = match result {
         Ok(code) => code,
-        Err(e) => match e.downcast_ref::<exec_io::NotStarted>() {
+        Err(e) => match exec_io::not_started(&e) {
             // The shell's convention: the reason on stderr, 127 or 126.
-            Some(ns) => {
-                eprintln!("capsa: {}", ns.message);
-                ExitCode::from(ns.code)
+            Some((code, message)) => {
+                eprintln!("capsa: {message}");
+                ExitCode::from(code)
             }
             None => {
                 report(&e);

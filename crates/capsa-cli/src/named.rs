@@ -72,6 +72,9 @@ pub struct ExecArgs {
     /// Run the command on a pseudo-terminal (use with -i for a shell).
     #[arg(short = 't', long)]
     pub tty: bool,
+    /// Use a pseudo-terminal even though stdin is not a terminal (implies -t).
+    #[arg(long)]
+    pub force_tty: bool,
     /// Environment variable (KEY=VALUE). Repeatable.
     #[arg(long = "env", short = 'e', value_parser = crate::run::parse_env)]
     pub env: Vec<(String, String)>,
@@ -223,8 +226,8 @@ pub async fn ps(conn: &Conn, a: PsArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn exec(conn: &Conn, a: ExecArgs) -> anyhow::Result<ExitCode> {
+    let stdio = Stdio::from_flags(a.interactive, a.tty, a.force_tty)?;
     let target = Target::from_conn(conn)?;
-    let stdio = Stdio::from_flags(a.interactive, a.tty);
     let mut cmd = exec_io::command(&a.command, stdio, a.timeout)?;
     for (k, v) in &a.env {
         cmd = cmd.env(k, v);
@@ -235,11 +238,13 @@ pub async fn exec(conn: &Conn, a: ExecArgs) -> anyhow::Result<ExitCode> {
     let mut child = target.spawn(&a.name, &cmd, stdio).await?;
     match child.drive(stdio).await? {
         Finished::Exited(s) => Ok(exec_io::exit_code(&s)),
-        Finished::Interrupted => {
+        ended => {
             // The sandbox stays; only the command goes.
-            eprintln!("[capsa] interrupted; killing the command (the sandbox keeps running)");
+            if matches!(ended, Finished::Interrupted) {
+                eprintln!("[capsa] interrupted; killing the command (the sandbox keeps running)");
+            }
             let _ = child.kill().await;
-            Ok(ExitCode::from(130))
+            Ok(ended.signal_code().unwrap_or(ExitCode::FAILURE))
         }
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use capsad::api::{AccelChoice, CreateSandboxRequest, DiskRequest, ExecRequest, SandboxInfo};
-use capsad::client::{BoxStream, Client, ExecChunk};
+use capsad::client::{BoxStream, Client, ExecChunk, ExecInput};
 use futures::StreamExt;
 
 use crate::exec_io::{Finished, Stdio};
@@ -22,6 +22,14 @@ pub struct Remote {
 /// A command running through capsad; dropping the stream ends it.
 pub struct RemoteExec {
     stream: Option<BoxStream<ExecChunk>>,
+    /// The WebSocket's sending half, for interactive (`-i`/`-t`) execs.
+    input: Option<ExecInput>,
+}
+
+/// What the terminal sends an interactive exec besides stdin.
+enum Control {
+    Resize(u16, u16),
+    Signal(i32),
 }
 
 impl Remote {
@@ -124,12 +132,6 @@ impl Remote {
         cmd: &capsa::Command,
         stdio: Stdio,
     ) -> anyhow::Result<RemoteExec> {
-        if stdio.interactive || stdio.tty.is_some() {
-            anyhow::bail!(
-                "interactive exec (-i/-t) through capsad is not supported by the CLI yet; \
-                 fix: run `capsa exec` on the daemon's host without --host (it talks to the monitor directly)"
-            );
-        }
         let r = cmd.request();
         let req = ExecRequest {
             argv: r.argv.clone(),
@@ -137,17 +139,22 @@ impl Remote {
             cwd: r.cwd.clone(),
             stdin: None,
             timeout_ms: r.timeout_ms,
-            tty: false,
-            rows: None,
-            cols: None,
+            tty: stdio.tty.is_some(),
+            rows: stdio.tty.map(|t| t.0),
+            cols: stdio.tty.map(|t| t.1),
         };
-        let stream = self
-            .client
-            .exec(name, &req)
-            .await
-            .map_err(crate::exec_io::remote_start_error)?;
+        if stdio.interactive || stdio.tty.is_some() {
+            // The WebSocket: stdin, resizes and signals go in while output comes out.
+            let (input, stream) = self.client.exec_interactive(name, &req).await?;
+            return Ok(RemoteExec {
+                stream: Some(stream),
+                input: Some(input),
+            });
+        }
+        let stream = self.client.exec(name, &req).await?;
         Ok(RemoteExec {
             stream: Some(stream),
+            input: None,
         })
     }
 
@@ -192,11 +199,35 @@ impl Remote {
         }
     }
 
-    pub async fn attach(&self, _name: &str) -> anyhow::Result<()> {
-        anyhow::bail!(
-            "`capsa attach` through capsad is not supported by the CLI yet (the API serves it at \
-             GET /v1/sandboxes/NAME/console/ws); fix: run `capsa attach` without --host on the daemon's host"
-        )
+    /// `capsa attach` through capsad's console WebSocket.
+    pub async fn attach(&self, name: &str) -> anyhow::Result<()> {
+        let (mut input, mut output) = self.client.console_interactive(name).await?;
+        // The console bridge works on byte streams: pipe the WebSocket through.
+        let (reader, mut to_reader) = tokio::io::duplex(64 * 1024);
+        let (mut from_writer, writer) = tokio::io::duplex(64 * 1024);
+        let out = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            while let Some(Ok(b)) = output.next().await {
+                if to_reader.write_all(&b).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let inp = tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut buf = vec![0u8; 16 * 1024];
+            while let Ok(n) = from_writer.read(&mut buf).await {
+                if n == 0 || input.send(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+            input.close().await;
+        });
+        let r = crate::target::bridge_console(name, reader, writer).await;
+        // The bridge dropped its writer: the input task closes the WebSocket.
+        let _ = tokio::time::timeout(Duration::from_secs(2), inp).await;
+        out.abort();
+        r
     }
 
     pub async fn start(&self, name: &str) -> anyhow::Result<()> {
@@ -229,15 +260,43 @@ impl Remote {
 }
 
 impl RemoteExec {
-    /// Prints the streamed output until the exit line (or Ctrl-C).
-    pub async fn drive(&mut self, _stdio: Stdio) -> anyhow::Result<Finished> {
+    /// Prints the streamed output until the exit (or Ctrl-C outside raw
+    /// mode, SIGHUP, SIGTERM); an interactive exec also gets this terminal's
+    /// stdin and window changes.
+    pub async fn drive(&mut self, stdio: Stdio) -> anyhow::Result<Finished> {
         let Some(stream) = self.stream.as_mut() else {
             anyhow::bail!("this exec has already ended");
         };
-        loop {
+        let raw = if stdio.tty.is_some() && stdio.interactive {
+            crate::term::RawMode::enter(0)
+        } else {
+            None
+        };
+        // SIGINT in raw mode too: only `kill -INT` sends it then.
+        let mut signals = crate::term::Hangup::catch()?;
+        let mut winch =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())?;
+        // Sends go out on their own task: a command that does not read its
+        // stdin must not stop this loop from printing its output.
+        let (ctl_tx, ctl_rx) = tokio::sync::mpsc::channel::<Control>(64);
+        let sender = self.input.take().map(|input| {
+            let stdin = stdio.interactive.then(crate::exec_io::stdin_chunks);
+            tokio::spawn(send_loop(input, stdin, ctl_rx))
+        });
+        let ended = loop {
             let item = tokio::select! {
                 i = stream.next() => i,
-                _ = tokio::signal::ctrl_c() => return Ok(Finished::Interrupted),
+                sig = signals.recv() => break Err(sig),
+                _ = winch.recv(), if stdio.tty.is_some() && sender.is_some() => {
+                    if let Some((r, c)) = crate::exec_io::window_size() {
+                        // Full only if capsad stopped reading for 64 resizes;
+                        // the next window change sends the size again.
+                        if ctl_tx.try_send(Control::Resize(r, c)).is_err() {
+                            tracing::debug!("resize to {r}x{c} dropped: capsad is not reading");
+                        }
+                    }
+                    continue;
+                }
             };
             match item {
                 Some(Ok(ExecChunk::Stdout(d))) => {
@@ -255,23 +314,87 @@ impl RemoteExec {
                     signal,
                     timed_out,
                 })) => {
-                    return Ok(Finished::Exited(capsa::ExitStatus {
+                    break Ok(capsa::ExitStatus {
                         code,
                         signal,
                         timed_out,
-                    }))
+                    })
                 }
                 Some(Err(e)) => return Err(e.into()),
                 None => anyhow::bail!("capsad closed the exec stream before the command ended"),
             }
+        };
+        let finished = match ended {
+            Ok(status) => Finished::Exited(status),
+            Err(libc::SIGINT) => Finished::Interrupted,
+            Err(sig) => {
+                // What a closing terminal does to its session; then the
+                // socket closes and capsad kills what is left.
+                if sender.is_some() {
+                    let _ = ctl_tx.try_send(Control::Signal(libc::SIGHUP));
+                    let wait_exit = async {
+                        while let Some(item) = stream.next().await {
+                            if matches!(item, Ok(ExecChunk::Exit { .. }) | Err(_)) {
+                                break;
+                            }
+                        }
+                    };
+                    let _ = tokio::time::timeout(crate::exec_io::HANGUP_GRACE, wait_exit).await;
+                }
+                Finished::Hangup(sig)
+            }
+        };
+        drop(ctl_tx);
+        if let Some(s) = sender {
+            let _ = tokio::time::timeout(Duration::from_secs(2), s).await;
         }
+        drop(raw);
+        Ok(finished)
     }
 
     /// Drops the stream: capsad kills the command when its client goes away.
     pub async fn kill(&mut self) -> anyhow::Result<()> {
         self.stream = None;
+        self.input = None;
         Ok(())
     }
+}
+
+/// Forwards stdin (until its EOF) and controls (until the session drops
+/// them) to the exec's WebSocket, controls first; then closes it.
+async fn send_loop(
+    mut input: ExecInput,
+    mut stdin: Option<tokio::sync::mpsc::Receiver<Vec<u8>>>,
+    mut ctl: tokio::sync::mpsc::Receiver<Control>,
+) {
+    loop {
+        let stdin_next = async {
+            match stdin.as_mut() {
+                Some(rx) => rx.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        let sent = tokio::select! {
+            biased;
+            c = ctl.recv() => match c {
+                Some(Control::Resize(r, c)) => input.resize(r, c).await,
+                Some(Control::Signal(n)) => input.signal(n).await,
+                None => break,
+            },
+            chunk = stdin_next => match chunk {
+                Some(b) => input.stdin(&b).await,
+                None => {
+                    stdin = None;
+                    input.stdin_eof().await
+                }
+            },
+        };
+        if let Err(e) = sent {
+            tracing::debug!("interactive exec: {e}");
+            break;
+        }
+    }
+    input.close().await;
 }
 
 fn view(i: SandboxInfo) -> View {

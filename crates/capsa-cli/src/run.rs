@@ -29,6 +29,9 @@ pub struct RunArgs {
     /// Run the command on a pseudo-terminal (use with -i for a shell).
     #[arg(short = 't', long)]
     tty: bool,
+    /// Use a pseudo-terminal even though stdin is not a terminal (implies -t).
+    #[arg(long)]
+    force_tty: bool,
     /// Accelerator: auto (probe), kvm or tcg.
     #[arg(long, default_value = "auto", value_parser = crate::boot::parse_accel)]
     accel: Accel,
@@ -87,6 +90,9 @@ fn parse_copy_out(s: &str) -> Result<(String, PathBuf), String> {
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    // Refused before anything boots.
+    let stdio = Stdio::from_flags(args.interactive, args.tty, args.force_tty)?;
+    let cmd = exec_io::command(&args.command, stdio, args.timeout)?;
     let mut b = Capsa::sandbox()
         .cpus(args.cpus)
         .memory_mb(args.memory)
@@ -103,7 +109,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     if let Some(n) = &args.name {
         b = b.name(n);
     }
-    // Ctrl-C while booting tears the VM down too: dropping the future drops the VM.
+    // Ctrl-C, SIGHUP or SIGTERM while booting tears the VM down too:
+    // dropping the future drops the VM.
+    let mut signals = crate::term::Hangup::catch()?;
     let sb = tokio::select! {
         r = async {
             if args.no_snapshot {
@@ -112,14 +120,23 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 capsa::base_snapshot::build(b).await
             }
         } => r?,
-        _ = tokio::signal::ctrl_c() => return Ok(ExitCode::from(130)),
+        sig = signals.recv() => return Ok(ExitCode::from((128 + sig) as u8)),
     };
-    for (h, g) in &args.copy_in {
-        sb.copy_in(h, g).await?;
+    let copied = tokio::select! {
+        r = async {
+            for (h, g) in &args.copy_in {
+                sb.copy_in(h, g).await?;
+            }
+            Ok::<_, capsa::Error>(())
+        } => Some(r),
+        sig = signals.recv() => { sb.kill().await?; return Ok(ExitCode::from((128 + sig) as u8)) }
+    };
+    if let Some(r) = copied {
+        r?;
     }
+    // From here `drive` catches the signals itself.
+    drop(signals);
 
-    let stdio = Stdio::from_flags(args.interactive, args.tty);
-    let cmd = exec_io::command(&args.command, stdio, args.timeout)?;
     let mut child = match sb.spawn(&cmd).await {
         Ok(c) => c,
         Err(e) => {
@@ -129,10 +146,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let status = match exec_io::drive(&mut child, stdio).await? {
         Finished::Exited(s) => s,
-        Finished::Interrupted => {
-            eprintln!("[capsa] interrupted; tearing the sandbox down");
+        ended => {
+            if matches!(ended, Finished::Interrupted) {
+                eprintln!("[capsa] interrupted; tearing the sandbox down");
+            }
+            drop(child);
             sb.kill().await?;
-            return Ok(ExitCode::from(130));
+            return Ok(ended.signal_code().unwrap_or(ExitCode::FAILURE));
         }
     };
     for (g, h) in &args.copy_out {

@@ -200,6 +200,9 @@ fn programs_that_cannot_start_exit_127_and_126_everywhere() {
         assert_eq!(o.status.code(), Some(127), "host {host}: {o:?}");
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains("no-such-program"), "host {host}: {err}");
+        // The interactive path (a WebSocket through capsad) agrees.
+        let o = d.run(host, &["exec", "-i", "codes", "--", "no-such-program"]);
+        assert_eq!(o.status.code(), Some(127), "-i, host {host}: {o:?}");
         let o = d.run(host, &["exec", "codes", "--", "/etc/passwd"]);
         assert_eq!(o.status.code(), Some(126), "host {host}: {o:?}");
         // A missing working directory is not a missing program.

@@ -142,6 +142,68 @@ async fn output_streams_as_produced() {
     assert_eq!(child.wait().await.unwrap().code, Some(0));
 }
 
+/// What an interactive session does on every SIGWINCH, a thousand times over
+/// while the PTY streams output: `wait` races the resizes in one `select!`
+/// loop (losing the race must not poison it), the last size is the one the
+/// guest sees, and the exit code is the program's.
+#[tokio::test]
+async fn a_thousand_resizes_while_output_streams() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sb = sandbox(256).await;
+    let mut child = sb
+        .spawn(
+            &Command::new("sh")
+                .args([
+                    "-c",
+                    "stty -echo; yes line | head -n 20000; read go; echo size=$(stty size); exit 7",
+                ])
+                .pty(24, 80),
+        )
+        .await
+        .unwrap();
+    let mut out = child.stdout().unwrap();
+    let mut stdin = child.stdin().unwrap();
+    let reader = tokio::spawn(async move {
+        let mut v = Vec::new();
+        out.read_to_end(&mut v).await.map(|_| v)
+    });
+    let mut sent = 0u32;
+    let status = tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            tokio::select! {
+                st = child.wait() => break st,
+                _ = std::future::ready(()), if sent < 1000 => {
+                    child
+                        .resize(20 + (sent % 40) as u16, 60 + (sent % 90) as u16)
+                        .await
+                        .expect("a resize of a running exec");
+                    sent += 1;
+                    if sent == 1000 {
+                        child.resize(33, 111).await.unwrap();
+                        stdin.write_all(b"go\n").await.unwrap();
+                    }
+                }
+            }
+        }
+    })
+    .await
+    .expect("the exec ends")
+    .expect("wait succeeds after a thousand resizes");
+    assert_eq!(sent, 1000);
+    assert_eq!((status.code, status.signal), (Some(7), None));
+    let out = String::from_utf8_lossy(&reader.await.unwrap().unwrap()).into_owned();
+    assert_eq!(
+        out.matches("line\r\n").count(),
+        20000,
+        "output lost or mangled"
+    );
+    assert!(
+        out.contains("size=33 111"),
+        "{}",
+        &out[out.len().saturating_sub(300)..]
+    );
+}
+
 #[tokio::test]
 async fn twenty_concurrent_execs() {
     let sb = sandbox(512).await;

@@ -30,6 +30,9 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt};
 use crate::api::*;
 use crate::error::ErrorDetail;
 
+mod ws;
+pub use ws::{ConsoleInput, ExecInput};
+
 /// Longest non-streamed response body read (JSON answers are small).
 const MAX_JSON_RESPONSE: usize = 16 << 20;
 /// Longest NDJSON line or SSE event accepted from the daemon.
@@ -69,6 +72,9 @@ pub enum ClientError {
         "bad capsad host {0:?}; fix: use unix:///path/to/capsad.sock or http://127.0.0.1:PORT"
     )]
     BadHost(String),
+    /// A WebSocket (interactive exec, live console) failed.
+    #[error("WebSocket: {0}")]
+    WebSocket(String),
 }
 
 /// Result of client calls.

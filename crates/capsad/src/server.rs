@@ -656,7 +656,22 @@ async fn exec_ws_session(st: AppState, name: String, mut ws: WebSocket) {
             return;
         }
     };
-    let mut stdin = child.stdin();
+    // Stdin is written by its own task, so that a command that does not read
+    // its input holds up only further input, never the output going out or
+    // the resizes and signals coming in.
+    let mut stdin_tx = child.stdin().map(|mut s| {
+        let (tx, mut rx) = mpsc::channel::<Bytes>(4);
+        tokio::spawn(async move {
+            while let Some(b) = rx.recv().await {
+                if s.write_all(&b).await.is_err() {
+                    return;
+                }
+            }
+            // The client sent stdin_eof or left.
+            let _ = s.shutdown().await;
+        });
+        tx
+    });
     let (tx, mut rx) = mpsc::channel::<ExecEvent>(16);
     let out = child.stdout();
     let err = child.stderr();
@@ -669,28 +684,40 @@ async fn exec_ws_session(st: AppState, name: String, mut ws: WebSocket) {
     drop(tx);
     let mut outputs_done = false;
     loop {
+        // The next client message is read only once its stdin bytes would
+        // have room (back-pressure reaches the client's socket).
+        let room = stdin_tx.clone().map(|t| t.reserve_owned());
         tokio::select! {
             ev = rx.recv(), if !outputs_done => match ev {
-                Some(ev) => if !ws_send(&mut ws, &ev).await { return },
+                Some(ev) => if !ws_send(&mut ws, &ev).await { break },
                 None => outputs_done = true,
             },
-            msg = ws.recv() => match msg {
+            (permit, msg) = async {
+                let permit = match room { Some(r) => r.await.ok(), None => None };
+                (permit, ws.recv().await)
+            } => match msg {
                 Some(Ok(Message::Binary(b))) => {
-                    if let Some(s) = stdin.as_mut() {
-                        if s.write_all(&b).await.is_err() { stdin = None; }
-                    }
+                    if let Some(p) = permit { p.send(b); }
                 }
                 Some(Ok(Message::Text(t))) => match serde_json::from_str::<WsControl>(t.as_str()) {
-                    Ok(WsControl::Resize { rows, cols }) => { let _ = child.resize(rows, cols).await; }
-                    Ok(WsControl::Signal { signal }) => { let _ = child.signal(signal).await; }
-                    Ok(WsControl::StdinEof) => {
-                        if let Some(mut s) = stdin.take() { let _ = s.shutdown().await; }
+                    // A failed resize or signal is that control's problem,
+                    // never the session's.
+                    Ok(WsControl::Resize { rows, cols }) => {
+                        if let Err(e) = child.resize(rows, cols).await {
+                            tracing::debug!("exec resize: {e}");
+                        }
                     }
+                    Ok(WsControl::Signal { signal }) => {
+                        if let Err(e) = child.signal(signal).await {
+                            tracing::debug!("exec signal {signal}: {e}");
+                        }
+                    }
+                    Ok(WsControl::StdinEof) => stdin_tx = None,
                     Err(e) => {
                         let _ = ws_send(&mut ws, &ExecEvent::Error { code: ErrorCode::BadRequest, message: format!("control message: {e}") }).await;
                     }
                 },
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
                 Some(Ok(_)) => {}
             },
             st = child.wait(), if outputs_done => {
