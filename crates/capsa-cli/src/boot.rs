@@ -19,8 +19,8 @@ pub struct BootArgs {
     /// Initramfs to boot with --kernel instead of building capsa's.
     #[arg(long, requires = "kernel")]
     initrd: Option<PathBuf>,
-    /// Attach a disk image (raw or qcow2, detected); append :ro for read-only. Repeatable.
-    #[arg(long = "disk", value_name = "PATH[:ro]")]
+    /// Attach a disk image (raw or qcow2, detected); append :ro for read-only, :dev to allow a host block device. Repeatable.
+    #[arg(long = "disk", value_name = "PATH[:ro][:dev]")]
     disks: Vec<String>,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]

@@ -53,8 +53,8 @@ pub struct CreateArgs {
     /// Accelerator: auto (probe), kvm or tcg.
     #[arg(long, default_value = "auto", value_parser = crate::boot::parse_accel)]
     pub accel: Accel,
-    /// Attach a disk image (raw or qcow2); append :ro for read-only. Repeatable.
-    #[arg(long = "disk", value_name = "PATH[:ro]")]
+    /// Attach a disk image (raw or qcow2); append :ro for read-only, :dev to allow a host block device. Repeatable.
+    #[arg(long = "disk", value_name = "PATH[:ro][:dev]")]
     pub disks: Vec<String>,
     /// Print the new sandbox's record as JSON.
     #[arg(long)]

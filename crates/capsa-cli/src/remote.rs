@@ -89,15 +89,17 @@ impl Remote {
     pub async fn create(&self, a: &CreateArgs) -> anyhow::Result<View> {
         let mut disks = Vec::new();
         for d in &a.disks {
-            let (path, read_only) = match d.strip_suffix(":ro") {
-                Some(p) => (p, true),
-                None => (d.as_str(), false),
-            };
-            let abs =
-                std::path::absolute(path).with_context(|| format!("resolving disk path {path}"))?;
+            let spec = capsa::DiskSpec::parse_cli(d);
+            anyhow::ensure!(
+                !spec.allow_device,
+                "--disk {d}: capsad never attaches host block devices; fix: pass an image \
+                 file below one of the daemon's --allow-disk-dir directories"
+            );
+            let abs = std::path::absolute(&spec.path)
+                .with_context(|| format!("resolving disk path {}", spec.path.display()))?;
             disks.push(DiskRequest {
                 path: abs.display().to_string(),
-                read_only,
+                read_only: spec.read_only,
             });
         }
         let req = CreateSandboxRequest {

@@ -38,8 +38,8 @@ pub struct RunArgs {
     /// Kill the command after this many seconds (exit code 124, like timeout(1)).
     #[arg(long)]
     timeout: Option<f64>,
-    /// Attach a disk image (raw or qcow2); append :ro for read-only. Repeatable.
-    #[arg(long = "disk", value_name = "PATH[:ro]")]
+    /// Attach a disk image (raw or qcow2); append :ro for read-only, :dev to allow a host block device. Repeatable.
+    #[arg(long = "disk", value_name = "PATH[:ro][:dev]")]
     disks: Vec<String>,
     /// Copy a host file or directory into the guest before the command: HOST:GUEST. Repeatable.
     #[arg(long = "copy-in", value_name = "HOST:GUEST", value_parser = parse_copy_in)]
