@@ -12,6 +12,7 @@ mod cmdline;
 mod disk;
 mod error;
 mod hostpath;
+mod names;
 mod snapshot;
 mod spec;
 
@@ -23,11 +24,13 @@ pub use cmdline::{CmdlineError, KernelCmdline};
 pub use disk::{probe_disk_format, DiskProbeError};
 pub use error::{Error, Result};
 pub use hostpath::{check_private_dir, HostPathPolicy, PathRefusal};
+pub use names::{check_name, MAX_NAME_LEN, NAME_RULE};
 pub use snapshot::{
     FileIdentity, SnapshotDisk, SnapshotMeta, CAPSA_VERSION, SNAPSHOT_FORMAT, SNAPSHOT_META_FILE,
 };
 pub use spec::{
     Accel, BootSource, ConsoleSpec, DiskFormat, DiskSpec, HostLimits, VmSpec, VsockSpec, MAX_CPUS,
+    MAX_MEMORY_MIB, MIN_MEMORY_MIB,
 };
 
 /// The line capsa's guest init prints on the console once the guest is set up.

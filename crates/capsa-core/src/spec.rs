@@ -10,8 +10,11 @@ use crate::{probe_disk_format, Error, KernelCmdline, Result};
 
 /// Most vCPUs a spec may ask for.
 pub const MAX_CPUS: u32 = 64;
-/// Least guest memory a Linux guest with capsa's initramfs boots in.
-pub const MIN_MEMORY_MIB: u64 = 64;
+/// Least guest memory capsa's guest (kernel, initramfs, agent) works in;
+/// below it boots fail (found by fuzzing the daemon's API).
+pub const MIN_MEMORY_MIB: u64 = 128;
+/// Most guest memory a spec may ask for (1 TiB), before the host's own limit.
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
 
 /// Everything needed to start one VM.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -439,32 +439,10 @@ impl StateRoot {
 /// Names become directory names and parts of socket paths, so the rule keeps
 /// them path-safe (no `/`, no `..`, no leading dot or dash) and short.
 pub fn validate_name(name: &str) -> Result<(), StateError> {
-    let bad = |problem| {
-        Err(VmmError::InvalidName {
-            name: name.chars().take(80).collect(),
-            problem,
-        })
-    };
-    if name.is_empty() {
-        return bad("it is empty");
-    }
-    if name.len() > 63 {
-        return bad("it is longer than 63 characters");
-    }
-    let first = name.as_bytes()[0];
-    if !(first.is_ascii_lowercase() || first.is_ascii_digit()) {
-        return bad("it must start with a lowercase letter or a digit");
-    }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'.' | b'-'))
-    {
-        return bad("only lowercase letters, digits, '_', '.' and '-' are allowed");
-    }
-    if name.contains("..") {
-        return bad("it must not contain '..'");
-    }
-    Ok(())
+    capsa_core::check_name(name).map_err(|problem| VmmError::InvalidName {
+        name: name.chars().take(80).collect(),
+        problem,
+    })
 }
 
 /// Refuses a sandbox directory whose socket paths would exceed the Unix limit.

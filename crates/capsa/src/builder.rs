@@ -372,22 +372,14 @@ pub(crate) fn attach_monitor(
 }
 
 fn validate_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        && !name.starts_with('.');
-    if ok {
-        Ok(())
-    } else {
-        Err(capsa_core::Error::invalid(
+    capsa_core::check_name(name).map_err(|problem| {
+        capsa_core::Error::invalid(
             "name",
-            format!("{name:?} is not a valid VM name"),
-            "use 1-64 letters, digits, '-', '_' or '.', not starting with '.'",
+            format!("{name:?}: {problem}"),
+            capsa_core::NAME_RULE,
         )
-        .into())
-    }
+        .into()
+    })
 }
 
 /// A private directory for the VM's sockets; short, because Unix socket paths

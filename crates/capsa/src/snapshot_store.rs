@@ -255,14 +255,10 @@ impl Snapshots {
 }
 
 fn check_name(name: &str) -> Result<()> {
-    match capsa_vmm::validate_name(name) {
-        Ok(()) => Ok(()),
-        Err(capsa_vmm::VmmError::InvalidName { problem, .. }) => Err(Error::SnapshotName {
-            name: name.chars().take(80).collect(),
-            problem,
-        }),
-        Err(e) => Err(e.into()),
-    }
+    capsa_core::check_name(name).map_err(|problem| Error::SnapshotName {
+        name: name.chars().take(80).collect(),
+        problem,
+    })
 }
 
 fn entry_of(name: &str, path: &Path) -> SnapshotEntry {

@@ -13,7 +13,7 @@ use crate::error::{ApiError, ErrorCode};
 use axum::http::StatusCode;
 
 /// Longest sandbox name (it becomes a directory and part of socket paths).
-pub const MAX_NAME_LEN: usize = 63;
+pub const MAX_NAME_LEN: usize = capsa_core::MAX_NAME_LEN;
 /// Longest guest path accepted.
 pub const MAX_GUEST_PATH: usize = 4096;
 /// Most environment variables in one request.
@@ -522,45 +522,13 @@ pub struct ConsoleQuery {
 /// Checks a sandbox name: it becomes a directory name, so no separators,
 /// no `..`, nothing hidden, bounded length.
 pub fn validate_name(name: &str) -> Result<(), ApiError> {
-    let bad = |why: &str| {
-        Err(ApiError::new(
+    capsa_core::check_name(name).map_err(|why| {
+        ApiError::new(
             StatusCode::BAD_REQUEST,
             ErrorCode::InvalidName,
             format!("invalid sandbox name {:?}: {why}", truncate(name, 80)),
         )
-        .fix(format!(
-            "use 1 to {MAX_NAME_LEN} characters from a-z 0-9 _ . -, starting with a letter or digit"
-        )))
-    };
-    if name.is_empty() {
-        return bad("it is empty");
-    }
-    if name.len() > MAX_NAME_LEN {
-        return bad("it is too long");
-    }
-    if name.contains("..") || name.contains('/') {
-        return bad("it contains a path separator or `..`");
-    }
-    let mut chars = name.chars();
-    if !chars
-        .next()
-        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
-    {
-        return bad("it must start with a lower-case letter or digit");
-    }
-    if !name
-        .chars()
-        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '.' | '-'))
-    {
-        return bad("it contains a character outside a-z 0-9 _ . -");
-    }
-    // The library's own rule, so both always agree.
-    capsa_vmm::validate_name(name).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            ErrorCode::InvalidName,
-            e.to_string(),
-        )
+        .fix(capsa_core::NAME_RULE)
     })
 }
 

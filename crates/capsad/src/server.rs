@@ -257,7 +257,7 @@ fn validate_create(req: &CreateSandboxRequest) -> ApiResult<()> {
         }
     }
     if let Some(m) = req.memory_mib {
-        if !(128..=1 << 20).contains(&m) {
+        if !(capsa_core::MIN_MEMORY_MIB..=capsa_core::MAX_MEMORY_MIB).contains(&m) {
             return Err(
                 ApiError::bad_request(format!("memory_mib {m} is out of range"))
                     .fix("give 128 to 1048576 MiB (a guest needs at least 128) (and no more than the host has)"),

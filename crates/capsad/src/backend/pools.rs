@@ -276,7 +276,7 @@ impl Pools {
             }
         }
         if let Some(m) = cfg.memory_mib {
-            if !(128..=1 << 20).contains(&m) {
+            if !(capsa_core::MIN_MEMORY_MIB..=capsa_core::MAX_MEMORY_MIB).contains(&m) {
                 return Err(
                     ApiError::bad_request(format!("memory_mib {m} is out of range"))
                         .fix("give 128 to 1048576 MiB"),
