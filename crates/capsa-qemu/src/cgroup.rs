@@ -126,11 +126,6 @@ impl Cgroup {
         Ok(())
     }
 
-    /// The directories (one for v2, memory and cpu for v1).
-    pub fn dirs(&self) -> &[PathBuf] {
-        &self.dirs
-    }
-
     /// The fds the forked child writes `0` to.
     pub fn procs_fds(&self) -> Vec<RawFd> {
         self.procs.iter().map(|f| f.as_raw_fd()).collect()
