@@ -9,10 +9,12 @@
 //!
 //! Allowed: reading/writing/polling fds the device already holds, receiving
 //! fds over the vhost-user socket and mapping guest memory from them, memory
-//! management, thread creation (threads only), unlinking its own socket
-//! files, signals to its own process only. Not allowed, among others:
-//! `open`/`openat`, `execve`, `socket`/`connect`/`bind`, `ptrace`,
-//! `process_vm_*`, `kill`, `mount`, `set*id`, `chmod`/`chown`, `seccomp`.
+//! management, thread creation (threads only), new Unix stream sockets and
+//! `connect` (guest->host connections dial `<uds>_<port>`), unlinking its
+//! own socket files, signals to its own process only. Not allowed, among
+//! others: `open`/`openat`, `execve`, `fork`, non-Unix sockets, `bind`,
+//! `ptrace`, `process_vm_*`, `kill`, `mount`, `set*id`, `chmod`/`chown`,
+//! `seccomp`, `ioctl` beyond `FIONBIO`/`FIOCLEX`.
 //!
 //! A call outside the list is *trapped* (`SECCOMP_RET_TRAP`): it fails with
 //! `EPERM`, a SIGSYS handler writes the syscall number to stderr and counts
@@ -133,6 +135,14 @@ fn programs() -> Result<Vec<BpfProgram>, String> {
             libc::SYS_clone,
             vec![SeccompRule::new(vec![cond(0, SeccompCmpOp::MaskedEq(thread), thread)?]).map_err(e)?],
         );
+        // Guest->host connections dial `<uds>_<port>`: Unix stream sockets
+        // only. (connect's path cannot be filtered: see the threat model.)
+        rules.insert(
+            libc::SYS_socket,
+            vec![SeccompRule::new(vec![cond(0, SeccompCmpOp::Eq, libc::AF_UNIX as u64)?])
+                .map_err(e)?],
+        );
+        rules.insert(libc::SYS_connect, Vec::new());
         // Non-blocking mode and close-on-exec on fds it holds, nothing else.
         rules.insert(
             libc::SYS_ioctl,
@@ -271,7 +281,7 @@ mod tests {
             let spawned = unsafe {
                 let argv = [std::ptr::null::<libc::c_char>()];
                 libc::execve(c"/bin/true".as_ptr(), argv.as_ptr(), argv.as_ptr()) == -1
-                    && libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) == -1
+                    && libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) == -1
             };
             let t = std::thread::spawn(|| 7).join().unwrap();
             (piped, opened.is_err(), spawned, t, blocked_syscalls() - before)
