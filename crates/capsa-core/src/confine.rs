@@ -169,7 +169,10 @@ mod tests {
 
     #[test]
     fn parses_layers() {
-        assert_eq!(Confinement::parse(None, None, None), Ok(Confinement::default()));
+        assert_eq!(
+            Confinement::parse(None, None, None),
+            Ok(Confinement::default())
+        );
         let off = Confinement::parse(Some("off"), None, None).unwrap();
         assert_eq!(off.layers(), "off");
         let some = Confinement::parse(Some("seccomp, cgroup"), None, None).unwrap();

@@ -214,9 +214,12 @@ pub fn build_args_with(
         None => push(&["-kernel", &escape_path(kernel)]),
     }
     match (initrd, files) {
-        (Some(_), Some(FileFds { initrd: Some(fd), .. })) => {
-            push(&["-initrd", &format!("/proc/self/fd/{fd}")])
-        }
+        (
+            Some(_),
+            Some(FileFds {
+                initrd: Some(fd), ..
+            }),
+        ) => push(&["-initrd", &format!("/proc/self/fd/{fd}")]),
         (Some(initrd), _) => push(&["-initrd", &escape_path(initrd)]),
         (None, _) => {}
     }
@@ -387,14 +390,19 @@ mod tests {
         );
         assert!(joined.contains("-kernel /proc/self/fd/4 -initrd /proc/self/fd/5"));
         assert!(joined.contains("-add-fd fd=6,set=10 -add-fd fd=7,set=10 -add-fd fd=8,set=11"));
-        assert!(!joined.contains("/d/a.qcow2"), "no host path reaches QEMU: {joined}");
+        assert!(
+            !joined.contains("/d/a.qcow2"),
+            "no host path reaches QEMU: {joined}"
+        );
         let bd = &a[a.iter().position(|x| x == "-blockdev").unwrap() + 1];
         let v: serde_json::Value = serde_json::from_str(bd).unwrap();
         assert_eq!(v["file"]["filename"], "/dev/fdset/10");
         assert_eq!(v["backing"]["driver"], "raw");
         assert_eq!(v["backing"]["file"]["filename"], "/dev/fdset/11");
         // Unconfined launches have neither.
-        let plain = build_args(&spec(), Accel::Tcg, &paths, "t").unwrap().join(" ");
+        let plain = build_args(&spec(), Accel::Tcg, &paths, "t")
+            .unwrap()
+            .join(" ");
         assert!(!plain.contains("-sandbox") && !plain.contains("-add-fd"));
     }
 

@@ -86,7 +86,10 @@ impl Cgroup {
             write(dir.join("cpu.max"), &format!("{quota} {CPU_PERIOD_US}"))?;
             cg.open_procs(&dir)?;
         } else {
-            for (c, file) in [("memory", "memory.limit_in_bytes"), ("cpu", "cpu.cfs_quota_us")] {
+            for (c, file) in [
+                ("memory", "memory.limit_in_bytes"),
+                ("cpu", "cpu.cfs_quota_us"),
+            ] {
                 let parent = Path::new(ROOT).join(c).join(own_path(&own, Some(c))?);
                 if !parent.join(file).exists() {
                     return Err(format!(
@@ -216,7 +219,8 @@ fn sweep(parent: &Path) {
 }
 
 fn read(p: impl AsRef<Path>) -> Result<String, String> {
-    std::fs::read_to_string(p.as_ref()).map_err(|e| format!("reading {}: {e}", p.as_ref().display()))
+    std::fs::read_to_string(p.as_ref())
+        .map_err(|e| format!("reading {}: {e}", p.as_ref().display()))
 }
 
 fn write(p: impl AsRef<Path>, v: &str) -> Result<(), String> {

@@ -70,7 +70,7 @@ impl Jail {
         backing: &[Option<(PathBuf, DiskFormat)>],
     ) -> Result<(Jail, Option<FileFds>)> {
         let cgroup = if conf.cgroup {
-            match Cgroup::create(spec.cpus, u64::from(spec.memory_mib)) {
+            match Cgroup::create(spec.cpus, spec.memory_mib) {
                 Ok(c) => Some(c),
                 Err(why) => {
                     crate::cgroup::note_unavailable(&why);

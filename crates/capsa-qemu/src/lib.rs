@@ -176,6 +176,109 @@ impl QemuBackend {
     }
 }
 
+/// One line of [`QemuBackend::confinement_report`].
+#[derive(Debug, Clone)]
+pub struct Finding {
+    /// False when something the user asked for cannot be done.
+    pub ok: bool,
+    /// What was found.
+    pub what: String,
+    /// What to do about it.
+    pub fix: Option<String>,
+}
+
+impl QemuBackend {
+    /// What confinement VMs get on this host, for `capsa doctor`: the
+    /// setting, whether QEMU accepts `-sandbox`, the privilege drop, the cgroup.
+    pub async fn confinement_report(&self) -> Vec<Finding> {
+        let c = match self.confinement() {
+            Ok(c) => c.clone(),
+            Err(e) => {
+                return vec![Finding {
+                    ok: false,
+                    what: format!("confinement: {e}"),
+                    fix: e.fix().map(str::to_string),
+                }]
+            }
+        };
+        let mut out = vec![Finding {
+            ok: true,
+            what: format!(
+                "confinement layers: {} ({})",
+                c.layers(),
+                capsa_core::CONFINE_ENV
+            ),
+            fix: None,
+        }];
+        if c.seccomp {
+            let ok = tokio::process::Command::new(&self.binary)
+                .args(["-sandbox", args::SANDBOX, "-version"])
+                .output()
+                .await
+                .map(|o| o.status.success())
+                .unwrap_or(false);
+            out.push(Finding {
+                ok,
+                what: if ok {
+                    "QEMU runs under its seccomp filter (-sandbox)".into()
+                } else {
+                    "QEMU does not accept -sandbox (built without seccomp)".into()
+                },
+                fix: (!ok).then(|| {
+                    QemuError::NoSeccomp {
+                        binary: self.binary.clone(),
+                        stderr: String::new(),
+                    }
+                    .fix()
+                    .unwrap_or_default()
+                }),
+            });
+        }
+        if c.user {
+            // SAFETY: geteuid has no preconditions.
+            let root = unsafe { libc::geteuid() } == 0;
+            out.push(Finding {
+                ok: true,
+                what: if root {
+                    format!(
+                        "QEMU runs as per-sandbox uids {}..{} with jail directories in {}",
+                        c.uid_base,
+                        u64::from(c.uid_base) + u64::from(c.uid_count) - 1,
+                        c.jail_dir.display()
+                    )
+                } else {
+                    "not root: QEMU runs as this user (no privilege drop, no file separation)"
+                        .into()
+                },
+                fix: None,
+            });
+        }
+        if c.cgroup {
+            let st = tokio::task::spawn_blocking(cgroup::status)
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
+            out.push(match st {
+                Ok(kind) => Finding {
+                    ok: true,
+                    what: format!("VM cgroups capping memory and CPU: {kind}"),
+                    fix: None,
+                },
+                // Reported, not failed: capsa works without, just uncapped.
+                Err(why) => Finding {
+                    ok: true,
+                    what: format!("no VM cgroups, QEMU's memory and CPU are not capped ({why})"),
+                    fix: Some(
+                        "run as root on a host with the memory and cpu controllers, or delegate \
+                         a cgroup to this user"
+                            .into(),
+                    ),
+                },
+            });
+        }
+        out
+    }
+}
+
 /// Starts capsa's vsock device for `spec`, if it has one. It is served in
 /// this process (vhost-user), so it must listen before QEMU connects to it.
 /// Its vhost-user socket goes in QEMU's directory (owned by QEMU's user).

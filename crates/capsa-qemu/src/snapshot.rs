@@ -14,6 +14,10 @@
 //!   (~200 KiB); capsa copies RAM pages itself into a sparse file. A restore
 //!   fills a fresh memfd from it while QEMU starts. This makes a restore of a
 //!   256 MiB guest ~3x faster than loading a full migration stream.
+//! - The migration stream itself goes over a Unix socket in QEMU's own
+//!   directory, copied to and from `state.bin` by capsa: QEMU runs with
+//!   `-sandbox ...,spawn=deny` (an `exec:` URI would need a shell) and, when
+//!   confined to its own uid, cannot open the snapshot directory.
 //! - Disks are frozen by copying each writable image while the VM is stopped
 //!   (QEMU flushes on stop, so the file is consistent with the saved RAM): a
 //!   reflink where the file system has them, a sparse copy otherwise. The
@@ -523,7 +527,10 @@ async fn migrate_in(inst: &QemuInstance, file: &Path) -> Result<()> {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         Ok(Err(e)) => Err(Error::io(format!("sending {}", file.display()), e)),
-        Err(e) => Err(Error::io("loading the device state", std::io::Error::other(e))),
+        Err(e) => Err(Error::io(
+            "loading the device state",
+            std::io::Error::other(e),
+        )),
     }
 }
 

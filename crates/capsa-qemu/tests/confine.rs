@@ -45,7 +45,10 @@ async fn a_qemu_without_seccomp_is_refused_with_the_fix() {
     };
     assert!(err.contains("seccomp"), "{err}");
     assert!(err.contains("CAPSA_CONFINE"), "the opt-out is named: {err}");
-    assert!(err.contains("option group 'sandbox'"), "QEMU's words: {err}");
+    assert!(
+        err.contains("option group 'sandbox'"),
+        "QEMU's words: {err}"
+    );
 }
 
 #[test]

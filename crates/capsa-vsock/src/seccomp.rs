@@ -133,14 +133,19 @@ fn programs() -> Result<Vec<BpfProgram>, String> {
         let thread = libc::CLONE_THREAD as u64;
         rules.insert(
             libc::SYS_clone,
-            vec![SeccompRule::new(vec![cond(0, SeccompCmpOp::MaskedEq(thread), thread)?]).map_err(e)?],
+            vec![
+                SeccompRule::new(vec![cond(0, SeccompCmpOp::MaskedEq(thread), thread)?])
+                    .map_err(e)?,
+            ],
         );
         // Guest->host connections dial `<uds>_<port>`: Unix stream sockets
         // only. (connect's path cannot be filtered: see the threat model.)
         rules.insert(
             libc::SYS_socket,
-            vec![SeccompRule::new(vec![cond(0, SeccompCmpOp::Eq, libc::AF_UNIX as u64)?])
-                .map_err(e)?],
+            vec![
+                SeccompRule::new(vec![cond(0, SeccompCmpOp::Eq, libc::AF_UNIX as u64)?])
+                    .map_err(e)?,
+            ],
         );
         rules.insert(libc::SYS_connect, Vec::new());
         // Non-blocking mode and close-on-exec on fds it holds, nothing else.
@@ -148,20 +153,16 @@ fn programs() -> Result<Vec<BpfProgram>, String> {
             libc::SYS_ioctl,
             [libc::FIONBIO, libc::FIOCLEX]
                 .iter()
-                .map(|&req| {
-                    SeccompRule::new(vec![cond(1, SeccompCmpOp::Eq, req as u64)?]).map_err(e)
-                })
+                .map(|&req| SeccompRule::new(vec![cond(1, SeccompCmpOp::Eq, req)?]).map_err(e))
                 .collect::<Result<_, _>>()?,
         );
         // Thread names only.
         rules.insert(
             libc::SYS_prctl,
-            vec![SeccompRule::new(vec![cond(
-                0,
-                SeccompCmpOp::Eq,
-                libc::PR_SET_NAME as u64,
-            )?])
-            .map_err(e)?],
+            vec![
+                SeccompRule::new(vec![cond(0, SeccompCmpOp::Eq, libc::PR_SET_NAME as u64)?])
+                    .map_err(e)?,
+            ],
         );
         // Signals (abort on a fatal error) to this process only.
         // SAFETY: getpid has no preconditions.
@@ -284,7 +285,13 @@ mod tests {
                     && libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) == -1
             };
             let t = std::thread::spawn(|| 7).join().unwrap();
-            (piped, opened.is_err(), spawned, t, blocked_syscalls() - before)
+            (
+                piped,
+                opened.is_err(),
+                spawned,
+                t,
+                blocked_syscalls() - before,
+            )
         })
         .join()
         .unwrap();

@@ -158,10 +158,7 @@ async fn qemu_and_the_vsock_device_run_confined_and_apart() {
         .iter()
         .filter(|(name, _)| name.starts_with("capsa-vsock") || name == "vring_worker")
         .collect();
-    assert!(
-        device.len() >= 2,
-        "the device's threads are found: {ts:?}"
-    );
+    assert!(device.len() >= 2, "the device's threads are found: {ts:?}");
     for (name, mode) in &device {
         assert_eq!(mode, "2", "device thread {name} is filtered: {ts:?}");
     }
@@ -199,17 +196,32 @@ async fn qemu_and_the_vsock_device_run_confined_and_apart() {
         // capsa's state and run directories.
         let (da, db) = (qemu_dir(qa), qemu_dir(qb));
         assert_ne!(da, db);
-        assert!(can_list_as(ua, &da), "A's uid lists its own {}", da.display());
-        assert!(!can_list_as(ua, &db), "A's uid cannot open B's {}", db.display());
-        assert!(!can_list_as(ub, &da), "B's uid cannot open A's {}", da.display());
+        assert!(
+            can_list_as(ua, &da),
+            "A's uid lists its own {}",
+            da.display()
+        );
+        assert!(
+            !can_list_as(ua, &db),
+            "A's uid cannot open B's {}",
+            db.display()
+        );
+        assert!(
+            !can_list_as(ub, &da),
+            "B's uid cannot open A's {}",
+            da.display()
+        );
         for dir in [a.vm().run_dir(), b.vm().run_dir()] {
-            assert!(!can_list_as(ua, dir), "A's uid cannot open {}", dir.display());
+            assert!(
+                !can_list_as(ua, dir),
+                "A's uid cannot open {}",
+                dir.display()
+            );
         }
         // No host path of capsa's reaches QEMU's command line.
-        let cmdline = String::from_utf8_lossy(
-            &std::fs::read(format!("/proc/{qa}/cmdline")).unwrap(),
-        )
-        .replace('\0', " ");
+        let cmdline =
+            String::from_utf8_lossy(&std::fs::read(format!("/proc/{qa}/cmdline")).unwrap())
+                .replace('\0', " ");
         assert!(cmdline.contains("-kernel /proc/self/fd/"), "{cmdline}");
         assert!(!cmdline.contains(".cache/capsa"), "{cmdline}");
     } else {
@@ -238,7 +250,11 @@ async fn a_confined_vm_is_cleaned_up_and_confinement_off_is_real() {
     confined.kill().await.unwrap();
     drop(confined);
     if is_root() {
-        assert!(!dir.exists(), "the jail directory {} is removed", dir.display());
+        assert!(
+            !dir.exists(),
+            "the jail directory {} is removed",
+            dir.display()
+        );
     }
     // The VM's cgroup went with it.
     if capsa_qemu::cgroup::status().is_ok() {
