@@ -64,10 +64,16 @@ impl QemuBackend {
     pub fn confinement(&self) -> Result<&Confinement> {
         self.confinement
             .as_ref()
-            .map_err(|problem| Error::InvalidSpec {
-                field: "confinement setting",
-                problem: problem.clone(),
-                fix: "correct or unset the variable (confinement is on by default)".into(),
+            .map_err(|message| {
+                // The parser's message ends with its own fix.
+                let (problem, fix) = message
+                    .split_once(". Fix: ")
+                    .unwrap_or((message.as_str(), "correct or unset the variable"));
+                Error::InvalidSpec {
+                    field: "confinement setting",
+                    problem: problem.to_string(),
+                    fix: fix.to_string(),
+                }
             })
     }
 
