@@ -47,6 +47,9 @@ pub struct Launch {
     pub incoming: bool,
     /// Run QEMU under its own seccomp filter ([`SANDBOX`]).
     pub seccomp: bool,
+    /// Bound TCG's translation cache (MiB; QEMU's default is up to 1 GiB),
+    /// so that a memory cap on QEMU holds whatever code the guest runs.
+    pub tb_size_mib: Option<u32>,
     /// Kernel, initrd and disks as inherited fds instead of paths: a QEMU
     /// running as an unprivileged user cannot open capsa's files by path.
     pub files: Option<FileFds>,
@@ -111,7 +114,11 @@ pub fn build_args_with(
         "-name",
         &format!("{},process=capsa-{}", escape(name), escape(name)),
     ]);
-    push(&["-machine", MACHINE, "-accel", accel_name]);
+    let accel_opt = match (accel, launch.tb_size_mib) {
+        (Accel::Tcg | Accel::Auto, Some(mib)) => format!("{accel_name},tb-size={mib}"),
+        _ => accel_name.to_string(),
+    };
+    push(&["-machine", MACHINE, "-accel", &accel_opt]);
     push(&["-cpu", if accel == Accel::Kvm { "host" } else { "max" }]);
     push(&[
         "-smp",
@@ -369,6 +376,7 @@ mod tests {
         };
         let launch = Launch {
             seccomp: true,
+            tb_size_mib: Some(256),
             files: Some(FileFds {
                 kernel: 4,
                 initrd: Some(5),
@@ -389,6 +397,7 @@ mod tests {
             "{joined}"
         );
         assert!(joined.contains("-kernel /proc/self/fd/4 -initrd /proc/self/fd/5"));
+        assert!(joined.contains("-accel tcg,tb-size=256"), "{joined}");
         assert!(joined.contains("-add-fd fd=6,set=10 -add-fd fd=7,set=10 -add-fd fd=8,set=11"));
         assert!(
             !joined.contains("/d/a.qcow2"),

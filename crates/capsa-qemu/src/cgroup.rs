@@ -15,11 +15,15 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-/// Memory a QEMU process needs beyond guest RAM: TCG's translation cache
-/// (grows with the code the guest runs), device emulation, the QEMU binary's
-/// own pages and page cache of disk reads charged to it. Measured peak beyond
-/// guest RAM for a TCG boot plus exec and snapshot was ~90-150 MiB (see
-/// BENCHMARKS.md); this leaves room so a busy guest is not OOM-killed.
+/// TCG translation cache QEMU gets when its memory is capped (MiB). QEMU's
+/// default is up to 1 GiB, touched as the guest runs new code, which no
+/// sensible cap could hold; when full, QEMU flushes it and starts over.
+pub const TCG_TB_SIZE_MIB: u32 = 256;
+/// Memory a QEMU process needs beyond guest RAM: the translation cache
+/// ([`TCG_TB_SIZE_MIB`]) plus ~100 MiB of device emulation, QEMU's own heap
+/// and page cache charged to it (an idle TCG sandbox measured 166 MiB RSS
+/// beyond guest RAM in BENCHMARKS.md; see the cgroup peak in the
+/// confinement section there).
 pub const MEMORY_OVERHEAD_MIB: u64 = 384;
 /// CPU period, microseconds.
 pub const CPU_PERIOD_US: u64 = 100_000;
@@ -33,6 +37,15 @@ pub fn limits(cpus: u32, memory_mib: u64) -> (u64, u64) {
     let memory = (memory_mib + MEMORY_OVERHEAD_MIB) << 20;
     let quota = u64::from(cpus.max(1)) * CPU_PERIOD_US + CPU_OVERHEAD_US;
     (memory, quota)
+}
+
+/// The VM cgroup's CPU weight relative to a single process (v1 shares are
+/// 1024 per process, v2 weights 100): as much as QEMU's busy threads (one
+/// per vCPU plus its main loop) would have had outside a cgroup. A group
+/// otherwise weighs as one process against every other process on a busy
+/// host, which measured +20-35 % exec latency on a loaded 2-core host.
+pub fn weight(cpus: u32, per_process: u64) -> u64 {
+    per_process * (u64::from(cpus.max(1)) + 1)
 }
 
 /// One VM's cgroup (v2) or pair of cgroups (v1 memory and cpu).
@@ -84,6 +97,10 @@ impl Cgroup {
             write(dir.join("memory.max"), &memory.to_string())?;
             write(dir.join("memory.swap.max"), "0").ok();
             write(dir.join("cpu.max"), &format!("{quota} {CPU_PERIOD_US}"))?;
+            write(
+                dir.join("cpu.weight"),
+                &weight(cpus, 100).min(10_000).to_string(),
+            )?;
             cg.open_procs(&dir)?;
         } else {
             for (c, file) in [
@@ -105,6 +122,7 @@ impl Cgroup {
                 } else {
                     write(dir.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
                     write(dir.join("cpu.cfs_quota_us"), &quota.to_string())?;
+                    write(dir.join("cpu.shares"), &weight(cpus, 1024).to_string())?;
                 }
                 cg.open_procs(&dir)?;
             }
@@ -239,6 +257,8 @@ mod tests {
     fn limits_follow_the_spec() {
         assert_eq!(limits(1, 256), ((256 + MEMORY_OVERHEAD_MIB) << 20, 150_000));
         assert_eq!(limits(2, 1024).1, 250_000);
+        assert_eq!(weight(1, 1024), 2048);
+        assert_eq!(weight(0, 100), 200);
     }
 
     #[test]

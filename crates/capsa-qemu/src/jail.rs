@@ -188,6 +188,11 @@ impl Jail {
         self.pass.iter().map(|(f, n)| (f.as_raw_fd(), *n)).collect()
     }
 
+    /// The TCG translation cache bound that keeps QEMU within its cgroup.
+    pub fn tb_size_mib(&self) -> Option<u32> {
+        self.cgroup.as_ref().map(|_| crate::cgroup::TCG_TB_SIZE_MIB)
+    }
+
     /// Hands a socket file capsa made in the jail directory to QEMU's user.
     pub fn give(&self, path: &Path) -> Result<()> {
         if let Some(c) = self.creds {

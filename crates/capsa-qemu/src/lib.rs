@@ -62,19 +62,17 @@ impl QemuBackend {
     /// How QEMU is confined; an invalid `CAPSA_CONFINE`... setting is an error
     /// naming the fix, never silently ignored.
     pub fn confinement(&self) -> Result<&Confinement> {
-        self.confinement
-            .as_ref()
-            .map_err(|message| {
-                // The parser's message ends with its own fix.
-                let (problem, fix) = message
-                    .split_once(". Fix: ")
-                    .unwrap_or((message.as_str(), "correct or unset the variable"));
-                Error::InvalidSpec {
-                    field: "confinement setting",
-                    problem: problem.to_string(),
-                    fix: fix.to_string(),
-                }
-            })
+        self.confinement.as_ref().map_err(|message| {
+            // The parser's message ends with its own fix.
+            let (problem, fix) = message
+                .split_once(". Fix: ")
+                .unwrap_or((message.as_str(), "correct or unset the variable"));
+            Error::InvalidSpec {
+                field: "confinement setting",
+                problem: problem.to_string(),
+                fix: fix.to_string(),
+            }
+        })
     }
 
     /// Keeps the accelerator probe verdict at `path` instead of the user cache.
@@ -381,6 +379,7 @@ impl Hypervisor for QemuBackend {
         let launch = args::Launch {
             ram_fd: Some(instance::RAM_FD),
             seccomp: jail.seccomp,
+            tb_size_mib: jail.tb_size_mib(),
             files,
             ..Default::default()
         };

@@ -637,6 +637,7 @@ pub(crate) async fn restore(
         vsock_unplugged: true,
         incoming: true,
         seccomp: jail.seccomp,
+        tb_size_mib: jail.tb_size_mib(),
         files,
     };
     let argv = args::build_args_with(&spec, meta.accel, &paths, &opts.name, &launch)?;

@@ -17,6 +17,38 @@ use capsa::{Capsa, Command, Sandbox};
 const VARIANTS: &[&str] = &["off", "seccomp", "user", "cgroup", "on"];
 const MEMORY_MIB: u64 = 256;
 
+/// `nr_throttled/nr_periods` of the CPU cgroup `pid` is in, if capsa made it.
+fn cpu_throttled(pid: u32) -> Option<String> {
+    let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    for l in own.lines() {
+        let mut p = l.splitn(3, ':');
+        let (_, ctrls, path) = (p.next()?, p.next()?, p.next()?);
+        if !path.contains("/capsa-") {
+            continue;
+        }
+        let path = path.trim_start_matches('/');
+        let file = if ctrls.split(',').any(|c| c == "cpu") {
+            format!("/sys/fs/cgroup/cpu/{path}/cpu.stat")
+        } else if ctrls.is_empty() {
+            format!("/sys/fs/cgroup/{path}/cpu.stat")
+        } else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(file).ok()?;
+        let get = |k: &str| {
+            stat.lines()
+                .find_map(|l| l.strip_prefix(k)?.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        return Some(format!(
+            "; CPU throttled in {}/{} periods",
+            get("nr_throttled"),
+            get("nr_periods")
+        ));
+    }
+    None
+}
+
 /// Peak memory of the cgroup `pid` is in (v1 `memory.max_usage_in_bytes`,
 /// v2 `memory.peak`), if it is in one capsa made.
 fn cgroup_peak(pid: u32) -> Option<u64> {
@@ -88,14 +120,15 @@ async fn main() -> anyhow::Result<()> {
         let peak = cgroup_peak(pid)
             .map(|b| {
                 format!(
-                    "; cgroup peak {} MiB ({} MiB beyond guest RAM)",
+                    "; memory peak {} MiB of a {} MiB cap",
                     b >> 20,
-                    (b >> 20) as i64 - MEMORY_MIB as i64
+                    MEMORY_MIB + capsa_qemu::cgroup::MEMORY_OVERHEAD_MIB
                 )
             })
             .unwrap_or_default();
+        let throttled = cpu_throttled(pid).unwrap_or_default();
         println!(
-            "  CAPSA_CONFINE={v:<8} median {med:.2} ms (p90 {p90:.2} ms), {:+.1} % vs off{peak}",
+            "  CAPSA_CONFINE={v:<8} median {med:.2} ms (p90 {p90:.2} ms), {:+.1} % vs off{peak}{throttled}",
             (med / base - 1.0) * 100.0
         );
     }
