@@ -4,7 +4,8 @@
 //! hits every variant alike. Also prints what a confined QEMU's cgroup saw:
 //! peak memory beyond guest RAM (the base for the stated overhead).
 //!
-//! `cargo run --release -p capsa --example bench_confine -- [rounds]`
+//! `cargo run --release -p capsa --example bench_confine -- [rounds] [variants]`
+//! (variants: a `/`-separated list, default `off/seccomp/user/cgroup/on`)
 //! (as root for the `user` layer; the cgroup layer needs a writable cgroup).
 
 #[allow(dead_code)]
@@ -83,9 +84,13 @@ async fn main() -> anyhow::Result<()> {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(200);
+    let chosen: Vec<String> = std::env::args()
+        .nth(2)
+        .map(|s| s.split('/').map(str::to_string).collect())
+        .unwrap_or_else(|| VARIANTS.iter().map(|s| s.to_string()).collect());
     let _ = capsa::default_bundle().await?;
     let mut boxes: Vec<(&str, Sandbox)> = Vec::new();
-    for v in VARIANTS {
+    for v in &chosen {
         // Read by the QEMU backend when the builder makes it.
         std::env::set_var(capsa_core::CONFINE_ENV, v);
         let sb = Capsa::sandbox()
@@ -96,7 +101,7 @@ async fn main() -> anyhow::Result<()> {
         for _ in 0..10 {
             sb.exec(&Command::new("true")).await?;
         }
-        boxes.push((v, sb));
+        boxes.push((v.as_str(), sb));
     }
     std::env::remove_var(capsa_core::CONFINE_ENV);
     let mut lat: Vec<Vec<f64>> = vec![Vec::new(); boxes.len()];
@@ -112,6 +117,7 @@ async fn main() -> anyhow::Result<()> {
         "exec `true`, {rounds} rounds round-robin over {} sandboxes of {MEMORY_MIB} MiB:",
         boxes.len()
     );
+    // Relative to the first variant (`off` by default).
     let base = common::median(lat[0].clone());
     for (i, (v, sb)) in boxes.iter().enumerate() {
         let med = common::median(lat[i].clone());
@@ -128,8 +134,9 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or_default();
         let throttled = cpu_throttled(pid).unwrap_or_default();
         println!(
-            "  CAPSA_CONFINE={v:<8} median {med:.2} ms (p90 {p90:.2} ms), {:+.1} % vs off{peak}{throttled}",
-            (med / base - 1.0) * 100.0
+            "  CAPSA_CONFINE={v:<8} median {med:.2} ms (p90 {p90:.2} ms), {:+.1} % vs {}{peak}{throttled}",
+            (med / base - 1.0) * 100.0,
+            boxes[0].0
         );
     }
     for (_, sb) in boxes {
