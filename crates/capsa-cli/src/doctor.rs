@@ -98,6 +98,15 @@ pub async fn run() -> anyhow::Result<ExitCode> {
             }),
         }
     }
+    if let Ok(q) = &qemu {
+        for f in q.confinement_report().await {
+            checks.push(Check {
+                ok: f.ok,
+                what: f.what,
+                fix: f.fix,
+            });
+        }
+    }
     let cache = capsa_image::default_cache_dir()
         .unwrap_or_else(|_| "(none: set HOME or XDG_CACHE_HOME)".into());
     let writable = std::fs::create_dir_all(&cache).is_ok() && tempfile::tempfile_in(&cache).is_ok();

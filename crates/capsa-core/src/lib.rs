@@ -9,6 +9,7 @@
 
 mod backend;
 mod cmdline;
+mod confine;
 mod disk;
 mod error;
 mod hostpath;
@@ -21,6 +22,10 @@ pub use backend::{
     VmStatus,
 };
 pub use cmdline::{CmdlineError, KernelCmdline};
+pub use confine::{
+    Confinement, CONFINE_ENV, DEFAULT_JAIL_DIR, DEFAULT_UID_BASE, DEFAULT_UID_COUNT, JAIL_DIR_ENV,
+    JAIL_UIDS_ENV,
+};
 pub use disk::{probe_disk_format, DiskProbeError};
 pub use error::{Error, Result};
 pub use hostpath::{check_private_dir, HostPathPolicy, PathRefusal};

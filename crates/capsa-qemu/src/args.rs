@@ -45,6 +45,41 @@ pub struct Launch {
     pub vsock_unplugged: bool,
     /// Wait for an incoming migration (`-incoming defer`).
     pub incoming: bool,
+    /// Run QEMU under its own seccomp filter ([`SANDBOX`]).
+    pub seccomp: bool,
+    /// Bound TCG's translation cache (MiB; QEMU's default is up to 1 GiB),
+    /// so that a memory cap on QEMU holds whatever code the guest runs.
+    pub tb_size_mib: Option<u32>,
+    /// Kernel, initrd and disks as inherited fds instead of paths: a QEMU
+    /// running as an unprivileged user cannot open capsa's files by path.
+    pub files: Option<FileFds>,
+}
+
+/// QEMU's seccomp filter, as Firecracker's jailer would want it: no obsolete
+/// syscalls, no set*id, no fork/exec, no scheduler or NUMA changes.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+/// The fd numbers a confined QEMU finds its files at.
+#[derive(Debug, Clone, Default)]
+pub struct FileFds {
+    /// The kernel, opened read-only (read through `/proc/self/fd/N`).
+    pub kernel: i32,
+    /// The initrd, likewise.
+    pub initrd: Option<i32>,
+    /// One entry per disk of the spec, in order.
+    pub disks: Vec<DiskFds>,
+}
+
+/// A disk image handed to QEMU as an fd set (`-add-fd`, `/dev/fdset/N`).
+#[derive(Debug, Clone)]
+pub struct DiskFds {
+    /// The fd set id.
+    pub set: u32,
+    /// The fds in the set (one per access mode QEMU may ask for).
+    pub fds: Vec<i32>,
+    /// A read-only backing image (an overlay's base), opened by capsa because
+    /// QEMU could not follow the overlay's path to it.
+    pub backing: Option<(DiskFormat, u32, Vec<i32>)>,
 }
 
 /// The full argument vector (without the program) for `spec` on `accel`.
@@ -79,7 +114,11 @@ pub fn build_args_with(
         "-name",
         &format!("{},process=capsa-{}", escape(name), escape(name)),
     ]);
-    push(&["-machine", MACHINE, "-accel", accel_name]);
+    let accel_opt = match (accel, launch.tb_size_mib) {
+        (Accel::Tcg | Accel::Auto, Some(mib)) => format!("{accel_name},tb-size={mib}"),
+        _ => accel_name.to_string(),
+    };
+    push(&["-machine", MACHINE, "-accel", &accel_opt]);
     push(&["-cpu", if accel == Accel::Kvm { "host" } else { "max" }]);
     push(&[
         "-smp",
@@ -136,6 +175,19 @@ pub fn build_args_with(
             ]);
         }
     }
+    if launch.seccomp {
+        push(&["-sandbox", SANDBOX]);
+    }
+    if let Some(files) = &launch.files {
+        for d in &files.disks {
+            let backing = d.backing.iter().map(|(_, set, fds)| (*set, fds));
+            for (set, fds) in std::iter::once((d.set, &d.fds)).chain(backing) {
+                for fd in fds {
+                    push(&["-add-fd", &format!("fd={fd},set={set}")]);
+                }
+            }
+        }
+    }
     push(&[
         "-nodefaults",
         "-no-user-config",
@@ -163,9 +215,20 @@ pub fn build_args_with(
         initrd,
         cmdline,
     } = &spec.boot;
-    push(&["-kernel", &escape_path(kernel)]);
-    if let Some(initrd) = initrd {
-        push(&["-initrd", &escape_path(initrd)]);
+    let files = launch.files.as_ref();
+    match files {
+        Some(f) => push(&["-kernel", &format!("/proc/self/fd/{}", f.kernel)]),
+        None => push(&["-kernel", &escape_path(kernel)]),
+    }
+    match (initrd, files) {
+        (
+            Some(_),
+            Some(FileFds {
+                initrd: Some(fd), ..
+            }),
+        ) => push(&["-initrd", &format!("/proc/self/fd/{fd}")]),
+        (Some(initrd), _) => push(&["-initrd", &escape_path(initrd)]),
+        (None, _) => {}
     }
     let mut line = KernelCmdline::parse(BASE_CMDLINE)?;
     line.extend_from_str(&cmdline.to_string())?;
@@ -173,18 +236,34 @@ pub fn build_args_with(
 
     for (i, disk) in spec.disks.iter().enumerate() {
         let format = disk.format.unwrap_or(DiskFormat::Raw);
+        let fds = files.and_then(|f| f.disks.get(i));
+        let filename = match fds {
+            Some(d) => format!("/dev/fdset/{}", d.set),
+            None => disk.path.to_string_lossy().into_owned(),
+        };
         // JSON blockdev syntax: no comma escaping, and the format is explicit so
         // QEMU never probes (a guest-written raw image must not turn into qcow2).
-        let node = serde_json::json!({
+        let mut node = serde_json::json!({
             "driver": format.as_str(),
             "node-name": format!("disk{i}"),
             "read-only": disk.read_only,
             "file": {
                 "driver": "file",
-                "filename": disk.path.to_string_lossy(),
+                "filename": filename,
                 "read-only": disk.read_only,
             },
         });
+        if let Some((bformat, set, _)) = fds.and_then(|d| d.backing.as_ref()) {
+            node["backing"] = serde_json::json!({
+                "driver": bformat.as_str(),
+                "read-only": true,
+                "file": {
+                    "driver": "file",
+                    "filename": format!("/dev/fdset/{set}"),
+                    "read-only": true,
+                },
+            });
+        }
         push(&["-blockdev", &node.to_string()]);
         push(&["-device", &format!("virtio-blk-pci,drive=disk{i},id=vd{i}")]);
     }
@@ -278,6 +357,7 @@ mod tests {
             ram_fd: Some(3),
             vsock_unplugged: true,
             incoming: true,
+            ..Default::default()
         };
         let a = build_args_with(&s, Accel::Tcg, &paths, "t", &launch)
             .unwrap()
@@ -286,6 +366,53 @@ mod tests {
         assert!(a.contains("pcie-root-port,id=capsa-rp0"));
         assert!(!a.contains("vhost-user-vsock-pci"));
         assert!(a.ends_with("-incoming defer"));
+    }
+
+    #[test]
+    fn confined_launch_sandboxes_and_passes_fds() {
+        let paths = RunPaths {
+            qmp: "/q".into(),
+            vhost_vsock: None,
+        };
+        let launch = Launch {
+            seccomp: true,
+            tb_size_mib: Some(256),
+            files: Some(FileFds {
+                kernel: 4,
+                initrd: Some(5),
+                disks: vec![DiskFds {
+                    set: 10,
+                    fds: vec![6, 7],
+                    backing: Some((DiskFormat::Raw, 11, vec![8])),
+                }],
+            }),
+            ..Default::default()
+        };
+        let a = build_args_with(&spec(), Accel::Tcg, &paths, "t", &launch).unwrap();
+        let joined = a.join(" ");
+        assert!(
+            joined.contains(
+                "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+            ),
+            "{joined}"
+        );
+        assert!(joined.contains("-kernel /proc/self/fd/4 -initrd /proc/self/fd/5"));
+        assert!(joined.contains("-accel tcg,tb-size=256"), "{joined}");
+        assert!(joined.contains("-add-fd fd=6,set=10 -add-fd fd=7,set=10 -add-fd fd=8,set=11"));
+        assert!(
+            !joined.contains("/d/a.qcow2"),
+            "no host path reaches QEMU: {joined}"
+        );
+        let bd = &a[a.iter().position(|x| x == "-blockdev").unwrap() + 1];
+        let v: serde_json::Value = serde_json::from_str(bd).unwrap();
+        assert_eq!(v["file"]["filename"], "/dev/fdset/10");
+        assert_eq!(v["backing"]["driver"], "raw");
+        assert_eq!(v["backing"]["file"]["filename"], "/dev/fdset/11");
+        // Unconfined launches have neither.
+        let plain = build_args(&spec(), Accel::Tcg, &paths, "t")
+            .unwrap()
+            .join(" ");
+        assert!(!plain.contains("-sandbox") && !plain.contains("-add-fd"));
     }
 
     #[test]

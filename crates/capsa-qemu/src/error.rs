@@ -45,6 +45,14 @@ pub enum QemuError {
         /// QEMU's error text.
         reason: String,
     },
+    /// QEMU was built without seccomp, so it cannot run confined.
+    #[error("{binary} cannot run under its seccomp filter (-sandbox): {stderr}")]
+    NoSeccomp {
+        /// The QEMU binary.
+        binary: std::path::PathBuf,
+        /// QEMU's message.
+        stderr: String,
+    },
     /// The VM already ended.
     #[error("the VM has already exited")]
     Exited,
@@ -61,6 +69,11 @@ impl QemuError {
             QemuError::EarlyExit { .. } => {
                 Some("read QEMU's message above; `capsa doctor` checks the set-up".into())
             }
+            QemuError::NoSeccomp { .. } => Some(
+                "use a QEMU built with seccomp (Debian's qemu-system-x86 is), or accept running \
+                 it without its filter with CAPSA_CONFINE=user,cgroup"
+                    .into(),
+            ),
             _ => None,
         }
     }

@@ -16,6 +16,7 @@ use tokio::io::{AsyncBufReadExt, BufReader, WriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, watch};
 
+use crate::jail::{Creds, Jail};
 use crate::QemuError;
 
 type Qmp = QapiService<QmpStreamTokio<WriteHalf<UnixStream>>>;
@@ -42,6 +43,10 @@ pub struct QemuInstance {
     pub(crate) info: InstanceInfo,
     /// One snapshot at a time (it detaches and re-attaches the vsock device).
     pub(crate) snapshot_lock: tokio::sync::Mutex<()>,
+    /// The directory QEMU's sockets live in (its jail directory when confined).
+    pub(crate) qemu_dir: PathBuf,
+    /// Who QEMU runs as, when not as capsa's user.
+    pub(crate) creds: Option<Creds>,
 }
 
 /// Facts about a VM kept for snapshots.
@@ -68,7 +73,8 @@ impl std::fmt::Debug for QemuInstance {
 }
 
 impl QemuInstance {
-    /// Spawns QEMU with `args` and connects to its QMP socket at `qmp_path`.
+    /// Spawns QEMU with `args`, confined by `jail`, and connects to its QMP
+    /// socket at `qmp_path`.
     pub(crate) async fn spawn(
         binary: &Path,
         args: &[String],
@@ -76,6 +82,7 @@ impl QemuInstance {
         console: bool,
         vsock: Option<capsa_vsock::VsockDevice>,
         info: InstanceInfo,
+        mut jail: Jail,
     ) -> std::result::Result<Self, QemuError> {
         let mut cmd = tokio::process::Command::new(binary);
         cmd.args(args)
@@ -91,31 +98,68 @@ impl QemuInstance {
             })
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        let ram_fd = info.ram.as_ref().map(|f| {
+        // Every fd QEMU inherits, as (fd here, number in QEMU): guest RAM
+        // (see args::Launch::ram_fd) and the files a confined QEMU cannot open.
+        let mut fd_map: Vec<(i32, i32)> = Vec::new();
+        if let Some(f) = info.ram.as_ref() {
             use std::os::fd::AsRawFd;
-            f.as_raw_fd()
-        });
-        // SAFETY: only async-signal-safe calls (setpgid, prctl, dup2, fcntl)
-        // between fork and exec.
+            fd_map.push((f.as_raw_fd(), RAM_FD));
+        }
+        fd_map.extend(jail.fd_map());
+        let mut scratch = vec![-1i32; fd_map.len()];
+        let above = fd_map.iter().map(|(_, n)| *n).max().unwrap_or(2) + 1;
+        let procs = jail
+            .cgroup
+            .as_ref()
+            .map(|c| c.procs_fds())
+            .unwrap_or_default();
+        let creds = jail.creds;
+        // SAFETY: getpid has no preconditions.
+        let parent = unsafe { libc::getpid() };
+        // SAFETY: only async-signal-safe calls (setpgid, write, fcntl, dup2,
+        // set*id, prctl) between fork and exec, and no allocation.
         unsafe {
             cmd.pre_exec(move || {
+                let check = |rc: libc::c_int| {
+                    if rc < 0 {
+                        Err(std::io::Error::last_os_error())
+                    } else {
+                        Ok(())
+                    }
+                };
                 // Own process group: a Ctrl-C on the user's terminal reaches capsa,
                 // which stops the VM in order, instead of killing QEMU mid-write.
                 libc::setpgid(0, 0);
-                // If the owning process dies without cleaning up, QEMU goes too.
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                // Guest RAM is inherited as fd RAM_FD (see args::Launch::ram_fd).
-                if let Some(fd) = ram_fd {
-                    if fd == RAM_FD {
-                        let flags = libc::fcntl(fd, libc::F_GETFD);
-                        if flags < 0
-                            || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0
-                        {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                    } else if libc::dup2(fd, RAM_FD) < 0 {
+                // Into the VM's cgroup while still privileged, before QEMU
+                // allocates anything.
+                for fd in &procs {
+                    if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
                         return Err(std::io::Error::last_os_error());
                     }
+                }
+                // Two passes, so no target number clobbers a source not yet moved.
+                for (i, (src, _)) in fd_map.iter().enumerate() {
+                    scratch[i] = libc::fcntl(*src, libc::F_DUPFD_CLOEXEC, above);
+                    check(scratch[i])?;
+                }
+                for (i, (_, target)) in fd_map.iter().enumerate() {
+                    check(libc::dup2(scratch[i], *target))?;
+                }
+                if let Some(c) = creds {
+                    match c.extra_gid {
+                        Some(g) => check(libc::setgroups(1, &g))?,
+                        None => check(libc::setgroups(0, std::ptr::null()))?,
+                    }
+                    check(libc::setgid(c.gid))?;
+                    check(libc::setuid(c.uid))?;
+                }
+                // Nothing QEMU runs can gain privileges (setuid binaries, file caps).
+                check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+                // If the owning process dies without cleaning up, QEMU goes too.
+                // Set after setuid, which clears it.
+                check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL))?;
+                if libc::getppid() != parent {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
                 }
                 Ok(())
             });
@@ -126,6 +170,10 @@ impl QemuInstance {
             source,
         })?;
         let pid = child.id().unwrap_or(0);
+        // QEMU has its own copies now.
+        jail.release_files();
+        let qemu_dir = jail.dir.clone();
+        let seccomp = jail.seccomp;
 
         let tail = Arc::new(Mutex::new(VecDeque::<String>::new()));
         if let Some(stderr) = child.stderr.take() {
@@ -167,6 +215,8 @@ impl QemuInstance {
                     child.wait().await
                 }
             };
+            // QEMU is reaped: its cgroup can go, its uid lease be reused.
+            drop(jail);
             // Give the stderr reader a moment to drain the last lines.
             tokio::time::sleep(Duration::from_millis(20)).await;
             let message = tail_w
@@ -203,6 +253,14 @@ impl QemuInstance {
                     .ok()
                     .and_then(|r| r.clone());
                 return Err(match reason {
+                    Some(ExitReason::Failed { message, .. })
+                        if seccomp && message.contains("'sandbox'") =>
+                    {
+                        QemuError::NoSeccomp {
+                            binary: binary.to_path_buf(),
+                            stderr: message,
+                        }
+                    }
                     Some(ExitReason::Failed { code, message }) => QemuError::EarlyExit {
                         status: format!("exit code {code}"),
                         stderr: message,
@@ -221,6 +279,8 @@ impl QemuInstance {
             vsock,
             info,
             snapshot_lock: tokio::sync::Mutex::new(()),
+            qemu_dir,
+            creds,
         })
     }
 

@@ -8,16 +8,18 @@
 
 pub mod accel;
 pub mod args;
+pub mod cgroup;
 mod error;
 mod instance;
+pub mod jail;
 pub mod ram;
 pub mod snapshot;
 
 use std::path::{Path, PathBuf};
 
 use capsa_core::{
-    Accel, BootSource, Capabilities, DiskFormat, Error, Hypervisor, RestoredVm, Result,
-    SnapshotMeta, StartOptions, VmInstance, VmSpec, MAX_CPUS,
+    Accel, BootSource, Capabilities, Confinement, DiskFormat, Error, Hypervisor, RestoredVm,
+    Result, SnapshotMeta, StartOptions, VmInstance, VmSpec, MAX_CPUS,
 };
 use tokio::sync::Mutex;
 
@@ -31,6 +33,8 @@ pub struct QemuBackend {
     probe_cache: PathBuf,
     /// The accelerator `auto` resolved to, once probed in this process.
     auto: Mutex<Option<(Accel, String)>>,
+    /// How QEMU is confined (from `CAPSA_CONFINE`...), or why the setting is invalid.
+    confinement: std::result::Result<Confinement, String>,
 }
 
 impl QemuBackend {
@@ -45,7 +49,30 @@ impl QemuBackend {
             binary,
             probe_cache: accel::default_cache_file(),
             auto: Mutex::new(None),
+            confinement: Confinement::from_env(),
         }
+    }
+
+    /// Confines QEMU as `c` says instead of as the environment says.
+    pub fn with_confinement(mut self, c: Confinement) -> Self {
+        self.confinement = Ok(c);
+        self
+    }
+
+    /// How QEMU is confined; an invalid `CAPSA_CONFINE`... setting is an error
+    /// naming the fix, never silently ignored.
+    pub fn confinement(&self) -> Result<&Confinement> {
+        self.confinement.as_ref().map_err(|message| {
+            // The parser's message ends with its own fix.
+            let (problem, fix) = message
+                .split_once(". Fix: ")
+                .unwrap_or((message.as_str(), "correct or unset the variable"));
+            Error::InvalidSpec {
+                field: "confinement setting",
+                problem: problem.to_string(),
+                fix: fix.to_string(),
+            }
+        })
     }
 
     /// Keeps the accelerator probe verdict at `path` instead of the user cache.
@@ -153,26 +180,133 @@ impl QemuBackend {
     }
 }
 
+/// One line of [`QemuBackend::confinement_report`].
+#[derive(Debug, Clone)]
+pub struct Finding {
+    /// False when something the user asked for cannot be done.
+    pub ok: bool,
+    /// What was found.
+    pub what: String,
+    /// What to do about it.
+    pub fix: Option<String>,
+}
+
+impl QemuBackend {
+    /// What confinement VMs get on this host, for `capsa doctor`: the
+    /// setting, whether QEMU accepts `-sandbox`, the privilege drop, the cgroup.
+    pub async fn confinement_report(&self) -> Vec<Finding> {
+        let c = match self.confinement() {
+            Ok(c) => c.clone(),
+            Err(e) => {
+                return vec![Finding {
+                    ok: false,
+                    what: format!("confinement: {e}"),
+                    fix: e.fix().map(str::to_string),
+                }]
+            }
+        };
+        let mut out = vec![Finding {
+            ok: true,
+            what: format!(
+                "confinement layers: {} ({})",
+                c.layers(),
+                capsa_core::CONFINE_ENV
+            ),
+            fix: None,
+        }];
+        if c.seccomp {
+            let ok = tokio::process::Command::new(&self.binary)
+                .args(["-sandbox", args::SANDBOX, "-version"])
+                .output()
+                .await
+                .map(|o| o.status.success())
+                .unwrap_or(false);
+            out.push(Finding {
+                ok,
+                what: if ok {
+                    "QEMU runs under its seccomp filter (-sandbox)".into()
+                } else {
+                    "QEMU does not accept -sandbox (built without seccomp)".into()
+                },
+                fix: (!ok).then(|| {
+                    QemuError::NoSeccomp {
+                        binary: self.binary.clone(),
+                        stderr: String::new(),
+                    }
+                    .fix()
+                    .unwrap_or_default()
+                }),
+            });
+        }
+        if c.user {
+            // SAFETY: geteuid has no preconditions.
+            let root = unsafe { libc::geteuid() } == 0;
+            out.push(Finding {
+                ok: true,
+                what: if root {
+                    format!(
+                        "QEMU runs as per-sandbox uids {}..{} with jail directories in {}",
+                        c.uid_base,
+                        u64::from(c.uid_base) + u64::from(c.uid_count) - 1,
+                        c.jail_dir.display()
+                    )
+                } else {
+                    "not root: QEMU runs as this user (no privilege drop, no file separation)"
+                        .into()
+                },
+                fix: None,
+            });
+        }
+        if c.cgroup {
+            let st = tokio::task::spawn_blocking(cgroup::status)
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
+            out.push(match st {
+                Ok(kind) => Finding {
+                    ok: true,
+                    what: format!("VM cgroups capping memory and CPU: {kind}"),
+                    fix: None,
+                },
+                // Reported, not failed: capsa works without, just uncapped.
+                Err(why) => Finding {
+                    ok: true,
+                    what: format!("no VM cgroups, QEMU's memory and CPU are not capped ({why})"),
+                    fix: Some(
+                        "run as root on a host with the memory and cpu controllers, or delegate \
+                         a cgroup to this user"
+                            .into(),
+                    ),
+                },
+            });
+        }
+        out
+    }
+}
+
 /// Starts capsa's vsock device for `spec`, if it has one. It is served in
 /// this process (vhost-user), so it must listen before QEMU connects to it.
+/// Its vhost-user socket goes in QEMU's directory (owned by QEMU's user).
 pub(crate) fn spawn_vsock(
     spec: &VmSpec,
     opts: &StartOptions,
+    jail: &jail::Jail,
 ) -> Result<Option<capsa_vsock::VsockDevice>> {
     let Some(v) = &spec.vsock else {
         return Ok(None);
     };
     let mut cfg = capsa_vsock::VsockConfig::new(
-        opts.run_dir.join("vhost-vsock.sock"),
+        jail.dir.join("vhost-vsock.sock"),
         opts.run_dir.join("vsock.sock"),
     );
     cfg.guest_cid = u64::from(v.guest_cid);
+    cfg.seccomp = jail.seccomp;
     let device = capsa_vsock::VsockDevice::spawn(cfg).map_err(|e| Error::Backend {
         backend: "qemu",
         message: format!("cannot start the vsock device: {e}"),
         fix: None,
         source: Some(Box::new(e)),
     })?;
+    jail.give(&device.config().vhost_socket)?;
     Ok(Some(device))
 }
 
@@ -231,9 +365,11 @@ impl Hypervisor for QemuBackend {
             .resolve_accel(spec.accel, kernel, initrd.as_deref())
             .await?;
         tracing::debug!(%accel, %why, name = %opts.name, "starting QEMU");
-        let vsock = spawn_vsock(&spec, &opts)?;
+        let (jail, files) =
+            jail::Jail::prepare(self.confinement()?, &opts.run_dir, &spec, accel, &[])?;
+        let vsock = spawn_vsock(&spec, &opts, &jail)?;
         let paths = args::RunPaths {
-            qmp: opts.run_dir.join("qmp.sock"),
+            qmp: jail.dir.join("qmp.sock"),
             vhost_vsock: vsock.as_ref().map(|d| d.config().vhost_socket.clone()),
         };
         let _ = std::fs::remove_file(&paths.qmp);
@@ -242,6 +378,9 @@ impl Hypervisor for QemuBackend {
             .map_err(|e| Error::io("creating guest RAM (memfd)", e))?;
         let launch = args::Launch {
             ram_fd: Some(instance::RAM_FD),
+            seccomp: jail.seccomp,
+            tb_size_mib: jail.tb_size_mib(),
+            files,
             ..Default::default()
         };
         let argv = args::build_args_with(&spec, accel, &paths, &opts.name, &launch)?;
@@ -259,6 +398,7 @@ impl Hypervisor for QemuBackend {
             spec.console.enabled,
             vsock,
             info,
+            jail,
         )
         .await?;
         Ok(Box::new(inst))

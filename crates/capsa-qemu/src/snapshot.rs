@@ -14,6 +14,10 @@
 //!   (~200 KiB); capsa copies RAM pages itself into a sparse file. A restore
 //!   fills a fresh memfd from it while QEMU starts. This makes a restore of a
 //!   256 MiB guest ~3x faster than loading a full migration stream.
+//! - The migration stream itself goes over a Unix socket in QEMU's own
+//!   directory, copied to and from `state.bin` by capsa: QEMU runs with
+//!   `-sandbox ...,spawn=deny` (an `exec:` URI would need a shell) and, when
+//!   confined to its own uid, cannot open the snapshot directory.
 //! - Disks are frozen by copying each writable image while the VM is stopped
 //!   (QEMU flushes on stop, so the file is consistent with the saved RAM): a
 //!   reflink where the file system has them, a sparse copy otherwise. The
@@ -62,11 +66,6 @@ fn backend_error(message: String, fix: Option<&str>) -> Error {
         fix: fix.map(str::to_string),
         source: None,
     }
-}
-
-/// Single-quotes `p` for the shell QEMU runs `exec:` URIs with.
-fn shell_quote(p: &Path) -> String {
-    format!("'{}'", p.to_string_lossy().replace('\'', r"'\''"))
 }
 
 /// "QEMU 7.2.22 (Debian ...)" from `query-version`.
@@ -237,7 +236,7 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// Whether a qcow2 image names a backing file (header field at byte 8).
-fn qcow2_has_backing(path: &Path) -> std::io::Result<bool> {
+pub(crate) fn qcow2_has_backing(path: &Path) -> std::io::Result<bool> {
     use std::io::Read;
     let mut h = [0u8; 16];
     std::fs::File::open(path)?.read_exact(&mut h)?;
@@ -366,18 +365,7 @@ async fn save_stopped(
 ) -> Result<()> {
     let t = std::time::Instant::now();
     set_ignore_shared(inst).await?;
-    let uri = format!("exec:cat > {}", shell_quote(&dir.join(STATE_FILE)));
-    inst.exec(
-        "migrate",
-        qmp::migrate {
-            uri: Some(uri),
-            channels: None,
-            detach: None,
-            resume: None,
-        },
-    )
-    .await?;
-    wait_migration(inst, "saving the device state").await?;
+    migrate_out(inst, &dir.join(STATE_FILE)).await?;
     let state_took = t.elapsed();
     let len = inst.info.spec.memory_mib << 20;
     let ram_path = dir.join(RAM_FILE);
@@ -448,6 +436,104 @@ async fn save_stopped(
     Ok(())
 }
 
+/// The migration stream goes over a Unix socket in QEMU's directory, copied
+/// to and from the state file by capsa: QEMU runs with `spawn=deny` (no
+/// `exec:` URIs) and, when confined, cannot open the snapshot directory.
+const MIGRATE_SOCK: &str = "migrate.sock";
+
+/// Saves the device state of the stopped VM to `file`.
+async fn migrate_out(inst: &QemuInstance, file: &Path) -> Result<()> {
+    let sock = inst.qemu_dir.join(MIGRATE_SOCK);
+    let _ = std::fs::remove_file(&sock);
+    let listener = tokio::net::UnixListener::bind(&sock)
+        .map_err(|e| Error::io(format!("binding {}", sock.display()), e))?;
+    if let Some(c) = inst.creds {
+        std::os::unix::fs::chown(&sock, Some(c.uid), Some(c.gid))
+            .map_err(|e| Error::io(format!("handing {} to QEMU's user", sock.display()), e))?;
+    }
+    let mut out = tokio::fs::File::create(file)
+        .await
+        .map_err(|e| Error::io(format!("creating {}", file.display()), e))?;
+    let path = file.to_path_buf();
+    let copy = tokio::spawn(async move {
+        let (mut stream, _) = tokio::time::timeout(MIGRATE_TIMEOUT, listener.accept())
+            .await
+            .map_err(|_| std::io::Error::other("QEMU did not connect"))??;
+        tokio::time::timeout(MIGRATE_TIMEOUT, tokio::io::copy(&mut stream, &mut out))
+            .await
+            .map_err(|_| std::io::Error::other("the stream did not end"))??;
+        tokio::io::AsyncWriteExt::flush(&mut out).await?;
+        Ok::<_, std::io::Error>(())
+    });
+    let started = inst
+        .exec(
+            "migrate",
+            qmp::migrate {
+                uri: Some(format!("unix:{}", sock.display())),
+                channels: None,
+                detach: None,
+                resume: None,
+            },
+        )
+        .await;
+    let waited = match started {
+        Ok(_) => wait_migration(inst, "saving the device state").await,
+        Err(e) => Err(e),
+    };
+    if waited.is_err() {
+        copy.abort();
+    }
+    let copied = copy.await;
+    let _ = std::fs::remove_file(&sock);
+    waited?;
+    copied
+        .map_err(|e| Error::io("saving the device state", std::io::Error::other(e)))?
+        .map_err(|e| Error::io(format!("writing {}", path.display()), e))
+}
+
+/// Loads the device state in `file` into a VM waiting for it (`-incoming defer`).
+async fn migrate_in(inst: &QemuInstance, file: &Path) -> Result<()> {
+    let sock = inst.qemu_dir.join(MIGRATE_SOCK);
+    let _ = std::fs::remove_file(&sock);
+    let mut input = tokio::fs::File::open(file)
+        .await
+        .map_err(|e| Error::io(format!("opening {}", file.display()), e))?;
+    // QEMU listens (as its own user, in its own directory) once this returns.
+    inst.exec(
+        "migrate-incoming",
+        qmp::migrate_incoming {
+            uri: Some(format!("unix:{}", sock.display())),
+            channels: None,
+            exit_on_error: None,
+        },
+    )
+    .await?;
+    let mut stream = tokio::net::UnixStream::connect(&sock)
+        .await
+        .map_err(|e| Error::io(format!("connecting {}", sock.display()), e))?;
+    let _ = std::fs::remove_file(&sock);
+    let copy = tokio::spawn(async move {
+        tokio::io::copy(&mut input, &mut stream).await?;
+        tokio::io::AsyncWriteExt::shutdown(&mut stream).await
+    });
+    let waited = wait_migration(inst, "loading the device state").await;
+    if waited.is_err() {
+        copy.abort();
+    }
+    let copied = copy.await;
+    waited?;
+    // QEMU may close its end as soon as it has read the last section.
+    match copied {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Ok(Err(e)) => Err(Error::io(format!("sending {}", file.display()), e)),
+        Err(e) => Err(Error::io(
+            "loading the device state",
+            std::io::Error::other(e),
+        )),
+    }
+}
+
 /// Starts a VM from the snapshot in `dir`.
 pub(crate) async fn restore(
     backend: &QemuBackend,
@@ -500,7 +586,9 @@ pub(crate) async fn restore(
     let mut spec = meta.spec.clone();
     spec.console.log = None;
     let mut disk_paths = Vec::new();
+    let mut backing = Vec::new();
     for (i, (d, sd)) in spec.disks.iter_mut().zip(&meta.disks).enumerate() {
+        backing.push(sd.base.as_ref().map(|b| (dir.join(b), sd.format)));
         match &sd.base {
             Some(base) => {
                 let overlay = opts.run_dir.join(format!("disk{i}.qcow2"));
@@ -530,9 +618,16 @@ pub(crate) async fn restore(
         disk_paths.push(d.path.clone());
     }
 
-    let vsock = crate::spawn_vsock(&spec, &opts)?;
+    let (jail, files) = crate::jail::Jail::prepare(
+        backend.confinement()?,
+        &opts.run_dir,
+        &spec,
+        meta.accel,
+        &backing,
+    )?;
+    let vsock = crate::spawn_vsock(&spec, &opts, &jail)?;
     let paths = args::RunPaths {
-        qmp: opts.run_dir.join("qmp.sock"),
+        qmp: jail.dir.join("qmp.sock"),
         vhost_vsock: vsock.as_ref().map(|d| d.config().vhost_socket.clone()),
     };
     let _ = std::fs::remove_file(&paths.qmp);
@@ -540,6 +635,9 @@ pub(crate) async fn restore(
         ram_fd: Some(RAM_FD),
         vsock_unplugged: true,
         incoming: true,
+        seccomp: jail.seccomp,
+        tb_size_mib: jail.tb_size_mib(),
+        files,
     };
     let argv = args::build_args_with(&spec, meta.accel, &paths, &opts.name, &launch)?;
     let vhost = paths.vhost_vsock.clone();
@@ -557,6 +655,7 @@ pub(crate) async fn restore(
         spec.console.enabled,
         vsock,
         info,
+        jail,
     )
     .await?;
     let qemu_up = t.elapsed();
@@ -576,16 +675,7 @@ pub(crate) async fn restore(
         ));
     }
     set_ignore_shared(&inst).await?;
-    inst.exec(
-        "migrate-incoming",
-        qmp::migrate_incoming {
-            uri: Some(format!("exec:cat {}", shell_quote(&dir.join(STATE_FILE)))),
-            channels: None,
-            exit_on_error: None,
-        },
-    )
-    .await?;
-    wait_migration(&inst, "loading the device state")
+    migrate_in(&inst, &dir.join(STATE_FILE))
         .await
         .map_err(|e| early_exit(&inst, e))?;
     let state_done = t.elapsed();
@@ -616,16 +706,5 @@ fn early_exit(inst: &QemuInstance, e: Error) -> Error {
         }
         .into(),
         _ => e,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn quoting() {
-        assert_eq!(shell_quote(Path::new("/a b/c")), "'/a b/c'");
-        assert_eq!(shell_quote(Path::new("/it's")), r"'/it'\''s'");
     }
 }

@@ -69,6 +69,9 @@ pub struct VsockConfig {
     pub uds_path: PathBuf,
     /// Resource limits.
     pub limits: Limits,
+    /// Run the device's threads under capsa's seccomp filter (see
+    /// [`crate::seccomp`]). Off by default for embedders; capsa turns it on.
+    pub seccomp: bool,
 }
 
 impl VsockConfig {
@@ -78,6 +81,7 @@ impl VsockConfig {
             guest_cid: DEFAULT_GUEST_CID,
             vhost_socket: vhost_socket.into(),
             uds_path: uds_path.into(),
+            seccomp: false,
             limits: Limits::default(),
         }
     }

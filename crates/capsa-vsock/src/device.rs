@@ -101,10 +101,34 @@ impl VsockDevice {
             config: config.clone(),
         });
         let thread_inner = inner.clone();
+        let (filtered_tx, filtered) = std::sync::mpsc::sync_channel(1);
+        let seccomp = config.seccomp;
         let thread = std::thread::Builder::new()
             .name("capsa-vsock".into())
-            .spawn(move || serve(thread_inner, Listener::from(vhost_listener)))
+            .spawn(move || {
+                // Before anything from the guest or QEMU is read; threads
+                // spawned from here on inherit the filter.
+                if seccomp {
+                    if let Err(e) = crate::seccomp::install() {
+                        let _ = filtered_tx.send(Err(e));
+                        return Ok(());
+                    }
+                }
+                let _ = filtered_tx.send(Ok(()));
+                serve(thread_inner, Listener::from(vhost_listener))
+            })
             .map_err(|e| cleanup(VsockError::Thread(e)))?;
+        match filtered.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(cleanup(e));
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err(cleanup(VsockError::Panicked));
+            }
+        }
         info!(
             "vsock: guest CID {} on {:?}, host socket {:?}",
             config.guest_cid, config.vhost_socket, config.uds_path

@@ -63,6 +63,12 @@ pub enum VsockError {
     /// The vhost-user protocol layer failed.
     #[error("vhost-user backend failed: {0}; check that the frontend is QEMU with vhost-user-vsock-pci and shared guest memory (memory-backend-memfd,share=on)")]
     VhostUser(String),
+    /// The seccomp filter of the device threads could not be installed.
+    #[error("cannot install the vsock device's seccomp filter: {reason}; run on a kernel with seccomp, or turn the filter off (VsockConfig::seccomp, CAPSA_CONFINE=user,cgroup)")]
+    Seccomp {
+        /// Why.
+        reason: String,
+    },
     /// The device thread panicked; this is a bug.
     #[error("the vsock device thread panicked; this is a bug in capsa-vsock, please report it")]
     Panicked,

@@ -114,6 +114,7 @@ mod device;
 mod error;
 mod muxer;
 pub mod packet;
+pub mod seccomp;
 
 pub use config::{Limits, VsockConfig, DEFAULT_GUEST_CID};
 pub use device::{host_port_path, VsockDevice, VsockStats};

@@ -106,6 +106,10 @@ fn boot() -> Vm {
     let uds = dir.path().join("v.sock");
     let mut config = VsockConfig::new(&vhost, &uds);
     config.guest_cid = GUEST_CID;
+    // Everything below runs with the device's threads under its seccomp
+    // filter, as capsa runs it: any syscall missing from the list shows up
+    // as a blocked call (checked at the end of each test).
+    config.seccomp = true;
     let device = VsockDevice::spawn(config.clone()).expect("device");
 
     // Guest -> host: the guest dials CID 2 port 6000 at start.
@@ -387,6 +391,11 @@ fn e2e_vsock_through_qemu() {
     drop(s);
 
     vm.shutdown();
+    assert_eq!(
+        capsa_vsock::seccomp::blocked_syscalls(),
+        0,
+        "the device made a syscall its filter does not allow (see stderr)"
+    );
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -392,8 +392,12 @@ pub(crate) fn make_run_dir() -> Result<tempfile::TempDir> {
         .join("capsa");
     std::fs::create_dir_all(&base)
         .map_err(|e| Error::io(format!("creating {}", base.display()), e))?;
+    // Private (tempfile's default follows the umask): a confined QEMU of
+    // another sandbox, or another local user, must not read it.
+    use std::os::unix::fs::PermissionsExt;
     tempfile::Builder::new()
         .prefix("vm-")
+        .permissions(std::fs::Permissions::from_mode(0o700))
         .tempdir_in(&base)
         .map_err(|e| Error::io(format!("creating a run directory in {}", base.display()), e))
 }
