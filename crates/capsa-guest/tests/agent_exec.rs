@@ -66,7 +66,9 @@ async fn exit_codes_and_missing_programs() {
         )
         .await
         .unwrap_err();
-    assert_eq!(err.remote_kind(), Some(ErrorKind::NotFound), "{err}");
+    // A bad cwd is the request's fault, never "program not found" (127).
+    assert_eq!(err.remote_kind(), Some(ErrorKind::InvalidInput), "{err}");
+    assert!(err.to_string().contains("/no/such/dir"), "{err}");
     // Rejected by the client before anything is sent.
     assert!(matches!(
         c.exec_output(ExecRequest::default(), T).await,
