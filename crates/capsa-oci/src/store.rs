@@ -16,11 +16,13 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::OciError;
+use crate::mkfs::{FsFormat, FsImage, MkfsOptions};
 use crate::spec::{
     Compression, ConfigFile, Descriptor, Digest, DockerSaveEntry, HashingReader, ImageConfig,
     Index, Manifest, MT_DOCKER_LIST, MT_DOCKER_MANIFEST, MT_LAYER_TAR, MT_OCI_CONFIG, MT_OCI_INDEX,
     MT_OCI_MANIFEST,
 };
+use crate::unpack::{Limits, StageReport, Stager};
 
 /// Largest JSON document (index, manifest, config) read into memory.
 const MAX_JSON: u64 = 8 << 20;
@@ -29,6 +31,18 @@ const MAX_ARCHIVE_FILES: usize = 100_000;
 /// Most images one index may name.
 const MAX_IMAGES: usize = 256;
 const REF_NAME: &str = "org.opencontainers.image.ref.name";
+
+/// Superblock (and ext4 atime/ctime) time of every converted image: 2000-01-01T00:00:00Z.
+pub const REPRODUCIBLE_TIME: u64 = 946_684_800;
+
+/// A converted root filesystem.
+#[derive(Debug, Clone)]
+pub struct Rootfs {
+    /// The image file.
+    pub image: FsImage,
+    /// What unpacking did; `None` when the image came from the cache.
+    pub report: Option<StageReport>,
+}
 
 /// An image in the store.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -237,12 +251,8 @@ impl Store {
         let rec = self.find(what)?;
         let p = self.record_path(&rec.digest);
         fs::remove_file(&p).map_err(|e| OciError::io("removing", &p, e))?;
-        for fmt in ["ext4", "erofs"] {
-            let _ = fs::remove_file(
-                self.root
-                    .join("rootfs")
-                    .join(format!("{}.{fmt}", rec.digest.hex())),
-            );
+        for fmt in [FsFormat::Ext4, FsFormat::Erofs, FsFormat::ErofsLz4hc] {
+            let _ = fs::remove_file(self.rootfs_path(&rec, fmt));
         }
         let keep: std::collections::HashSet<Digest> = self
             .list()?
@@ -262,6 +272,76 @@ impl Store {
             }
         }
         Ok(rec)
+    }
+
+    /// Applies an image's layers, in order, into `dest` (an empty directory), re-verifying every
+    /// layer blob's digest as it streams.
+    pub fn stage(
+        &self,
+        rec: &ImageRecord,
+        dest: &Path,
+        limits: Limits,
+    ) -> Result<StageReport, OciError> {
+        let mut stager = Stager::new(dest, limits)?;
+        for (i, layer) in rec.layers.iter().enumerate() {
+            let compression = Compression::from_media_type(&layer.media_type)?;
+            tracing::debug!(layer = %layer.digest, i, "applying layer");
+            let mut blob = io::BufReader::with_capacity(1 << 16, self.open_blob(layer)?);
+            stager.apply_layer(&mut blob, compression, layer.digest.as_str())?;
+            blob.into_inner().verify()?;
+        }
+        stager.finish()
+    }
+
+    /// Where the converted filesystem image of `rec` in `format` lives (whether or not it exists).
+    pub fn rootfs_path(&self, rec: &ImageRecord, format: FsFormat) -> PathBuf {
+        self.root
+            .join("rootfs")
+            .join(format!("{}.{}", rec.digest.hex(), format.ext()))
+    }
+
+    /// The read-only filesystem image of `rec`, converted on first use and cached per digest and
+    /// format. The staging tree lives under the store's `tmp/` and is removed afterwards.
+    pub fn rootfs(
+        &self,
+        rec: &ImageRecord,
+        format: FsFormat,
+        limits: Limits,
+    ) -> Result<Rootfs, OciError> {
+        let path = self.rootfs_path(rec, format);
+        if let Ok(m) = fs::metadata(&path) {
+            use std::os::unix::fs::MetadataExt;
+            return Ok(Rootfs {
+                image: FsImage {
+                    path,
+                    format,
+                    size: m.len(),
+                    allocated: m.blocks() * 512,
+                },
+                report: None,
+            });
+        }
+        let work = self.tempdir("stage-")?;
+        let tree = work.path().join("root");
+        fs::create_dir(&tree).map_err(|e| OciError::io("creating", &tree, e))?;
+        let report = self.stage(rec, &tree, limits)?;
+        let tmp_img = work.path().join(format!("image.{}", format.ext()));
+        let digest_bytes: Vec<u8> = (0..16)
+            .map(|i| u8::from_str_radix(&rec.digest.hex()[2 * i..2 * i + 2], 16).unwrap_or(0))
+            .collect();
+        let opts = MkfsOptions {
+            format,
+            uuid: crate::mkfs::uuid_from(&digest_bytes),
+            timestamp: REPRODUCIBLE_TIME,
+            ownership_preserved: report.ownership_preserved,
+        };
+        let mut image = crate::mkfs::build(&tree, &tmp_img, &opts)?;
+        fs::rename(&tmp_img, &path).map_err(|e| OciError::io("storing", &path, e))?;
+        image.path = path;
+        Ok(Rootfs {
+            image,
+            report: Some(report),
+        })
     }
 
     fn record_path(&self, d: &Digest) -> PathBuf {
