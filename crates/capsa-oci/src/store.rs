@@ -287,8 +287,11 @@ impl Store {
             let compression = Compression::from_media_type(&layer.media_type)?;
             tracing::debug!(layer = %layer.digest, i, "applying layer");
             let mut blob = io::BufReader::with_capacity(1 << 16, self.open_blob(layer)?);
-            stager.apply_layer(&mut blob, compression, layer.digest.as_str())?;
-            blob.into_inner().verify()?;
+            let applied = stager.apply_layer(&mut blob, compression, layer.digest.as_str());
+            // A corrupt blob usually breaks the tar too: report the corruption, not its symptom.
+            let verified = blob.into_inner().verify();
+            verified?;
+            applied?;
         }
         stager.finish()
     }
