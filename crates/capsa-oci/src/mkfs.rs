@@ -237,7 +237,7 @@ fn build_ext4(tree: &Path, out: &Path, opts: &MkfsOptions) -> Result<(), OciErro
     for ino in 1..=n_inodes {
         probe.push_str(&format!("testi <{ino}>\n"));
     }
-    let used = debugfs(out, &probe, false)?;
+    let used = debugfs(out, &probe, false, opts.timestamp)?;
     let mut fix = String::new();
     let t = opts.timestamp;
     for line in used.lines() {
@@ -265,15 +265,17 @@ fn build_ext4(tree: &Path, out: &Path, opts: &MkfsOptions) -> Result<(), OciErro
             fix.push_str(&format!("sif <{ino}> uid 0\nsif <{ino}> gid 0\nsif <{ino}> uid_high 0\nsif <{ino}> gid_high 0\n"));
         }
     }
-    debugfs(out, &fix, true)?;
+    debugfs(out, &fix, true, opts.timestamp)?;
     Ok(())
 }
 
-fn debugfs(image: &Path, script: &str, write: bool) -> Result<String, OciError> {
+fn debugfs(image: &Path, script: &str, write: bool, time: u64) -> Result<String, OciError> {
     let dir = tempfile::tempdir().map_err(|e| OciError::io("creating a temp dir", "/tmp", e))?;
     let sp = dir.path().join("script");
     fs::write(&sp, script).map_err(|e| OciError::io("writing", &sp, e))?;
     let mut cmd = Command::new(tool_path("debugfs"));
+    // Else closing the filesystem stamps the superblock's write time with the clock.
+    cmd.env("E2FSPROGS_FAKE_TIME", time.to_string());
     if write {
         cmd.arg("-w");
     }

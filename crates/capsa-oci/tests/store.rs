@@ -50,7 +50,22 @@ fn layers() -> Vec<Vec<u8>> {
             E::File(".wh.gone", 0o644, b""),
             E::File("etc/motd", 0o644, b"layer two\n"),
         ]),
+        many_files_layer(),
     ]
+}
+
+/// Enough files for several ext4 block groups' worth of metadata to be touched.
+fn many_files_layer() -> Vec<u8> {
+    let names: Vec<(String, Vec<u8>)> = (0..400)
+        .map(|i| {
+            (
+                format!("usr/share/gen/d{}/f{i}", i % 40),
+                vec![b'a' + (i % 26) as u8; 100 + i * 37],
+            )
+        })
+        .collect();
+    let entries: Vec<E> = names.iter().map(|(n, d)| E::File(n, 0o644, d)).collect();
+    layer(&entries)
 }
 
 /// An OCI layout with a multi-platform index (arm64 first, then amd64), gzip layers.
@@ -210,7 +225,7 @@ fn load_docker_save_archive() {
     let recs = store.load(&archive).unwrap();
     assert_eq!(recs.len(), 1);
     assert_eq!(recs[0].names, ["docker/app:latest"]);
-    assert_eq!(recs[0].layers.len(), 2);
+    assert_eq!(recs[0].layers.len(), 3);
     assert_eq!(
         recs[0].layers[0].media_type,
         "application/vnd.oci.image.layer.v1.tar"
@@ -327,6 +342,8 @@ fn rootfs_images_are_reproducible_and_readable() {
         let cached = store.rootfs(&rec, format, Limits::default()).unwrap();
         assert!(cached.report.is_none(), "second call hits the cache");
         std::fs::remove_file(&first.image.path).unwrap();
+        // A later second: clock-derived fields (ctime, superblock write time) would differ.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
         let again = store.rootfs(&rec, format, Limits::default()).unwrap();
         let b = std::fs::read(&again.image.path).unwrap();
         assert!(
