@@ -87,6 +87,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     let args: Vec<String> = std::env::args().collect();
     let get = |k: &str| {
         args.iter()

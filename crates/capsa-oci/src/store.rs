@@ -327,7 +327,9 @@ impl Store {
         let work = self.tempdir("stage-")?;
         let tree = work.path().join("root");
         fs::create_dir(&tree).map_err(|e| OciError::io("creating", &tree, e))?;
+        let t0 = std::time::Instant::now();
         let report = self.stage(rec, &tree, limits)?;
+        let staged = t0.elapsed();
         let tmp_img = work.path().join(format!("image.{}", format.ext()));
         let digest_bytes: Vec<u8> = (0..16)
             .map(|i| u8::from_str_radix(&rec.digest.hex()[2 * i..2 * i + 2], 16).unwrap_or(0))
@@ -339,6 +341,15 @@ impl Store {
             ownership_preserved: report.ownership_preserved,
         };
         let mut image = crate::mkfs::build(&tree, &tmp_img, &opts)?;
+        tracing::info!(
+            digest = %rec.digest,
+            format = format.ext(),
+            entries = report.entries,
+            unpack_ms = staged.as_millis() as u64,
+            mkfs_ms = (t0.elapsed() - staged).as_millis() as u64,
+            size = image.size,
+            "root filesystem converted"
+        );
         fs::rename(&tmp_img, &path).map_err(|e| OciError::io("storing", &path, e))?;
         image.path = path;
         Ok(Rootfs {
