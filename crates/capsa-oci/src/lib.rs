@@ -14,6 +14,6 @@ pub use error::OciError;
 pub use spec::{Compression, Digest, ImageConfig};
 pub use unpack::{sanitize_path, Limits, PathRefusal, Skipped, StageReport, Stager};
 mod store;
-pub use store::{ImageRecord, Rootfs, Store, VerifiedBlob, REPRODUCIBLE_TIME};
+pub use store::{ConvertStep, ImageRecord, Rootfs, Store, VerifiedBlob, REPRODUCIBLE_TIME};
 pub mod mkfs;
 pub use mkfs::{FsFormat, FsImage, MkfsOptions};

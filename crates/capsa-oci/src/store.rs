@@ -35,6 +35,25 @@ const REF_NAME: &str = "org.opencontainers.image.ref.name";
 /// Superblock (and ext4 atime/ctime) time of every converted image: 2000-01-01T00:00:00Z.
 pub const REPRODUCIBLE_TIME: u64 = 946_684_800;
 
+/// Where a conversion is, for progress displays.
+#[derive(Debug, Clone, Copy)]
+pub enum ConvertStep {
+    /// Unpacking layer `index` (0-based) of `count`, `size` compressed bytes.
+    Layer {
+        /// Which layer.
+        index: usize,
+        /// How many layers.
+        count: usize,
+        /// Its blob size.
+        size: u64,
+    },
+    /// Building the filesystem image.
+    Mkfs {
+        /// Which format.
+        format: FsFormat,
+    },
+}
+
 /// A converted root filesystem.
 #[derive(Debug, Clone)]
 pub struct Rootfs {
@@ -282,8 +301,24 @@ impl Store {
         dest: &Path,
         limits: Limits,
     ) -> Result<StageReport, OciError> {
+        self.stage_with(rec, dest, limits, &mut |_| {})
+    }
+
+    /// [`Store::stage`], reporting each layer as it starts.
+    pub fn stage_with(
+        &self,
+        rec: &ImageRecord,
+        dest: &Path,
+        limits: Limits,
+        progress: &mut dyn FnMut(ConvertStep),
+    ) -> Result<StageReport, OciError> {
         let mut stager = Stager::new(dest, limits)?;
         for (i, layer) in rec.layers.iter().enumerate() {
+            progress(ConvertStep::Layer {
+                index: i,
+                count: rec.layers.len(),
+                size: layer.size,
+            });
             let compression = Compression::from_media_type(&layer.media_type)?;
             tracing::debug!(layer = %layer.digest, i, "applying layer");
             let mut blob = io::BufReader::with_capacity(1 << 16, self.open_blob(layer)?);
@@ -311,6 +346,17 @@ impl Store {
         format: FsFormat,
         limits: Limits,
     ) -> Result<Rootfs, OciError> {
+        self.rootfs_with(rec, format, limits, &mut |_| {})
+    }
+
+    /// [`Store::rootfs`], reporting progress.
+    pub fn rootfs_with(
+        &self,
+        rec: &ImageRecord,
+        format: FsFormat,
+        limits: Limits,
+        progress: &mut dyn FnMut(ConvertStep),
+    ) -> Result<Rootfs, OciError> {
         let path = self.rootfs_path(rec, format);
         if let Ok(m) = fs::metadata(&path) {
             use std::os::unix::fs::MetadataExt;
@@ -328,7 +374,8 @@ impl Store {
         let tree = work.path().join("root");
         fs::create_dir(&tree).map_err(|e| OciError::io("creating", &tree, e))?;
         let t0 = std::time::Instant::now();
-        let report = self.stage(rec, &tree, limits)?;
+        let report = self.stage_with(rec, &tree, limits, progress)?;
+        progress(ConvertStep::Mkfs { format });
         let staged = t0.elapsed();
         let tmp_img = work.path().join(format!("image.{}", format.ext()));
         let digest_bytes: Vec<u8> = (0..16)
