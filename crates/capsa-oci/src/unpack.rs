@@ -111,6 +111,9 @@ fn join(comps: &[OsString]) -> PathBuf {
 struct Counter {
     total: Cell<u64>,
     window: Cell<u64>,
+    /// Set while the tar crate reads headers and extension records (which it buffers whole), so a
+    /// huge PAX/GNU long-name record is cut off while being read, not after.
+    window_limit: Cell<Option<u64>>,
 }
 
 struct CountingReader<R> {
@@ -130,9 +133,24 @@ impl<R: Read> Read for CountingReader<R> {
         if total > self.max_total {
             return Err(io::Error::other(LimitHit));
         }
+        if let Some(limit) = self.counter.window_limit.get() {
+            if self.counter.window.get() > limit {
+                return Err(io::Error::other(HeaderLimitHit));
+            }
+        }
         Ok(n)
     }
 }
+
+/// Marker error: the header bound was hit inside the reader.
+#[derive(Debug)]
+struct HeaderLimitHit;
+impl std::fmt::Display for HeaderLimitHit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("tar header size limit reached")
+    }
+}
+impl std::error::Error for HeaderLimitHit {}
 
 /// Marker error: the byte limit was hit inside the reader.
 #[derive(Debug)]
@@ -219,6 +237,7 @@ impl Stager {
         let counter = Rc::new(Counter {
             total: Cell::new(self.report.bytes),
             window: Cell::new(0),
+            window_limit: Cell::new(None),
         });
         let reader = CountingReader {
             inner: decoded,
@@ -236,14 +255,25 @@ impl Stager {
         let mut entries = archive.entries().map_err(bad)?;
         loop {
             counter.window.set(0);
+            // Headers, records and block padding; +1024 for the end-of-archive blocks.
+            counter
+                .window_limit
+                .set(Some(self.limits.max_header_bytes.saturating_add(1024)));
             let next = entries.next();
-            if counter.window.get() > self.limits.max_header_bytes + 1024 {
-                return Err(OciError::LimitExceeded {
-                    what: "a tar header with its PAX/GNU extension records",
-                    limit: self.limits.max_header_bytes,
-                    field: "max_header_bytes",
-                    context: format!("layer {name}"),
-                });
+            counter.window_limit.set(None);
+            let header_err = || OciError::LimitExceeded {
+                what: "a tar header with its PAX/GNU extension records",
+                limit: self.limits.max_header_bytes,
+                field: "max_header_bytes",
+                context: format!("layer {name}"),
+            };
+            if counter.window.get() > self.limits.max_header_bytes.saturating_add(1024) {
+                return Err(header_err());
+            }
+            if let Some(Err(e)) = &next {
+                if e.get_ref().is_some_and(|i| i.is::<HeaderLimitHit>()) {
+                    return Err(header_err());
+                }
             }
             let mut entry = match next {
                 None => break,

@@ -310,13 +310,24 @@ fn entry_count_is_bounded() {
 #[test]
 fn huge_pax_header_is_bounded() {
     let work = tempfile::tempdir().unwrap();
+    // 40 MB of PAX record, gzip-compressed to ~40 KB. It must be cut off while it is read (at the
+    // header bound), not buffered until the total bound.
+    let bomb = gzip(&layer(&[E::HugePax(40 << 20)]));
     let limits = Limits {
         max_header_bytes: 64 << 10,
         ..Limits::default()
     };
+    let hwm = || -> u64 {
+        let s = std::fs::read_to_string("/proc/self/status").unwrap();
+        let l = s.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+        l.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+    };
+    // Reset the peak to now: building the bomb above used a lot of memory.
+    std::fs::write("/proc/self/clear_refs", "5").unwrap();
+    let before = hwm();
     let mut st = Stager::new(work.path(), limits).unwrap();
     let err = st
-        .apply_layer(&layer(&[E::HugePax(1 << 20)])[..], Compression::None, "pax")
+        .apply_layer(&bomb[..], Compression::Gzip, "pax")
         .unwrap_err();
     assert!(
         matches!(
@@ -327,6 +338,11 @@ fn huge_pax_header_is_bounded() {
             }
         ),
         "{err}"
+    );
+    let grew = hwm().saturating_sub(before);
+    assert!(
+        grew < 16 << 20,
+        "peak memory grew by {grew} bytes reading a 40 MB PAX record"
     );
     // A normal-sized one passes.
     let mut st = Stager::new(work.path(), limits).unwrap();
