@@ -27,21 +27,16 @@ use serde::{Deserialize, Serialize};
 use crate::error::OciError;
 
 /// A read-only root filesystem format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum FsFormat {
     /// ext4 without a journal (`mkfs.ext4 -d`, e2fsprogs).
     Ext4,
     /// Uncompressed EROFS (`mkfs.erofs`, erofs-utils): the default (smaller and faster to make).
+    #[default]
     Erofs,
     /// EROFS with lz4hc compression: much smaller, much slower to make.
     ErofsLz4hc,
-}
-
-impl Default for FsFormat {
-    fn default() -> Self {
-        FsFormat::Erofs
-    }
 }
 
 impl FsFormat {

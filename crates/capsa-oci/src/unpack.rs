@@ -309,7 +309,6 @@ impl Stager {
                 return Err(bad(e));
             }
         }
-        drop(entries);
         // Read to the end of the compressed stream so trailing garbage is bounded too.
         let mut rest = archive.into_inner();
         if let Err(e) = io::copy(&mut rest, &mut io::sink()) {

@@ -67,10 +67,7 @@ fn layers_apply_with_whiteouts_links_and_hostile_entries_confined() {
         E::Hardlink("data/link", "data/orig"),
         E::Hardlink("hl-abs", "/etc/passwd"),
         E::Hardlink("hl-out", "../../../../etc/passwd"),
-        E::Hardlink(
-            "hl-host",
-            Box::leak(format!("{}", sentinel_s.trim_start_matches('/')).into_boxed_str()),
-        ),
+        E::Hardlink("hl-host", sentinel_s.trim_start_matches('/')),
         E::File("escape/newfile", 0o644, b"through the escape link"),
         E::File("dotdot-link/x", 0o644, b"via dotdot link"),
         E::File("clobber", 0o600, b"pwned?"),
