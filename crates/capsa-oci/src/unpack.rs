@@ -107,6 +107,69 @@ fn join(comps: &[OsString]) -> PathBuf {
     p
 }
 
+const CHUNK: usize = 256 << 10;
+const CHUNKS: usize = 8;
+
+/// Reads `src` to the end in chunks into `tx`; stops when the receiver is gone.
+fn pump(mut src: Box<dyn Read + Send + '_>, tx: std::sync::mpsc::SyncSender<io::Result<Vec<u8>>>) {
+    loop {
+        let mut buf = vec![0u8; CHUNK];
+        let mut n = 0;
+        // Fill the chunk (decoders return small reads).
+        let res = loop {
+            match src.read(&mut buf[n..]) {
+                Ok(0) => break Ok(()),
+                Ok(k) => {
+                    n += k;
+                    if n == buf.len() {
+                        break Ok(());
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        buf.truncate(n);
+        let done = n == 0 || res.is_err();
+        if n > 0 && tx.send(Ok(buf)).is_err() {
+            return;
+        }
+        if let Err(e) = res {
+            let _ = tx.send(Err(e));
+            return;
+        }
+        if done {
+            return;
+        }
+    }
+}
+
+/// The reading end of [`pump`].
+struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.pos == self.buf.len() {
+            match self.rx.recv() {
+                Ok(Ok(b)) => {
+                    self.buf = b;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(0), // Sender done: end of stream.
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
 /// Counts uncompressed bytes for the total and per-header bounds.
 struct Counter {
     total: Cell<u64>,
@@ -218,7 +281,7 @@ impl Stager {
 
     /// Applies one layer blob (compressed as stated) on top of what is already staged.
     /// `name` (the layer digest) is used in messages.
-    pub fn apply_layer<R: Read>(
+    pub fn apply_layer<R: Read + Send>(
         &mut self,
         blob: R,
         compression: Compression,
@@ -229,11 +292,34 @@ impl Stager {
             compression: compression.name(),
             source,
         };
-        let decoded: Box<dyn Read> = match compression {
+        let decoded: Box<dyn Read + Send> = match compression {
             Compression::None => Box::new(blob),
             Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(blob)),
             Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(blob).map_err(bad)?),
         };
+        // Reading, hashing and decompressing run on a second thread, overlapping with the writes.
+        // The channel is bounded, so it runs at most CHUNKS * CHUNK bytes ahead.
+        std::thread::scope(|scope| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(CHUNKS);
+            scope.spawn(move || pump(decoded, tx));
+            self.apply_decoded(
+                ChannelReader {
+                    rx,
+                    buf: Vec::new(),
+                    pos: 0,
+                },
+                name,
+                &bad,
+            )
+        })
+    }
+
+    fn apply_decoded(
+        &mut self,
+        decoded: ChannelReader,
+        name: &str,
+        bad: &dyn Fn(io::Error) -> OciError,
+    ) -> Result<(), OciError> {
         let counter = Rc::new(Counter {
             total: Cell::new(self.report.bytes),
             window: Cell::new(0),
