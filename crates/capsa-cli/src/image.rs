@@ -47,8 +47,17 @@ pub async fn run(cmd: ImageCmd) -> anyhow::Result<ExitCode> {
             let list = tokio::task::spawn_blocking(|| capsa_image::list(None))
                 .await?
                 .map_err(capsa::Error::from)?;
-            let store = capsa_oci::Store::open_default()?;
-            let images = store.list()?;
+            // The image store must not keep bundles from being listed.
+            let (store, images) = match capsa_oci::Store::open_default().and_then(|s| {
+                let l = s.list()?;
+                Ok((Some(s), l))
+            }) {
+                Ok(x) => x,
+                Err(e) => {
+                    eprintln!("warning: cannot list OCI images: {e}");
+                    (None, Vec::new())
+                }
+            };
             if json {
                 let items: Vec<_> = list
                     .iter()
@@ -79,7 +88,7 @@ pub async fn run(cmd: ImageCmd) -> anyhow::Result<ExitCode> {
                         "names": r.names,
                         "layers": r.layers.len(),
                         "size_bytes": r.size,
-                        "rootfs": rootfs_of(&store, r),
+                        "rootfs": rootfs_of(store.as_ref(), r),
                     }));
                 }
                 println!("{}", serde_json::to_string_pretty(&items)?);
@@ -109,7 +118,7 @@ pub async fn run(cmd: ImageCmd) -> anyhow::Result<ExitCode> {
                             r.short_id(),
                             r.layers.len(),
                             r.size / (1 << 20),
-                            rootfs_of(&store, r).join(","),
+                            rootfs_of(store.as_ref(), r).join(","),
                             r.names.join(", ")
                         );
                     }
@@ -213,7 +222,10 @@ pub async fn run(cmd: ImageCmd) -> anyhow::Result<ExitCode> {
 }
 
 /// Formats already converted for an image.
-fn rootfs_of(store: &capsa_oci::Store, r: &capsa_oci::ImageRecord) -> Vec<&'static str> {
+fn rootfs_of(store: Option<&capsa_oci::Store>, r: &capsa_oci::ImageRecord) -> Vec<&'static str> {
+    let Some(store) = store else {
+        return Vec::new();
+    };
     [
         capsa_oci::FsFormat::Erofs,
         capsa_oci::FsFormat::Ext4,
