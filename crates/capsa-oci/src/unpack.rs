@@ -479,6 +479,9 @@ impl Stager {
                     .map_err(EntryError::Fatal)?;
             } else if hidden.starts_with(b".wh.") {
                 // Other aufs metadata (.wh..wh.plnk, ...): not part of the image.
+            } else if matches!(hidden, b"" | b"." | b"..") {
+                // `.wh..` would name the parent's parent: outside the root at the top.
+                return skip("whiteout of `.`, `..` or nothing".into());
             } else {
                 let target = parent_rel.join(OsStr::from_bytes(hidden));
                 // A whiteout hides lower layers only, never what this same layer added.

@@ -357,3 +357,32 @@ fn garbage_layer_is_a_clear_error() {
     assert!(matches!(err, OciError::BadLayer { .. }), "{err}");
     assert!(err.to_string().contains("junk"), "{err}");
 }
+
+#[test]
+fn whiteouts_of_dot_and_dotdot_remove_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let host = work.path().join("host-file");
+    std::fs::write(&host, "keep").unwrap();
+    let l1 = layer(&[E::File("d/keep", 0o644, b"k"), E::File("top", 0o644, b"t")]);
+    let l2 = layer(&[
+        E::File(".wh...", 0o644, b""),
+        E::File(".wh..", 0o644, b""),
+        E::File(".wh.", 0o644, b""),
+        E::File("d/.wh...", 0o644, b""),
+        E::File("d/.wh..", 0o644, b""),
+    ]);
+    let mut st = Stager::new(&root, Limits::default()).unwrap();
+    st.apply_layer(&l1[..], Compression::None, "l1").unwrap();
+    st.apply_layer(&l2[..], Compression::None, "l2").unwrap();
+    let report = st.finish().unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&host).unwrap(),
+        "keep",
+        "host file outside the root survives"
+    );
+    assert_eq!(std::fs::read_to_string(root.join("d/keep")).unwrap(), "k");
+    assert_eq!(std::fs::read_to_string(root.join("top")).unwrap(), "t");
+    assert!(report.skipped.len() >= 4, "{:?}", report.skipped);
+}
