@@ -16,6 +16,10 @@ command -v readelf >/dev/null 2>&1 || need_pkgs+=(binutils)
 command -v curl >/dev/null 2>&1 || need_pkgs+=(curl)
 # The interactive-terminal tests (crates/capsa-cli/tests/tty.rs) drive the CLI in tmux.
 command -v tmux >/dev/null 2>&1 || need_pkgs+=(tmux)
+# OCI images become read-only root filesystems (crates/capsa-oci): mkfs.ext4 + debugfs, mkfs.erofs.
+{ [ -x /usr/sbin/mkfs.ext4 ] || [ -x /sbin/mkfs.ext4 ]; } && { [ -x /usr/sbin/debugfs ] || [ -x /sbin/debugfs ]; } \
+  || need_pkgs+=(e2fsprogs)
+command -v mkfs.erofs >/dev/null 2>&1 || [ -x /usr/bin/mkfs.erofs ] || need_pkgs+=(erofs-utils)
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
   need_pkgs+=(python3 python3-venv)
 fi

@@ -1,4 +1,4 @@
-//! `capsa image`: guest bundles in the cache.
+//! `capsa image`: guest bundles and OCI images in the cache.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -24,10 +24,20 @@ pub enum ImageCmd {
         #[arg(long = "module")]
         modules: Vec<String>,
     },
-    /// Remove a cached bundle.
+    /// Remove a cached bundle, or an OCI image (by name or digest prefix).
     Rm {
-        /// Bundle id (or a unique prefix) as shown by `capsa image ls`.
+        /// Bundle id or image name/digest (or a unique prefix) as shown by `capsa image ls`.
         id: String,
+    },
+    /// Load an OCI image layout directory, an OCI archive or a `docker save` tar into the image
+    /// store, and convert it to a read-only root filesystem image.
+    Load {
+        /// Directory (with index.json) or tar file (`docker save`, `podman save`, `skopeo copy ... oci-archive:`).
+        path: PathBuf,
+        /// Filesystem format of the converted root: erofs (default), ext4, erofs-lz4hc, or none to
+        /// only store the image.
+        #[arg(long, default_value = "erofs")]
+        convert: String,
     },
 }
 
@@ -37,6 +47,17 @@ pub async fn run(cmd: ImageCmd) -> anyhow::Result<ExitCode> {
             let list = tokio::task::spawn_blocking(|| capsa_image::list(None))
                 .await?
                 .map_err(capsa::Error::from)?;
+            // The image store must not keep bundles from being listed.
+            let (store, images) = match capsa_oci::Store::open_default().and_then(|s| {
+                let l = s.list()?;
+                Ok((Some(s), l))
+            }) {
+                Ok(x) => x,
+                Err(e) => {
+                    eprintln!("warning: cannot list OCI images: {e}");
+                    (None, Vec::new())
+                }
+            };
             if json {
                 let items: Vec<_> = list
                     .iter()
@@ -52,6 +73,24 @@ pub async fn run(cmd: ImageCmd) -> anyhow::Result<ExitCode> {
                         })
                     })
                     .collect();
+                let mut items: Vec<serde_json::Value> = items
+                    .into_iter()
+                    .map(|mut v| {
+                        v["kind"] = "bundle".into();
+                        v
+                    })
+                    .collect();
+                for r in &images {
+                    items.push(serde_json::json!({
+                        "kind": "image",
+                        "id": r.short_id(),
+                        "digest": r.digest.as_str(),
+                        "names": r.names,
+                        "layers": r.layers.len(),
+                        "size_bytes": r.size,
+                        "rootfs": rootfs_of(store.as_ref(), r),
+                    }));
+                }
                 println!("{}", serde_json::to_string_pretty(&items)?);
             } else {
                 println!(
@@ -66,6 +105,23 @@ pub async fn run(cmd: ImageCmd) -> anyhow::Result<ExitCode> {
                         b.size_bytes / (1 << 20),
                         b.kernel.display()
                     );
+                }
+                if !images.is_empty() {
+                    println!();
+                    println!(
+                        "{:<14} {:>6} {:>9}  {:<12} NAMES",
+                        "IMAGE", "LAYERS", "SIZE", "ROOTFS"
+                    );
+                    for r in &images {
+                        println!(
+                            "{:<14} {:>6} {:>8}M  {:<12} {}",
+                            r.short_id(),
+                            r.layers.len(),
+                            r.size / (1 << 20),
+                            rootfs_of(store.as_ref(), r).join(","),
+                            r.names.join(", ")
+                        );
+                    }
                 }
             }
         }
@@ -85,10 +141,98 @@ pub async fn run(cmd: ImageCmd) -> anyhow::Result<ExitCode> {
             println!("{}", b.id);
         }
         ImageCmd::Rm { id } => {
-            tokio::task::spawn_blocking(move || capsa_image::remove(None, &id))
-                .await?
-                .map_err(capsa::Error::from)?;
+            let id2 = id.clone();
+            let bundle =
+                tokio::task::spawn_blocking(move || capsa_image::remove(None, &id2)).await?;
+            if let Err(bundle_err) = bundle {
+                // Not a bundle: maybe an OCI image.
+                let store = capsa_oci::Store::open_default()?;
+                match store.remove(&id) {
+                    Ok(rec) => eprintln!("removed image {}", rec.digest),
+                    Err(capsa_oci::OciError::UnknownImage(_)) => {
+                        return Err(capsa::Error::from(bundle_err).into())
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        ImageCmd::Load { path, convert } => {
+            let format = match convert.as_str() {
+                "none" => None,
+                f => Some(capsa_oci::FsFormat::parse(f).with_context(|| {
+                    format!("unknown --convert {f:?}; use erofs, ext4, erofs-lz4hc or none")
+                })?),
+            };
+            let start = std::time::Instant::now();
+            let recs = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<String>> {
+                let store = capsa_oci::Store::open_default()?;
+                let progress = Progress::new();
+                let step = progress.spinner(format!("verifying and storing {}", path.display()));
+                let recs = store
+                    .load(&path)
+                    .with_context(|| format!("loading {}", path.display()))?;
+                step.finish("stored");
+                let mut lines = Vec::new();
+                for r in &recs {
+                    let mut line = format!("{} {}", r.digest, r.names.join(","));
+                    if let Some(format) = format {
+                        let step = progress.spinner(format!(
+                            "converting {} to {}",
+                            r.short_id(),
+                            format.ext()
+                        ));
+                        let t = std::time::Instant::now();
+                        let root = store.rootfs_with(
+                            r,
+                            format,
+                            capsa_oci::Limits::default(),
+                            &mut |s| match s {
+                                capsa_oci::ConvertStep::Layer { index, count, size } => step
+                                    .set_message(format!(
+                                        "unpacking layer {}/{count} ({:.1} MB)",
+                                        index + 1,
+                                        size as f64 / 1e6
+                                    )),
+                                capsa_oci::ConvertStep::Mkfs { format } => {
+                                    step.set_message(format!("building the {} image", format.ext()))
+                                }
+                            },
+                        )?;
+                        step.finish(format!("converted in {:.2?}", t.elapsed()));
+                        if let Some(rep) = &root.report {
+                            for s in &rep.skipped {
+                                eprintln!("note: left out {}: {}", s.path, s.reason);
+                            }
+                        }
+                        line.push_str(&format!(" {}", root.image.path.display()));
+                    }
+                    lines.push(line);
+                }
+                Ok(lines)
+            })
+            .await
+            .context("image load task")??;
+            eprintln!("loaded in {:.2?}", start.elapsed());
+            for l in recs {
+                println!("{l}");
+            }
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Formats already converted for an image.
+fn rootfs_of(store: Option<&capsa_oci::Store>, r: &capsa_oci::ImageRecord) -> Vec<&'static str> {
+    let Some(store) = store else {
+        return Vec::new();
+    };
+    [
+        capsa_oci::FsFormat::Erofs,
+        capsa_oci::FsFormat::Ext4,
+        capsa_oci::FsFormat::ErofsLz4hc,
+    ]
+    .into_iter()
+    .filter(|f| store.rootfs_path(r, *f).exists())
+    .map(|f| f.ext())
+    .collect()
 }
