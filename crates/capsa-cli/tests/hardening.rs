@@ -3,104 +3,21 @@
 //! per command, a frozen sandbox stalls no other, shell exit codes for
 //! programs that cannot start, no silently ignored `CAPSA_HOST`.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-fn bin(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_BIN_EXE_capsa")).with_file_name(name)
-}
+mod common;
 
-fn ensure_binaries() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let st = Command::new(env!("CARGO"))
-            .args(["build", "-p", "capsad", "-p", "capsa-vmm"])
-            .status()
-            .expect("running cargo");
-        assert!(st.success(), "cannot build capsad and capsa-vmm");
-    });
-}
+use common::Daemon;
 
-/// A capsad on a private state dir; the direct CLI uses the same dir.
-struct Daemon {
-    child: Child,
-    dir: tempfile::TempDir,
-}
-
-impl Daemon {
-    fn start() -> Self {
-        ensure_binaries();
-        let dir = tempfile::Builder::new()
-            .prefix("ch")
-            .tempdir_in("/tmp")
-            .unwrap();
-        let child = Command::new(bin("capsad"))
-            .arg("--state-dir")
-            .arg(dir.path())
-            .arg("--snapshot-dir")
-            .arg(dir.path().join("snaps"))
-            .env("CAPSA_VMM", bin("capsa-vmm"))
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawning capsad");
-        let sock = dir.path().join("capsad.sock");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-            assert!(Instant::now() < deadline, "capsad does not accept");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Self { child, dir }
-    }
-
-    fn capsa(&self, host: bool) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_capsa"));
-        c.env_remove("CAPSA_HOST")
-            .env("CAPSA_STATE_DIR", self.dir.path())
-            .env("CAPSA_SNAPSHOT_DIR", self.dir.path().join("local-snaps"))
-            .env("CAPSA_VMM", bin("capsa-vmm"))
-            .stdin(Stdio::null());
-        if host {
-            c.arg("--host").arg(self.dir.path().join("capsad.sock"));
-        }
-        c
-    }
-
-    fn run(&self, host: bool, args: &[&str]) -> Output {
-        self.capsa(host).args(args).output().expect("running capsa")
-    }
-
-    fn ok(&self, host: bool, args: &[&str]) -> String {
-        let o = self.run(host, args);
-        assert!(
-            o.status.success(),
-            "capsa {args:?} (host: {host}) failed\nstdout: {}\nstderr: {}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-
-    fn record(&self, name: &str) -> serde_json::Value {
-        let ps: Vec<serde_json::Value> =
-            serde_json::from_str(&self.ok(false, &["ps", "--json"])).unwrap();
-        ps.into_iter()
-            .find(|v| v["name"] == name)
-            .unwrap_or_else(|| panic!("{name} is not listed"))
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(rd) = std::fs::read_dir(self.dir.path().join("sandboxes")) {
-            for e in rd.flatten() {
-                let n = e.file_name().to_string_lossy().into_owned();
-                let _ = self.run(false, &["rm", "--force", &n]);
-            }
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The record of `name` from `capsa ps --json`.
+fn record(d: &Daemon, name: &str) -> serde_json::Value {
+    let ps: Vec<serde_json::Value> =
+        serde_json::from_str(&d.ok_on(false, &["ps", "--json"])).unwrap();
+    ps.into_iter()
+        .find(|v| v["name"] == name)
+        .unwrap_or_else(|| panic!("{name} is not listed"))
 }
 
 fn fd_count(pid: u64) -> usize {
@@ -118,26 +35,26 @@ fn within(before: usize, after: usize, what: &str) {
 
 #[test]
 fn exec_leaks_no_descriptors_direct_or_through_capsad() {
-    let d = Daemon::start();
-    d.ok(false, &["create", "--name", "fd", "--memory", "256M"]);
-    let monitor = d.record("fd")["monitor_pid"].as_u64().unwrap();
+    let d = Daemon::start("ch", &[]);
+    d.ok_on(false, &["create", "--name", "fd", "--memory", "256M"]);
+    let monitor = record(&d, "fd")["monitor_pid"].as_u64().unwrap();
     let capsad = u64::from(d.child.id());
     // Warm both paths once (capsad caches its attachment on first use).
-    d.ok(false, &["exec", "fd", "--", "true"]);
-    d.ok(true, &["exec", "fd", "--", "true"]);
+    d.ok_on(false, &["exec", "fd", "--", "true"]);
+    d.ok_on(true, &["exec", "fd", "--", "true"]);
 
     let before = fd_count(monitor);
     for i in 0..500 {
-        let o = d.run(false, &["exec", "fd", "--", "true"]);
+        let o = d.run_on(false, &["exec", "fd", "--", "true"]);
         assert!(o.status.success(), "direct exec {i}: {o:?}");
     }
     // A few stop/kill-free verbs that used to attach the console too.
-    d.ok(false, &["inspect", "fd"]);
+    d.ok_on(false, &["inspect", "fd"]);
     within(before, fd_count(monitor), "monitor after 500 direct execs");
 
     let (m0, c0) = (fd_count(monitor), fd_count(capsad));
     for i in 0..500 {
-        let o = d.run(true, &["exec", "fd", "--", "true"]);
+        let o = d.run_on(true, &["exec", "fd", "--", "true"]);
         assert!(o.status.success(), "exec via capsad {i}: {o:?}");
     }
     within(m0, fd_count(monitor), "monitor after 500 execs via capsad");
@@ -146,12 +63,12 @@ fn exec_leaks_no_descriptors_direct_or_through_capsad() {
 
 #[test]
 fn a_frozen_sandbox_stalls_no_other_and_can_still_be_killed() {
-    let d = Daemon::start();
+    let d = Daemon::start("ch", &[]);
     // `frozen` is made without the daemon, so capsad has never attached it.
-    d.ok(false, &["create", "--name", "frozen", "--memory", "256M"]);
-    d.ok(true, &["create", "--name", "fine", "--memory", "256M"]);
-    d.ok(true, &["exec", "fine", "--", "true"]);
-    let qemu = d.record("frozen")["vmm_pid"].as_u64().unwrap() as i32;
+    d.ok_on(false, &["create", "--name", "frozen", "--memory", "256M"]);
+    d.ok_on(true, &["create", "--name", "fine", "--memory", "256M"]);
+    d.ok_on(true, &["exec", "fine", "--", "true"]);
+    let qemu = record(&d, "frozen")["vmm_pid"].as_u64().unwrap() as i32;
     // SAFETY: stopping a QEMU this test started; its agent then never answers.
     assert_eq!(unsafe { libc::kill(qemu, libc::SIGSTOP) }, 0);
 
@@ -168,7 +85,7 @@ fn a_frozen_sandbox_stalls_no_other_and_can_still_be_killed() {
     for _ in 0..3 {
         let t = Instant::now();
         assert_eq!(
-            d.ok(true, &["exec", "fine", "--", "echo", "ok"]).trim(),
+            d.ok_on(true, &["exec", "fine", "--", "echo", "ok"]).trim(),
             "ok"
         );
         let took = t.elapsed();
@@ -179,13 +96,13 @@ fn a_frozen_sandbox_stalls_no_other_and_can_still_be_killed() {
     }
     // kill needs only the monitor, not the frozen agent.
     let t = Instant::now();
-    d.ok(true, &["kill", "frozen"]);
+    d.ok_on(true, &["kill", "frozen"]);
     assert!(
         t.elapsed() < Duration::from_secs(15),
         "kill took {:?}",
         t.elapsed()
     );
-    assert_eq!(d.record("frozen")["state"], "stopped");
+    assert_eq!(record(&d, "frozen")["state"], "stopped");
     let mut stuck = stuck;
     let _ = stuck.kill();
     let _ = stuck.wait();
@@ -193,29 +110,29 @@ fn a_frozen_sandbox_stalls_no_other_and_can_still_be_killed() {
 
 #[test]
 fn programs_that_cannot_start_exit_127_and_126_everywhere() {
-    let d = Daemon::start();
-    d.ok(true, &["create", "--name", "codes", "--memory", "256M"]);
+    let d = Daemon::start("ch", &[]);
+    d.ok_on(true, &["create", "--name", "codes", "--memory", "256M"]);
     for host in [false, true] {
-        let o = d.run(host, &["exec", "codes", "--", "no-such-program"]);
+        let o = d.run_on(host, &["exec", "codes", "--", "no-such-program"]);
         assert_eq!(o.status.code(), Some(127), "host {host}: {o:?}");
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains("no-such-program"), "host {host}: {err}");
         // The interactive path (a WebSocket through capsad) agrees.
-        let o = d.run(host, &["exec", "-i", "codes", "--", "no-such-program"]);
+        let o = d.run_on(host, &["exec", "-i", "codes", "--", "no-such-program"]);
         assert_eq!(o.status.code(), Some(127), "-i, host {host}: {o:?}");
-        let o = d.run(host, &["exec", "codes", "--", "/etc/passwd"]);
+        let o = d.run_on(host, &["exec", "codes", "--", "/etc/passwd"]);
         assert_eq!(o.status.code(), Some(126), "host {host}: {o:?}");
         // A missing working directory is not a missing program.
-        let o = d.run(host, &["exec", "codes", "-w", "/nope", "--", "true"]);
+        let o = d.run_on(host, &["exec", "codes", "-w", "/nope", "--", "true"]);
         assert_eq!(o.status.code(), Some(1), "host {host}: {o:?}");
     }
-    let o = d.run(false, &["run", "--memory", "256M", "--", "no-such-program"]);
+    let o = d.run_on(false, &["run", "--memory", "256M", "--", "no-such-program"]);
     assert_eq!(o.status.code(), Some(127), "{o:?}");
-    let o = d.run(false, &["run", "--memory", "256M", "--", "/etc/passwd"]);
+    let o = d.run_on(false, &["run", "--memory", "256M", "--", "/etc/passwd"]);
     assert_eq!(o.status.code(), Some(126), "{o:?}");
 
     // CAPSA_HOST is never ignored silently by a local-only command.
-    let sock = d.dir.path().join("capsad.sock");
+    let sock = d.socket();
     for args in [&["run", "--", "true"][..], &["doctor"][..]] {
         let o = d
             .capsa(false)
@@ -257,8 +174,8 @@ fn tree(root: &Path) -> Vec<(String, u32, i64, Vec<u8>)> {
 #[test]
 fn cp_is_recursive_both_ways_direct_and_through_capsad() {
     use std::os::unix::fs::PermissionsExt;
-    let d = Daemon::start();
-    d.ok(true, &["create", "--name", "cpy", "--memory", "256M"]);
+    let d = Daemon::start("ch", &[]);
+    d.ok_on(true, &["create", "--name", "cpy", "--memory", "256M"]);
     let host = tempfile::tempdir().unwrap();
     let src = host.path().join("src");
     std::fs::create_dir_all(src.join("a/b/c")).unwrap();
@@ -281,9 +198,9 @@ fn cp_is_recursive_both_ways_direct_and_through_capsad() {
     let want = tree(&src);
     for host_face in [false, true] {
         let guest = format!("cpy:/tmp/t-{host_face}");
-        d.ok(host_face, &["cp", src.to_str().unwrap(), &guest]);
+        d.ok_on(host_face, &["cp", src.to_str().unwrap(), &guest]);
         let back = host.path().join(format!("back-{host_face}"));
-        d.ok(host_face, &["cp", &guest, back.to_str().unwrap()]);
+        d.ok_on(host_face, &["cp", &guest, back.to_str().unwrap()]);
         let got = tree(&back);
         // Directory mtimes change as the copy fills them; files keep theirs.
         let files = |t: &[(String, u32, i64, Vec<u8>)]| {

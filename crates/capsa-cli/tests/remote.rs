@@ -2,83 +2,28 @@
 //! `create --from-snapshot`, the `pool` commands, and the POOL column of
 //! `capsa ps` both through the daemon and directly.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
-fn bin(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_BIN_EXE_capsa")).with_file_name(name)
+mod common;
+
+use common::Daemon;
+
+/// The `--host` face of the daemon, and the helpers of these tests.
+trait Host {
+    fn run(&self, args: &[&str]) -> Output;
+    fn ok(&self, args: &[&str]) -> String;
+    fn err(&self, args: &[&str]) -> String;
+    fn pool_ready(&self, name: &str) -> u64;
 }
 
-/// capsad and capsa-vmm are other packages' binaries: (re)build them, so a
-/// stale capsad never answers for this source (a no-op when fresh).
-fn ensure_binaries() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let st = Command::new(env!("CARGO"))
-            .args(["build", "-p", "capsad", "-p", "capsa-vmm"])
-            .status()
-            .expect("running cargo");
-        assert!(st.success(), "cannot build capsad and capsa-vmm");
-    });
-}
-
-struct Daemon {
-    child: Child,
-    dir: tempfile::TempDir,
-}
-
-impl Daemon {
-    fn start(extra: &[&str]) -> Self {
-        ensure_binaries();
-        let dir = tempfile::Builder::new()
-            .prefix("cr")
-            .tempdir_in("/tmp")
-            .unwrap();
-        let child = Command::new(bin("capsad"))
-            .arg("--state-dir")
-            .arg(dir.path())
-            .arg("--snapshot-dir")
-            .arg(dir.path().join("snaps"))
-            .args(extra)
-            .env("CAPSA_VMM", bin("capsa-vmm"))
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawning capsad");
-        let sock = dir.path().join("capsad.sock");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-            assert!(Instant::now() < deadline, "capsad does not accept");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Self { child, dir }
-    }
-
-    fn capsa(&self, host: bool) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_capsa"));
-        c.env_remove("CAPSA_HOST")
-            .env("CAPSA_STATE_DIR", self.dir.path())
-            .env("CAPSA_SNAPSHOT_DIR", self.dir.path().join("local-snaps"))
-            .stdin(Stdio::null());
-        if host {
-            c.arg("--host").arg(self.dir.path().join("capsad.sock"));
-        }
-        c
-    }
-
+impl Host for Daemon {
     fn run(&self, args: &[&str]) -> Output {
-        self.capsa(true).args(args).output().expect("running capsa")
+        self.run_on(true, args)
     }
 
     fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(
-            o.status.success(),
-            "capsa --host {args:?} failed\nstdout: {}\nstderr: {}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
+        self.ok_on(true, args)
     }
 
     fn err(&self, args: &[&str]) -> String {
@@ -98,32 +43,9 @@ impl Daemon {
     }
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        // Members and sandboxes are kept by monitors: remove them all.
-        if let Ok(rd) = std::fs::read_dir(self.dir.path().join("sandboxes")) {
-            for e in rd.flatten() {
-                let n = e.file_name().to_string_lossy().into_owned();
-                let _ = self.capsa(false).args(["rm", "-f", &n]).output();
-            }
-        }
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !matches!(self.child.try_wait(), Ok(Some(_))) {
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
 #[test]
 fn host_snapshot_and_pool_commands() {
-    let d = Daemon::start(&["--pool", "p=1,memory=256"]);
+    let d = Daemon::start("cr", &["--pool", "p=1,memory=256"]);
 
     // Bad input, each with its fix.
     let e = d.err(&["pool", "create", "q", "--size", "0"]);

@@ -17,9 +17,7 @@ fn capsa_bin() -> &'static str {
     env!("CARGO_BIN_EXE_capsa")
 }
 
-fn bin(name: &str) -> PathBuf {
-    Path::new(capsa_bin()).with_file_name(name)
-}
+mod common;
 
 /// A private tmux server with one 100x30 pane running `sh`, whose
 /// environment points capsa at `state`.
@@ -596,59 +594,24 @@ fn run_exec_and_attach_in_a_real_terminal() {
     attach_survives_resize(&mut t, "attach box");
 }
 
-/// capsad (and capsa-vmm) are other packages' binaries: (re)build them.
-fn ensure_daemon_binaries() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let st = Command::new(env!("CARGO"))
-            .args(["build", "-p", "capsad", "-p", "capsa-vmm"])
-            .status()
-            .expect("running cargo");
-        assert!(st.success(), "cannot build capsad and capsa-vmm");
-    });
-}
-
+/// Stops the daemon when the test ends, however it ends.
 struct Daemon {
     child: Child,
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let end = Instant::now() + Duration::from_secs(20);
-        while !matches!(self.child.try_wait(), Ok(Some(_))) {
-            if Instant::now() > end {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        common::stop_child(&mut self.child);
     }
 }
 
 #[test]
 fn exec_and_attach_through_capsad_in_a_real_terminal() {
-    ensure_daemon_binaries();
     let st = StateDir::new("cd");
     let sock = st.path().join("capsad.sock");
     let _daemon = Daemon {
-        child: Command::new(bin("capsad"))
-            .arg("--state-dir")
-            .arg(st.path())
-            .arg("--snapshot-dir")
-            .arg(st.path().join("dsnaps"))
-            .env("CAPSA_VMM", bin("capsa-vmm"))
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawning capsad"),
+        child: common::spawn_capsad(st.path(), &st.path().join("dsnaps"), &[]),
     };
-    let end = Instant::now() + Duration::from_secs(30);
-    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-        assert!(Instant::now() < end, "capsad does not accept");
-        std::thread::sleep(Duration::from_millis(20));
-    }
     let host = format!("unix://{}", sock.display());
     let mut env = st.env();
     env.push(("CAPSA_HOST", host.clone()));
