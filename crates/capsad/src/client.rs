@@ -335,36 +335,7 @@ impl Client {
             if n == 0 {
                 return Ok(None);
             }
-            let ev: ExecEvent = serde_json::from_slice(&line)
-                .map_err(|e| ClientError::Decode(format!("exec event: {e}")))?;
-            let b64 = |d: &str| {
-                base64::engine::general_purpose::STANDARD
-                    .decode(d)
-                    .map_err(|e| ClientError::Decode(format!("exec data: {e}")))
-            };
-            let chunk = match ev {
-                ExecEvent::Stdout { data } => ExecChunk::Stdout(b64(&data)?),
-                ExecEvent::Stderr { data } => ExecChunk::Stderr(b64(&data)?),
-                ExecEvent::Exit {
-                    code,
-                    signal,
-                    timed_out,
-                } => ExecChunk::Exit {
-                    code,
-                    signal,
-                    timed_out,
-                },
-                ExecEvent::Error { code, message } => {
-                    return Err(ClientError::Api {
-                        status: StatusCode::OK,
-                        detail: ErrorDetail {
-                            code,
-                            message,
-                            fix: None,
-                        },
-                    })
-                }
-            };
+            let chunk = decode_exec_event(&line)?;
             Ok(Some((chunk, r)))
         });
         Ok(Box::pin(lines))
@@ -595,6 +566,41 @@ fn empty() -> ReqBody {
 
 fn full(b: Bytes) -> ReqBody {
     BodyExt::boxed_unsync(Full::new(b).map_err(|never| match never {}))
+}
+
+/// One exec event (an NDJSON line or a WebSocket text frame) as a chunk; an
+/// `error` event becomes the API error it carries.
+fn decode_exec_event(raw: &[u8]) -> Result<ExecChunk> {
+    let ev: ExecEvent =
+        serde_json::from_slice(raw).map_err(|e| ClientError::Decode(format!("exec event: {e}")))?;
+    let b64 = |d: &str| {
+        base64::engine::general_purpose::STANDARD
+            .decode(d)
+            .map_err(|e| ClientError::Decode(format!("exec data: {e}")))
+    };
+    Ok(match ev {
+        ExecEvent::Stdout { data } => ExecChunk::Stdout(b64(&data)?),
+        ExecEvent::Stderr { data } => ExecChunk::Stderr(b64(&data)?),
+        ExecEvent::Exit {
+            code,
+            signal,
+            timed_out,
+        } => ExecChunk::Exit {
+            code,
+            signal,
+            timed_out,
+        },
+        ExecEvent::Error { code, message } => {
+            return Err(ClientError::Api {
+                status: StatusCode::OK,
+                detail: ErrorDetail {
+                    code,
+                    message,
+                    fix: None,
+                },
+            })
+        }
+    })
 }
 
 fn enc(s: &str) -> String {

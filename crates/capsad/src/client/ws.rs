@@ -1,7 +1,6 @@
 //! The WebSocket endpoints from the client side: interactive exec (stdin,
 //! resizes and signals in; output and the exit out) and the live console.
 
-use base64::Engine as _;
 use bytes::Bytes;
 use futures::stream::SplitSink;
 use futures::{SinkExt, StreamExt};
@@ -11,8 +10,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest, protocol::WebSocketConfig};
 
 use super::{sb_path, BoxStream, Client, ClientError, ExecChunk, Result, Transport};
-use crate::api::{ExecEvent, ExecRequest};
-use crate::error::{ErrorBody, ErrorDetail};
+use crate::api::ExecRequest;
+use crate::error::ErrorBody;
 
 /// Either transport, boxed.
 trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
@@ -211,34 +210,5 @@ impl Client {
 }
 
 fn decode_event(text: &str) -> Result<ExecChunk> {
-    let ev: ExecEvent =
-        serde_json::from_str(text).map_err(|e| ClientError::Decode(format!("exec event: {e}")))?;
-    let b64 = |d: &str| {
-        base64::engine::general_purpose::STANDARD
-            .decode(d)
-            .map_err(|e| ClientError::Decode(format!("exec data: {e}")))
-    };
-    Ok(match ev {
-        ExecEvent::Stdout { data } => ExecChunk::Stdout(b64(&data)?),
-        ExecEvent::Stderr { data } => ExecChunk::Stderr(b64(&data)?),
-        ExecEvent::Exit {
-            code,
-            signal,
-            timed_out,
-        } => ExecChunk::Exit {
-            code,
-            signal,
-            timed_out,
-        },
-        ExecEvent::Error { code, message } => {
-            return Err(ClientError::Api {
-                status: StatusCode::OK,
-                detail: ErrorDetail {
-                    code,
-                    message,
-                    fix: None,
-                },
-            })
-        }
-    })
+    super::decode_exec_event(text.as_bytes())
 }
