@@ -534,3 +534,51 @@ async fn disks_outside_the_allow_list_are_refused() {
     assert!(String::from_utf8_lossy(&b).contains("empty"));
     assert!(c.list().await.unwrap().is_empty(), "nothing was created");
 }
+
+/// With `--socket PATH` the token is written beside the socket, where
+/// `capsa --host unix://PATH` looks for it; an open state dir is refused.
+#[tokio::test]
+async fn the_token_lives_beside_the_socket() {
+    let state = tempfile::Builder::new()
+        .prefix("cs")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let sockdir = tempfile::Builder::new()
+        .prefix("ck")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let socket = sockdir.path().join("api.sock");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_capsad"))
+        .arg("--state-dir")
+        .arg(state.path())
+        .arg("--socket")
+        .arg(&socket)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let token = sockdir.path().join("capsad.token");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(std::time::Instant::now() < deadline, "capsad did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(token.exists(), "no token beside the socket");
+    assert!(!state.path().join("capsad.token").exists());
+    let t = std::fs::read_to_string(&token).unwrap();
+    let c = Client::connect(&socket, t.trim()).unwrap();
+    assert_eq!(c.health().await.unwrap().status, "ok");
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // A state dir others can write is refused before anything is served.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(state.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_capsad"))
+        .arg("--state-dir")
+        .arg(state.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unsafe") && err.contains("fix"), "{err}");
+}
