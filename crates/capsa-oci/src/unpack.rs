@@ -245,6 +245,28 @@ const RESOLVE: ResolveFlags = ResolveFlags::IN_ROOT
     .union(ResolveFlags::NO_XDEV);
 
 impl Stager {
+    /// Gives the entry `name` in `parent` the tar's owner (not following a
+    /// final symlink); only root can, so unprivileged staging keeps ours.
+    fn chown_entry(
+        &self,
+        parent: &OwnedFd,
+        name: &OsStr,
+        uid: u64,
+        gid: u64,
+    ) -> Result<(), EntryError> {
+        if self.is_root {
+            rustix::fs::chownat(
+                parent,
+                name,
+                Some(rustix::fs::Uid::from_raw(uid as u32)),
+                Some(rustix::fs::Gid::from_raw(gid as u32)),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(|e| EntryError::Fatal(e.into()))?;
+        }
+        Ok(())
+    }
+
     /// Starts unpacking into `root`, which must exist and should be empty.
     pub fn new(root: &Path, limits: Limits) -> Result<Self, OciError> {
         let root_fd = rustix::fs::open(
@@ -598,16 +620,7 @@ impl Stager {
                 // Kept verbatim: it is only ever resolved inside the guest's root (or here, in-root).
                 rustix::fs::symlinkat(OsStr::from_bytes(&target), &parent, name.as_os_str())
                     .map_err(|e| EntryError::Fatal(e.into()))?;
-                if self.is_root {
-                    rustix::fs::chownat(
-                        &parent,
-                        name.as_os_str(),
-                        Some(rustix::fs::Uid::from_raw(uid as u32)),
-                        Some(rustix::fs::Gid::from_raw(gid as u32)),
-                        AtFlags::SYMLINK_NOFOLLOW,
-                    )
-                    .map_err(|e| EntryError::Fatal(e.into()))?;
-                }
+                self.chown_entry(&parent, name.as_os_str(), uid, gid)?;
                 let ts = Timespec {
                     tv_sec: mtime,
                     tv_nsec: 0,
@@ -671,16 +684,7 @@ impl Stager {
                 .map_err(|e| EntryError::Fatal(e.into()))?;
                 // fchmod/fchown do not work on O_PATH fds; go through the parent instead.
                 drop(fd);
-                if self.is_root {
-                    rustix::fs::chownat(
-                        &parent,
-                        name.as_os_str(),
-                        Some(rustix::fs::Uid::from_raw(uid as u32)),
-                        Some(rustix::fs::Gid::from_raw(gid as u32)),
-                        AtFlags::SYMLINK_NOFOLLOW,
-                    )
-                    .map_err(|e| EntryError::Fatal(e.into()))?;
-                }
+                self.chown_entry(&parent, name.as_os_str(), uid, gid)?;
                 rustix::fs::chmodat(
                     &parent,
                     name.as_os_str(),
