@@ -116,3 +116,42 @@ where
     drop(raw);
     ended
 }
+
+/// `capsa attach`: this terminal on a sandbox's live console (from any
+/// service) until Ctrl-] or the console closes; the sandbox keeps running.
+pub async fn attach(name: &str, console: capsa_api::ConsoleSession) -> anyhow::Result<()> {
+    let capsa_api::ConsoleSession { mut output, input } = console;
+    // The bridge works on byte streams: pipe the session through.
+    let (reader, mut to_reader) = tokio::io::duplex(64 * 1024);
+    let (mut from_writer, writer) = tokio::io::duplex(64 * 1024);
+    let out = tokio::spawn(async move {
+        while let Some(b) = output.recv().await {
+            if to_reader.write_all(&b).await.is_err() {
+                break;
+            }
+        }
+    });
+    let inp = tokio::spawn(async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        while let Ok(n) = from_writer.read(&mut buf).await {
+            if n == 0
+                || input
+                    .send(bytes::Bytes::copy_from_slice(&buf[..n]))
+                    .await
+                    .is_err()
+            {
+                break;
+            }
+        }
+    });
+    eprintln!("[capsa] attached to {name}; Ctrl-] detaches (the sandbox keeps running)\r");
+    let never = std::future::pending::<()>();
+    match bridge(reader, writer, never).await {
+        Ended::Closed => eprint!("\r\n[capsa] the console of {name} closed\r\n"),
+        _ => eprint!("\r\n[capsa] detached from {name}\r\n"),
+    }
+    // The bridge dropped its writer: the input task ends and the session closes.
+    let _ = tokio::time::timeout(Duration::from_secs(2), inp).await;
+    out.abort();
+    Ok(())
+}

@@ -4,8 +4,9 @@ use std::io::{Read, Write};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use capsa::{Command, ExecChild, ExitStatus};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use capsa::ExitStatus;
+use capsa_api::types::ExecRequest;
+use capsa_api::{ExecChunk, ExecControl, ExecSession};
 
 use crate::term::{Hangup, RawMode};
 
@@ -57,28 +58,35 @@ impl Finished {
     }
 }
 
-/// Builds the guest command for `argv` with the `--timeout` and terminal settings applied.
-pub fn command(argv: &[String], stdio: Stdio, timeout: Option<f64>) -> anyhow::Result<Command> {
-    let Some((program, args)) = argv.split_first() else {
+/// The service request for `argv` with the `--timeout` and terminal settings applied.
+pub fn request(argv: &[String], stdio: Stdio, timeout: Option<f64>) -> anyhow::Result<ExecRequest> {
+    if argv.is_empty() {
         anyhow::bail!("no command given: put it after `--`, e.g. `-- uname -a`");
-    };
-    let mut cmd = Command::new(program).args(args.iter().cloned());
-    if stdio.interactive {
-        cmd = cmd.stdin_piped();
     }
-    if let Some(t) = timeout {
-        if !(t.is_finite() && t > 0.0) {
-            anyhow::bail!("--timeout must be a positive number of seconds");
+    let timeout_ms = match timeout {
+        Some(t) if !(t.is_finite() && t > 0.0) => {
+            anyhow::bail!("--timeout must be a positive number of seconds")
         }
-        cmd = cmd.timeout(Duration::from_secs_f64(t));
-    }
+        Some(t) => Some((t * 1000.0).ceil().min(u64::MAX as f64) as u64),
+        None => None,
+    };
+    let mut req = ExecRequest {
+        argv: argv.to_vec(),
+        timeout_ms,
+        // A terminal needs the session's controls (resizes) even without -i.
+        interactive: stdio.interactive || stdio.tty.is_some(),
+        ..Default::default()
+    };
     if let Some((rows, cols)) = stdio.tty {
-        cmd = cmd.pty(rows, cols).env(
-            "TERM",
+        req.tty = true;
+        req.rows = Some(rows);
+        req.cols = Some(cols);
+        req.env.insert(
+            "TERM".into(),
             std::env::var("TERM").unwrap_or_else(|_| "xterm".into()),
         );
     }
-    Ok(cmd)
+    Ok(req)
 }
 
 /// The terminal size of stdin, else of stdout, if either is a terminal.
@@ -124,7 +132,9 @@ pub const HANGUP_GRACE: Duration = Duration::from_secs(2);
 /// Pumps stdin/stdout/stderr and window changes until the command ends, or
 /// Ctrl-C (outside raw mode), SIGHUP or SIGTERM. A failed resize is logged
 /// and the session goes on. The terminal mode is restored on every path.
-pub async fn drive(child: &mut ExecChild, stdio: Stdio) -> anyhow::Result<Finished> {
+/// One loop for every service: the session is the same shape whether the
+/// command runs through the local registry or a capsad.
+pub async fn drive(session: &mut ExecSession, stdio: Stdio) -> anyhow::Result<Finished> {
     let raw = if stdio.tty.is_some() && stdio.interactive {
         RawMode::enter(0)
     } else {
@@ -134,53 +144,79 @@ pub async fn drive(child: &mut ExecChild, stdio: Stdio) -> anyhow::Result<Finish
     // `kill -INT` sends it then, and it must not skip restoring the terminal.
     let mut signals = Hangup::catch()?;
     let mut winch = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())?;
-    let out = child.stdout().map(|o| tokio::spawn(pump(o, false)));
-    let err = child.stderr().map(|o| tokio::spawn(pump(o, true)));
-    if let Some(mut stdin) = child.stdin() {
-        let mut rx = stdin_chunks();
-        tokio::spawn(async move {
-            while let Some(chunk) = rx.recv().await {
-                if stdin.write_all(&chunk).await.is_err() {
-                    return;
+    let control = session.control.clone();
+    // Stdin goes in on its own task: a command that does not read its input
+    // must not stop this loop from printing its output.
+    let feeder = match &control {
+        Some(c) if stdio.interactive => {
+            let c = c.clone();
+            let mut rx = stdin_chunks();
+            Some(tokio::spawn(async move {
+                while let Some(chunk) = rx.recv().await {
+                    if c.send(ExecControl::Stdin(chunk.into())).await.is_err() {
+                        return;
+                    }
                 }
-            }
-            let _ = stdin.shutdown().await;
-        });
-    }
+                let _ = c.send(ExecControl::StdinEof).await;
+            }))
+        }
+        Some(c) => {
+            let _ = c.send(ExecControl::StdinEof).await;
+            None
+        }
+        None => None,
+    };
     let ended = loop {
         tokio::select! {
-            // Cancel-safe: losing the race to a resize loses no status.
-            s = child.wait() => break Ok(s?),
+            c = session.output.recv() => match c {
+                Some(ExecChunk::Stdout(b)) => {
+                    let mut o = std::io::stdout();
+                    o.write_all(&b)?;
+                    o.flush()?;
+                }
+                Some(ExecChunk::Stderr(b)) => {
+                    let mut e = std::io::stderr();
+                    e.write_all(&b)?;
+                    e.flush()?;
+                }
+                Some(ExecChunk::Exit(s)) => break Ok(s),
+                Some(ExecChunk::Error(e)) => return Err(e.into()),
+                None => anyhow::bail!("the exec stream ended before the command did"),
+            },
             sig = signals.recv() => break Err(sig),
             _ = winch.recv(), if stdio.tty.is_some() => {
-                if let Some((r, c)) = window_size() {
-                    if let Err(e) = child.resize(r, c).await {
-                        tracing::debug!("resizing the guest terminal to {r}x{c}: {e}");
+                if let (Some(c), Some((rows, cols))) = (&control, window_size()) {
+                    // Full only if nobody read 64 resizes; the next window
+                    // change sends the size again.
+                    if c.try_send(ExecControl::Resize { rows, cols }).is_err() {
+                        tracing::debug!("resize to {rows}x{cols} dropped");
                     }
                 }
             }
         }
     };
-    let pumps = [out, err].into_iter().flatten();
     let finished = match ended {
-        Ok(status) => {
-            for t in pumps {
-                let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
-            }
-            Finished::Exited(status)
-        }
-        Err(libc::SIGINT) => {
-            pumps.for_each(|t| t.abort());
-            Finished::Interrupted
-        }
+        Ok(status) => Finished::Exited(status),
+        Err(libc::SIGINT) => Finished::Interrupted,
         Err(sig) => {
             // What a closing terminal does to its session.
-            let _ = child.signal(libc::SIGHUP).await;
-            let _ = tokio::time::timeout(HANGUP_GRACE, child.wait()).await;
-            pumps.for_each(|t| t.abort());
+            if let Some(c) = &control {
+                let _ = c.try_send(ExecControl::Signal(libc::SIGHUP));
+                let wait_exit = async {
+                    while let Some(c) = session.output.recv().await {
+                        if matches!(c, ExecChunk::Exit(_) | ExecChunk::Error(_)) {
+                            break;
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(HANGUP_GRACE, wait_exit).await;
+            }
             Finished::Hangup(sig)
         }
     };
+    if let Some(f) = feeder {
+        f.abort();
+    }
     drop(raw);
     Ok(finished)
 }
@@ -207,65 +243,14 @@ pub fn exit_code(status: &ExitStatus) -> ExitCode {
     ExitCode::from(code)
 }
 
-/// A command that could not start: the program is missing (exit 127) or
-/// not executable (126), as a shell reports it.
-#[derive(Debug, thiserror::Error)]
-#[error("{message}")]
-pub struct NotStarted {
-    /// 127 or 126.
-    pub code: u8,
-    /// The guest's reason.
-    pub message: String,
-}
-
-/// Turns a failed start into [`NotStarted`] where the shell has a code for it.
-pub fn start_error(e: capsa::Error) -> anyhow::Error {
-    match e.spawn_exit_code() {
-        Some(code) => NotStarted {
-            code,
-            message: e.to_string(),
-        }
-        .into(),
-        None => e.into(),
-    }
-}
-
 /// The shell's code and message for a command that could not start,
-/// whichever face refused it: the direct path ([`NotStarted`]) or capsad
-/// (`command_not_found` / `command_not_executable`, before or inside an
-/// exec stream).
+/// whichever service refused it (`command_not_found` /
+/// `command_not_executable`, before or inside an exec stream).
 pub fn not_started(e: &anyhow::Error) -> Option<(u8, String)> {
-    if let Some(ns) = e.downcast_ref::<NotStarted>() {
-        return Some((ns.code, ns.message.clone()));
-    }
-    use capsad::ErrorCode as C;
-    match e.downcast_ref::<capsad::client::ClientError>()? {
-        capsad::client::ClientError::Api { detail, .. } => match detail.code {
-            C::CommandNotFound => Some((127, detail.message.clone())),
-            C::CommandNotExecutable => Some((126, detail.message.clone())),
-            _ => None,
-        },
+    let e = e.downcast_ref::<capsa_api::ApiError>()?;
+    match e.detail.code {
+        capsa_api::ErrorCode::CommandNotFound => Some((127, e.detail.message.clone())),
+        capsa_api::ErrorCode::CommandNotExecutable => Some((126, e.detail.message.clone())),
         _ => None,
-    }
-}
-
-async fn pump(mut from: capsa::ExecOutput, to_stderr: bool) {
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => {
-                let r = if to_stderr {
-                    let mut e = std::io::stderr();
-                    e.write_all(&buf[..n]).and_then(|_| e.flush())
-                } else {
-                    let mut o = std::io::stdout();
-                    o.write_all(&buf[..n]).and_then(|_| o.flush())
-                };
-                if r.is_err() {
-                    return;
-                }
-            }
-        }
     }
 }

@@ -8,10 +8,9 @@ mod exec_io;
 mod image;
 mod named;
 mod pool;
-mod remote;
 mod run;
+mod service;
 mod snapshot;
-mod target;
 mod term;
 
 use std::process::ExitCode;
@@ -29,9 +28,7 @@ struct Cli {
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
     #[command(flatten)]
-    conn: named::Conn,
-    #[command(flatten)]
-    store: snapshot::StoreArgs,
+    conn: service::Conn,
     #[command(subcommand)]
     command: Command,
 }
@@ -159,7 +156,7 @@ fn main() -> ExitCode {
             Command::Doctor => doctor::run().await,
             Command::Backends { json } => doctor::backends(json).await,
             Command::Image(cmd) => image::run(cmd).await,
-            Command::Create(a) => named::create(&cli.conn, &cli.store, a).await,
+            Command::Create(a) => named::create(&cli.conn, a).await,
             Command::Ps(a) => named::ps(&cli.conn, a).await,
             Command::Exec(a) => named::exec(&cli.conn, a).await,
             Command::Cp(a) => named::cp(&cli.conn, a).await,
@@ -170,7 +167,7 @@ fn main() -> ExitCode {
             Command::Kill(a) => named::kill(&cli.conn, a).await,
             Command::Rm(a) => named::rm(&cli.conn, a).await,
             Command::Inspect(a) => named::inspect(&cli.conn, a).await,
-            Command::Snapshot(c) => snapshot::run(&cli.conn, &cli.store, c).await,
+            Command::Snapshot(c) => snapshot::run(&cli.conn, c).await,
             Command::Pool(c) => pool::run(&cli.conn, c).await,
         }
     });
@@ -202,6 +199,9 @@ pub(crate) fn report(e: &anyhow::Error) {
     }
     if let Some(ce) = e.downcast_ref::<capsa::Error>() {
         fix = ce.fix();
+    }
+    if let Some(ae) = e.downcast_ref::<capsa_api::ApiError>() {
+        fix = ae.detail.fix.clone();
     }
     if let Some(f) = fix {
         if !e.to_string().contains(&f) {

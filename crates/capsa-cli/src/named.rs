@@ -1,32 +1,20 @@
 //! Named sandboxes that outlive the CLI: `create`, `ps`, `exec`, `cp`, `logs`,
 //! `attach`, `start`, `stop`, `kill`, `rm`, `inspect`.
 //!
-//! Each command talks either straight to the sandboxes' monitors (found in the
-//! state directory) or, with `--host`/`CAPSA_HOST`, to a `capsad` daemon.
+//! Each command turns its flags into the service's request types and calls
+//! the [`Service`](capsa_api::Service) that `--host` picks: the monitors in
+//! the state directory, or a `capsad` daemon. No command has a second path.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use capsa::{Accel, Capsa, DiskSpec};
+use capsa::Accel;
+use capsa_api::types::{AccelChoice, CreateSandboxRequest, DiskRequest};
 
 use crate::exec_io::{self, Finished, Stdio};
-use crate::target::Target;
-
-/// Options every named-sandbox command shares.
-#[derive(clap::Args, Debug, Clone)]
-pub struct Conn {
-    /// Talk to this capsad instead of the monitors directly: `unix:///path/to/capsad.sock`
-    /// (or a bare socket path).
-    #[arg(long, env = "CAPSA_HOST", global = true)]
-    pub host: Option<String>,
-    /// Bearer token file for --host (default: capsad.token next to the socket).
-    #[arg(long, env = "CAPSA_TOKEN_FILE", global = true)]
-    pub token_file: Option<PathBuf>,
-    /// State directory of the sandboxes (default: $XDG_RUNTIME_DIR/capsa, /run/capsa for root).
-    #[arg(long, env = "CAPSA_STATE_DIR", global = true)]
-    pub state_dir: Option<PathBuf>,
-}
+use crate::service::{connect, Conn, View};
 
 /// Flags of `capsa create`.
 #[derive(clap::Args, Debug)]
@@ -151,37 +139,56 @@ pub struct InspectArgs {
     pub name: String,
 }
 
-pub async fn create(
-    conn: &Conn,
-    store: &crate::snapshot::StoreArgs,
-    a: CreateArgs,
-) -> anyhow::Result<ExitCode> {
-    if let Some(snap) = &a.from_snapshot {
-        let rec = crate::snapshot::create_from(conn, store, &a, snap).await?;
-        print_created(&a, &rec)?;
-        return Ok(ExitCode::SUCCESS);
-    }
-    let target = Target::from_conn(conn)?;
-    let mut b = Capsa::sandbox()
-        .name(&a.name)
-        .cpus(a.cpus)
-        .memory_mb(a.memory)
-        .accel(a.accel);
-    for (k, v) in &a.env {
-        b = b.env(k, v);
-    }
-    if let Some(w) = &a.workdir {
-        b = b.workdir(w);
-    }
-    for d in &a.disks {
-        b = b.disk(DiskSpec::parse_cli(d));
-    }
-    let rec = target.create(b, &a).await?;
-    print_created(&a, &rec)?;
+pub async fn create(conn: &Conn, a: CreateArgs) -> anyhow::Result<ExitCode> {
+    let svc = connect(conn)?;
+    let info = svc.create(create_request(&a)).await?;
+    print_created(&a, &View::from(info))?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_created(a: &CreateArgs, rec: &crate::target::View) -> anyhow::Result<()> {
+/// The service request for `capsa create`'s flags.
+fn create_request(a: &CreateArgs) -> CreateSandboxRequest {
+    let env = a.env.iter().cloned().collect::<BTreeMap<_, _>>();
+    if let Some(snap) = &a.from_snapshot {
+        return CreateSandboxRequest {
+            name: Some(a.name.clone()),
+            env,
+            workdir: a.workdir.clone(),
+            from_snapshot: Some(snap.clone()),
+            start: true,
+            ..Default::default()
+        };
+    }
+    let disks = a
+        .disks
+        .iter()
+        .map(|d| {
+            let spec = capsa::DiskSpec::parse_cli(d);
+            DiskRequest {
+                path: spec.path.display().to_string(),
+                read_only: spec.read_only,
+                allow_device: spec.allow_device,
+            }
+        })
+        .collect();
+    CreateSandboxRequest {
+        name: Some(a.name.clone()),
+        cpus: Some(a.cpus),
+        memory_mib: Some(a.memory),
+        env,
+        workdir: a.workdir.clone(),
+        accel: Some(match a.accel {
+            Accel::Auto => AccelChoice::Auto,
+            Accel::Kvm => AccelChoice::Kvm,
+            Accel::Tcg => AccelChoice::Tcg,
+        }),
+        disks,
+        start: true,
+        from_snapshot: None,
+    }
+}
+
+fn print_created(a: &CreateArgs, rec: &View) -> anyhow::Result<()> {
     if a.json {
         println!("{}", serde_json::to_string_pretty(rec)?);
     } else {
@@ -191,8 +198,8 @@ fn print_created(a: &CreateArgs, rec: &crate::target::View) -> anyhow::Result<()
 }
 
 pub async fn ps(conn: &Conn, a: PsArgs) -> anyhow::Result<ExitCode> {
-    let target = Target::from_conn(conn)?;
-    let mut list = target.list().await?;
+    let svc = connect(conn)?;
+    let mut list: Vec<View> = svc.list().await?.into_iter().map(View::from).collect();
     list.sort_by(|x, y| x.name.cmp(&y.name));
     if a.json {
         println!("{}", serde_json::to_string_pretty(&list)?);
@@ -218,32 +225,34 @@ pub async fn ps(conn: &Conn, a: PsArgs) -> anyhow::Result<ExitCode> {
             ago(r.created_at)
         );
     }
-    // With a daemon, the pools themselves (a pool may have no member yet).
-    for line in crate::pool::summaries(conn).await {
-        println!("{line}");
+    // Where pools run (capsad), the pools themselves (a pool may have no
+    // member yet); elsewhere there are none.
+    if let Ok(pools) = svc.pool_list().await {
+        for p in pools {
+            println!(
+                "pool {}: {}/{} ready, {} starting, {} acquired ({})",
+                p.name, p.ready, p.size, p.starting, p.acquired_total, p.status
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
 
 pub async fn exec(conn: &Conn, a: ExecArgs) -> anyhow::Result<ExitCode> {
     let stdio = Stdio::from_flags(a.interactive, a.tty, a.force_tty)?;
-    let target = Target::from_conn(conn)?;
-    let mut cmd = exec_io::command(&a.command, stdio, a.timeout)?;
-    for (k, v) in &a.env {
-        cmd = cmd.env(k, v);
-    }
-    if let Some(w) = &a.workdir {
-        cmd = cmd.current_dir(w);
-    }
-    let mut child = target.spawn(&a.name, &cmd, stdio).await?;
-    match child.drive(stdio).await? {
+    let svc = connect(conn)?;
+    let mut req = exec_io::request(&a.command, stdio, a.timeout)?;
+    req.env.extend(a.env.iter().cloned());
+    req.cwd = a.workdir.clone();
+    let mut session = svc.exec(&a.name, req).await?;
+    match exec_io::drive(&mut session, stdio).await? {
         Finished::Exited(s) => Ok(exec_io::exit_code(&s)),
         ended => {
-            // The sandbox stays; only the command goes.
+            // The sandbox stays; only the command goes (dropping the session ends it).
             if matches!(ended, Finished::Interrupted) {
                 eprintln!("[capsa] interrupted; killing the command (the sandbox keeps running)");
             }
-            let _ = child.kill().await;
+            drop(session);
             Ok(ended.signal_code().unwrap_or(ExitCode::FAILURE))
         }
     }
@@ -270,13 +279,16 @@ fn parse_cp_end(s: &str) -> CpEnd {
 }
 
 pub async fn cp(conn: &Conn, a: CpArgs) -> anyhow::Result<ExitCode> {
-    let target = Target::from_conn(conn)?;
+    let svc = connect(conn)?;
     match (parse_cp_end(&a.src), parse_cp_end(&a.dst)) {
         (CpEnd::Host(h), CpEnd::Guest { name, path }) => {
-            target.copy_in(&name, &h, &path).await?;
+            let fs = svc.files(&name).await?;
+            capsa::copy::copy_in(fs.as_ref(), &h, &path).await?;
         }
         (CpEnd::Guest { name, path }, CpEnd::Host(h)) => {
-            target.copy_out(&name, &path, &h).await?;
+            let fs = svc.files(&name).await?;
+            let opts = capsa::CopyOutOptions::default();
+            capsa::copy::copy_out(fs.as_ref(), &path, &h, &opts).await?;
         }
         (CpEnd::Host(_), CpEnd::Host(_)) => anyhow::bail!(
             "neither side of `capsa cp` names a sandbox: write one side as NAME:/absolute/guest/path"
@@ -289,20 +301,34 @@ pub async fn cp(conn: &Conn, a: CpArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn logs(conn: &Conn, a: LogsArgs) -> anyhow::Result<ExitCode> {
-    let target = Target::from_conn(conn)?;
-    target.logs(&a.name, a.follow).await?;
-    Ok(ExitCode::SUCCESS)
+    use futures::StreamExt;
+    use std::io::Write;
+    let svc = connect(conn)?;
+    let mut s = svc.console_log(&a.name, a.follow).await?;
+    let mut out = std::io::stdout();
+    loop {
+        tokio::select! {
+            item = s.next() => match item {
+                Some(chunk) => {
+                    out.write_all(&chunk?)?;
+                    out.flush()?;
+                }
+                None => return Ok(ExitCode::SUCCESS),
+            },
+            _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
+        }
+    }
 }
 
 pub async fn attach(conn: &Conn, a: NameArgs) -> anyhow::Result<ExitCode> {
-    let target = Target::from_conn(conn)?;
-    target.attach(&a.name).await?;
+    let svc = connect(conn)?;
+    let console = svc.console_attach(&a.name).await?;
+    crate::console_io::attach(&a.name, console).await?;
     Ok(ExitCode::SUCCESS)
 }
 
 pub async fn start(conn: &Conn, a: NameArgs) -> anyhow::Result<ExitCode> {
-    let target = Target::from_conn(conn)?;
-    target.start(&a.name).await?;
+    connect(conn)?.start(&a.name).await?;
     println!("{}", a.name);
     Ok(ExitCode::SUCCESS)
 }
@@ -311,30 +337,28 @@ pub async fn stop(conn: &Conn, a: StopArgs) -> anyhow::Result<ExitCode> {
     if !(a.timeout.is_finite() && a.timeout >= 0.0) {
         anyhow::bail!("--timeout must be a non-negative number of seconds");
     }
-    let target = Target::from_conn(conn)?;
-    target
-        .stop(&a.name, Duration::from_secs_f64(a.timeout))
+    connect(conn)?
+        .stop(&a.name, Some(Duration::from_secs_f64(a.timeout)))
         .await?;
     println!("{}", a.name);
     Ok(ExitCode::SUCCESS)
 }
 
 pub async fn kill(conn: &Conn, a: NameArgs) -> anyhow::Result<ExitCode> {
-    let target = Target::from_conn(conn)?;
-    target.kill(&a.name).await?;
+    connect(conn)?.kill(&a.name).await?;
     println!("{}", a.name);
     Ok(ExitCode::SUCCESS)
 }
 
 pub async fn rm(conn: &Conn, a: RmArgs) -> anyhow::Result<ExitCode> {
-    let target = Target::from_conn(conn)?;
+    let svc = connect(conn)?;
     let mut failed = false;
     for n in &a.names {
-        match target.remove(n, a.force).await {
+        match svc.remove(n, a.force).await {
             Ok(()) => println!("{n}"),
             Err(e) => {
                 failed = true;
-                crate::report(&e);
+                crate::report(&e.into());
             }
         }
     }
@@ -346,8 +370,7 @@ pub async fn rm(conn: &Conn, a: RmArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn inspect(conn: &Conn, a: InspectArgs) -> anyhow::Result<ExitCode> {
-    let target = Target::from_conn(conn)?;
-    let rec = target.inspect(&a.name).await?;
+    let rec = connect(conn)?.get(&a.name).await?;
     println!("{}", serde_json::to_string_pretty(&rec)?);
     Ok(ExitCode::SUCCESS)
 }

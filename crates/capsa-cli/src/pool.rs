@@ -1,5 +1,6 @@
-//! `capsa pool create|ls|acquire|rm`: capsad's warm pools (they live in the
-//! daemon, so these commands need `--host`/`CAPSA_HOST`).
+//! `capsa pool create|ls|acquire|rm`: capsad's warm pools. They live in the
+//! daemon, which keeps them filled; the local service answers that pools need
+//! `--host`/`CAPSA_HOST`.
 //!
 //! A pool keeps N sandboxes restored and idle; `acquire` hands one over at
 //! once (its name is `<pool>-<hex>`) and the pool refills in the background.
@@ -8,10 +9,9 @@
 
 use std::process::ExitCode;
 
-use capsad::api::CreatePoolRequest;
+use capsa_api::types::{AcquireRequest, CreatePoolRequest};
 
-use crate::named::Conn;
-use crate::target::Target;
+use crate::service::{connect, Conn, View};
 
 /// `capsa pool ...` (needs --host).
 #[derive(clap::Subcommand, Debug)]
@@ -61,13 +61,7 @@ pub enum PoolCmd {
 }
 
 pub async fn run(conn: &Conn, cmd: PoolCmd) -> anyhow::Result<ExitCode> {
-    let Target::Remote(r) = Target::from_conn(conn)? else {
-        anyhow::bail!(
-            "pools live in capsad. Fix: pass --host unix:///path/to/capsad.sock (or set CAPSA_HOST); \
-             from Rust without a daemon, use capsa::Capsa::pool"
-        );
-    };
-    let c = r.client();
+    let svc = connect(conn)?;
     match cmd {
         PoolCmd::Create {
             name,
@@ -76,8 +70,8 @@ pub async fn run(conn: &Conn, cmd: PoolCmd) -> anyhow::Result<ExitCode> {
             memory,
             snapshot,
         } => {
-            let p = c
-                .create_pool(&CreatePoolRequest {
+            let p = svc
+                .pool_create(CreatePoolRequest {
                     name,
                     size,
                     cpus,
@@ -88,7 +82,7 @@ pub async fn run(conn: &Conn, cmd: PoolCmd) -> anyhow::Result<ExitCode> {
             println!("{}", p.name);
         }
         PoolCmd::Ls { json } => {
-            let list = c.pools().await?;
+            let list = svc.pool_list().await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
                 return Ok(ExitCode::SUCCESS);
@@ -118,7 +112,7 @@ pub async fn run(conn: &Conn, cmd: PoolCmd) -> anyhow::Result<ExitCode> {
             }
         }
         PoolCmd::Acquire { pool, name, json } => {
-            let v = r.acquire(&pool, name.as_deref()).await?;
+            let v = View::from(svc.pool_acquire(&pool, AcquireRequest { name }).await?);
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
@@ -128,7 +122,7 @@ pub async fn run(conn: &Conn, cmd: PoolCmd) -> anyhow::Result<ExitCode> {
         PoolCmd::Rm { pools } => {
             let mut failed = false;
             for p in &pools {
-                match c.delete_pool(p).await {
+                match svc.pool_remove(p).await {
                     Ok(()) => println!("{p}"),
                     Err(e) => {
                         failed = true;
@@ -142,23 +136,4 @@ pub async fn run(conn: &Conn, cmd: PoolCmd) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// The one-line summaries `capsa ps --host` prints under the table.
-pub async fn summaries(conn: &Conn) -> Vec<String> {
-    let Ok(Target::Remote(r)) = Target::from_conn(conn) else {
-        return Vec::new();
-    };
-    match r.client().pools().await {
-        Ok(list) => list
-            .into_iter()
-            .map(|p| {
-                format!(
-                    "pool {}: {}/{} ready, {} starting, {} acquired ({})",
-                    p.name, p.ready, p.size, p.starting, p.acquired_total, p.status
-                )
-            })
-            .collect(),
-        Err(_) => Vec::new(),
-    }
 }

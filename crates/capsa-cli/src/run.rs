@@ -92,7 +92,8 @@ fn parse_copy_out(s: &str) -> Result<(String, PathBuf), String> {
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     // Refused before anything boots.
     let stdio = Stdio::from_flags(args.interactive, args.tty, args.force_tty)?;
-    let cmd = exec_io::command(&args.command, stdio, args.timeout)?;
+    let req = exec_io::request(&args.command, stdio, args.timeout)?;
+    let (cmd, _) = capsa_api::local::command_of(&req)?;
     let mut b = Capsa::sandbox()
         .cpus(args.cpus)
         .memory_mb(args.memory)
@@ -137,13 +138,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     // From here `drive` catches the signals itself.
     drop(signals);
 
-    let mut child = match sb.spawn(&cmd).await {
+    let child = match sb.spawn(&cmd).await {
         Ok(c) => c,
         Err(e) => {
             let _ = sb.kill().await;
-            return Err(exec_io::start_error(e));
+            return Err(capsa_api::ApiError::from_spawn(&e).into());
         }
     };
+    let mut child = capsa_api::local::exec_session(child, None, req.interactive, Box::new(()));
     let status = match exec_io::drive(&mut child, stdio).await? {
         Finished::Exited(s) => s,
         ended => {

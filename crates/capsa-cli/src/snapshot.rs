@@ -1,18 +1,14 @@
-//! Named snapshots: `capsa snapshot create|ls|rm`, and the restore half of
-//! `capsa create --from-snapshot`.
+//! Named snapshots: `capsa snapshot create|ls|rm`. `capsa create
+//! --from-snapshot` restores one.
 //!
-//! Snapshots live in the snapshot store (`$CAPSA_SNAPSHOT_DIR`, else
-//! `~/.local/share/capsa/snapshots`), see [`capsa::Snapshots`]. Without
-//! `--host` they are handled here directly; with it, capsad's store is used
-//! through its API (`/v1/snapshots`).
+//! Snapshots live in the service's snapshot store: locally
+//! `--snapshot-dir` / `$CAPSA_SNAPSHOT_DIR`, else
+//! `~/.local/share/capsa/snapshots` (see [`capsa::Snapshots`]); with
+//! `--host`, capsad's store.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use capsa::{Capsa, Snapshots};
-
-use crate::named::{Conn, CreateArgs};
-use crate::target::{Target, View};
+use crate::service::{connect, Conn};
 
 /// `capsa snapshot ...`.
 #[derive(clap::Subcommand, Debug)]
@@ -36,67 +32,6 @@ pub enum SnapshotCmd {
         #[arg(required = true)]
         snapshots: Vec<String>,
     },
-}
-
-/// Options of the snapshot store, shared with `create --from-snapshot`.
-#[derive(clap::Args, Debug, Clone)]
-pub struct StoreArgs {
-    /// Directory of the named snapshots (default: $XDG_DATA_HOME/capsa/snapshots,
-    /// i.e. ~/.local/share/capsa/snapshots).
-    #[arg(long, env = "CAPSA_SNAPSHOT_DIR", global = true)]
-    pub snapshot_dir: Option<PathBuf>,
-}
-
-impl StoreArgs {
-    fn store(&self) -> Snapshots {
-        Snapshots::new(self.snapshot_dir.clone())
-    }
-}
-
-/// The snapshot commands through capsad (its own store, not --snapshot-dir).
-async fn run_remote(r: &crate::remote::Remote, cmd: SnapshotCmd) -> anyhow::Result<ExitCode> {
-    let c = r.client();
-    match cmd {
-        SnapshotCmd::Create { name, snapshot } => {
-            let e = c.snapshot(&name, &snapshot).await?;
-            println!("{}", e.name);
-        }
-        SnapshotCmd::Ls { json } => {
-            let list = c.snapshots().await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
-                return Ok(ExitCode::SUCCESS);
-            }
-            header();
-            for e in list {
-                row(
-                    &e.name,
-                    e.size_bytes,
-                    e.cpus,
-                    e.memory_mib,
-                    e.source.as_deref(),
-                    e.problem.as_deref(),
-                    e.created_at,
-                );
-            }
-        }
-        SnapshotCmd::Rm { snapshots } => {
-            let mut failed = false;
-            for s in &snapshots {
-                match c.delete_snapshot(s).await {
-                    Ok(()) => println!("{s}"),
-                    Err(e) => {
-                        failed = true;
-                        crate::report(&e.into());
-                    }
-                }
-            }
-            if failed {
-                return Ok(ExitCode::FAILURE);
-            }
-        }
-    }
-    Ok(ExitCode::SUCCESS)
 }
 
 fn header() {
@@ -129,48 +64,36 @@ fn row(
     );
 }
 
-pub async fn run(conn: &Conn, store: &StoreArgs, cmd: SnapshotCmd) -> anyhow::Result<ExitCode> {
-    if let Target::Remote(r) = Target::from_conn(conn)? {
-        return run_remote(&r, cmd).await;
-    }
+pub async fn run(conn: &Conn, cmd: SnapshotCmd) -> anyhow::Result<ExitCode> {
+    let svc = connect(conn)?;
     match cmd {
         SnapshotCmd::Create { name, snapshot } => {
-            let Target::Direct(sandboxes) = Target::from_conn(conn)? else {
-                unreachable!("--host was handled above");
-            };
-            let store = store.store();
-            // Check the name before touching the sandbox.
-            store.path(&snapshot)?;
-            let sb = sandboxes.open(&name).await?;
-            let entry = store.create(&snapshot, &sb).await?;
-            println!("{}", entry.name);
-            Ok(ExitCode::SUCCESS)
+            let e = svc.snapshot_create(&name, &snapshot).await?;
+            println!("{}", e.name);
         }
         SnapshotCmd::Ls { json } => {
-            let list = store.store().list()?;
+            let list = svc.snapshot_list().await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
                 return Ok(ExitCode::SUCCESS);
             }
             header();
-            for e in list {
+            for s in list {
                 row(
-                    &e.name,
-                    e.size_bytes,
-                    e.spec.as_ref().map(|s| s.cpus),
-                    e.spec.as_ref().map(|s| s.memory_mib),
-                    e.source.as_deref(),
-                    e.problem.as_deref(),
-                    e.created_at,
+                    &s.name,
+                    s.size_bytes,
+                    s.cpus,
+                    s.memory_mib,
+                    s.source.as_deref(),
+                    s.problem.as_deref(),
+                    s.created_at,
                 );
             }
-            Ok(ExitCode::SUCCESS)
         }
         SnapshotCmd::Rm { snapshots } => {
-            let store = store.store();
             let mut failed = false;
             for s in &snapshots {
-                match store.remove(s) {
+                match svc.snapshot_remove(s).await {
                     Ok(()) => println!("{s}"),
                     Err(e) => {
                         failed = true;
@@ -178,38 +101,12 @@ pub async fn run(conn: &Conn, store: &StoreArgs, cmd: SnapshotCmd) -> anyhow::Re
                     }
                 }
             }
-            Ok(if failed {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            })
+            if failed {
+                return Ok(ExitCode::FAILURE);
+            }
         }
     }
-}
-
-/// `capsa create --name N --from-snapshot SNAPSHOT`: a keep-running sandbox
-/// restored from a named snapshot, with a fresh identity.
-pub async fn create_from(
-    conn: &Conn,
-    store: &StoreArgs,
-    a: &CreateArgs,
-    snapshot: &str,
-) -> anyhow::Result<View> {
-    let sandboxes = match Target::from_conn(conn)? {
-        Target::Direct(s) => s,
-        Target::Remote(r) => return r.create_from_snapshot(a, snapshot).await,
-    };
-    let snap = store.store().get(snapshot)?;
-    let mut b = Capsa::restore(snap.path()).name(&a.name);
-    for (k, v) in &a.env {
-        b = b.env(k, v);
-    }
-    if let Some(w) = &a.workdir {
-        b = b.workdir(w);
-    }
-    let sb = sandboxes.create_restored(b).await?;
-    let rec = sb.detach().await?;
-    Ok(View::from_record(&rec))
+    Ok(ExitCode::SUCCESS)
 }
 
 /// "1.2G", "340M", "12K" (binary units).

@@ -1,34 +1,85 @@
-//! Named sandboxes through the `capsa` binary, with no daemon: create, ps,
-//! exec, cp, logs, stop, start, kill, rm, and the crash cases.
+//! Named sandboxes through the `capsa` binary: create, ps, exec, cp, logs,
+//! stop, start, kill, rm, snapshots, attach, and the crash cases. Every test
+//! body runs twice: straight to the monitors (`direct::`) and through a
+//! capsad spawned for it (`through_capsad::`), so both services behave the
+//! same for every verb.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// A private state directory (short: Unix socket paths are limited to 108 bytes).
+mod common;
+
+/// Which service the CLI talks to.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mode {
+    /// The monitors in the state directory.
+    Direct,
+    /// A capsad on the same state directory (`--host`).
+    Host,
+}
+
+/// Runs each named test body once per [`Mode`].
+macro_rules! both_ways {
+    ($($name:ident),* $(,)?) => {
+        mod direct {
+            $( #[test] fn $name() { super::$name(super::Mode::Direct) } )*
+        }
+        mod through_capsad {
+            $( #[test] fn $name() { super::$name(super::Mode::Host) } )*
+        }
+    };
+}
+
+both_ways!(
+    lifecycle_create_exec_cp_logs_stop_start_kill_rm,
+    kill_9_of_the_cli_during_exec_leaves_the_sandbox_healthy,
+    kill_9_of_a_monitor_marks_it_dead_and_rm_cleans_up,
+    bad_names_and_missing_sandboxes_get_clear_errors,
+    snapshot_create_restore_twice_ls_rm,
+    snapshot_bad_input_gets_clear_errors,
+    attach_shows_the_console_and_ctrl_close_bracket_detaches,
+);
+
+/// A private state directory (short: Unix socket paths are limited to 108
+/// bytes), with a capsad on it in [`Mode::Host`].
 struct Env {
     dir: tempfile::TempDir,
+    daemon: Option<Child>,
 }
 
 impl Env {
-    fn new() -> Self {
+    fn new(mode: Mode) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("cn")
             .tempdir_in("/tmp")
             .expect("temp state dir");
-        Self { dir }
+        let daemon = (mode == Mode::Host)
+            .then(|| common::spawn_capsad(dir.path(), &dir.path().join("snaps"), &[]));
+        Self { dir, daemon }
+    }
+
+    /// `capsa` on this state dir, never through a daemon.
+    fn capsa_direct(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_capsa"));
+        c.env("CAPSA_STATE_DIR", self.root())
+            .env("CAPSA_SNAPSHOT_DIR", self.root().join("snaps"))
+            .env("CAPSA_VMM", common::bin("capsa-vmm"))
+            .env_remove("CAPSA_HOST")
+            .stdin(Stdio::null());
+        c
     }
 
     fn root(&self) -> &Path {
         self.dir.path()
     }
 
+    /// `capsa` through this test's service.
     fn capsa(&self) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_capsa"));
-        c.env("CAPSA_STATE_DIR", self.root())
-            .env("CAPSA_SNAPSHOT_DIR", self.root().join("snaps"))
-            .env_remove("CAPSA_HOST")
-            .stdin(Stdio::null());
+        let mut c = self.capsa_direct();
+        if self.daemon.is_some() {
+            c.arg("--host").arg(self.root().join("capsad.sock"));
+        }
         c
     }
 
@@ -71,8 +122,11 @@ impl Drop for Env {
         if let Ok(rd) = std::fs::read_dir(self.root().join("sandboxes")) {
             for e in rd.flatten() {
                 let n = e.file_name().to_string_lossy().into_owned();
-                let _ = self.run(&["rm", "--force", &n]);
+                let _ = self.capsa_direct().args(["rm", "--force", &n]).output();
             }
+        }
+        if let Some(mut d) = self.daemon.take() {
+            common::stop_child(&mut d);
         }
     }
 }
@@ -95,9 +149,8 @@ fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-#[test]
-fn lifecycle_create_exec_cp_logs_stop_start_kill_rm() {
-    let env = Env::new();
+fn lifecycle_create_exec_cp_logs_stop_start_kill_rm(mode: Mode) {
+    let env = Env::new(mode);
     env.create("life");
     assert_eq!(env.state_of("life").as_deref(), Some("running"));
     let table = env.ok(&["ps"]);
@@ -178,9 +231,8 @@ fn lifecycle_create_exec_cp_logs_stop_start_kill_rm() {
     assert!(!env.root().join("sandboxes/life").exists());
 }
 
-#[test]
-fn kill_9_of_the_cli_during_exec_leaves_the_sandbox_healthy() {
-    let env = Env::new();
+fn kill_9_of_the_cli_during_exec_leaves_the_sandbox_healthy(mode: Mode) {
+    let env = Env::new(mode);
     env.create("crash");
     let mut child = env
         .capsa()
@@ -214,9 +266,8 @@ fn kill_9_of_the_cli_during_exec_leaves_the_sandbox_healthy() {
     assert_eq!(env.state_of("crash").as_deref(), Some("running"));
 }
 
-#[test]
-fn kill_9_of_a_monitor_marks_it_dead_and_rm_cleans_up() {
-    let env = Env::new();
+fn kill_9_of_a_monitor_marks_it_dead_and_rm_cleans_up(mode: Mode) {
+    let env = Env::new(mode);
     env.create("doomed");
     let rec = env
         .ps()
@@ -240,9 +291,8 @@ fn kill_9_of_a_monitor_marks_it_dead_and_rm_cleans_up() {
     assert!(!env.root().join("sandboxes/doomed").exists());
 }
 
-#[test]
-fn bad_names_and_missing_sandboxes_get_clear_errors() {
-    let env = Env::new();
+fn bad_names_and_missing_sandboxes_get_clear_errors(mode: Mode) {
+    let env = Env::new(mode);
     for (args, needle) in [
         (vec!["create", "--name", "../evil"], "name"),
         (vec!["create", "--name", "UPPER"], "name"),
@@ -276,9 +326,8 @@ fn monitor_pids(env: &Env) -> Vec<u64> {
         .collect()
 }
 
-#[test]
-fn snapshot_create_restore_twice_ls_rm() {
-    let env = Env::new();
+fn snapshot_create_restore_twice_ls_rm(mode: Mode) {
+    let env = Env::new(mode);
     env.create("orig");
     env.ok(&[
         "exec",
@@ -344,7 +393,7 @@ fn snapshot_create_restore_twice_ls_rm() {
     assert_eq!(ls.len(), 1, "{ls:?}");
     assert_eq!(ls[0]["name"], "snap1");
     assert_eq!(ls[0]["source"], "orig");
-    assert_eq!(ls[0]["spec"]["memory_mib"], 256);
+    assert_eq!(ls[0]["memory_mib"], 256);
     assert!(ls[0]["size_bytes"].as_u64().unwrap() > 0, "{ls:?}");
     let table = env.ok(&["snapshot", "ls"]);
     assert!(table.contains("SIZE") && table.contains("snap1"), "{table}");
@@ -363,9 +412,8 @@ fn snapshot_create_restore_twice_ls_rm() {
     });
 }
 
-#[test]
-fn snapshot_bad_input_gets_clear_errors() {
-    let env = Env::new();
+fn snapshot_bad_input_gets_clear_errors(mode: Mode) {
+    let env = Env::new(mode);
     let o = env.run(&["create", "--name", "x", "--from-snapshot", "nosuch"]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
@@ -415,16 +463,15 @@ fn snapshot_bad_input_gets_clear_errors() {
             "s",
         ],
     ] {
-        let o = env.run(args);
+        let o = env.capsa_direct().args(args).output().unwrap();
         assert!(!o.status.success());
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains("capsad") && err.contains("fix"), "{err}");
     }
 }
 
-#[test]
-fn attach_shows_the_console_and_ctrl_close_bracket_detaches() {
-    let env = Env::new();
+fn attach_shows_the_console_and_ctrl_close_bracket_detaches(mode: Mode) {
+    let env = Env::new(mode);
     env.create("att");
     let mut child = env
         .capsa()

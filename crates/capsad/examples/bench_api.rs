@@ -9,8 +9,8 @@
 
 use std::time::{Duration, Instant};
 
+use capsa_client::Client;
 use capsad::api::{CreateSandboxRequest, ExecRequest};
-use capsad::client::Client;
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();

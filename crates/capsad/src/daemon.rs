@@ -6,7 +6,9 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::backend::Backend;
+use capsa_api::local::{pools::PoolConfig, LocalService};
+use capsa_api::Service;
+
 use crate::server::{app, AppState};
 
 /// How to run the daemon.
@@ -23,7 +25,11 @@ pub struct Config {
     /// Also serve on this loopback TCP address.
     pub listen_tcp: Option<SocketAddr>,
     /// Warm pools to run (`--pool`), besides those saved by the API.
-    pub pools: Vec<crate::backend::pools::PoolConfig>,
+    pub pools: Vec<PoolConfig>,
+    /// Most ready pool members across all pools.
+    pub max_pool_members: usize,
+    /// The named snapshot store (default: the library's).
+    pub snapshot_dir: Option<PathBuf>,
     /// Directories whose regular files API clients may attach as disks
     /// (`--allow-disk-dir`); the state dir and capsa's cache are always allowed.
     pub allow_disk_dirs: Vec<PathBuf>,
@@ -125,7 +131,7 @@ async fn bind_socket(
 }
 
 /// Runs the daemon until SIGINT/SIGTERM, then removes its socket.
-pub async fn run(cfg: Config, backend: Arc<dyn Backend>) -> Result<(), StartError> {
+pub async fn run(cfg: Config) -> Result<(), StartError> {
     {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()
@@ -155,10 +161,6 @@ pub async fn run(cfg: Config, backend: Arc<dyn Backend>) -> Result<(), StartErro
     }
     let listener = bind_socket(&socket, cfg.socket_group.as_deref()).await?;
 
-    // Only the daemon that owns the socket runs pools (restores members).
-    backend
-        .start_pools(cfg.pools.clone())
-        .map_err(StartError::Pool)?;
     let mut allowed = cfg.allow_disk_dirs.clone();
     allowed.push(cfg.state_dir.clone());
     if let Ok(cache) = capsa::image::default_cache_dir() {
@@ -166,20 +168,24 @@ pub async fn run(cfg: Config, backend: Arc<dyn Backend>) -> Result<(), StartErro
     }
     let paths = capsa_core::HostPathPolicy::new(allowed);
     tracing::info!(allowed = %paths.describe(), "host paths API clients may attach");
-    let state = AppState::new(backend.clone()).with_host_paths(paths);
+    let service = LocalService::new(Some(cfg.state_dir.clone()), cfg.snapshot_dir.clone())
+        .with_pools(cfg.max_pool_members)
+        .with_host_paths(paths);
+    service.report_dead();
+    // Only the daemon that owns the socket runs pools (restores members).
+    service
+        .start_pools(cfg.pools.clone())
+        .map_err(StartError::Pool)?;
+    let service: Arc<dyn Service> = Arc::new(service);
+    let state = AppState::new(service.clone());
     let poller = state.spawn_event_poller();
-    match backend.list().await {
+    match service.list().await {
         Ok(l) => {
             let dead = l
                 .iter()
                 .filter(|s| s.state == crate::api::SandboxState::Dead)
                 .count();
-            tracing::info!(
-                sandboxes = l.len(),
-                dead,
-                backend = backend.kind(),
-                "rediscovered sandboxes"
-            );
+            tracing::info!(sandboxes = l.len(), dead, "rediscovered sandboxes");
         }
         Err(e) => tracing::warn!("listing sandboxes: {e}"),
     }

@@ -2,20 +2,22 @@
 //!
 //! It serves an HTTP+JSON API on a Unix socket (and optionally on loopback
 //! TCP) to create, run and manage sandboxes: lifecycle, streamed exec,
-//! streamed file transfer, console, events. Sandboxes are kept by their
-//! per-VM monitors under the state root, so the daemon holds no state a
-//! restart would lose; it rediscovers everything from the state root.
+//! streamed file transfer, console, events. Each handler parses its request
+//! into `capsa_api` types, calls the local [`capsa_api::Service`] and
+//! serializes the answer; the verbs themselves live in `capsa_api::local`.
+//! Sandboxes are kept by their per-VM monitors under the state root, so the
+//! daemon holds no state a restart would lose.
 //!
-//! [`client::Client`] is the typed client the CLI uses.
+//! Its client is the `capsa-client` crate.
 #![deny(missing_docs)]
 
 pub mod api;
 pub mod auth;
-pub mod backend;
-pub mod client;
 pub mod daemon;
-pub mod error;
-pub mod locks;
 pub mod server;
 
-pub use error::{ApiError, ErrorBody, ErrorCode, ErrorDetail};
+pub use capsa_api::{ApiError, ErrorBody, ErrorCode, ErrorDetail};
+/// The error type and its helpers.
+pub mod error {
+    pub use capsa_api::error::*;
+}

@@ -2,7 +2,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use clap::Parser;
 
@@ -26,17 +25,13 @@ struct Args {
     /// Also serve on this loopback TCP address (e.g. 127.0.0.1:7070), same auth.
     #[arg(long)]
     listen_tcp: Option<SocketAddr>,
-    /// Where sandboxes live: `monitor` (per-VM capsa-vmm processes; survive a
-    /// daemon restart) or `in-process` (VMs die with the daemon).
-    #[arg(long, default_value = "monitor", value_parser = ["monitor", "in-process"])]
-    backend: String,
     /// Keep a warm pool of restored sandboxes: NAME=SIZE, optionally
     /// followed by ,memory=MIB ,cpus=N or ,snapshot=SNAPSHOT (repeatable).
     /// Members are named NAME-<hex>; take one with POST /v1/pools/NAME/acquire.
-    #[arg(long = "pool", value_name = "NAME=SIZE[,memory=MIB][,cpus=N][,snapshot=S]", value_parser = capsad::backend::pools::PoolConfig::parse_flag)]
-    pools: Vec<capsad::backend::pools::PoolConfig>,
+    #[arg(long = "pool", value_name = "NAME=SIZE[,memory=MIB][,cpus=N][,snapshot=S]", value_parser = capsa_api::local::pools::PoolConfig::parse_flag)]
+    pools: Vec<capsa_api::local::pools::PoolConfig>,
     /// Most ready pool members the daemon holds across all pools (each is a running VM).
-    #[arg(long, default_value_t = capsad::backend::pools::DEFAULT_MAX_POOL_MEMBERS)]
+    #[arg(long, default_value_t = capsa_api::local::pools::DEFAULT_MAX_POOL_MEMBERS)]
     max_pool_members: usize,
     /// Named snapshot store. Default: the library's (CAPSA_SNAPSHOT_DIR,
     /// else $XDG_DATA_HOME/capsa/snapshots, else ~/.local/share/capsa/snapshots).
@@ -85,20 +80,11 @@ async fn main() -> std::process::ExitCode {
         token_file: args.token_file,
         listen_tcp: args.listen_tcp,
         pools: args.pools,
+        max_pool_members: args.max_pool_members,
+        snapshot_dir: args.snapshot_dir,
         allow_disk_dirs: args.allow_disk_dirs,
     };
-    let backend: Arc<dyn capsad::backend::Backend> = if args.backend == "monitor" {
-        let b = capsad::backend::monitor::MonitorBackend::new(
-            state_dir,
-            args.snapshot_dir,
-            args.max_pool_members,
-        );
-        b.report_dead();
-        Arc::new(b)
-    } else {
-        Arc::new(capsad::backend::in_process::InProcessBackend::new())
-    };
-    match capsad::daemon::run(cfg, backend).await {
+    match capsad::daemon::run(cfg).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("capsad: {e}");

@@ -22,8 +22,8 @@ use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use base64::Engine as _;
 use futures::{SinkExt, StreamExt, TryStreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::io::AsyncReadExt;
+use tokio::sync::{broadcast, oneshot};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
@@ -31,9 +31,7 @@ use utoipa_axum::routes;
 
 use crate::api::*;
 use crate::auth::{require_token, Token};
-use crate::backend::Backend;
-use crate::error::{ApiError, ApiResult, ErrorBody, ErrorCode};
-use crate::locks::NameLocks;
+use capsa_api::{ApiError, ApiResult, ErrorBody, ErrorCode, ExecChunk, ExecControl, Service};
 
 /// Body limit of the small JSON endpoints.
 pub const JSON_BODY_LIMIT: usize = 64 * 1024;
@@ -41,38 +39,22 @@ pub const JSON_BODY_LIMIT: usize = 64 * 1024;
 pub const EXEC_BODY_LIMIT: usize = 8 * 1024 * 1024;
 /// How often the state root is polled for `/v1/events`.
 pub const EVENT_POLL: Duration = Duration::from_millis(500);
-/// Size of each streamed chunk (exec output, downloads, console).
+/// Size of each streamed chunk (downloads).
 const CHUNK: usize = 64 * 1024;
-/// Longest exec timeout accepted (a week): bounds the arithmetic downstream.
-const MAX_EXEC_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
 
 /// Shared state of every handler.
 #[derive(Clone)]
 pub struct AppState {
-    backend: Arc<dyn Backend>,
-    locks: Arc<NameLocks>,
+    service: Arc<dyn Service>,
     events: broadcast::Sender<Event>,
-    /// Which host files API clients may attach.
-    host_paths: Arc<capsa_core::HostPathPolicy>,
 }
 
 impl AppState {
-    /// State around `backend`.
-    pub fn new(backend: Arc<dyn Backend>) -> Self {
+    /// State around `service` (the local one, with the daemon's host-path
+    /// policy and pools).
+    pub fn new(service: Arc<dyn Service>) -> Self {
         let (events, _) = broadcast::channel(1024);
-        Self {
-            backend,
-            locks: Arc::new(NameLocks::default()),
-            events,
-            host_paths: Arc::new(capsa_core::HostPathPolicy::default()),
-        }
-    }
-
-    /// Allows API clients to attach the host files `policy` allows (by
-    /// default, none).
-    pub fn with_host_paths(mut self, policy: capsa_core::HostPathPolicy) -> Self {
-        self.host_paths = Arc::new(policy);
-        self
+        Self { service, events }
     }
 
     fn emit(&self, ev: Event) {
@@ -80,7 +62,7 @@ impl AppState {
         let _ = self.events.send(ev);
     }
 
-    /// Polls the backend every [`EVENT_POLL`] and emits state diffs, until the
+    /// Polls the service every [`EVENT_POLL`] and emits state diffs, until the
     /// runtime shuts down.
     pub fn spawn_event_poller(&self) -> tokio::task::JoinHandle<()> {
         let st = self.clone();
@@ -90,7 +72,7 @@ impl AppState {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                let now = match st.backend.list().await {
+                let now = match st.service.list().await {
                     Ok(l) => l
                         .into_iter()
                         .map(|s| (s.name, s.state))
@@ -216,108 +198,14 @@ fn name_of(p: NameParam) -> ApiResult<String> {
 #[utoipa::path(get, path = "/v1/health", tag = "daemon",
     responses((status = 200, body = Health), (status = 401, body = ErrorBody)))]
 async fn health(State(st): State<AppState>) -> ApiResult<Json<Health>> {
-    let n = st.backend.list().await?.len();
-    Ok(Json(Health {
-        status: "ok".into(),
-        version: env!("CARGO_PKG_VERSION").into(),
-        backend: st.backend.kind().into(),
-        sandboxes: n,
-    }))
+    Ok(Json(st.service.health().await?))
 }
 
 /// Every sandbox, including stopped and dead ones.
 #[utoipa::path(get, path = "/v1/sandboxes", tag = "sandboxes",
     responses((status = 200, body = Vec<SandboxInfo>), (status = 401, body = ErrorBody)))]
 async fn list_sandboxes(State(st): State<AppState>) -> ApiResult<Json<Vec<SandboxInfo>>> {
-    Ok(Json(st.backend.list().await?))
-}
-
-fn validate_create(req: &CreateSandboxRequest) -> ApiResult<()> {
-    if let Some(s) = &req.from_snapshot {
-        validate_snapshot_name(s)?;
-        if req.cpus.is_some()
-            || req.memory_mib.is_some()
-            || !req.disks.is_empty()
-            || req.accel.is_some()
-        {
-            return Err(ApiError::bad_request(
-                "from_snapshot conflicts with cpus, memory_mib, disks and accel: the snapshot fixes them",
-            )
-            .fix("drop cpus/memory_mib/disks/accel, or drop from_snapshot to boot a new spec"));
-        }
-        if !req.start {
-            return Err(ApiError::bad_request("from_snapshot with start: false")
-                .fix("a restored sandbox is running from the start: drop `start: false`"));
-        }
-    }
-    if let Some(c) = req.cpus {
-        if !(1..=capsa_core::MAX_CPUS).contains(&c) {
-            return Err(ApiError::bad_request(format!("cpus {c} is out of range"))
-                .fix(format!("give 1 to {} vCPUs", capsa_core::MAX_CPUS)));
-        }
-    }
-    if let Some(m) = req.memory_mib {
-        if !(capsa_core::MIN_MEMORY_MIB..=capsa_core::MAX_MEMORY_MIB).contains(&m) {
-            return Err(
-                ApiError::bad_request(format!("memory_mib {m} is out of range"))
-                    .fix("give 128 to 1048576 MiB (a guest needs at least 128) (and no more than the host has)"),
-            );
-        }
-    }
-    validate_env(&req.env)?;
-    if let Some(w) = &req.workdir {
-        validate_guest_path("workdir", w)?;
-    }
-    if req.disks.len() > MAX_DISKS {
-        return Err(ApiError::bad_request(format!(
-            "{} disks; at most {MAX_DISKS} are accepted",
-            req.disks.len()
-        )));
-    }
-    Ok(())
-}
-
-/// Resolves every disk path through the daemon's host-path policy: only
-/// regular files below the allowed directories, symlinks resolved (and the
-/// resolved path used from here on).
-fn resolve_disks(
-    req: &mut CreateSandboxRequest,
-    policy: &capsa_core::HostPathPolicy,
-) -> ApiResult<()> {
-    for d in &mut req.disks {
-        let real = policy.check_file(&d.path).map_err(|e| {
-            ApiError::new(
-                StatusCode::FORBIDDEN,
-                crate::error::ErrorCode::PathNotAllowed,
-                format!("disk {e}"),
-            )
-            .fix(format!(
-                "attach a regular image file below one of the directories capsad allows ({}); \
-                 the daemon's operator can add one with --allow-disk-dir DIR",
-                policy.describe()
-            ))
-        })?;
-        d.path = real.display().to_string();
-    }
-    Ok(())
-}
-
-fn generated_name() -> String {
-    let mut b = [0u8; 4];
-    let ok = std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
-        .is_ok();
-    if !ok {
-        let n = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        b = n.to_le_bytes();
-    }
-    format!(
-        "sb-{}",
-        b.iter().map(|x| format!("{x:02x}")).collect::<String>()
-    )
+    Ok(Json(st.service.list().await?))
 }
 
 /// Creates a sandbox and (unless `start: false`) boots it; answers once its agent is up.
@@ -330,21 +218,16 @@ async fn create_sandbox(
     State(st): State<AppState>,
     body: Result<Json<CreateSandboxRequest>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<SandboxInfo>)> {
-    let Json(mut req) = body?;
-    let name = match &req.name {
-        Some(n) => n.clone(),
-        None => generated_name(),
-    };
-    validate_name(&name)?;
-    validate_create(&req)?;
-    resolve_disks(&mut req, &st.host_paths)?;
-    let _g = st.locks.try_lock(&name)?;
-    let r = st.backend.create(&name, &req).await;
-    st.emit(Event::Action {
-        name: name.clone(),
-        action: "create".into(),
-        ok: r.is_ok(),
-    });
+    let Json(req) = body?;
+    let asked = req.name.clone();
+    let r = st.service.create(req).await;
+    if let Some(name) = r.as_ref().ok().map(|i| i.name.clone()).or(asked) {
+        st.emit(Event::Action {
+            name,
+            action: "create".into(),
+            ok: r.is_ok(),
+        });
+    }
     Ok((StatusCode::CREATED, Json(r?)))
 }
 
@@ -355,7 +238,7 @@ async fn create_sandbox(
         (status = 404, body = ErrorBody)))]
 async fn get_sandbox(State(st): State<AppState>, p: NameParam) -> ApiResult<Json<SandboxInfo>> {
     let name = name_of(p)?;
-    Ok(Json(st.backend.get(&name).await?))
+    Ok(Json(st.service.get(&name).await?))
 }
 
 /// Deletes a sandbox and its state; a running one needs `force=true` (it is killed).
@@ -370,8 +253,7 @@ async fn delete_sandbox(
 ) -> ApiResult<StatusCode> {
     let name = name_of(p)?;
     let Query(q) = q?;
-    let _g = st.locks.try_lock(&name)?;
-    let r = st.backend.remove(&name, q.force.unwrap_or(false)).await;
+    let r = st.service.remove(&name, q.force.unwrap_or(false)).await;
     st.emit(Event::Action {
         name,
         action: "delete".into(),
@@ -381,13 +263,17 @@ async fn delete_sandbox(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn lifecycle(st: &AppState, p: NameParam, action: &str) -> ApiResult<Json<SandboxInfo>> {
+async fn lifecycle(
+    st: &AppState,
+    p: NameParam,
+    action: &str,
+    grace: Option<Duration>,
+) -> ApiResult<Json<SandboxInfo>> {
     let name = name_of(p)?;
-    let _g = st.locks.try_lock(&name)?;
     let r = match action {
-        "start" => st.backend.start(&name).await,
-        "stop" => st.backend.stop(&name).await,
-        _ => st.backend.kill(&name).await,
+        "start" => st.service.start(&name).await,
+        "stop" => st.service.stop(&name, grace).await,
+        _ => st.service.kill(&name).await,
     };
     st.emit(Event::Action {
         name,
@@ -403,16 +289,31 @@ async fn lifecycle(st: &AppState, p: NameParam, action: &str) -> ApiResult<Json<
     responses((status = 200, body = SandboxInfo), (status = 400, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn start_sandbox(State(st): State<AppState>, p: NameParam) -> ApiResult<Json<SandboxInfo>> {
-    lifecycle(&st, p, "start").await
+    lifecycle(&st, p, "start", None).await
 }
 
 /// Shuts a sandbox down gracefully (killed after a grace period).
 #[utoipa::path(post, path = "/v1/sandboxes/{name}/stop", tag = "sandboxes",
-    params(("name" = String, Path, description = "sandbox name")),
+    params(("name" = String, Path, description = "sandbox name"), StopQuery),
     responses((status = 200, body = SandboxInfo), (status = 400, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-async fn stop_sandbox(State(st): State<AppState>, p: NameParam) -> ApiResult<Json<SandboxInfo>> {
-    lifecycle(&st, p, "stop").await
+async fn stop_sandbox(
+    State(st): State<AppState>,
+    p: NameParam,
+    q: Result<Query<StopQuery>, QueryRejection>,
+) -> ApiResult<Json<SandboxInfo>> {
+    let Query(q) = q?;
+    let grace = match q.grace_secs {
+        Some(g) if !(g.is_finite() && (0.0..=3600.0).contains(&g)) => {
+            return Err(
+                ApiError::bad_request(format!("grace_secs {g} is out of range"))
+                    .fix("give 0 to 3600 seconds, or leave it out"),
+            )
+        }
+        Some(g) => Some(Duration::from_secs_f64(g)),
+        None => None,
+    };
+    lifecycle(&st, p, "stop", grace).await
 }
 
 /// Kills a sandbox's VM at once.
@@ -421,64 +322,7 @@ async fn stop_sandbox(State(st): State<AppState>, p: NameParam) -> ApiResult<Jso
     responses((status = 200, body = SandboxInfo), (status = 400, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn kill_sandbox(State(st): State<AppState>, p: NameParam) -> ApiResult<Json<SandboxInfo>> {
-    lifecycle(&st, p, "kill").await
-}
-
-/// Checks an exec request and turns it into a library command (+ stdin bytes).
-fn command_of(req: &ExecRequest) -> ApiResult<(capsa::Command, Option<Vec<u8>>)> {
-    let Some(program) = req.argv.first() else {
-        return Err(ApiError::bad_request("argv is empty")
-            .fix("give the program and its arguments, e.g. [\"ls\", \"-l\"]"));
-    };
-    if program.is_empty() {
-        return Err(ApiError::bad_request("argv[0] is empty").fix("name a program"));
-    }
-    if req.argv.len() > MAX_ARGV || req.argv.iter().any(|a| a.contains('\0')) {
-        return Err(ApiError::bad_request(format!(
-            "argv has more than {MAX_ARGV} entries or a NUL byte"
-        )));
-    }
-    validate_env(&req.env)?;
-    if let Some(c) = &req.cwd {
-        validate_guest_path("cwd", c)?;
-    }
-    let mut cmd = capsa::Command::new(program).args(req.argv[1..].iter().cloned());
-    for (k, v) in &req.env {
-        cmd = cmd.env(k, v);
-    }
-    if let Some(c) = &req.cwd {
-        cmd = cmd.current_dir(c);
-    }
-    if let Some(t) = req.timeout_ms {
-        if t == 0 || t > MAX_EXEC_TIMEOUT_MS {
-            return Err(
-                ApiError::bad_request(format!("timeout_ms {t} is out of range")).fix(format!(
-                    "give 1 to {MAX_EXEC_TIMEOUT_MS} ms, or leave it out"
-                )),
-            );
-        }
-        cmd = cmd.timeout(Duration::from_millis(t));
-    }
-    if req.tty {
-        let rows = req.rows.unwrap_or(24).max(1);
-        let cols = req.cols.unwrap_or(80).max(1);
-        cmd = cmd.pty(rows, cols);
-    }
-    let stdin = match &req.stdin {
-        Some(s) => Some(
-            base64::engine::general_purpose::STANDARD
-                .decode(s)
-                .map_err(|e| {
-                    ApiError::bad_request(format!("stdin is not valid base64: {e}"))
-                        .fix("encode stdin with standard base64 (with padding)")
-                })?,
-        ),
-        None => None,
-    };
-    if stdin.is_some() {
-        cmd = cmd.stdin_piped();
-    }
-    Ok((cmd, stdin))
+    lifecycle(&st, p, "kill", None).await
 }
 
 fn ndjson(ev: &ExecEvent) -> Bytes {
@@ -487,69 +331,22 @@ fn ndjson(ev: &ExecEvent) -> Bytes {
     Bytes::from(v)
 }
 
-fn b64(data: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(data)
-}
-
-/// Copies one output stream into the event channel; false when the client is gone.
-async fn pump(out: Option<capsa::ExecOutput>, tx: mpsc::Sender<ExecEvent>, stderr: bool) -> bool {
-    let Some(mut out) = out else { return true };
-    let mut buf = vec![0u8; CHUNK];
-    loop {
-        match out.read(&mut buf).await {
-            Ok(0) => return true,
-            Ok(n) => {
-                let data = b64(&buf[..n]);
-                let ev = if stderr {
-                    ExecEvent::Stderr { data }
-                } else {
-                    ExecEvent::Stdout { data }
-                };
-                if tx.send(ev).await.is_err() {
-                    return false;
-                }
-            }
-            Err(e) => {
-                tracing::debug!("exec output: {e}");
-                return true;
-            }
-        }
-    }
-}
-
-/// Drives a started exec: feeds stdin, forwards output, then the exit (or an
-/// error). Returns when the exec ends or `tx` is closed (the client left; then
-/// dropping the child makes the agent kill the process group).
-async fn drive_exec(
-    mut child: capsa::ExecChild,
-    stdin: Option<Vec<u8>>,
-    tx: mpsc::Sender<ExecEvent>,
-) {
-    if let (Some(data), Some(mut s)) = (stdin, child.stdin()) {
-        tokio::spawn(async move {
-            // A process may exit without reading all of stdin; not an error.
-            let _ = s.write_all(&data).await;
-            let _ = s.shutdown().await;
-        });
-    }
-    let (a, b) = tokio::join!(
-        pump(child.stdout(), tx.clone(), false),
-        pump(child.stderr(), tx.clone(), true)
-    );
-    if !(a && b) {
-        return;
-    }
-    let ev = tokio::select! {
-        st = child.wait() => match st {
-            Ok(s) => ExecEvent::Exit { code: s.code, signal: s.signal, timed_out: s.timed_out },
-            Err(e) => {
-                let e = ApiError::from_capsa("exec", &capsa::Error::Agent(e));
-                ExecEvent::Error { code: e.detail.code, message: e.detail.message }
-            }
+/// The wire form of one item of an exec session.
+fn event_of(c: ExecChunk) -> ExecEvent {
+    let b64 = |d: &[u8]| base64::engine::general_purpose::STANDARD.encode(d);
+    match c {
+        ExecChunk::Stdout(d) => ExecEvent::Stdout { data: b64(&d) },
+        ExecChunk::Stderr(d) => ExecEvent::Stderr { data: b64(&d) },
+        ExecChunk::Exit(s) => ExecEvent::Exit {
+            code: s.code,
+            signal: s.signal,
+            timed_out: s.timed_out,
         },
-        _ = tx.closed() => return,
-    };
-    let _ = tx.send(ev).await;
+        ExecChunk::Error(e) => ExecEvent::Error {
+            code: e.detail.code,
+            message: e.detail.message,
+        },
+    }
 }
 
 /// Runs a command; the response is NDJSON (`application/x-ndjson`), one
@@ -566,15 +363,16 @@ async fn exec(
     body: Result<Json<ExecRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let name = name_of(p)?;
-    let Json(req) = body?;
-    let (cmd, stdin) = command_of(&req)?;
-    let child = st.backend.spawn(&name, &cmd).await?;
-    let (tx, rx) = mpsc::channel::<ExecEvent>(16);
-    tokio::spawn(drive_exec(child, stdin, tx));
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
+    let Json(mut req) = body?;
+    req.interactive = false;
+    let session = st.service.exec(&name, req).await?;
+    // The session lives in the stream: a client that leaves drops it, which
+    // ends the command.
+    let stream = futures::stream::unfold(session, |mut s| async move {
+        s.output
+            .recv()
             .await
-            .map(|ev| (Ok::<_, Infallible>(ndjson(&ev)), rx))
+            .map(|c| (Ok::<_, Infallible>(ndjson(&event_of(c))), s))
     });
     Ok((
         [(header::CONTENT_TYPE, "application/x-ndjson")],
@@ -608,7 +406,7 @@ async fn exec_ws(
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
     let name = name_of(p)?;
-    st.backend.get(&name).await?;
+    st.service.get(&name).await?;
     let ws = ws?;
     Ok(ws
         .max_message_size(EXEC_BODY_LIMIT)
@@ -639,99 +437,64 @@ async fn exec_ws_session(st: AppState, name: String, mut ws: WebSocket) {
         let mut req: ExecRequest = serde_json::from_str(first.as_str())
             .map_err(|e| ApiError::bad_request(format!("exec request: {e}")))?;
         req.stdin = None;
-        let (cmd, _) = command_of(&req)?;
-        st.backend.spawn(&name, &cmd.stdin_piped()).await
+        req.interactive = true;
+        st.service.exec(&name, req).await
     };
-    let mut child = match started.await {
-        Ok(c) => c,
+    let mut session = match started.await {
+        Ok(s) => s,
         Err(e) => {
-            let _ = ws_send(
-                &mut ws,
-                &ExecEvent::Error {
-                    code: e.detail.code,
-                    message: e.detail.message,
-                },
-            )
-            .await;
+            let _ = ws_send(&mut ws, &event_of(ExecChunk::Error(e))).await;
             return;
         }
     };
-    // Stdin is written by its own task, so that a command that does not read
-    // its input holds up only further input, never the output going out or
-    // the resizes and signals coming in.
-    let mut stdin_tx = child.stdin().map(|mut s| {
-        let (tx, mut rx) = mpsc::channel::<Bytes>(4);
-        tokio::spawn(async move {
-            while let Some(b) = rx.recv().await {
-                if s.write_all(&b).await.is_err() {
-                    return;
-                }
-            }
-            // The client sent stdin_eof or left.
-            let _ = s.shutdown().await;
-        });
-        tx
-    });
-    let (tx, mut rx) = mpsc::channel::<ExecEvent>(16);
-    let out = child.stdout();
-    let err = child.stderr();
-    let pumps = {
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            tokio::join!(pump(out, tx.clone(), false), pump(err, tx, true));
-        })
+    let Some(control) = session.control.take() else {
+        return;
     };
-    drop(tx);
-    let mut outputs_done = false;
     loop {
-        // The next client message is read only once its stdin bytes would
-        // have room (back-pressure reaches the client's socket).
-        let room = stdin_tx.clone().map(|t| t.reserve_owned());
+        // The next client message is read only once its input would have
+        // room (back-pressure reaches the client's socket).
         tokio::select! {
-            ev = rx.recv(), if !outputs_done => match ev {
-                Some(ev) => if !ws_send(&mut ws, &ev).await { break },
-                None => outputs_done = true,
+            c = session.output.recv() => match c {
+                Some(c) => {
+                    let end = matches!(c, ExecChunk::Exit(_) | ExecChunk::Error(_));
+                    if !ws_send(&mut ws, &event_of(c)).await {
+                        break;
+                    }
+                    if end {
+                        let _ = ws.send(Message::Close(None)).await;
+                        break;
+                    }
+                }
+                None => break,
             },
             (permit, msg) = async {
-                let permit = match room { Some(r) => r.await.ok(), None => None };
+                let permit = control.reserve().await.ok();
                 (permit, ws.recv().await)
-            } => match msg {
-                Some(Ok(Message::Binary(b))) => {
-                    if let Some(p) = permit { p.send(b); }
-                }
-                Some(Ok(Message::Text(t))) => match serde_json::from_str::<WsControl>(t.as_str()) {
-                    // A failed resize or signal is that control's problem,
-                    // never the session's.
-                    Ok(WsControl::Resize { rows, cols }) => {
-                        if let Err(e) = child.resize(rows, cols).await {
-                            tracing::debug!("exec resize: {e}");
+            } => {
+                let ctl = match msg {
+                    Some(Ok(Message::Binary(b))) => Some(ExecControl::Stdin(b)),
+                    Some(Ok(Message::Text(t))) => match serde_json::from_str::<WsControl>(t.as_str()) {
+                        Ok(WsControl::Resize { rows, cols }) => Some(ExecControl::Resize { rows, cols }),
+                        Ok(WsControl::Signal { signal }) => Some(ExecControl::Signal(signal)),
+                        Ok(WsControl::StdinEof) => Some(ExecControl::StdinEof),
+                        Err(e) => {
+                            let ev = ExecEvent::Error {
+                                code: ErrorCode::BadRequest,
+                                message: format!("control message: {e}"),
+                            };
+                            let _ = ws_send(&mut ws, &ev).await;
+                            None
                         }
-                    }
-                    Ok(WsControl::Signal { signal }) => {
-                        if let Err(e) = child.signal(signal).await {
-                            tracing::debug!("exec signal {signal}: {e}");
-                        }
-                    }
-                    Ok(WsControl::StdinEof) => stdin_tx = None,
-                    Err(e) => {
-                        let _ = ws_send(&mut ws, &ExecEvent::Error { code: ErrorCode::BadRequest, message: format!("control message: {e}") }).await;
-                    }
-                },
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
-                Some(Ok(_)) => {}
-            },
-            st = child.wait(), if outputs_done => {
-                let ev = match st {
-                    Ok(s) => ExecEvent::Exit { code: s.code, signal: s.signal, timed_out: s.timed_out },
-                    Err(e) => ExecEvent::Error { code: ErrorCode::GuestError, message: e.to_string() },
+                    },
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                    Some(Ok(_)) => None,
                 };
-                let _ = ws_send(&mut ws, &ev).await;
-                let _ = ws.send(Message::Close(None)).await;
-                break;
-            }
+                if let (Some(p), Some(c)) = (permit, ctl) {
+                    p.send(c);
+                }
+            },
         }
     }
-    pumps.abort();
 }
 
 fn file_args(q: Result<Query<FileQuery>, QueryRejection>) -> ApiResult<(String, u32, Option<i64>)> {
@@ -765,10 +528,9 @@ async fn stat_file(
     p: NameParam,
     q: Result<Query<FileQuery>, QueryRejection>,
 ) -> ApiResult<Json<FileStat>> {
-    use capsa::copy::GuestFs;
     let name = name_of(p)?;
     let (path, _, _) = file_args(q)?;
-    let fs = st.backend.files(&name).await?;
+    let fs = st.service.files(&name).await?;
     let m = fs.stat(&path).await.map_err(fs_err("stat", &path))?;
     Ok(Json(FileStat::of(&m)))
 }
@@ -783,7 +545,6 @@ async fn list_files(
     p: NameParam,
     q: Result<Query<ListQuery>, QueryRejection>,
 ) -> ApiResult<Json<DirPage>> {
-    use capsa::copy::GuestFs;
     let name = name_of(p)?;
     let Query(q) = q?;
     validate_guest_path("path", &q.path)?;
@@ -793,7 +554,7 @@ async fn list_files(
                 .fix("pass the last entry name of the previous page"));
         }
     }
-    let fs = st.backend.files(&name).await?;
+    let fs = st.service.files(&name).await?;
     let (entries, more) = fs
         .list_page(&q.path, q.after.as_deref())
         .await
@@ -820,7 +581,6 @@ async fn mkdir_file(
     p: NameParam,
     q: Result<Query<FileQuery>, QueryRejection>,
 ) -> ApiResult<StatusCode> {
-    use capsa::copy::GuestFs;
     let name = name_of(p)?;
     let Query(q) = q?;
     validate_guest_path("path", &q.path)?;
@@ -828,7 +588,7 @@ async fn mkdir_file(
         Some(m) => parse_mode(m)?,
         None => 0o755,
     };
-    let fs = st.backend.files(&name).await?;
+    let fs = st.service.files(&name).await?;
     fs.mkdir(&q.path, mode)
         .await
         .map_err(fs_err("creating", &q.path))?;
@@ -847,12 +607,11 @@ async fn put_file(
     q: Result<Query<FileQuery>, QueryRejection>,
     body: Body,
 ) -> ApiResult<Json<FileInfo>> {
-    use capsa::copy::GuestFs;
     let name = name_of(p)?;
     let (path, mode, mtime) = file_args(q)?;
     let mut reader =
         tokio_util::io::StreamReader::new(body.into_data_stream().map_err(io::Error::other));
-    let fs = st.backend.files(&name).await?;
+    let fs = st.service.files(&name).await?;
     let mtime = mtime.map(|s| std::time::UNIX_EPOCH + Duration::from_secs(s as u64));
     fs.write_file(&path, &mut reader, mode, mtime)
         .await
@@ -876,10 +635,9 @@ async fn get_file(
     p: NameParam,
     q: Result<Query<FileQuery>, QueryRejection>,
 ) -> ApiResult<Response> {
-    use capsa::copy::GuestFs;
     let name = name_of(p)?;
     let (path, _, _) = file_args(q)?;
-    let fs = st.backend.files(&name).await?;
+    let fs = st.service.files(&name).await?;
     let (mut w, r) = tokio::io::duplex(CHUNK);
     let (res_tx, mut res_rx) = oneshot::channel();
     tokio::spawn(async move {
@@ -947,38 +705,11 @@ async fn console(
 ) -> ApiResult<Response> {
     let name = name_of(p)?;
     let Query(q) = q?;
-    let paths = st.backend.console(&name).await?;
-    let file = tokio::fs::File::open(&paths.log).await.map_err(|e| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            ErrorCode::NotFound,
-            format!("console log of {name:?}: {e}"),
-        )
-    })?;
-    let follow = q.follow.unwrap_or(false);
-    let log = paths.log.clone();
-    let stream = futures::stream::unfold(file, move |mut file| {
-        let log = log.clone();
-        async move {
-            let mut buf = vec![0u8; CHUNK];
-            loop {
-                match file.read(&mut buf).await {
-                    Ok(0) if !follow => return None,
-                    Ok(0) => {
-                        if tokio::fs::metadata(&log).await.is_err() {
-                            return None;
-                        }
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
-                    Ok(n) => {
-                        buf.truncate(n);
-                        return Some((Ok::<_, io::Error>(Bytes::from(buf)), file));
-                    }
-                    Err(e) => return Some((Err(e), file)),
-                }
-            }
-        }
-    });
+    let stream = st
+        .service
+        .console_log(&name, q.follow.unwrap_or(false))
+        .await?
+        .map(|r| r.map_err(|e| io::Error::other(e.to_string())));
     Ok((
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
         Body::from_stream(stream),
@@ -998,47 +729,31 @@ async fn console_ws(
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
     let name = name_of(p)?;
-    let paths = st.backend.console(&name).await?;
     let ws = ws?;
-    let sock = tokio::net::UnixStream::connect(&paths.socket)
-        .await
-        .map_err(|e| {
-            ApiError::unavailable(format!("console socket of {name:?}: {e}"))
-                .fix("is the sandbox running? start it with POST /v1/sandboxes/{name}/start")
-        })?;
-    Ok(ws.on_upgrade(move |socket| console_bridge(socket, sock)))
+    let console = st.service.console_attach(&name).await?;
+    Ok(ws.on_upgrade(move |socket| console_bridge(socket, console)))
 }
 
-async fn console_bridge(ws: WebSocket, sock: tokio::net::UnixStream) {
+async fn console_bridge(ws: WebSocket, console: capsa_api::ConsoleSession) {
     let (mut wtx, mut wrx) = ws.split();
-    let (mut r, mut w) = sock.into_split();
+    let capsa_api::ConsoleSession { mut output, input } = console;
     let to_ws = async {
-        let mut buf = vec![0u8; CHUNK];
-        loop {
-            match r.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if wtx
-                        .send(Message::Binary(Bytes::copy_from_slice(&buf[..n])))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
+        while let Some(b) = output.recv().await {
+            if wtx.send(Message::Binary(b)).await.is_err() {
+                return;
             }
         }
         let _ = wtx.send(Message::Close(None)).await;
     };
     let from_ws = async {
         while let Some(Ok(msg)) = wrx.next().await {
-            let ok = match msg {
-                Message::Binary(b) => w.write_all(&b).await.is_ok(),
-                Message::Text(t) => w.write_all(t.as_bytes()).await.is_ok(),
-                Message::Close(_) => false,
-                _ => true,
+            let data = match msg {
+                Message::Binary(b) => b,
+                Message::Text(t) => Bytes::copy_from_slice(t.as_bytes()),
+                Message::Close(_) => break,
+                _ => continue,
             };
-            if !ok {
+            if input.send(data).await.is_err() {
                 break;
             }
         }
@@ -1058,7 +773,7 @@ async fn console_bridge(ws: WebSocket, sock: tokio::net::UnixStream) {
 async fn events(State(st): State<AppState>) -> ApiResult<Response> {
     let rx = st.events.subscribe();
     let initial: Vec<Event> = st
-        .backend
+        .service
         .list()
         .await?
         .into_iter()
@@ -1089,13 +804,6 @@ async fn events(State(st): State<AppState>) -> ApiResult<Response> {
         .into_response())
 }
 
-fn validate_snapshot_name(name: &str) -> ApiResult<()> {
-    validate_name(name).map_err(|mut e| {
-        e.detail.message = e.detail.message.replace("sandbox name", "snapshot name");
-        e
-    })
-}
-
 type SnapParam = Result<Path<String>, PathRejection>;
 
 /// Snapshots a running sandbox (memory, devices, disks) into the daemon's
@@ -1112,9 +820,7 @@ async fn snapshot_sandbox(
 ) -> ApiResult<(StatusCode, Json<SnapshotInfo>)> {
     let name = name_of(p)?;
     let Json(req) = body?;
-    validate_snapshot_name(&req.snapshot)?;
-    let _g = st.locks.try_lock(&name)?;
-    let r = st.backend.snapshot_create(&name, &req.snapshot).await;
+    let r = st.service.snapshot_create(&name, &req.snapshot).await;
     st.emit(Event::Action {
         name,
         action: "snapshot".into(),
@@ -1127,7 +833,7 @@ async fn snapshot_sandbox(
 #[utoipa::path(get, path = "/v1/snapshots", tag = "snapshots",
     responses((status = 200, body = Vec<SnapshotInfo>), (status = 401, body = ErrorBody)))]
 async fn list_snapshots(State(st): State<AppState>) -> ApiResult<Json<Vec<SnapshotInfo>>> {
-    Ok(Json(st.backend.snapshot_list().await?))
+    Ok(Json(st.service.snapshot_list().await?))
 }
 
 /// Deletes a named snapshot (409 while a pool restores from it).
@@ -1137,9 +843,7 @@ async fn list_snapshots(State(st): State<AppState>) -> ApiResult<Json<Vec<Snapsh
         (status = 409, body = ErrorBody)))]
 async fn delete_snapshot(State(st): State<AppState>, p: SnapParam) -> ApiResult<StatusCode> {
     let Path(name) = p?;
-    validate_snapshot_name(&name)?;
-    let _g = st.locks.try_lock(&format!("snapshot/{name}"))?;
-    st.backend.snapshot_remove(&name).await?;
+    st.service.snapshot_remove(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -1147,7 +851,7 @@ async fn delete_snapshot(State(st): State<AppState>, p: SnapParam) -> ApiResult<
 #[utoipa::path(get, path = "/v1/pools", tag = "pools",
     responses((status = 200, body = Vec<PoolInfo>), (status = 401, body = ErrorBody)))]
 async fn list_pools(State(st): State<AppState>) -> ApiResult<Json<Vec<PoolInfo>>> {
-    Ok(Json(st.backend.pool_list().await?))
+    Ok(Json(st.service.pool_list().await?))
 }
 
 /// Creates a warm pool; it fills in the background (first its base snapshot,
@@ -1163,7 +867,7 @@ async fn create_pool(
     let Json(req) = body?;
     Ok((
         StatusCode::CREATED,
-        Json(st.backend.pool_create(&req).await?),
+        Json(st.service.pool_create(req).await?),
     ))
 }
 
@@ -1171,10 +875,6 @@ type PoolParam = Result<Path<String>, PathRejection>;
 
 fn pool_of(p: PoolParam) -> ApiResult<String> {
     let Path(name) = p?;
-    validate_name(&name).map_err(|mut e| {
-        e.detail.message = e.detail.message.replace("sandbox name", "pool name");
-        e
-    })?;
     Ok(name)
 }
 
@@ -1185,7 +885,7 @@ fn pool_of(p: PoolParam) -> ApiResult<String> {
         (status = 404, body = ErrorBody)))]
 async fn get_pool(State(st): State<AppState>, p: PoolParam) -> ApiResult<Json<PoolInfo>> {
     let name = pool_of(p)?;
-    Ok(Json(st.backend.pool_get(&name).await?))
+    Ok(Json(st.service.pool_get(&name).await?))
 }
 
 /// Deletes a pool and destroys its idle members; members already handed
@@ -1195,7 +895,7 @@ async fn get_pool(State(st): State<AppState>, p: PoolParam) -> ApiResult<Json<Po
     responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn delete_pool(State(st): State<AppState>, p: PoolParam) -> ApiResult<StatusCode> {
     let name = pool_of(p)?;
-    st.backend.pool_remove(&name).await?;
+    st.service.pool_remove(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -1225,14 +925,7 @@ async fn acquire(
                 .fix("send {} or {\"name\": \"my-box\"} (or no body)")
         })?
     };
-    let _g = match &req.name {
-        Some(n) => {
-            validate_name(n)?;
-            Some(st.locks.try_lock(n)?)
-        }
-        None => None,
-    };
-    let info = st.backend.pool_acquire(&pool, &req).await?;
+    let info = st.service.pool_acquire(&pool, req).await?;
     st.emit(Event::Acquired {
         pool,
         name: info.name.clone(),

@@ -3,7 +3,7 @@
 
 mod common;
 
-use capsad::client::{Client, ClientError};
+use capsa_client::{Client, ClientError};
 use capsad::ErrorBody;
 use hyper::{Method, StatusCode};
 

@@ -7,8 +7,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use capsa_client::{Client, ClientError};
 use capsad::api::{CreatePoolRequest, CreateSandboxRequest, ExecRequest, PoolInfo};
-use capsad::client::{Client, ClientError};
 use hyper::{Method, StatusCode};
 
 fn argv(a: &[&str]) -> ExecRequest {

@@ -175,7 +175,7 @@ async fn websockets_and_events() {
     let mut got = Vec::new();
     while !String::from_utf8_lossy(&got).contains("ready") {
         match reader.next().await {
-            Some(Ok(capsad::client::ExecChunk::Stdout(b))) => got.extend(b),
+            Some(Ok(capsa_client::ExecChunk::Stdout(b))) => got.extend(b),
             other => panic!("reader: {other:?}"),
         }
     }
@@ -185,8 +185,8 @@ async fn websockets_and_events() {
     let mut code = None;
     while let Some(ch) = reader.next().await {
         match ch.unwrap() {
-            capsad::client::ExecChunk::Stdout(b) => got.extend(b),
-            capsad::client::ExecChunk::Exit { code: c, .. } => {
+            capsa_client::ExecChunk::Stdout(b) => got.extend(b),
+            capsa_client::ExecChunk::Exit { code: c, .. } => {
                 code = c;
                 break;
             }

@@ -5,8 +5,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use capsa_client::{Client, ClientError, ExecChunk};
 use capsad::api::{CreateSandboxRequest, ExecRequest, SandboxState};
-use capsad::client::{Client, ClientError, ExecChunk};
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 
@@ -112,7 +112,10 @@ async fn lifecycle_exec_and_streaming() {
     );
 
     // Stop, exec refused, start, exec again, kill, delete.
-    assert_eq!(c.stop("life").await.unwrap().state, SandboxState::Stopped);
+    assert_eq!(
+        c.stop("life", None).await.unwrap().state,
+        SandboxState::Stopped
+    );
     match c.exec_output("life", &argv(&["true"])).await {
         Err(ClientError::Api { status, .. }) => assert_eq!(status, 409),
         other => panic!("{other:?}"),

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use capsad::client::Client;
+use capsa_client::Client;
 
 /// A running daemon; killed (SIGTERM, then SIGKILL) on drop.
 pub struct Daemon {

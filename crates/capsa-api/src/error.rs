@@ -6,14 +6,12 @@
 //! method, oversize body) are converted into the same shape, so no endpoint
 //! ever answers with a plain-text body.
 
-use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+pub use http::StatusCode;
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
 /// Stable machine-readable error codes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// The request is malformed (bad JSON, unknown field, bad value).
@@ -55,7 +53,8 @@ pub enum ErrorCode {
 }
 
 /// The body of every error response.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ErrorBody {
     /// The error.
@@ -63,7 +62,8 @@ pub struct ErrorBody {
 }
 
 /// What went wrong and how to fix it.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ErrorDetail {
     /// Stable code to match on.
@@ -118,7 +118,7 @@ impl ApiError {
             ErrorCode::NotFound,
             format!("no sandbox named {name:?}"),
         )
-        .fix("list sandboxes with GET /v1/sandboxes, or create it with POST /v1/sandboxes")
+        .fix("list sandboxes with `capsa ps` (GET /v1/sandboxes), or create it (`capsa create`, POST /v1/sandboxes)")
     }
 
     /// 409 conflict.
@@ -239,7 +239,7 @@ impl ApiError {
                     ),
                     V::NotFound { .. } => {
                         ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, message)
-                            .fix("GET /v1/sandboxes lists the sandboxes")
+                            .fix("`capsa ps` (GET /v1/sandboxes) lists the sandboxes")
                     }
                     V::AlreadyExists { .. }
                     | V::Dead { .. }
@@ -259,11 +259,12 @@ impl ApiError {
             }
             E::SnapshotNotFound { .. } => {
                 ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, message).fix(
-                    "GET /v1/snapshots lists the snapshots; POST /v1/sandboxes/{name}/snapshot makes one",
+                    "`capsa snapshot ls` (GET /v1/snapshots) lists the snapshots; \
+                     `capsa snapshot create` (POST /v1/sandboxes/{name}/snapshot) makes one",
                 )
             }
             E::SnapshotExists { .. } => ApiError::conflict(message)
-                .fix("pick another snapshot name, or DELETE /v1/snapshots/{name} first"),
+                .fix("pick another snapshot name, or remove the old one first (`capsa snapshot rm NAME`, DELETE /v1/snapshots/{name})"),
             E::SnapshotName { .. } => {
                 ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::InvalidName, message)
                     .fix("use 1-63 characters [a-z0-9][a-z0-9_.-]*")
@@ -284,27 +285,30 @@ impl ApiError {
 
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} ({:?}): {}",
-            self.status.as_u16(),
-            self.detail.code,
-            self.detail.message
-        )
+        // The message names the problem; the fix travels apart (`detail.fix`).
+        f.write_str(&self.detail.message)
     }
 }
 
 impl std::error::Error for ApiError {}
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+#[cfg(feature = "axum")]
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+
+#[cfg(feature = "axum")]
+impl axum::response::IntoResponse for ApiError {
+    fn into_response(self) -> axum::response::Response {
         if self.status.is_server_error() {
             tracing::warn!(status = %self.status, message = %self.detail.message, "request failed");
         }
-        (self.status, axum::Json(ErrorBody { error: self.detail })).into_response()
+        axum::response::IntoResponse::into_response((
+            self.status,
+            axum::Json(ErrorBody { error: self.detail }),
+        ))
     }
 }
 
+#[cfg(feature = "axum")]
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
         let status = r.status();
@@ -330,6 +334,7 @@ impl From<JsonRejection> for ApiError {
     }
 }
 
+#[cfg(feature = "axum")]
 fn too_large(text: String) -> ApiError {
     ApiError::new(
         StatusCode::PAYLOAD_TOO_LARGE,
@@ -339,18 +344,21 @@ fn too_large(text: String) -> ApiError {
     .fix("send a smaller body; upload files with PUT /v1/sandboxes/{name}/files, which streams")
 }
 
+#[cfg(feature = "axum")]
 impl From<PathRejection> for ApiError {
     fn from(r: PathRejection) -> Self {
         Self::bad_request(r.body_text())
     }
 }
 
+#[cfg(feature = "axum")]
 impl From<QueryRejection> for ApiError {
     fn from(r: QueryRejection) -> Self {
         Self::bad_request(r.body_text()).fix("check the query parameters against GET /openapi.json")
     }
 }
 
+#[cfg(feature = "axum")]
 impl From<axum::extract::ws::rejection::WebSocketUpgradeRejection> for ApiError {
     fn from(r: axum::extract::ws::rejection::WebSocketUpgradeRejection) -> Self {
         Self::bad_request(r.body_text()).fix("connect with a WebSocket client")

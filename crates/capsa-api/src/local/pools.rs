@@ -31,8 +31,8 @@ use capsa::{Capsa, Sandbox, SandboxState, Sandboxes, Snapshots};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, Semaphore};
 
-use crate::api::{validate_name, CreatePoolRequest, PoolInfo, MAX_POOL_NAME_LEN, MAX_POOL_SIZE};
 use crate::error::{ApiError, ApiResult};
+use crate::types::{validate_name, CreatePoolRequest, PoolInfo, MAX_POOL_NAME_LEN, MAX_POOL_SIZE};
 
 /// Label naming a sandbox's pool.
 pub const LABEL_POOL: &str = "pool";
@@ -194,7 +194,8 @@ pub struct Pools {
 /// running VM): a client cannot make the daemon hold more than this.
 pub const DEFAULT_MAX_POOL_MEMBERS: usize = 16;
 
-fn random_hex() -> String {
+/// 8 random hex digits (generated sandbox names, pool members).
+pub fn random_hex() -> String {
     let mut b = [0u8; 4];
     let ok = std::fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
@@ -233,6 +234,11 @@ impl Pools {
         }
     }
 
+    /// Sets the most ready members across all pools.
+    pub fn set_max_members(&mut self, max: usize) {
+        self.max_members = max;
+    }
+
     fn map(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<Pool>>> {
         self.pools.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -242,7 +248,7 @@ impl Pools {
         validate_name(&cfg.name)?;
         if cfg.name.len() > MAX_POOL_NAME_LEN {
             return Err(ApiError::new(
-                axum::http::StatusCode::BAD_REQUEST,
+                crate::error::StatusCode::BAD_REQUEST,
                 crate::error::ErrorCode::InvalidName,
                 format!(
                     "pool name {:?} is longer than {MAX_POOL_NAME_LEN} bytes",
@@ -418,7 +424,7 @@ impl Pools {
     fn pool(&self, name: &str) -> ApiResult<Arc<Pool>> {
         self.map().get(name).cloned().ok_or_else(|| {
             ApiError::new(
-                axum::http::StatusCode::NOT_FOUND,
+                crate::error::StatusCode::NOT_FOUND,
                 crate::error::ErrorCode::NotFound,
                 format!("no pool named {name:?}"),
             )

@@ -9,9 +9,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest, protocol::WebSocketConfig};
 
-use super::{sb_path, BoxStream, Client, ClientError, ExecChunk, Result, Transport};
-use crate::api::ExecRequest;
-use crate::error::ErrorBody;
+use crate::http::{sb_path, BoxStream, Client, ClientError, ExecChunk, Result, Transport};
+use capsa_api::types::ExecRequest;
+use capsa_api::ErrorBody;
 
 /// Either transport, boxed.
 trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
@@ -210,5 +210,5 @@ impl Client {
 }
 
 fn decode_event(text: &str) -> Result<ExecChunk> {
-    super::decode_exec_event(text.as_bytes())
+    crate::http::decode_exec_event(text.as_bytes())
 }

@@ -5,9 +5,9 @@
 //! never holds up another call.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), capsad::client::ClientError> {
-//! use capsad::client::Client;
-//! use capsad::api::{CreateSandboxRequest, ExecRequest};
+//! # async fn demo() -> Result<(), capsa_client::ClientError> {
+//! use capsa_client::Client;
+//! use capsa_api::types::{CreateSandboxRequest, ExecRequest};
 //! let c = Client::connect("/run/capsa/capsad.sock", "token")?;
 //! c.create(&CreateSandboxRequest { name: Some("a".into()), start: true, ..Default::default() }).await?;
 //! let out = c.exec_output("a", &ExecRequest { argv: vec!["uname".into()], ..Default::default() }).await?;
@@ -27,11 +27,8 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use crate::api::*;
-use crate::error::ErrorDetail;
-
-mod ws;
-pub use ws::{ConsoleInput, ExecInput};
+use capsa_api::types::*;
+use capsa_api::ErrorDetail;
 
 /// Longest non-streamed response body read (JSON answers are small).
 const MAX_JSON_RESPONSE: usize = 16 << 20;
@@ -81,7 +78,7 @@ pub enum ClientError {
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 
 #[derive(Debug, Clone)]
-enum Transport {
+pub(crate) enum Transport {
     Unix(PathBuf),
     Tcp(String),
 }
@@ -89,8 +86,8 @@ enum Transport {
 /// A capsad client (cheap to clone).
 #[derive(Debug, Clone)]
 pub struct Client {
-    transport: Transport,
-    token: String,
+    pub(crate) transport: Transport,
+    pub(crate) token: String,
 }
 
 /// A request body: empty, bytes, or a stream.
@@ -298,9 +295,17 @@ impl Client {
             .await
     }
 
-    /// `POST /v1/sandboxes/{name}/stop`.
-    pub async fn stop(&self, name: &str) -> Result<SandboxInfo> {
-        self.call(Method::POST, &sb_path(name, "/stop"), None).await
+    /// `POST /v1/sandboxes/{name}/stop[?grace_secs=N]`.
+    pub async fn stop(
+        &self,
+        name: &str,
+        grace: Option<std::time::Duration>,
+    ) -> Result<SandboxInfo> {
+        let q = grace
+            .map(|g| format!("?grace_secs={}", g.as_secs_f64()))
+            .unwrap_or_default();
+        self.call(Method::POST, &sb_path(name, &format!("/stop{q}")), None)
+            .await
     }
 
     /// `POST /v1/sandboxes/{name}/kill`.
@@ -570,7 +575,7 @@ fn full(b: Bytes) -> ReqBody {
 
 /// One exec event (an NDJSON line or a WebSocket text frame) as a chunk; an
 /// `error` event becomes the API error it carries.
-fn decode_exec_event(raw: &[u8]) -> Result<ExecChunk> {
+pub(crate) fn decode_exec_event(raw: &[u8]) -> Result<ExecChunk> {
     let ev: ExecEvent =
         serde_json::from_slice(raw).map_err(|e| ClientError::Decode(format!("exec event: {e}")))?;
     let b64 = |d: &str| {
@@ -619,7 +624,7 @@ fn seg(name: &str) -> String {
     enc(name).replace('/', "%2F")
 }
 
-fn sb_path(name: &str, rest: &str) -> String {
+pub(crate) fn sb_path(name: &str, rest: &str) -> String {
     let name = enc(name).replace('/', "%2F");
     format!("/v1/sandboxes/{name}{rest}")
 }
@@ -630,7 +635,7 @@ async fn check(resp: Response<Incoming>) -> Result<Response<Incoming>> {
     }
     let status = resp.status();
     let body = read_limited(resp.into_body(), MAX_JSON_RESPONSE).await?;
-    match serde_json::from_slice::<crate::error::ErrorBody>(&body) {
+    match serde_json::from_slice::<capsa_api::ErrorBody>(&body) {
         Ok(b) => Err(ClientError::Api {
             status,
             detail: b.error,
