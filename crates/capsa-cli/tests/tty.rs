@@ -646,7 +646,7 @@ fn exec_and_attach_through_capsad_in_a_real_terminal() {
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
         assert!(
-            err.contains("nope") && err.contains("404"),
+            err.contains("nope") && err.contains("fix:"),
             "{args:?}: {err}"
         );
     }

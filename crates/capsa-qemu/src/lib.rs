@@ -14,6 +14,7 @@ mod instance;
 pub mod jail;
 pub mod ram;
 pub mod snapshot;
+mod vm;
 
 use std::path::{Path, PathBuf};
 
