@@ -14,7 +14,7 @@ use capsa::Accel;
 use capsa_api::types::{AccelChoice, CreateSandboxRequest, DiskRequest};
 
 use crate::exec_io::{self, Finished, Stdio};
-use crate::service::{connect, Conn, View};
+use crate::service::{connect, each_name, Conn, View};
 
 /// Flags of `capsa create`.
 #[derive(clap::Args, Debug)]
@@ -352,21 +352,8 @@ pub async fn kill(conn: &Conn, a: NameArgs) -> anyhow::Result<ExitCode> {
 
 pub async fn rm(conn: &Conn, a: RmArgs) -> anyhow::Result<ExitCode> {
     let svc = connect(conn)?;
-    let mut failed = false;
-    for n in &a.names {
-        match svc.remove(n, a.force).await {
-            Ok(()) => println!("{n}"),
-            Err(e) => {
-                failed = true;
-                crate::report(&e.into());
-            }
-        }
-    }
-    Ok(if failed {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    })
+    let svc = svc.as_ref();
+    Ok(each_name(&a.names, |n| async move { svc.remove(&n, a.force).await }).await)
 }
 
 pub async fn inspect(conn: &Conn, a: InspectArgs) -> anyhow::Result<ExitCode> {

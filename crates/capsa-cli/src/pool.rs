@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use capsa_api::types::{AcquireRequest, CreatePoolRequest};
 
-use crate::service::{connect, Conn, View};
+use crate::service::{connect, each_name, Conn, View};
 
 /// `capsa pool ...` (needs --host).
 #[derive(clap::Subcommand, Debug)]
@@ -120,19 +120,8 @@ pub async fn run(conn: &Conn, cmd: PoolCmd) -> anyhow::Result<ExitCode> {
             }
         }
         PoolCmd::Rm { pools } => {
-            let mut failed = false;
-            for p in &pools {
-                match svc.pool_remove(p).await {
-                    Ok(()) => println!("{p}"),
-                    Err(e) => {
-                        failed = true;
-                        crate::report(&e.into());
-                    }
-                }
-            }
-            if failed {
-                return Ok(ExitCode::FAILURE);
-            }
+            let svc = svc.as_ref();
+            return Ok(each_name(&pools, |p| async move { svc.pool_remove(&p).await }).await);
         }
     }
     Ok(ExitCode::SUCCESS)

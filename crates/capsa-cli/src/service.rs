@@ -92,3 +92,27 @@ impl From<SandboxInfo> for View {
         }
     }
 }
+
+/// Runs `f` on each name in turn, printing the name when it worked and the
+/// error when it did not (going on with the rest); fails if any failed.
+pub async fn each_name<F, Fut>(names: &[String], f: F) -> std::process::ExitCode
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = capsa_api::ApiResult<()>>,
+{
+    let mut failed = false;
+    for n in names {
+        match f(n.clone()).await {
+            Ok(()) => println!("{n}"),
+            Err(e) => {
+                failed = true;
+                crate::report(&e.into());
+            }
+        }
+    }
+    if failed {
+        std::process::ExitCode::FAILURE
+    } else {
+        std::process::ExitCode::SUCCESS
+    }
+}

@@ -8,7 +8,7 @@
 
 use std::process::ExitCode;
 
-use crate::service::{connect, Conn};
+use crate::service::{connect, each_name, Conn};
 
 /// `capsa snapshot ...`.
 #[derive(clap::Subcommand, Debug)]
@@ -91,19 +91,10 @@ pub async fn run(conn: &Conn, cmd: SnapshotCmd) -> anyhow::Result<ExitCode> {
             }
         }
         SnapshotCmd::Rm { snapshots } => {
-            let mut failed = false;
-            for s in &snapshots {
-                match svc.snapshot_remove(s).await {
-                    Ok(()) => println!("{s}"),
-                    Err(e) => {
-                        failed = true;
-                        crate::report(&e.into());
-                    }
-                }
-            }
-            if failed {
-                return Ok(ExitCode::FAILURE);
-            }
+            let svc = svc.as_ref();
+            return Ok(
+                each_name(&snapshots, |s| async move { svc.snapshot_remove(&s).await }).await,
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -90,6 +90,10 @@ pub struct Client {
     pub(crate) token: String,
 }
 
+/// Either transport, boxed.
+pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
 /// A request body: empty, bytes, or a stream.
 type ReqBody = http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::Error>;
 
@@ -156,21 +160,9 @@ impl Client {
         })
     }
 
-    async fn send(&self, req: Request<ReqBody>) -> Result<Response<Incoming>> {
-        macro_rules! go {
-            ($io:expr) => {{
-                let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
-                    .handshake(TokioIo::new($io))
-                    .await?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.with_upgrades().await {
-                        tracing::debug!("capsad connection: {e}");
-                    }
-                });
-                Ok(sender.send_request(req).await?)
-            }};
-        }
-        match &self.transport {
+    /// A fresh connection to the daemon, and the Host header it wants.
+    pub(crate) async fn connect_io(&self) -> Result<(Box<dyn Io>, String)> {
+        Ok(match &self.transport {
             Transport::Unix(p) => {
                 let s = tokio::net::UnixStream::connect(p).await.map_err(|source| {
                     ClientError::Connect {
@@ -178,7 +170,7 @@ impl Client {
                         source,
                     }
                 })?;
-                go!(s)
+                (Box::new(s), "localhost".into())
             }
             Transport::Tcp(a) => {
                 let s = tokio::net::TcpStream::connect(a.as_str())
@@ -187,9 +179,22 @@ impl Client {
                         at: a.clone(),
                         source,
                     })?;
-                go!(s)
+                (Box::new(s), a.clone())
             }
-        }
+        })
+    }
+
+    async fn send(&self, req: Request<ReqBody>) -> Result<Response<Incoming>> {
+        let (io, _) = self.connect_io().await?;
+        let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake(TokioIo::new(io))
+            .await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!("capsad connection: {e}");
+            }
+        });
+        Ok(sender.send_request(req).await?)
     }
 
     fn request(

@@ -5,17 +5,13 @@ use bytes::Bytes;
 use futures::stream::SplitSink;
 use futures::{SinkExt, StreamExt};
 use hyper::StatusCode;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest, protocol::WebSocketConfig};
 
-use crate::http::{sb_path, BoxStream, Client, ClientError, ExecChunk, Result, Transport};
+use crate::http::{sb_path, BoxStream, Client, ClientError, ExecChunk, Io, Result};
 use capsa_api::types::ExecRequest;
 use capsa_api::ErrorBody;
 
-/// Either transport, boxed.
-trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 type Ws = tokio_tungstenite::WebSocketStream<Box<dyn Io>>;
 
 /// Largest message accepted from capsad: an exec event holds one output
@@ -108,26 +104,7 @@ fn ws_err(e: tungstenite::Error) -> ClientError {
 
 impl Client {
     async fn websocket(&self, path: &str) -> Result<Ws> {
-        let (io, host): (Box<dyn Io>, String) = match &self.transport {
-            Transport::Unix(p) => {
-                let s = tokio::net::UnixStream::connect(p).await.map_err(|source| {
-                    ClientError::Connect {
-                        at: p.display().to_string(),
-                        source,
-                    }
-                })?;
-                (Box::new(s), "localhost".into())
-            }
-            Transport::Tcp(a) => {
-                let s = tokio::net::TcpStream::connect(a.as_str())
-                    .await
-                    .map_err(|source| ClientError::Connect {
-                        at: a.clone(),
-                        source,
-                    })?;
-                (Box::new(s), a.clone())
-            }
-        };
+        let (io, host) = self.connect_io().await?;
         let mut req = format!("ws://{host}{path}")
             .into_client_request()
             .map_err(ws_err)?;

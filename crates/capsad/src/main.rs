@@ -28,7 +28,7 @@ struct Args {
     /// Keep a warm pool of restored sandboxes: NAME=SIZE, optionally
     /// followed by ,memory=MIB ,cpus=N or ,snapshot=SNAPSHOT (repeatable).
     /// Members are named NAME-<hex>; take one with POST /v1/pools/NAME/acquire.
-    #[arg(long = "pool", value_name = "NAME=SIZE[,memory=MIB][,cpus=N][,snapshot=S]", value_parser = capsa_api::local::pools::PoolConfig::parse_flag)]
+    #[arg(long = "pool", value_name = "NAME=SIZE[,memory=MIB][,cpus=N][,snapshot=S]", value_parser = capsa_api::local::pools::parse_pool_flag)]
     pools: Vec<capsa_api::local::pools::PoolConfig>,
     /// Most ready pool members the daemon holds across all pools (each is a running VM).
     #[arg(long, default_value_t = capsa_api::local::pools::DEFAULT_MAX_POOL_MEMBERS)]

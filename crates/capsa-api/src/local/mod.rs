@@ -732,7 +732,7 @@ impl Service for LocalService {
 
     async fn pool_create(&self, req: CreatePoolRequest) -> ApiResult<PoolInfo> {
         self.pools_on()?;
-        self.pools.create(PoolConfig::from(&req), true)
+        self.pools.create(req, true)
     }
 
     async fn pool_list(&self) -> ApiResult<Vec<PoolInfo>> {

@@ -28,7 +28,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use capsa::{Capsa, Sandbox, SandboxState, Sandboxes, Snapshots};
-use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, Semaphore};
 
 use crate::error::{ApiError, ApiResult};
@@ -49,78 +48,49 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// first exec into a handed-out member reuses the restore's connection.
 pub type Attached = Arc<tokio::sync::Mutex<HashMap<String, Arc<Sandbox>>>>;
 
-/// A pool's configuration (flag, API request, or `pools.json` entry).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PoolConfig {
-    /// Pool name.
-    pub name: String,
-    /// Target ready members.
-    pub size: usize,
-    /// vCPUs per member.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cpus: Option<u32>,
-    /// RAM per member (MiB).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub memory_mib: Option<u64>,
-    /// Named snapshot to restore from.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub snapshot: Option<String>,
-}
+/// A pool's configuration (flag, API request, or `pools.json` entry): the
+/// API's own request type, so a pool means the same from every face.
+pub type PoolConfig = CreatePoolRequest;
 
-impl PoolConfig {
-    /// Parses `NAME=SIZE[,memory=MIB][,cpus=N][,snapshot=NAME]` (`capsad --pool`).
-    pub fn parse_flag(s: &str) -> Result<Self, String> {
-        let fix = "fix: write --pool NAME=SIZE[,memory=MIB][,cpus=N][,snapshot=SNAPSHOT], e.g. --pool py=2,memory=256";
-        let mut parts = s.split(',');
-        let head = parts.next().unwrap_or_default();
-        let (name, size) = head
+/// Parses `NAME=SIZE[,memory=MIB][,cpus=N][,snapshot=NAME]` (`capsad --pool`).
+pub fn parse_pool_flag(s: &str) -> Result<PoolConfig, String> {
+    let fix = "fix: write --pool NAME=SIZE[,memory=MIB][,cpus=N][,snapshot=SNAPSHOT], e.g. --pool py=2,memory=256";
+    let mut parts = s.split(',');
+    let head = parts.next().unwrap_or_default();
+    let (name, size) = head
+        .split_once('=')
+        .ok_or_else(|| format!("--pool {s:?}: no NAME=SIZE; {fix}"))?;
+    let size = size
+        .parse::<usize>()
+        .map_err(|_| format!("--pool {s:?}: size {size:?} is not a number; {fix}"))?;
+    let mut cfg = PoolConfig {
+        name: name.to_string(),
+        size,
+        cpus: None,
+        memory_mib: None,
+        snapshot: None,
+    };
+    for kv in parts {
+        let (k, v) = kv
             .split_once('=')
-            .ok_or_else(|| format!("--pool {s:?}: no NAME=SIZE; {fix}"))?;
-        let size = size
-            .parse::<usize>()
-            .map_err(|_| format!("--pool {s:?}: size {size:?} is not a number; {fix}"))?;
-        let mut cfg = PoolConfig {
-            name: name.to_string(),
-            size,
-            cpus: None,
-            memory_mib: None,
-            snapshot: None,
+            .ok_or_else(|| format!("--pool {s:?}: {kv:?} is not KEY=VALUE; {fix}"))?;
+        let num = |v: &str| {
+            v.parse::<u64>()
+                .map_err(|_| format!("--pool {s:?}: {k}={v:?} is not a number; {fix}"))
         };
-        for kv in parts {
-            let (k, v) = kv
-                .split_once('=')
-                .ok_or_else(|| format!("--pool {s:?}: {kv:?} is not KEY=VALUE; {fix}"))?;
-            let num = |v: &str| {
-                v.parse::<u64>()
-                    .map_err(|_| format!("--pool {s:?}: {k}={v:?} is not a number; {fix}"))
-            };
-            match k {
-                "memory" | "memory_mib" => cfg.memory_mib = Some(num(v)?),
-                "cpus" => {
-                    cfg.cpus = Some(
-                        u32::try_from(num(v)?)
-                            .map_err(|_| format!("--pool {s:?}: cpus out of range"))?,
-                    )
-                }
-                "snapshot" => cfg.snapshot = Some(v.to_string()),
-                _ => return Err(format!("--pool {s:?}: unknown key {k:?}; {fix}")),
+        match k {
+            "memory" | "memory_mib" => cfg.memory_mib = Some(num(v)?),
+            "cpus" => {
+                cfg.cpus = Some(
+                    u32::try_from(num(v)?)
+                        .map_err(|_| format!("--pool {s:?}: cpus out of range"))?,
+                )
             }
-        }
-        Ok(cfg)
-    }
-}
-
-impl From<&CreatePoolRequest> for PoolConfig {
-    fn from(r: &CreatePoolRequest) -> Self {
-        PoolConfig {
-            name: r.name.clone(),
-            size: r.size,
-            cpus: r.cpus,
-            memory_mib: r.memory_mib,
-            snapshot: r.snapshot.clone(),
+            "snapshot" => cfg.snapshot = Some(v.to_string()),
+            _ => return Err(format!("--pool {s:?}: unknown key {k:?}; {fix}")),
         }
     }
+    Ok(cfg)
 }
 
 #[derive(Default)]
@@ -724,7 +694,7 @@ mod tests {
 
     #[test]
     fn pool_flags() {
-        let c = PoolConfig::parse_flag("py=2,memory=256,cpus=1").unwrap();
+        let c = parse_pool_flag("py=2,memory=256,cpus=1").unwrap();
         assert_eq!(
             c,
             PoolConfig {
@@ -735,10 +705,10 @@ mod tests {
                 snapshot: None
             }
         );
-        let c = PoolConfig::parse_flag("a=1,snapshot=base").unwrap();
+        let c = parse_pool_flag("a=1,snapshot=base").unwrap();
         assert_eq!(c.snapshot.as_deref(), Some("base"));
         for bad in ["py", "py=x", "py=1,mem", "py=1,color=red", "py=1,cpus=-1"] {
-            let e = PoolConfig::parse_flag(bad).unwrap_err();
+            let e = parse_pool_flag(bad).unwrap_err();
             assert!(e.contains("fix:"), "{bad}: {e}");
         }
     }
