@@ -283,6 +283,11 @@ impl ApiError {
     }
 }
 
+/// A refusal of capsa-core's checks (limits, names, specs) as a 400 with its fix.
+pub fn core_err(e: capsa_core::Error) -> ApiError {
+    ApiError::from_capsa("invalid request", &capsa::Error::Core(e))
+}
+
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The message names the problem; the fix travels apart (`detail.fix`).

@@ -34,8 +34,8 @@ pub use snapshot::{
     FileIdentity, SnapshotDisk, SnapshotMeta, CAPSA_VERSION, SNAPSHOT_FORMAT, SNAPSHOT_META_FILE,
 };
 pub use spec::{
-    Accel, BootSource, ConsoleSpec, DiskFormat, DiskSpec, HostLimits, VmSpec, VsockSpec, MAX_CPUS,
-    MAX_MEMORY_MIB, MIN_MEMORY_MIB,
+    check_cpus, check_memory_mib, Accel, BootSource, ConsoleSpec, DiskFormat, DiskSpec, HostLimits,
+    VmSpec, VsockSpec, MAX_CPUS, MAX_MEMORY_MIB, MIN_MEMORY_MIB,
 };
 
 /// The line capsa's guest init prints on the console once the guest is set up.

@@ -260,13 +260,8 @@ impl VmSpec {
     ///
     /// Runs before any process starts, so a bad spec leaves nothing behind.
     pub fn validate(&mut self, host: &HostLimits) -> Result<()> {
-        if self.cpus == 0 || self.cpus > MAX_CPUS {
-            return Err(Error::invalid(
-                "cpus",
-                format!("{} vCPUs requested", self.cpus),
-                format!("ask for 1 to {MAX_CPUS} vCPUs"),
-            ));
-        }
+        check_cpus(self.cpus)?;
+        check_memory_mib(self.memory_mib)?;
         if self.cpus > host.cpus.max(1) {
             // More vCPUs than host CPUs cannot run at once; under TCG such a
             // guest may not even finish booting. Refuse instead of timing out.
@@ -277,13 +272,6 @@ impl VmSpec {
                     self.cpus, host.cpus
                 ),
                 format!("ask for at most {} vCPUs", host.cpus.max(1)),
-            ));
-        }
-        if self.memory_mib < MIN_MEMORY_MIB {
-            return Err(Error::invalid(
-                "memory",
-                format!("{} MiB is too little to boot Linux", self.memory_mib),
-                format!("ask for at least {MIN_MEMORY_MIB} MiB, e.g. --memory 512M"),
             ));
         }
         if self.memory_mib > host.memory_mib {
@@ -364,6 +352,39 @@ fn check_readable_file(field: &'static str, path: &Path, fix: &str) -> Result<()
             fix,
         )),
     }
+}
+
+/// The one check of a vCPU count, whichever face asks (the host's own
+/// count is checked later, by [`VmSpec::validate`]).
+pub fn check_cpus(cpus: u32) -> Result<()> {
+    if cpus == 0 || cpus > MAX_CPUS {
+        return Err(Error::invalid(
+            "cpus",
+            format!("{cpus} vCPUs requested"),
+            format!("ask for 1 to {MAX_CPUS} vCPUs"),
+        ));
+    }
+    Ok(())
+}
+
+/// The one check of a guest memory size in MiB, whichever face asks (the
+/// host's own memory is checked later, by [`VmSpec::validate`]).
+pub fn check_memory_mib(mib: u64) -> Result<()> {
+    if mib < MIN_MEMORY_MIB {
+        return Err(Error::invalid(
+            "memory",
+            format!("{mib} MiB is too little to boot Linux"),
+            format!("ask for at least {MIN_MEMORY_MIB} MiB, e.g. --memory 512M"),
+        ));
+    }
+    if mib > MAX_MEMORY_MIB {
+        return Err(Error::invalid(
+            "memory",
+            format!("{mib} MiB is more than capsa gives a guest"),
+            format!("ask for at most {MAX_MEMORY_MIB} MiB"),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

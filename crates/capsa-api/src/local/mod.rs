@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 
 use capsa::{Capsa, Sandbox, SandboxRecord, Sandboxes, Snapshots};
 
-use crate::error::{ApiError, ApiResult, ErrorCode, StatusCode};
+use crate::error::{core_err, ApiError, ApiResult, ErrorCode, StatusCode};
 use crate::service::{ConsoleSession, ExecChunk, ExecControl, ExecSession, Files, Service};
 use crate::types::*;
 
@@ -139,22 +139,10 @@ fn validate_create(req: &CreateSandboxRequest) -> ApiResult<()> {
         }
     }
     if let Some(c) = req.cpus {
-        if !(1..=capsa_core::MAX_CPUS).contains(&c) {
-            return Err(ApiError::bad_request(format!("cpus {c} is out of range"))
-                .fix(format!("give 1 to {} vCPUs", capsa_core::MAX_CPUS)));
-        }
+        capsa_core::check_cpus(c).map_err(core_err)?;
     }
     if let Some(m) = req.memory_mib {
-        if !(capsa_core::MIN_MEMORY_MIB..=capsa_core::MAX_MEMORY_MIB).contains(&m) {
-            return Err(
-                ApiError::bad_request(format!("memory_mib {m} is out of range")).fix(format!(
-                    "give {} to {} MiB (a guest needs at least {}), and no more than the host has",
-                    capsa_core::MIN_MEMORY_MIB,
-                    capsa_core::MAX_MEMORY_MIB,
-                    capsa_core::MIN_MEMORY_MIB
-                )),
-            );
-        }
+        capsa_core::check_memory_mib(m).map_err(core_err)?;
     }
     validate_env(&req.env)?;
     if let Some(w) = &req.workdir {

@@ -246,18 +246,10 @@ impl Pools {
             );
         }
         if let Some(c) = cfg.cpus {
-            if !(1..=capsa_core::MAX_CPUS).contains(&c) {
-                return Err(ApiError::bad_request(format!("cpus {c} is out of range"))
-                    .fix(format!("give 1 to {} vCPUs", capsa_core::MAX_CPUS)));
-            }
+            capsa_core::check_cpus(c).map_err(crate::error::core_err)?;
         }
         if let Some(m) = cfg.memory_mib {
-            if !(capsa_core::MIN_MEMORY_MIB..=capsa_core::MAX_MEMORY_MIB).contains(&m) {
-                return Err(
-                    ApiError::bad_request(format!("memory_mib {m} is out of range"))
-                        .fix("give 128 to 1048576 MiB"),
-                );
-            }
+            capsa_core::check_memory_mib(m).map_err(crate::error::core_err)?;
         }
         if let Some(s) = &cfg.snapshot {
             if cfg.cpus.is_some() || cfg.memory_mib.is_some() {
