@@ -15,8 +15,8 @@ use tokio::sync::mpsc;
 
 use crate::error::{ApiError, ApiResult};
 use crate::types::{
-    AcquireRequest, CreatePoolRequest, CreateSandboxRequest, ExecRequest, Health, PoolInfo,
-    SandboxInfo, SnapshotInfo,
+    AcquireRequest, CreatePoolRequest, CreateSandboxRequest, ExecRequest, Health, ImageInfo,
+    PoolInfo, SandboxInfo, SnapshotInfo,
 };
 
 /// A sandbox's files: the same walk ([`capsa::copy`]) serves every face.
@@ -149,4 +149,10 @@ pub trait Service: Send + Sync {
     async fn pool_remove(&self, name: &str) -> ApiResult<()>;
     /// Hands out a ready member of a pool.
     async fn pool_acquire(&self, pool: &str, req: AcquireRequest) -> ApiResult<SandboxInfo>;
+    /// Every image in the image store.
+    async fn image_list(&self) -> ApiResult<Vec<ImageInfo>>;
+    /// One image, by name, digest or unique digest prefix.
+    async fn image_get(&self, image: &str) -> ApiResult<ImageInfo>;
+    /// Removes an image from the store (its blobs stay until a prune).
+    async fn image_remove(&self, image: &str) -> ApiResult<ImageInfo>;
 }

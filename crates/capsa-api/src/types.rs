@@ -685,3 +685,61 @@ mod tests {
         }
     }
 }
+
+/// An image in the image store (OCI images from a registry, a tarball or a
+/// Debian build), as every face shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ImageInfo {
+    /// Digest of the image's manifest: its identity (`sha256:...`).
+    pub digest: String,
+    /// Short id: the first 12 hex digits of the digest.
+    pub id: String,
+    /// Names pointing at it (`repo:tag`).
+    pub names: Vec<String>,
+    /// Sum of its blobs' sizes in bytes.
+    pub size_bytes: u64,
+    /// Number of layers.
+    pub layers: usize,
+    /// `User` of its config.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// `Env` of its config (`KEY=VALUE`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+    /// `Entrypoint` of its config.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entrypoint: Vec<String>,
+    /// `Cmd` of its config.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cmd: Vec<String>,
+    /// `WorkingDir` of its config.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
+}
+
+/// Query naming one image (`GET`/`DELETE /v1/images/one`): a name
+/// (`repo:tag`), a digest, or a unique digest prefix.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
+pub struct ImageQuery {
+    /// The image: `repo:tag`, `sha256:...`, or a unique prefix of the digest.
+    pub image: String,
+}
+
+/// Longest image reference accepted.
+pub const MAX_IMAGE_REF: usize = 512;
+
+/// Checks an image reference before it reaches the store.
+pub fn validate_image_ref(r: &str) -> Result<(), ApiError> {
+    if r.is_empty() || r.len() > MAX_IMAGE_REF || r.chars().any(|c| c.is_control() || c == ' ') {
+        return Err(ApiError::bad_request(format!(
+            "image reference {:?} is empty, longer than {MAX_IMAGE_REF} bytes, or has spaces or control characters",
+            r.chars().take(80).collect::<String>()
+        ))
+        .fix("name an image as REPOSITORY[:TAG], sha256:DIGEST, or a digest prefix (`capsa image ls`)"));
+    }
+    Ok(())
+}

@@ -2,6 +2,8 @@
 
 use std::process::Command;
 
+mod common;
+
 use sha2::Digest as _;
 
 fn hex(d: &[u8]) -> String {
@@ -101,4 +103,61 @@ fn image_load_ls_rm() {
     assert!(!std::path::Path::new(&img).exists());
     let (_, out, _) = capsa(&["image", "ls", "--json"]);
     assert!(!out.contains("cli/test"), "{out}");
+}
+
+/// The image verbs of the service through a real capsad: list, inspect by
+/// name and by digest prefix, remove, and the errors of each.
+#[test]
+fn image_verbs_through_capsad() {
+    let tmp = tempfile::Builder::new()
+        .prefix("ci")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let cache = tmp.path().join("cache");
+    // capsad and the loading CLI share the image store.
+    // SAFETY: nextest runs each test in its own process; nothing else reads the environment now.
+    unsafe { std::env::set_var("XDG_CACHE_HOME", &cache) };
+    let archive = tmp.path().join("save.tar");
+    docker_save(&archive);
+    let out = Command::new(env!("CARGO_BIN_EXE_capsa"))
+        .args(["image", "load", archive.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+
+    let state = tmp.path().join("st");
+    std::fs::create_dir(&state).unwrap();
+    let mut daemon = common::spawn_capsad(&state, &tmp.path().join("snaps"), &[]);
+    let token = std::fs::read_to_string(state.join("capsad.token")).unwrap();
+    let c = capsa_client::Client::connect(state.join("capsad.sock"), token.trim()).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let list = c.images().await.unwrap();
+        assert_eq!(list.len(), 1, "{list:?}");
+        let img = &list[0];
+        assert_eq!(img.names, vec!["cli/test:1".to_string()]);
+        assert_eq!(img.cmd, vec!["/bin/sh".to_string()]);
+        assert_eq!(img.layers, 1);
+        assert!(img.digest.starts_with("sha256:") && img.digest.contains(&img.id));
+
+        let by_name = c.image("cli/test:1").await.unwrap();
+        assert_eq!(by_name.digest, img.digest);
+        let by_prefix = c.image(&img.id[..8]).await.unwrap();
+        assert_eq!(by_prefix.digest, img.digest);
+
+        let missing = c.image("no/such:1").await.unwrap_err().to_string();
+        assert!(
+            missing.contains("no/such:1") && missing.contains("404"),
+            "{missing}"
+        );
+        let bad = c.image("has space").await.unwrap_err().to_string();
+        assert!(bad.contains("400"), "{bad}");
+
+        let gone = c.delete_image("cli/test:1").await.unwrap();
+        assert_eq!(gone.digest, img.digest);
+        assert!(c.images().await.unwrap().is_empty());
+        let again = c.delete_image("cli/test:1").await.unwrap_err().to_string();
+        assert!(again.contains("404"), "{again}");
+    });
+    common::stop_child(&mut daemon);
 }

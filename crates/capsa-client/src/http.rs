@@ -533,6 +533,31 @@ impl Client {
         self.delete_path(&format!("/v1/pools/{}", seg(name))).await
     }
 
+    /// `GET /v1/images`.
+    pub async fn images(&self) -> Result<Vec<ImageInfo>> {
+        self.call(Method::GET, "/v1/images", None).await
+    }
+
+    /// `GET /v1/images/one?image=...`.
+    pub async fn image(&self, image: &str) -> Result<ImageInfo> {
+        self.call(
+            Method::GET,
+            &format!("/v1/images/one?image={}", seg(image)),
+            None,
+        )
+        .await
+    }
+
+    /// `DELETE /v1/images/one?image=...`.
+    pub async fn delete_image(&self, image: &str) -> Result<ImageInfo> {
+        self.call(
+            Method::DELETE,
+            &format!("/v1/images/one?image={}", seg(image)),
+            None,
+        )
+        .await
+    }
+
     /// `POST /v1/pools/{name}/acquire`: a ready member (`name: None`, fast)
     /// or a fresh one restored under `name`. Release it with [`Client::delete`].
     pub async fn acquire(&self, pool: &str, name: Option<&str>) -> Result<SandboxInfo> {

@@ -288,6 +288,18 @@ impl Service for RemoteService {
     async fn pool_acquire(&self, pool: &str, req: AcquireRequest) -> ApiResult<SandboxInfo> {
         Ok(self.client.acquire(pool, req.name.as_deref()).await?)
     }
+
+    async fn image_list(&self) -> ApiResult<Vec<ImageInfo>> {
+        Ok(self.client.images().await?)
+    }
+
+    async fn image_get(&self, image: &str) -> ApiResult<ImageInfo> {
+        Ok(self.client.image(image).await?)
+    }
+
+    async fn image_remove(&self, image: &str) -> ApiResult<ImageInfo> {
+        Ok(self.client.delete_image(image).await?)
+    }
 }
 
 /// Ends a session's task when the session is dropped.

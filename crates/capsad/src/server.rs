@@ -159,6 +159,8 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(list_pools, create_pool))
         .routes(routes!(get_pool, delete_pool))
         .routes(routes!(acquire))
+        .routes(routes!(list_images))
+        .routes(routes!(get_image, delete_image))
 }
 
 /// The OpenAPI document of the API (what `GET /openapi.json` serves).
@@ -931,4 +933,38 @@ async fn acquire(
         name: info.name.clone(),
     });
     Ok(Json(info))
+}
+
+/// Every image in the daemon's image store.
+#[utoipa::path(get, path = "/v1/images", tag = "images",
+    responses((status = 200, body = Vec<ImageInfo>), (status = 401, body = ErrorBody)))]
+async fn list_images(State(st): State<AppState>) -> ApiResult<Json<Vec<ImageInfo>>> {
+    Ok(Json(st.service.image_list().await?))
+}
+
+/// One image, by name (`repo:tag`), digest, or unique digest prefix.
+#[utoipa::path(get, path = "/v1/images/one", tag = "images",
+    params(ImageQuery),
+    responses((status = 200, body = ImageInfo), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody)))]
+async fn get_image(
+    State(st): State<AppState>,
+    q: Result<Query<ImageQuery>, QueryRejection>,
+) -> ApiResult<Json<ImageInfo>> {
+    let Query(q) = q?;
+    Ok(Json(st.service.image_get(&q.image).await?))
+}
+
+/// Removes an image from the store (its blobs stay until a prune); answers
+/// the removed image.
+#[utoipa::path(delete, path = "/v1/images/one", tag = "images",
+    params(ImageQuery),
+    responses((status = 200, body = ImageInfo), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody)))]
+async fn delete_image(
+    State(st): State<AppState>,
+    q: Result<Query<ImageQuery>, QueryRejection>,
+) -> ApiResult<Json<ImageInfo>> {
+    let Query(q) = q?;
+    Ok(Json(st.service.image_remove(&q.image).await?))
 }

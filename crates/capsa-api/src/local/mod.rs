@@ -25,6 +25,7 @@ use crate::error::{core_err, ApiError, ApiResult, ErrorCode, StatusCode};
 use crate::service::{ConsoleSession, ExecChunk, ExecControl, ExecSession, Files, Service};
 use crate::types::*;
 
+mod images;
 pub mod locks;
 pub mod pools;
 
@@ -752,6 +753,37 @@ impl Service for LocalService {
         };
         let name = self.pools.acquire(pool, req.name.as_deref()).await?;
         self.get(&name).await
+    }
+
+    async fn image_list(&self) -> ApiResult<Vec<ImageInfo>> {
+        let store = images::store()?;
+        let list = tokio::task::spawn_blocking(move || store.list())
+            .await
+            .map_err(|e| ApiError::internal(format!("listing images: {e}")))?
+            .map_err(|e| images::oci_err("listing images", e))?;
+        Ok(list.iter().map(images::info_of).collect())
+    }
+
+    async fn image_get(&self, image: &str) -> ApiResult<ImageInfo> {
+        validate_image_ref(image)?;
+        let store = images::store()?;
+        let what = image.to_string();
+        let rec = tokio::task::spawn_blocking(move || store.find(&what))
+            .await
+            .map_err(|e| ApiError::internal(format!("finding {image}: {e}")))?
+            .map_err(|e| images::oci_err(&format!("image {image:?}"), e))?;
+        Ok(images::info_of(&rec))
+    }
+
+    async fn image_remove(&self, image: &str) -> ApiResult<ImageInfo> {
+        validate_image_ref(image)?;
+        let store = images::store()?;
+        let what = image.to_string();
+        let rec = tokio::task::spawn_blocking(move || store.remove(&what))
+            .await
+            .map_err(|e| ApiError::internal(format!("removing {image}: {e}")))?
+            .map_err(|e| images::oci_err(&format!("removing image {image:?}"), e))?;
+        Ok(images::info_of(&rec))
     }
 }
 
