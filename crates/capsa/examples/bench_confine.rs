@@ -94,6 +94,7 @@ async fn main() -> anyhow::Result<()> {
         // Read by the QEMU backend when the builder makes it.
         std::env::set_var(capsa_core::CONFINE_ENV, v);
         let sb = Capsa::sandbox()
+            .fast_start(false)
             .memory_mb(MEMORY_MIB)
             .accel(capsa::Accel::Tcg)
             .build()

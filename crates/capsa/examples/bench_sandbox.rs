@@ -56,6 +56,7 @@ async fn main() -> anyhow::Result<()> {
     println!("cold start, median of {runs}: bare QEMU boot to init {mb:.3}s; `capsa run -- true` {mc:.3}s; ratio {:.2}x", mc / mb);
 
     let sb = Capsa::sandbox()
+        .fast_start(false)
         .memory_mb(512)
         .accel(capsa::Accel::Tcg)
         .build()

@@ -31,6 +31,7 @@ async fn main() -> anyhow::Result<()> {
     let bundle = capsa::default_bundle().await?;
     let builder = |mib: u64| {
         Capsa::sandbox()
+            .fast_start(false)
             .memory_mb(mib)
             .accel(capsa::Accel::Tcg)
             .bundle(bundle.clone())

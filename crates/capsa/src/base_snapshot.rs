@@ -1,4 +1,5 @@
-//! Base snapshots: `capsa run` boots cold once per spec, then restores.
+//! Base snapshots: `capsa run` and the library's `SandboxBuilder::build`
+//! (unless `.fast_start(false)`) boot cold once per spec, then restore.
 //!
 //! The first sandbox built through [`build`] for a given spec boots cold and
 //! is snapshotted right after its agent answers (before any user command
@@ -74,7 +75,7 @@ async fn key(builder: &SandboxBuilder) -> Result<Option<String>> {
 /// Builds the sandbox from its base snapshot, making the snapshot on first use.
 pub async fn build(builder: SandboxBuilder) -> Result<Sandbox> {
     let Some(dir) = dir_for(&builder).await? else {
-        return builder.build().await;
+        return builder.boot().await;
     };
     if dir.join(capsa_core::SNAPSHOT_META_FILE).is_file() {
         let t = std::time::Instant::now();
@@ -89,7 +90,7 @@ pub async fn build(builder: SandboxBuilder) -> Result<Sandbox> {
             }
         }
     }
-    let sb = builder.build().await?;
+    let sb = builder.boot().await?;
     if let Err(e) = save(&sb, &dir).await {
         tracing::warn!(dir = %dir.display(), "could not save a base snapshot: {e}");
     }

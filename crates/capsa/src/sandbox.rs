@@ -36,6 +36,7 @@ pub struct SandboxBuilder {
     pub(crate) strategy: Strategy,
     pub(crate) state_root: Option<PathBuf>,
     pub(crate) keep_running: bool,
+    pub(crate) fast_start: bool,
 }
 
 /// What `sandbox.json` holds for a sandbox, so a reattach restores the
@@ -75,6 +76,7 @@ impl Capsa {
             strategy: Strategy::InProcess,
             state_root: None,
             keep_running: false,
+            fast_start: true,
         }
     }
 }
@@ -172,8 +174,29 @@ impl SandboxBuilder {
         self
     }
 
-    /// Boots the VM and returns once its agent answers.
+    /// Starts from this spec's base snapshot (default on): the first build of
+    /// a spec boots cold and saves a snapshot of the VM right after its agent
+    /// answers (in [`crate::base_snapshot::cache_dir`]); later builds restore
+    /// it with a fresh identity, in a fraction of a boot, as `capsa run`
+    /// does. Off, or for sandboxes that boot cold anyway (with writable
+    /// disks, or kept running under a name, whose console history users
+    /// read), every build boots.
+    pub fn fast_start(mut self, on: bool) -> Self {
+        self.fast_start = on;
+        self
+    }
+
+    /// Returns once the sandbox's agent answers: restored from the spec's
+    /// base snapshot, or booted (see [`SandboxBuilder::fast_start`]).
     pub async fn build(self) -> Result<Sandbox> {
+        if self.fast_start && !self.keep_running {
+            return crate::base_snapshot::build(self).await;
+        }
+        self.boot().await
+    }
+
+    /// Boots the VM and returns once its agent answers.
+    pub(crate) async fn boot(self) -> Result<Sandbox> {
         check_keep_running_name(self.keep_running, self.name.as_deref())?;
         let bundle = match self.bundle {
             Some(b) => b,
@@ -315,6 +338,8 @@ pub struct Sandbox {
     pub(crate) env: Arc<Vec<(String, String)>>,
     pub(crate) workdir: Option<String>,
     pub(crate) op_timeout: Duration,
+    /// Started from a snapshot (a base snapshot, a named one, a pool's).
+    pub(crate) restored: bool,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -365,6 +390,7 @@ impl Sandbox {
             op_timeout: extra
                 .op_timeout_ms
                 .map_or(DEFAULT_OP_TIMEOUT, Duration::from_millis),
+            restored: false,
         })
     }
 
@@ -398,6 +424,12 @@ impl Sandbox {
     /// The underlying VM.
     pub fn vm(&self) -> &VmHandle {
         &self.vm
+    }
+
+    /// Whether it started from a snapshot (a base snapshot, a named one, a
+    /// pool's) rather than a boot.
+    pub fn restored(&self) -> bool {
+        self.restored
     }
 
     /// The sandbox's files as a [`crate::copy::GuestFs`] (what the copies walk).

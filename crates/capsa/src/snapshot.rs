@@ -482,6 +482,7 @@ async fn finish_restore(
         env: Arc::new(env),
         workdir,
         op_timeout,
+        restored: true,
     })
 }
 

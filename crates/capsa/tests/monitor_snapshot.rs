@@ -64,6 +64,7 @@ async fn monitor_snapshot_restores_into_named_sandbox() {
     let store = Snapshots::new(Some(snaps_dir.path().join("snaps")));
 
     let src = Capsa::sandbox()
+        .fast_start(false)
         .strategy(Strategy::Monitor)
         .state_root(state.path())
         .name("src")

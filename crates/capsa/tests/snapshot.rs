@@ -13,6 +13,7 @@ use capsa::{Capsa, Command, DiskSpec, Error, Sandbox};
 async fn sandbox() -> Sandbox {
     common::init_tracing();
     Capsa::sandbox()
+        .fast_start(false)
         .memory_mb(256)
         .build()
         .await
@@ -112,6 +113,7 @@ async fn clones_differ_and_do_not_share_disks() {
         .set_len(16 << 20)
         .unwrap();
     let sb = Capsa::sandbox()
+        .fast_start(false)
         .memory_mb(256)
         .disk(DiskSpec::new(&img))
         .build()
@@ -213,7 +215,10 @@ async fn mismatches_are_refused_clearly() {
     own.initrd = dir.path().join("initrd.img");
     std::fs::copy(&bundle.kernel, &own.kernel).unwrap();
     std::fs::copy(&bundle.initrd, &own.initrd).unwrap();
-    let builder = Capsa::sandbox().memory_mb(256).bundle(own.clone());
+    let builder = Capsa::sandbox()
+        .fast_start(false)
+        .memory_mb(256)
+        .bundle(own.clone());
     let sb = builder.clone().build().await.expect("sandbox");
     let snap = sb
         .snapshot(dir.path().join("snap"))
@@ -360,7 +365,10 @@ async fn base_snapshot_is_made_once_then_restored() {
     let bundle = common::bundle().await;
     let cache = tempfile::tempdir().unwrap();
     std::env::set_var("XDG_CACHE_HOME", cache.path());
-    let builder = Capsa::sandbox().memory_mb(256).bundle(bundle);
+    let builder = Capsa::sandbox()
+        .fast_start(false)
+        .memory_mb(256)
+        .bundle(bundle);
     let dir = capsa::base_snapshot::dir_for(&builder)
         .await
         .unwrap()

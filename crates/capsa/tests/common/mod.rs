@@ -48,7 +48,8 @@ pub async fn vm() -> VmBuilder {
 /// A sandbox builder on the suite's strategy.
 pub fn sandbox() -> SandboxBuilder {
     init_tracing();
-    Capsa::sandbox().strategy(strategy())
+    // Boots, so the suite tests what a boot does; the fast start has its own test.
+    Capsa::sandbox().strategy(strategy()).fast_start(false)
 }
 
 /// Child processes of this test process whose command name mentions qemu.
