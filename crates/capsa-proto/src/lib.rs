@@ -132,7 +132,24 @@ pub enum Request {
     /// snapshot are not twins (same hostname, machine id, RNG state, and a
     /// wall clock stuck at the snapshot's instant).
     SetIdentity(IdentityRequest),
+    /// Mounts the virtio-fs device tagged `tag` at `path` (made if missing).
+    Mount {
+        /// The device's tag (at most [`MAX_MOUNT_TAG`] bytes).
+        tag: String,
+        /// Absolute guest path.
+        path: String,
+        /// Mount read-only (the host enforces read-only shares regardless).
+        read_only: bool,
+    },
+    /// Unmounts what is mounted at `path` (lazily: busy files do not block it).
+    Unmount {
+        /// Absolute guest path.
+        path: String,
+    },
 }
+
+/// Longest mount tag ([`Request::Mount`]); virtio-fs allows 36 bytes.
+pub const MAX_MOUNT_TAG: usize = 36;
 
 /// Most bytes of host entropy in one [`IdentityRequest`] (the kernel's CRNG
 /// needs 32; more only costs time).
