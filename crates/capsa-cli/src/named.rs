@@ -56,6 +56,10 @@ pub struct CreateArgs {
     /// Attach a disk image (raw or qcow2); append :ro for read-only, :dev to allow a host block device. Repeatable.
     #[arg(long = "disk", value_name = "PATH[:ro][:dev]")]
     pub disks: Vec<String>,
+    /// Mount a host directory in the guest (virtio-fs): HOST:GUEST, or HOST:GUEST:ro for
+    /// read-only (enforced by the host). Repeatable. Also works with --from-snapshot (hot-plugged).
+    #[arg(short = 'v', long = "volume", value_name = "HOST:GUEST[:ro]")]
+    pub volumes: Vec<String>,
     /// Print the new sandbox's record as JSON.
     #[arg(long)]
     pub json: bool,
@@ -156,8 +160,10 @@ pub async fn create(
     store: &crate::snapshot::StoreArgs,
     a: CreateArgs,
 ) -> anyhow::Result<ExitCode> {
+    // Parsed (and the host side checked) before anything starts.
+    let shares = crate::share::parse_volumes(&a.volumes)?;
     if let Some(snap) = &a.from_snapshot {
-        let rec = crate::snapshot::create_from(conn, store, &a, snap).await?;
+        let rec = crate::snapshot::create_from(conn, store, &a, snap, shares).await?;
         print_created(&a, &rec)?;
         return Ok(ExitCode::SUCCESS);
     }
@@ -175,6 +181,9 @@ pub async fn create(
     }
     for d in &a.disks {
         b = b.disk(DiskSpec::parse_cli(d));
+    }
+    for s in shares {
+        b = b.share_spec(s);
     }
     let rec = target.create(b, &a).await?;
     print_created(&a, &rec)?;

@@ -50,6 +50,7 @@ impl Remote {
             workdir: a.workdir.clone(),
             from_snapshot: Some(snapshot.to_string()),
             start: true,
+            shares: crate::share::share_requests(&a.volumes)?,
             ..Default::default()
         };
         Ok(view(self.client.create(&req).await?))
@@ -114,6 +115,7 @@ impl Remote {
                 capsa::Accel::Tcg => AccelChoice::Tcg,
             }),
             disks,
+            shares: crate::share::share_requests(&a.volumes)?,
             start: true,
             from_snapshot: None,
         };

@@ -194,6 +194,7 @@ pub async fn create_from(
     store: &StoreArgs,
     a: &CreateArgs,
     snapshot: &str,
+    shares: Vec<capsa::ShareSpec>,
 ) -> anyhow::Result<View> {
     let sandboxes = match Target::from_conn(conn)? {
         Target::Direct(s) => s,
@@ -208,6 +209,14 @@ pub async fn create_from(
         b = b.workdir(w);
     }
     let sb = sandboxes.create_restored(b).await?;
+    // A snapshot holds no shares: hot-plugged into the restored sandbox.
+    for s in shares {
+        if let Err(e) = sb.share_add(s).await {
+            let _ = sb.kill().await;
+            let _ = sandboxes.remove(&a.name, true).await;
+            return Err(e.into());
+        }
+    }
     let rec = sb.detach().await?;
     Ok(View::from_record(&rec))
 }

@@ -108,6 +108,19 @@ pub struct DiskRequest {
     pub read_only: bool,
 }
 
+/// A host directory to mount in the guest (virtio-fs).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ShareRequest {
+    /// Absolute host path of a directory below one of the daemon's `--allow-disk-dir` directories.
+    pub host: String,
+    /// Absolute, normalized guest path to mount it at.
+    pub guest: String,
+    /// Read-only (enforced on the host).
+    #[serde(default)]
+    pub read_only: bool,
+}
+
 /// Body of `POST /v1/sandboxes`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -135,6 +148,9 @@ pub struct CreateSandboxRequest {
     /// Disks to attach.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskRequest>,
+    /// Host directories to mount (at most 8).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shares: Vec<ShareRequest>,
     /// Boot it now (default true); `false` only records it, stopped.
     #[serde(default = "yes")]
     pub start: bool,
@@ -170,7 +186,28 @@ impl CreateSandboxRequest {
             spec.read_only = d.read_only;
             b = b.disk(spec);
         }
+        for s in self.shares_spec() {
+            b = b.share_spec(s);
+        }
         b
+    }
+
+    /// The shares as library specs.
+    pub fn shares_spec(&self) -> Vec<capsa::ShareSpec> {
+        self.shares
+            .iter()
+            .map(|s| {
+                capsa::ShareSpec::new(
+                    &s.host,
+                    &s.guest,
+                    if s.read_only {
+                        capsa::ShareMode::ReadOnly
+                    } else {
+                        capsa::ShareMode::ReadWrite
+                    },
+                )
+            })
+            .collect()
     }
 }
 

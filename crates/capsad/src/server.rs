@@ -274,6 +274,45 @@ fn validate_create(req: &CreateSandboxRequest) -> ApiResult<()> {
             req.disks.len()
         )));
     }
+    if req.shares.len() > capsa_core::MAX_SHARES {
+        return Err(ApiError::bad_request(format!(
+            "{} shares; at most {} are accepted",
+            req.shares.len(),
+            capsa_core::MAX_SHARES
+        ))
+        .fix("share a common parent directory instead"));
+    }
+    for s in &req.shares {
+        capsa_core::check_guest_path(&s.guest).map_err(|e| {
+            ApiError::bad_request(format!("share guest path: {e}"))
+                .fix("give an absolute, normalized guest path such as /work")
+        })?;
+    }
+    Ok(())
+}
+
+/// Resolves every share's host directory through the daemon's host-path
+/// policy (the same allow-list as disks): only directories below the allowed
+/// directories, symlinks resolved (and the resolved path used from here on).
+fn resolve_shares(
+    req: &mut CreateSandboxRequest,
+    policy: &capsa_core::HostPathPolicy,
+) -> ApiResult<()> {
+    for s in &mut req.shares {
+        let real = policy.check_dir(&s.host).map_err(|e| {
+            ApiError::new(
+                StatusCode::FORBIDDEN,
+                crate::error::ErrorCode::PathNotAllowed,
+                format!("share {e}"),
+            )
+            .fix(format!(
+                "share an existing directory below one of the directories capsad allows ({}); \
+                 the daemon's operator can add one with --allow-disk-dir DIR",
+                policy.describe()
+            ))
+        })?;
+        s.host = real.display().to_string();
+    }
     Ok(())
 }
 
@@ -338,6 +377,7 @@ async fn create_sandbox(
     validate_name(&name)?;
     validate_create(&req)?;
     resolve_disks(&mut req, &st.host_paths)?;
+    resolve_shares(&mut req, &st.host_paths)?;
     let _g = st.locks.try_lock(&name)?;
     let r = st.backend.create(&name, &req).await;
     st.emit(Event::Action {

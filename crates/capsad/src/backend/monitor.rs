@@ -232,6 +232,16 @@ impl Backend for MonitorBackend {
             let sb = self.reg.create_restored(b).await.map_err(|e| {
                 ApiError::from_capsa(&format!("restoring sandbox {name:?} from {snap:?}"), &e)
             })?;
+            // A snapshot holds no shares: they are hot-plugged into the restored VM.
+            for s in req.shares_spec() {
+                if let Err(e) = sb.share_add(s).await {
+                    let _ = self.reg.remove(name, true).await;
+                    return Err(ApiError::from_capsa(
+                        &format!("sharing a directory with sandbox {name:?}"),
+                        &e,
+                    ));
+                }
+            }
             self.attached
                 .lock()
                 .await
