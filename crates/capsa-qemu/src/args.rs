@@ -423,6 +423,64 @@ mod tests {
     }
 
     #[test]
+    fn share_slots_are_always_there_and_boot_shares_are_plugged_in() {
+        let paths = RunPaths {
+            qmp: "/q".into(),
+            vhost_vsock: None,
+        };
+        let mut s = spec();
+        let plain = build_args_with(
+            &s,
+            Accel::Tcg,
+            &paths,
+            "t",
+            &Launch {
+                ram_fd: Some(3),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .join(" ");
+        for i in 0..capsa_core::MAX_SHARES {
+            assert!(
+                plain.contains(&format!(
+                    "pcie-root-port,id=capsa-fsrp{i},chassis={}",
+                    i + 2
+                )),
+                "{plain}"
+            );
+        }
+        assert!(!plain.contains("vhost-user-fs-pci"));
+        s.shares = vec![capsa_core::ShareSpec::new(
+            "/h",
+            "/work",
+            capsa_core::ShareMode::ReadOnly,
+        )];
+        let launch = Launch {
+            share_sockets: vec!["/j/virtiofs0.sock".into()],
+            ..Default::default()
+        };
+        let a = build_args_with(&s, Accel::Tcg, &paths, "t", &launch)
+            .unwrap()
+            .join(" ");
+        // Shared RAM even without vsock: virtiofsd maps it.
+        assert!(
+            a.contains("memory-backend-memfd,id=mem,size=256M,share=on"),
+            "{a}"
+        );
+        assert!(a.contains("-chardev socket,id=fs0,path=/j/virtiofs0.sock"));
+        let tag = s.shares[0].tag();
+        assert!(
+            a.contains(&format!(
+                "-device vhost-user-fs-pci,chardev=fs0,tag={tag},bus=capsa-fsrp0,id=capsa-fs0"
+            )),
+            "{a}"
+        );
+        // The host path never reaches QEMU: virtiofsd has it.
+        assert!(!a.contains("/h,") && !a.contains(" /h "));
+    }
+
+    #[test]
     fn confined_launch_sandboxes_and_passes_fds() {
         let paths = RunPaths {
             qmp: "/q".into(),
