@@ -657,6 +657,35 @@ mod tests {
         // Existing variants keep their indices (wire compatibility).
         assert_eq!(postcard::to_stdvec(&AgentFrame::End).unwrap(), vec![9]);
         assert_eq!(postcard::to_stdvec(&ClientFrame::End).unwrap(), vec![6]);
+        // Mount and Unmount come after SetIdentity (index 9).
+        let m = postcard::to_stdvec(&Request::Mount {
+            tag: "t".into(),
+            path: "/w".into(),
+            read_only: true,
+        })
+        .unwrap();
+        assert_eq!(m[0], 10);
+        let u = postcard::to_stdvec(&Request::Unmount { path: "/w".into() }).unwrap();
+        assert_eq!(u[0], 11);
+        for r in [
+            Request::Mount {
+                tag: "capsa-0123".into(),
+                path: "/work".into(),
+                read_only: false,
+            },
+            Request::Unmount {
+                path: "/work".into(),
+            },
+        ] {
+            let f = ClientFrame::Open {
+                version: PROTOCOL_VERSION,
+                request: r,
+            };
+            assert_eq!(
+                read_frame::<ClientFrame>(&mut &encode(&f).unwrap()[..]).unwrap(),
+                f
+            );
+        }
     }
 
     #[test]
