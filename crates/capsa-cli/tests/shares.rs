@@ -209,3 +209,41 @@ fn run_with_volumes_and_bad_volumes_refused_up_front() {
     }
     assert!(!env.root().join("state/sandboxes/bad").exists());
 }
+
+/// virtiofsd belongs to the monitor: `kill -9` of the monitor takes QEMU
+/// and every virtiofsd with it.
+#[test]
+fn a_killed_monitor_leaves_no_virtiofsd() {
+    let env = Env::new();
+    let work = env.dir("work");
+    let data = env.dir("data");
+    env.ok(&[
+        "create",
+        "--name",
+        "k1",
+        "--memory",
+        "256M",
+        "-v",
+        &format!("{work}:/work"),
+    ]);
+    env.ok(&["share", "add", "k1", &format!("{data}:/data:ro")]);
+    let before = virtiofsd_for(env.root());
+    assert!(before.len() >= 2, "one virtiofsd (or two with its sandboxed child) per share: {before:?}");
+    let ps: Vec<serde_json::Value> = serde_json::from_str(&env.ok(&["ps", "--json"])).unwrap();
+    let pid = ps
+        .iter()
+        .find(|v| v["name"] == "k1")
+        .and_then(|v| v["monitor_pid"].as_u64())
+        .expect("monitor pid");
+    // SAFETY: kill on a pid we just read from our own sandbox's record.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !virtiofsd_for(env.root()).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "virtiofsd outlived its monitor: {:?}",
+            virtiofsd_for(env.root())
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
