@@ -62,10 +62,7 @@ pub fn share_requests(v: &[String]) -> anyhow::Result<Vec<ShareRequest>> {
 pub async fn run(conn: &Conn, cmd: ShareCmd) -> anyhow::Result<ExitCode> {
     let sandboxes = match Target::from_conn(conn)? {
         Target::Direct(s) => s,
-        Target::Remote(_) => anyhow::bail!(
-            "capsa share does not go through capsad yet; fix: run it without --host on the \
-             daemon's machine (it talks to the sandbox's monitor, whoever created it)"
-        ),
+        Target::Remote(r) => return remote(r.client(), cmd).await,
     };
     match cmd {
         ShareCmd::Add { name, share } => {
@@ -79,21 +76,46 @@ pub async fn run(conn: &Conn, cmd: ShareCmd) -> anyhow::Result<ExitCode> {
         }
         ShareCmd::Ls { name, json } => {
             let sb = sandboxes.open(&name).await?;
-            let shares = sb.shares().await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&shares)?);
-            } else {
-                println!("{:<24} {:<4} HOST", "GUEST", "MODE");
-                for s in shares {
-                    println!(
-                        "{:<24} {:<4} {}",
-                        s.guest,
-                        if s.read_only() { "ro" } else { "rw" },
-                        s.host.display()
-                    );
-                }
-            }
+            print_shares(&sb.shares().await?, json)?;
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `capsa share` through capsad (which checks host paths against its allow-list).
+async fn remote(c: &capsad::client::Client, cmd: ShareCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        ShareCmd::Add { name, share } => {
+            let req = share_requests(&[share])?;
+            c.share_add(&name, &req[0]).await?;
+        }
+        ShareCmd::Rm { name, guest } => c.share_remove(&name, &guest).await?,
+        ShareCmd::Ls { name, json } => {
+            let shares: Vec<ShareSpec> = c
+                .shares(&name)
+                .await?
+                .iter()
+                .map(ShareRequest::spec)
+                .collect();
+            print_shares(&shares, json)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_shares(shares: &[ShareSpec], json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(shares)?);
+    } else {
+        println!("{:<24} {:<4} HOST", "GUEST", "MODE");
+        for s in shares {
+            println!(
+                "{:<24} {:<4} {}",
+                s.guest,
+                if s.read_only() { "ro" } else { "rw" },
+                s.host.display()
+            );
+        }
+    }
+    Ok(())
 }

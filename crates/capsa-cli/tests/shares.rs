@@ -228,7 +228,10 @@ fn a_killed_monitor_leaves_no_virtiofsd() {
     ]);
     env.ok(&["share", "add", "k1", &format!("{data}:/data:ro")]);
     let before = virtiofsd_for(env.root());
-    assert!(before.len() >= 2, "one virtiofsd (or two with its sandboxed child) per share: {before:?}");
+    assert!(
+        before.len() >= 2,
+        "one virtiofsd (or two with its sandboxed child) per share: {before:?}"
+    );
     let ps: Vec<serde_json::Value> = serde_json::from_str(&env.ok(&["ps", "--json"])).unwrap();
     let pid = ps
         .iter()

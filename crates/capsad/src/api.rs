@@ -194,20 +194,7 @@ impl CreateSandboxRequest {
 
     /// The shares as library specs.
     pub fn shares_spec(&self) -> Vec<capsa::ShareSpec> {
-        self.shares
-            .iter()
-            .map(|s| {
-                capsa::ShareSpec::new(
-                    &s.host,
-                    &s.guest,
-                    if s.read_only {
-                        capsa::ShareMode::ReadOnly
-                    } else {
-                        capsa::ShareMode::ReadWrite
-                    },
-                )
-            })
-            .collect()
+        self.shares.iter().map(ShareRequest::spec).collect()
     }
 }
 
@@ -450,6 +437,39 @@ pub struct DeleteQuery {
     /// Kill it first if it runs (otherwise a running sandbox is a conflict).
     #[serde(default)]
     pub force: Option<bool>,
+}
+
+/// Query of `DELETE /v1/sandboxes/{name}/shares`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ShareQuery {
+    /// The guest path the share is mounted at.
+    pub guest: String,
+}
+
+impl ShareRequest {
+    /// The library spec of this share.
+    pub fn spec(&self) -> capsa::ShareSpec {
+        capsa::ShareSpec::new(
+            &self.host,
+            &self.guest,
+            if self.read_only {
+                capsa::ShareMode::ReadOnly
+            } else {
+                capsa::ShareMode::ReadWrite
+            },
+        )
+    }
+
+    /// The request form of a library spec.
+    pub fn of(s: &capsa::ShareSpec) -> Self {
+        Self {
+            host: s.host.display().to_string(),
+            guest: s.guest.clone(),
+            read_only: s.read_only(),
+        }
+    }
 }
 
 /// Query of the file endpoints.

@@ -61,6 +61,22 @@ pub trait Backend: Send + Sync + 'static {
             Err("--pool needs the monitor backend; fix: drop --backend in-process".into())
         }
     }
+    /// Attaches and mounts a (policy-checked) share on a running sandbox; returns its shares.
+    async fn share_add(
+        &self,
+        _name: &str,
+        _share: capsa::ShareSpec,
+    ) -> ApiResult<Vec<capsa::ShareSpec>> {
+        Err(monitor_only("runtime shares"))
+    }
+    /// Unmounts and detaches the share at `guest`.
+    async fn share_remove(&self, _name: &str, _guest: &str) -> ApiResult<()> {
+        Err(monitor_only("runtime shares"))
+    }
+    /// The shares attached to a running sandbox.
+    async fn shares(&self, _name: &str) -> ApiResult<Vec<capsa::ShareSpec>> {
+        Err(monitor_only("runtime shares"))
+    }
     /// Snapshots a running sandbox into the snapshot store as `snapshot`.
     async fn snapshot_create(&self, _name: &str, _snapshot: &str) -> ApiResult<SnapshotInfo> {
         Err(monitor_only("snapshots"))

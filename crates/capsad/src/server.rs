@@ -172,6 +172,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(console_ws))
         .routes(routes!(events))
         .routes(routes!(snapshot_sandbox))
+        .routes(routes!(list_shares, add_share, remove_share))
         .routes(routes!(list_snapshots))
         .routes(routes!(delete_snapshot))
         .routes(routes!(list_pools, create_pool))
@@ -1161,6 +1162,92 @@ async fn snapshot_sandbox(
         ok: r.is_ok(),
     });
     Ok((StatusCode::CREATED, Json(r?)))
+}
+
+/// Checks a share from an API client: guest path shape (400), host
+/// directory through the allow-list (403); returns its resolved spec.
+fn check_share(st: &AppState, req: &ShareRequest) -> ApiResult<capsa::ShareSpec> {
+    capsa_core::check_guest_path(&req.guest).map_err(|e| {
+        ApiError::bad_request(format!("share guest path: {e}"))
+            .fix("give an absolute, normalized guest path such as /work")
+    })?;
+    let mut one = CreateSandboxRequest {
+        shares: vec![req.clone()],
+        ..Default::default()
+    };
+    resolve_shares(&mut one, &st.host_paths)?;
+    Ok(one.shares[0].spec())
+}
+
+/// The shared directories attached to a running sandbox.
+#[utoipa::path(get, path = "/v1/sandboxes/{name}/shares", tag = "shares",
+    params(("name" = String, Path, description = "sandbox name")),
+    responses((status = 200, body = Vec<ShareRequest>), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
+async fn list_shares(
+    State(st): State<AppState>,
+    p: NameParam,
+) -> ApiResult<Json<Vec<ShareRequest>>> {
+    let name = name_of(p)?;
+    let l = st.backend.shares(&name).await?;
+    Ok(Json(l.iter().map(ShareRequest::of).collect()))
+}
+
+/// Attaches a host directory (below the allow-list) to a running sandbox and
+/// mounts it (virtio-fs hot-plug; works on restored and pool sandboxes).
+/// Answers the sandbox's shares.
+#[utoipa::path(post, path = "/v1/sandboxes/{name}/shares", tag = "shares",
+    params(("name" = String, Path, description = "sandbox name")),
+    request_body = ShareRequest,
+    responses((status = 201, body = Vec<ShareRequest>), (status = 400, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
+async fn add_share(
+    State(st): State<AppState>,
+    p: NameParam,
+    body: Result<Json<ShareRequest>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Vec<ShareRequest>>)> {
+    let name = name_of(p)?;
+    let Json(req) = body?;
+    let spec = check_share(&st, &req)?;
+    let _g = st.locks.try_lock(&name)?;
+    let r = st.backend.share_add(&name, spec).await;
+    st.emit(Event::Action {
+        name,
+        action: "share_add".into(),
+        ok: r.is_ok(),
+    });
+    Ok((
+        StatusCode::CREATED,
+        Json(r?.iter().map(ShareRequest::of).collect()),
+    ))
+}
+
+/// Unmounts and detaches the share at `guest`.
+#[utoipa::path(delete, path = "/v1/sandboxes/{name}/shares", tag = "shares",
+    params(("name" = String, Path, description = "sandbox name"), ShareQuery),
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
+async fn remove_share(
+    State(st): State<AppState>,
+    p: NameParam,
+    q: Result<Query<ShareQuery>, QueryRejection>,
+) -> ApiResult<StatusCode> {
+    let name = name_of(p)?;
+    let Query(q) = q?;
+    capsa_core::check_guest_path(&q.guest).map_err(|e| {
+        ApiError::bad_request(format!("share guest path: {e}"))
+            .fix("name the guest path the share is mounted at, e.g. guest=/work")
+    })?;
+    let _g = st.locks.try_lock(&name)?;
+    let r = st.backend.share_remove(&name, &q.guest).await;
+    st.emit(Event::Action {
+        name,
+        action: "share_rm".into(),
+        ok: r.is_ok(),
+    });
+    r?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Every named snapshot in the daemon's store.

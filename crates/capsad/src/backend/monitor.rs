@@ -348,6 +348,35 @@ impl Backend for MonitorBackend {
         self.start_pools_now(flags)
     }
 
+    async fn share_add(
+        &self,
+        name: &str,
+        share: capsa::ShareSpec,
+    ) -> ApiResult<Vec<capsa::ShareSpec>> {
+        let sb = self.running(name).await?;
+        sb.share_add(share)
+            .await
+            .map_err(|e| ApiError::from_capsa(&format!("sharing a directory with {name:?}"), &e))?;
+        sb.shares()
+            .await
+            .map_err(|e| ApiError::from_capsa(&format!("listing the shares of {name:?}"), &e))
+    }
+
+    async fn share_remove(&self, name: &str, guest: &str) -> ApiResult<()> {
+        let sb = self.running(name).await?;
+        sb.share_remove(guest)
+            .await
+            .map(|_| ())
+            .map_err(|e| ApiError::from_capsa(&format!("detaching {guest} from {name:?}"), &e))
+    }
+
+    async fn shares(&self, name: &str) -> ApiResult<Vec<capsa::ShareSpec>> {
+        let sb = self.running(name).await?;
+        sb.shares()
+            .await
+            .map_err(|e| ApiError::from_capsa(&format!("listing the shares of {name:?}"), &e))
+    }
+
     async fn snapshot_create(&self, name: &str, snapshot: &str) -> ApiResult<SnapshotInfo> {
         let sb = self.running(name).await?;
         let e = self
