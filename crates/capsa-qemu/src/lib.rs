@@ -356,7 +356,7 @@ impl Hypervisor for QemuBackend {
             graceful_shutdown: true,
             vsock: true,
             snapshot: true,
-            shares: true,
+            shares: share::running_as_root(),
         }
     }
 

@@ -50,6 +50,28 @@ const SERVED_AT: &str = "/tmp";
 /// How long the guest gets to release an unplugged device.
 const UNPLUG_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Whether this process can run shares: it must be root (virtiofsd 7.2
+/// confines itself only as root, and capsa switches it to the share's owner).
+pub fn running_as_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Why shares need root: virtiofsd 7.2 must be root (or root of a user
+/// namespace it can drop supplementary groups in, which an unprivileged
+/// user's namespace forbids), and capsa must switch to the share's owner.
+fn not_root() -> Error {
+    Error::Unsupported {
+        backend: "qemu".into(),
+        what: "shared directories when capsa does not run as root (virtiofsd must start as \
+               root to confine itself and to map files to the directory's owner)"
+            .into(),
+        fix: "run capsa or capsad as root (as in CI and under systemd), or copy files with \
+              `capsa cp` / --copy-in and --copy-out"
+            .into(),
+    }
+}
+
 /// Finds virtiofsd: `$CAPSA_VIRTIOFSD`, else the Debian/Fedora locations, else `PATH`.
 pub fn find_virtiofsd() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os(VIRTIOFSD_ENV) {
@@ -138,15 +160,11 @@ pub(crate) fn spawn(share: &ShareSpec, socket: &Path, qemu: Option<Creds>) -> Re
             "the host path is not a directory".into(),
         ));
     }
-    // SAFETY: geteuid/getegid have no preconditions.
-    let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
-    let root = euid == 0;
-    // As root, virtiofsd becomes the directory's owner; otherwise it can only be us.
-    let (uid, gid) = if root {
-        (meta.uid(), meta.gid())
-    } else {
-        (euid, egid)
-    };
+    // As root, virtiofsd becomes the directory's owner (see the module docs).
+    if !running_as_root() {
+        return Err(not_root());
+    }
+    let (uid, gid) = (meta.uid(), meta.gid());
 
     let _ = std::fs::remove_file(socket);
     let listener = std::os::unix::net::UnixListener::bind(socket)
@@ -168,7 +186,6 @@ pub(crate) fn spawn(share: &ShareSpec, socket: &Path, qemu: Option<Creds>) -> Re
     let setgroups_path = cstr("/proc/self/setgroups")?;
     let outer_uid_map = format!("0 {uid} 1\n").into_bytes();
     let outer_gid_map = format!("0 {gid} 1\n").into_bytes();
-    let inner_map = b"0 0 1\n".to_vec();
     let deny = b"deny".to_vec();
     let read_only = share.read_only();
     let nofile = std::fs::read_to_string("/proc/sys/fs/nr_open")
@@ -264,31 +281,20 @@ pub(crate) fn spawn(share: &ShareSpec, socket: &Path, qemu: Option<Creds>) -> Re
                 rlim_max: 0,
             };
             check(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim))?;
-            if root {
-                lim.rlim_cur = nofile;
-                lim.rlim_max = lim.rlim_max.max(nofile);
-            } else {
-                lim.rlim_cur = lim.rlim_max;
-            }
+            lim.rlim_cur = nofile;
+            lim.rlim_max = lim.rlim_max.max(nofile);
             let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-            if root {
-                check(libc::unshare(libc::CLONE_NEWNS))?;
-                bind_share()?;
-                check(libc::setgroups(0, std::ptr::null()))?;
-                check(libc::setgid(gid))?;
-                check(libc::setuid(uid))?;
-                // setuid cleared it; without it /proc/self/*_map belong to root.
-                check(libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0))?;
-                check(libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNS))?;
-                map_to(&outer_uid_map, &outer_gid_map)?;
-            } else {
-                check(libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNS))?;
-                map_to(&outer_uid_map, &outer_gid_map)?;
-                bind_share()?;
-                // A second, nested namespace, so the read-only mount is locked.
-                check(libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNS))?;
-                map_to(&inner_map, &inner_map)?;
-            }
+            check(libc::unshare(libc::CLONE_NEWNS))?;
+            bind_share()?;
+            check(libc::setgroups(0, std::ptr::null()))?;
+            check(libc::setgid(gid))?;
+            check(libc::setuid(uid))?;
+            // setuid cleared it; without it /proc/self/*_map belong to root.
+            check(libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0))?;
+            // The bind above was made in a more privileged namespace: in this
+            // one the kernel locks it read-only.
+            check(libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNS))?;
+            map_to(&outer_uid_map, &outer_gid_map)?;
             // If the VM's owner dies, so does virtiofsd (set after setuid, which clears it).
             check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL))?;
             if libc::getppid() != parent {

@@ -166,6 +166,16 @@ impl Sandbox {
 /// Validates shares that will be hot-plugged after a restore, before the
 /// restore starts anything.
 pub(crate) fn validate_shares(shares: &mut [ShareSpec]) -> Result<()> {
+    if !shares.is_empty() && !capsa_qemu::share::running_as_root() {
+        return Err(capsa_core::Error::Unsupported {
+            backend: "qemu".into(),
+            what: "shared directories when capsa does not run as root".into(),
+            fix: "run capsa or capsad as root, or copy files with `capsa cp` / --copy-in and \
+                  --copy-out"
+                .into(),
+        }
+        .into());
+    }
     if shares.len() > capsa_core::MAX_SHARES {
         return Err(capsa_core::Error::invalid(
             "share",
