@@ -246,6 +246,11 @@ async fn symlinks_in_the_share_do_not_reach_the_host() {
     .await;
     assert!(!out.contains("host secret"), "{out}");
     assert!(!dir.join("root").join("secret.txt").exists() || !out.contains("host secret"));
+    // Guest root cannot make host device nodes in the share (virtiofsd is
+    // root only of its own user namespace).
+    let (code, _, _) = sh(&sb, "mknod /s/disk b 8 0").await;
+    assert_ne!(code, Some(0), "a block device node was made on the host");
+    assert!(!dir.join("disk").exists());
     sb.kill().await.unwrap();
 }
 
