@@ -492,6 +492,38 @@ impl AgentClient {
         }
     }
 
+    /// Mounts the virtio-fs device tagged `tag` at guest path `path`.
+    pub async fn mount(
+        &self,
+        tag: &str,
+        path: &str,
+        read_only: bool,
+        deadline: Duration,
+    ) -> Result<()> {
+        invalid_path(path)?;
+        let req = Request::Mount {
+            tag: tag.to_string(),
+            path: path.to_string(),
+            read_only,
+        };
+        match self.call("mount", req, deadline).await? {
+            AgentFrame::Done(_) => Ok(()),
+            other => Err(unexpected("mount", &other)),
+        }
+    }
+
+    /// Unmounts (lazily) what is mounted at guest path `path`.
+    pub async fn unmount(&self, path: &str, deadline: Duration) -> Result<()> {
+        invalid_path(path)?;
+        let req = Request::Unmount {
+            path: path.to_string(),
+        };
+        match self.call("unmount", req, deadline).await? {
+            AgentFrame::Done(_) => Ok(()),
+            other => Err(unexpected("unmount", &other)),
+        }
+    }
+
     /// Removes a file, a symlink or an empty directory; with `recursive`, a
     /// directory and everything below it (symlinks are not followed).
     pub async fn remove(&self, path: &str, recursive: bool, deadline: Duration) -> Result<()> {

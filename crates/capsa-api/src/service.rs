@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use crate::error::{ApiError, ApiResult};
 use crate::types::{
     AcquireRequest, CreatePoolRequest, CreateSandboxRequest, ExecRequest, Health, ImageInfo,
-    PoolInfo, SandboxInfo, SnapshotInfo,
+    PoolInfo, SandboxInfo, ShareRequest, SnapshotInfo,
 };
 
 /// A sandbox's files: the same walk ([`capsa::copy`]) serves every face.
@@ -149,6 +149,14 @@ pub trait Service: Send + Sync {
     async fn pool_remove(&self, name: &str) -> ApiResult<()>;
     /// Hands out a ready member of a pool.
     async fn pool_acquire(&self, pool: &str, req: AcquireRequest) -> ApiResult<SandboxInfo>;
+    /// Attaches a host directory to a running sandbox and mounts it
+    /// (virtio-fs hot-plug; works on restored and pooled sandboxes); answers
+    /// the sandbox's shares.
+    async fn share_add(&self, name: &str, share: ShareRequest) -> ApiResult<Vec<ShareRequest>>;
+    /// Unmounts and detaches the share mounted at `guest`.
+    async fn share_remove(&self, name: &str, guest: &str) -> ApiResult<()>;
+    /// The shares attached to a running sandbox.
+    async fn share_list(&self, name: &str) -> ApiResult<Vec<ShareRequest>>;
     /// Every image in the image store.
     async fn image_list(&self) -> ApiResult<Vec<ImageInfo>>;
     /// One image, by name, digest or unique digest prefix.

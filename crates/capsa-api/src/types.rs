@@ -115,6 +115,20 @@ pub struct DiskRequest {
     pub allow_device: bool,
 }
 
+/// A host directory to mount in the guest (virtio-fs).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ShareRequest {
+    /// Absolute host path of a directory below one of the daemon's `--allow-disk-dir` directories.
+    pub host: String,
+    /// Absolute, normalized guest path to mount it at.
+    pub guest: String,
+    /// Read-only (enforced on the host).
+    #[serde(default)]
+    pub read_only: bool,
+}
+
 /// Body of `POST /v1/sandboxes`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -143,6 +157,9 @@ pub struct CreateSandboxRequest {
     /// Disks to attach.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskRequest>,
+    /// Host directories to mount (at most 8).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shares: Vec<ShareRequest>,
     /// Boot it now (default true); `false` only records it, stopped.
     #[serde(default = "yes")]
     pub start: bool,
@@ -179,7 +196,15 @@ impl CreateSandboxRequest {
             spec.allow_device = d.allow_device;
             b = b.disk(spec);
         }
+        for s in self.shares_spec() {
+            b = b.share_spec(s);
+        }
         b
+    }
+
+    /// The shares as library specs.
+    pub fn shares_spec(&self) -> Vec<capsa::ShareSpec> {
+        self.shares.iter().map(ShareRequest::spec).collect()
     }
 }
 
@@ -437,6 +462,40 @@ pub struct DeleteQuery {
     /// Kill it first if it runs (otherwise a running sandbox is a conflict).
     #[serde(default)]
     pub force: Option<bool>,
+}
+
+/// Query of `DELETE /v1/sandboxes/{name}/shares`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
+pub struct ShareQuery {
+    /// The guest path the share is mounted at.
+    pub guest: String,
+}
+
+impl ShareRequest {
+    /// The library spec of this share.
+    pub fn spec(&self) -> capsa::ShareSpec {
+        capsa::ShareSpec::new(
+            &self.host,
+            &self.guest,
+            if self.read_only {
+                capsa::ShareMode::ReadOnly
+            } else {
+                capsa::ShareMode::ReadWrite
+            },
+        )
+    }
+
+    /// The request form of a library spec.
+    pub fn of(s: &capsa::ShareSpec) -> Self {
+        Self {
+            host: s.host.display().to_string(),
+            guest: s.guest.clone(),
+            read_only: s.read_only(),
+        }
+    }
 }
 
 /// Query of the file endpoints.

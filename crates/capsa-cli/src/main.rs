@@ -10,6 +10,7 @@ mod named;
 mod pool;
 mod run;
 mod service;
+mod share;
 mod snapshot;
 mod term;
 
@@ -24,8 +25,9 @@ use clap::{Parser, Subcommand};
     about = "Run untrusted work in lightweight Linux VMs"
 )]
 struct Cli {
-    /// More log output (-v info, -vv debug); RUST_LOG overrides.
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    /// More log output (--verbose info, twice debug); RUST_LOG overrides.
+    /// (`-v` is `--volume` of `run` and `create`, as in Docker.)
+    #[arg(long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
     #[command(flatten)]
     conn: service::Conn,
@@ -78,6 +80,9 @@ enum Command {
     /// capsad's warm pools of ready sandboxes: create, ls, acquire, rm (needs --host).
     #[command(subcommand)]
     Pool(pool::PoolCmd),
+    /// Attach or detach shared host directories on a running sandbox: add, rm, ls.
+    #[command(subcommand)]
+    Share(share::ShareCmd),
 }
 
 /// `run`, `boot`, `image`, `doctor` and `backends` work on this machine
@@ -169,6 +174,7 @@ fn main() -> ExitCode {
             Command::Inspect(a) => named::inspect(&cli.conn, a).await,
             Command::Snapshot(c) => snapshot::run(&cli.conn, c).await,
             Command::Pool(c) => pool::run(&cli.conn, c).await,
+            Command::Share(c) => share::run(&cli.conn, c).await,
         }
     });
     let code = match result {

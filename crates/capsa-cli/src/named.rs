@@ -44,6 +44,10 @@ pub struct CreateArgs {
     /// Attach a disk image (raw or qcow2); append :ro for read-only, :dev to allow a host block device. Repeatable.
     #[arg(long = "disk", value_name = "PATH[:ro][:dev]")]
     pub disks: Vec<String>,
+    /// Mount a host directory in the guest (virtio-fs): HOST:GUEST, or HOST:GUEST:ro for
+    /// read-only (enforced by the host). Repeatable. Also works with --from-snapshot (hot-plugged).
+    #[arg(short = 'v', long = "volume", value_name = "HOST:GUEST[:ro]")]
+    pub volumes: Vec<String>,
     /// Print the new sandbox's record as JSON.
     #[arg(long)]
     pub json: bool,
@@ -141,23 +145,26 @@ pub struct InspectArgs {
 
 pub async fn create(conn: &Conn, a: CreateArgs) -> anyhow::Result<ExitCode> {
     let svc = connect(conn)?;
-    let info = svc.create(create_request(&a)).await?;
+    let info = svc.create(create_request(&a)?).await?;
     print_created(&a, &View::from(info))?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// The service request for `capsa create`'s flags.
-fn create_request(a: &CreateArgs) -> CreateSandboxRequest {
+fn create_request(a: &CreateArgs) -> anyhow::Result<CreateSandboxRequest> {
     let env = a.env.iter().cloned().collect::<BTreeMap<_, _>>();
+    // Parsed before anything starts; the service checks the host side.
+    let shares = crate::share::share_requests(&a.volumes)?;
     if let Some(snap) = &a.from_snapshot {
-        return CreateSandboxRequest {
+        return Ok(CreateSandboxRequest {
             name: Some(a.name.clone()),
             env,
             workdir: a.workdir.clone(),
             from_snapshot: Some(snap.clone()),
+            shares,
             start: true,
             ..Default::default()
-        };
+        });
     }
     let disks = a
         .disks
@@ -171,7 +178,7 @@ fn create_request(a: &CreateArgs) -> CreateSandboxRequest {
             }
         })
         .collect();
-    CreateSandboxRequest {
+    Ok(CreateSandboxRequest {
         name: Some(a.name.clone()),
         cpus: Some(a.cpus),
         memory_mib: Some(a.memory),
@@ -183,9 +190,10 @@ fn create_request(a: &CreateArgs) -> CreateSandboxRequest {
             Accel::Tcg => AccelChoice::Tcg,
         }),
         disks,
+        shares,
         start: true,
         from_snapshot: None,
-    }
+    })
 }
 
 fn print_created(a: &CreateArgs, rec: &View) -> anyhow::Result<()> {

@@ -41,6 +41,10 @@ pub struct RunArgs {
     /// Attach a disk image (raw or qcow2); append :ro for read-only, :dev to allow a host block device. Repeatable.
     #[arg(long = "disk", value_name = "PATH[:ro][:dev]")]
     disks: Vec<String>,
+    /// Mount a host directory in the guest (virtio-fs): HOST:GUEST, or HOST:GUEST:ro for
+    /// read-only (enforced by the host). Files the guest writes belong to the directory's owner. Repeatable.
+    #[arg(short = 'v', long = "volume", value_name = "HOST:GUEST[:ro]")]
+    volumes: Vec<String>,
     /// Copy a host file or directory into the guest before the command: HOST:GUEST. Repeatable.
     #[arg(long = "copy-in", value_name = "HOST:GUEST", value_parser = parse_copy_in)]
     copy_in: Vec<(PathBuf, String)>,
@@ -106,6 +110,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     for d in &args.disks {
         b = b.disk(DiskSpec::parse_cli(d));
+    }
+    for v in &args.volumes {
+        b = b.share_spec(capsa::ShareSpec::parse_cli(v)?);
     }
     if let Some(n) = &args.name {
         b = b.name(n);

@@ -500,6 +500,29 @@ impl Client {
             .await
     }
 
+    /// `POST /v1/sandboxes/{name}/shares`: attach and mount; answers every share.
+    pub async fn share_add(&self, name: &str, share: &ShareRequest) -> Result<Vec<ShareRequest>> {
+        let body = serde_json::to_vec(share).map_err(|e| ClientError::Decode(e.to_string()))?;
+        self.call(Method::POST, &sb_path(name, "/shares"), Some(body))
+            .await
+    }
+
+    /// `GET /v1/sandboxes/{name}/shares`.
+    pub async fn shares(&self, name: &str) -> Result<Vec<ShareRequest>> {
+        self.call(Method::GET, &sb_path(name, "/shares"), None)
+            .await
+    }
+
+    /// `DELETE /v1/sandboxes/{name}/shares?guest=GUEST`.
+    pub async fn share_remove(&self, name: &str, guest: &str) -> Result<()> {
+        let uri = format!("{}?guest={}", sb_path(name, "/shares"), enc(guest));
+        let resp = self
+            .send(self.request(Method::DELETE, &uri, None, empty()))
+            .await?;
+        check(resp).await?;
+        Ok(())
+    }
+
     /// `GET /v1/snapshots`.
     pub async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
         self.call(Method::GET, "/v1/snapshots", None).await

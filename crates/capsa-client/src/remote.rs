@@ -289,6 +289,18 @@ impl Service for RemoteService {
         Ok(self.client.acquire(pool, req.name.as_deref()).await?)
     }
 
+    async fn share_add(&self, name: &str, share: ShareRequest) -> ApiResult<Vec<ShareRequest>> {
+        Ok(self.client.share_add(name, &share).await?)
+    }
+
+    async fn share_remove(&self, name: &str, guest: &str) -> ApiResult<()> {
+        Ok(self.client.share_remove(name, guest).await?)
+    }
+
+    async fn share_list(&self, name: &str) -> ApiResult<Vec<ShareRequest>> {
+        Ok(self.client.shares(name).await?)
+    }
+
     async fn image_list(&self) -> ApiResult<Vec<ImageInfo>> {
         Ok(self.client.images().await?)
     }

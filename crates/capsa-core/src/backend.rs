@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::{Accel, DiskFormat, Error, Result, SnapshotMeta, VmSpec};
+use crate::{Accel, DiskFormat, Error, Result, ShareSpec, SnapshotMeta, VmSpec};
 
 /// What a backend can do, as declared by the backend itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,6 +37,9 @@ pub struct Capabilities {
     /// Snapshot a running VM and restore it ([`VmInstance::snapshot`], [`Hypervisor::restore`]).
     #[serde(default)]
     pub snapshot: bool,
+    /// Shared host directories over virtio-fs ([`VmInstance::attach_share`]).
+    #[serde(default)]
+    pub shares: bool,
 }
 
 impl Capabilities {
@@ -77,6 +80,12 @@ impl Capabilities {
         }
         if spec.vsock.is_some() && !self.vsock {
             return Err(unsupported("vsock devices".into(), "drop the vsock device"));
+        }
+        if !spec.shares.is_empty() && !self.shares {
+            return Err(unsupported(
+                "shared directories".into(),
+                "copy the files in and out with `capsa cp` instead",
+            ));
         }
         if spec.console.enabled && !self.console {
             return Err(unsupported("console capture".into(), "disable the console"));
@@ -230,5 +239,31 @@ pub trait VmInstance: Send + Sync {
             what: "snapshots".into(),
             fix: "use the qemu backend".into(),
         })
+    }
+
+    /// Attaches a host directory to the running VM (virtio-fs, hot-plugged);
+    /// the guest mounts it by its tag. The caller has validated `share`.
+    async fn attach_share(&self, share: &ShareSpec) -> Result<()> {
+        let _ = share;
+        Err(Error::Unsupported {
+            backend: "this".into(),
+            what: "shared directories".into(),
+            fix: "use the qemu backend, or copy files with `capsa cp`".into(),
+        })
+    }
+
+    /// Detaches the share mounted at guest path `guest` (the guest should
+    /// have unmounted it) and returns it.
+    async fn detach_share(&self, guest: &str) -> Result<ShareSpec> {
+        Err(Error::invalid(
+            "share",
+            format!("no share is attached at {guest}"),
+            "list the attached shares with `capsa inspect`",
+        ))
+    }
+
+    /// The shares attached now (at start and since).
+    async fn shares(&self) -> Result<Vec<ShareSpec>> {
+        Ok(Vec::new())
     }
 }

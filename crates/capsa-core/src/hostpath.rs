@@ -92,6 +92,41 @@ impl HostPathPolicy {
             .join(", ")
     }
 
+    /// Checks `path` names a directory at or below an allowed directory once
+    /// every symlink is resolved (a share's host side); returns the resolved
+    /// path, to be used from then on.
+    pub fn check_dir(&self, path: &str) -> Result<PathBuf, PathRefusal> {
+        let refuse = |problem: String| PathRefusal {
+            path: path.chars().take(4096).collect(),
+            problem,
+        };
+        let p = Path::new(path);
+        if path.contains('\0') || !p.is_absolute() {
+            return Err(refuse("not an absolute path".into()));
+        }
+        let real = std::fs::canonicalize(p).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => refuse("no such directory".into()),
+            _ => refuse(format!("cannot resolve it: {e}")),
+        })?;
+        let meta =
+            std::fs::metadata(&real).map_err(|e| refuse(format!("cannot inspect it: {e}")))?;
+        if !meta.is_dir() {
+            return Err(refuse("it is not a directory".into()));
+        }
+        if !self.allowed.iter().any(|d| real.starts_with(d)) {
+            let via = if real != p {
+                format!(" (it resolves to {})", real.display())
+            } else {
+                String::new()
+            };
+            return Err(refuse(format!(
+                "it is outside the directories allowed for sharing{via}: {}",
+                self.describe()
+            )));
+        }
+        Ok(real)
+    }
+
     /// Checks `path` names a regular file below an allowed directory once
     /// every symlink is resolved; returns that resolved path, which is what
     /// should be used from then on (a symlink swapped in later is not followed).

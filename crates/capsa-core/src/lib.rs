@@ -14,6 +14,7 @@ mod disk;
 mod error;
 mod hostpath;
 mod names;
+mod share;
 mod snapshot;
 mod spec;
 
@@ -30,6 +31,10 @@ pub use disk::{probe_disk_format, DiskProbeError};
 pub use error::{Error, Result};
 pub use hostpath::{check_private_dir, HostPathPolicy, PathRefusal};
 pub use names::{check_name, MAX_NAME_LEN, NAME_RULE};
+pub use share::{
+    check_distinct as check_distinct_shares, check_guest_path, ShareMode, ShareSpec, MAX_SHARES,
+    MAX_SHARE_GUEST_PATH, MAX_SHARE_TAG,
+};
 pub use snapshot::{
     FileIdentity, SnapshotDisk, SnapshotMeta, CAPSA_VERSION, SNAPSHOT_FORMAT, SNAPSHOT_META_FILE,
 };

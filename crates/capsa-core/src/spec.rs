@@ -38,6 +38,9 @@ pub struct VmSpec {
     /// A virtio-vsock device for host<->guest streams (the guest agent uses it).
     #[serde(default)]
     pub vsock: Option<VsockSpec>,
+    /// Host directories mounted in the guest over virtio-fs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shares: Vec<crate::ShareSpec>,
 }
 
 /// A virtio-vsock device. The host side is a Unix socket in the hybrid-vsock
@@ -253,6 +256,7 @@ impl VmSpec {
             console: ConsoleSpec::default(),
             accel: Accel::Auto,
             vsock: None,
+            shares: Vec::new(),
         }
     }
 
@@ -334,6 +338,7 @@ impl VmSpec {
             }
             disk.format = Some(format);
         }
+        crate::share::validate_all(&mut self.shares)?;
         Ok(())
     }
 }

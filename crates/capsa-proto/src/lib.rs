@@ -132,7 +132,24 @@ pub enum Request {
     /// snapshot are not twins (same hostname, machine id, RNG state, and a
     /// wall clock stuck at the snapshot's instant).
     SetIdentity(IdentityRequest),
+    /// Mounts the virtio-fs device tagged `tag` at `path` (made if missing).
+    Mount {
+        /// The device's tag (at most [`MAX_MOUNT_TAG`] bytes).
+        tag: String,
+        /// Absolute guest path.
+        path: String,
+        /// Mount read-only (the host enforces read-only shares regardless).
+        read_only: bool,
+    },
+    /// Unmounts what is mounted at `path` (lazily: busy files do not block it).
+    Unmount {
+        /// Absolute guest path.
+        path: String,
+    },
 }
+
+/// Longest mount tag ([`Request::Mount`]); virtio-fs allows 36 bytes.
+pub const MAX_MOUNT_TAG: usize = 36;
 
 /// Most bytes of host entropy in one [`IdentityRequest`] (the kernel's CRNG
 /// needs 32; more only costs time).
@@ -640,6 +657,35 @@ mod tests {
         // Existing variants keep their indices (wire compatibility).
         assert_eq!(postcard::to_stdvec(&AgentFrame::End).unwrap(), vec![9]);
         assert_eq!(postcard::to_stdvec(&ClientFrame::End).unwrap(), vec![6]);
+        // Mount and Unmount come after SetIdentity (index 9).
+        let m = postcard::to_stdvec(&Request::Mount {
+            tag: "t".into(),
+            path: "/w".into(),
+            read_only: true,
+        })
+        .unwrap();
+        assert_eq!(m[0], 10);
+        let u = postcard::to_stdvec(&Request::Unmount { path: "/w".into() }).unwrap();
+        assert_eq!(u[0], 11);
+        for r in [
+            Request::Mount {
+                tag: "capsa-0123".into(),
+                path: "/work".into(),
+                read_only: false,
+            },
+            Request::Unmount {
+                path: "/work".into(),
+            },
+        ] {
+            let f = ClientFrame::Open {
+                version: PROTOCOL_VERSION,
+                request: r,
+            };
+            assert_eq!(
+                read_frame::<ClientFrame>(&mut &encode(&f).unwrap()[..]).unwrap(),
+                f
+            );
+        }
     }
 
     #[test]

@@ -53,6 +53,27 @@ pub struct Launch {
     /// Kernel, initrd and disks as inherited fds instead of paths: a QEMU
     /// running as an unprivileged user cannot open capsa's files by path.
     pub files: Option<FileFds>,
+    /// The vhost-user socket of each share of the spec, in order (its
+    /// virtiofsd listens there); share `i` is plugged into slot `i`.
+    pub share_sockets: Vec<PathBuf>,
+}
+
+/// The PCIe root port of share slot `i`. Every VM with shared RAM gets
+/// [`capsa_core::MAX_SHARES`] of them, empty or not, so that shares can be
+/// hot-plugged at any time and the machine (and so a saved state) looks the
+/// same whatever is attached.
+pub fn share_bus(i: usize) -> String {
+    format!("capsa-fsrp{i}")
+}
+
+/// QEMU id of the virtio-fs device in share slot `i`.
+pub fn share_device_id(i: usize) -> String {
+    format!("capsa-fs{i}")
+}
+
+/// QEMU id of the vhost-user chardev of share slot `i`.
+pub fn share_chardev_id(i: usize) -> String {
+    format!("fs{i}")
 }
 
 /// QEMU's seccomp filter, as Firecracker's jailer would want it: no obsolete
@@ -143,7 +164,7 @@ pub fn build_args_with(
             "-machine",
             "memory-backend=mem",
         ]);
-    } else if vsock.is_some() {
+    } else if vsock.is_some() || !spec.shares.is_empty() {
         // vhost-user devices read guest RAM directly, so it must be a shareable memfd.
         push(&[
             "-object",
@@ -171,6 +192,39 @@ pub fn build_args_with(
                 "-device",
                 &format!(
                     "vhost-user-vsock-pci,chardev={VSOCK_CHARDEV_ID},bus={VSOCK_BUS},id={VSOCK_DEVICE_ID}"
+                ),
+            ]);
+        }
+    }
+    if launch.ram_fd.is_some() || vsock.is_some() || !spec.shares.is_empty() {
+        for i in 0..capsa_core::MAX_SHARES {
+            // Chassis numbers must differ per port; 1 is the vsock's. No I/O
+            // window: virtio-fs is a modern-only device, and 8 I/O windows
+            // would eat half of the 64 KiB port space.
+            push(&[
+                "-device",
+                &format!(
+                    "pcie-root-port,id={},chassis={},io-reserve=0",
+                    share_bus(i),
+                    i + 2
+                ),
+            ]);
+        }
+        for (i, (share, sock)) in spec.shares.iter().zip(&launch.share_sockets).enumerate() {
+            push(&[
+                "-chardev",
+                &format!(
+                    "socket,id={},path={}",
+                    share_chardev_id(i),
+                    escape_path(sock)
+                ),
+                "-device",
+                &format!(
+                    "vhost-user-fs-pci,chardev={},tag={},bus={},id={}",
+                    share_chardev_id(i),
+                    escape(&share.tag()),
+                    share_bus(i),
+                    share_device_id(i)
                 ),
             ]);
         }
@@ -366,6 +420,64 @@ mod tests {
         assert!(a.contains("pcie-root-port,id=capsa-rp0"));
         assert!(!a.contains("vhost-user-vsock-pci"));
         assert!(a.ends_with("-incoming defer"));
+    }
+
+    #[test]
+    fn share_slots_are_always_there_and_boot_shares_are_plugged_in() {
+        let paths = RunPaths {
+            qmp: "/q".into(),
+            vhost_vsock: None,
+        };
+        let mut s = spec();
+        let plain = build_args_with(
+            &s,
+            Accel::Tcg,
+            &paths,
+            "t",
+            &Launch {
+                ram_fd: Some(3),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .join(" ");
+        for i in 0..capsa_core::MAX_SHARES {
+            assert!(
+                plain.contains(&format!(
+                    "pcie-root-port,id=capsa-fsrp{i},chassis={}",
+                    i + 2
+                )),
+                "{plain}"
+            );
+        }
+        assert!(!plain.contains("vhost-user-fs-pci"));
+        s.shares = vec![capsa_core::ShareSpec::new(
+            "/h",
+            "/work",
+            capsa_core::ShareMode::ReadOnly,
+        )];
+        let launch = Launch {
+            share_sockets: vec!["/j/virtiofs0.sock".into()],
+            ..Default::default()
+        };
+        let a = build_args_with(&s, Accel::Tcg, &paths, "t", &launch)
+            .unwrap()
+            .join(" ");
+        // Shared RAM even without vsock: virtiofsd maps it.
+        assert!(
+            a.contains("memory-backend-memfd,id=mem,size=256M,share=on"),
+            "{a}"
+        );
+        assert!(a.contains("-chardev socket,id=fs0,path=/j/virtiofs0.sock"));
+        let tag = s.shares[0].tag();
+        assert!(
+            a.contains(&format!(
+                "-device vhost-user-fs-pci,chardev=fs0,tag={tag},bus=capsa-fsrp0,id=capsa-fs0"
+            )),
+            "{a}"
+        );
+        // The host path never reaches QEMU: virtiofsd has it.
+        assert!(!a.contains("/h,") && !a.contains(" /h "));
     }
 
     #[test]

@@ -44,6 +44,8 @@ pub struct QemuInstance {
     pub(crate) qemu_dir: PathBuf,
     /// Who QEMU runs as, when not as capsa's user.
     pub(crate) creds: Option<Creds>,
+    /// The shares plugged in, by slot (see [`crate::args::share_bus`]).
+    pub(crate) shares: tokio::sync::Mutex<Vec<Option<crate::share::ActiveShare>>>,
 }
 
 /// Facts about a VM kept for snapshots.
@@ -278,7 +280,29 @@ impl QemuInstance {
             snapshot_lock: tokio::sync::Mutex::new(()),
             qemu_dir,
             creds,
+            shares: tokio::sync::Mutex::new((0..capsa_core::MAX_SHARES).map(|_| None).collect()),
         })
+    }
+
+    /// Records shares plugged in on QEMU's command line (slot = index).
+    pub(crate) fn set_boot_shares(&mut self, started: Vec<crate::share::ActiveShare>) {
+        let slots = self.shares.get_mut();
+        for (i, s) in started.into_iter().enumerate() {
+            if let Some(slot) = slots.get_mut(i) {
+                *slot = Some(s);
+            }
+        }
+    }
+
+    /// The specs of the shares plugged in now.
+    pub(crate) async fn share_specs(&self) -> Vec<capsa_core::ShareSpec> {
+        self.shares
+            .lock()
+            .await
+            .iter()
+            .flatten()
+            .map(|s| s.spec.clone())
+            .collect()
     }
 
     /// How QEMU ended, once it has.

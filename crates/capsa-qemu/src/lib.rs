@@ -13,6 +13,7 @@ mod error;
 mod instance;
 pub mod jail;
 pub mod ram;
+pub mod share;
 pub mod snapshot;
 mod vm;
 
@@ -356,6 +357,7 @@ impl Hypervisor for QemuBackend {
             graceful_shutdown: true,
             vsock: true,
             snapshot: true,
+            shares: share::running_as_root(),
         }
     }
 
@@ -377,11 +379,31 @@ impl Hypervisor for QemuBackend {
         // capsa owns guest RAM (a memfd QEMU inherits), so snapshots can copy it directly.
         let ram = ram::create_memfd(spec.memory_mib << 20)
             .map_err(|e| Error::io("creating guest RAM (memfd)", e))?;
+        // Each share's virtiofsd listens before QEMU starts and connects to it.
+        let mut started = Vec::new();
+        for (i, s) in spec.shares.iter().enumerate() {
+            let socket = jail.dir.join(format!("virtiofs{i}.sock"));
+            match share::spawn(s, &socket, jail.creds) {
+                Ok(daemon) => started.push(share::ActiveShare {
+                    spec: s.clone(),
+                    daemon,
+                }),
+                Err(e) => {
+                    for d in started {
+                        d.daemon.stop().await;
+                    }
+                    return Err(e);
+                }
+            }
+        }
         let launch = args::Launch {
             ram_fd: Some(instance::RAM_FD),
             seccomp: jail.seccomp,
             tb_size_mib: jail.tb_size_mib(),
             files,
+            share_sockets: (0..spec.shares.len())
+                .map(|i| jail.dir.join(format!("virtiofs{i}.sock")))
+                .collect(),
             ..Default::default()
         };
         let argv = args::build_args_with(&spec, accel, &paths, &opts.name, &launch)?;
@@ -392,7 +414,7 @@ impl Hypervisor for QemuBackend {
             ram: Some(ram),
             qemu: self.binary.clone(),
         };
-        let inst = QemuInstance::spawn(
+        let mut inst = QemuInstance::spawn(
             &self.binary,
             &argv,
             paths.qmp,
@@ -402,6 +424,7 @@ impl Hypervisor for QemuBackend {
             jail,
         )
         .await?;
+        inst.set_boot_shares(started);
         Ok(Box::new(inst))
     }
 

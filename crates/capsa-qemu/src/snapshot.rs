@@ -279,6 +279,10 @@ async fn run_qemu_img(qemu: &Path, args: &[&std::ffi::OsStr]) -> Result<()> {
 /// Saves `inst` into the empty directory `dir`.
 pub(crate) async fn take(inst: &QemuInstance, dir: &Path) -> Result<SnapshotMeta> {
     let _one_at_a_time = inst.snapshot_lock.lock().await;
+    let shares = inst.share_specs().await;
+    if !shares.is_empty() {
+        return Err(crate::share::snapshot_refusal(&shares));
+    }
     let ram = match &inst.info.ram {
         Some(r) => r
             .try_clone()
@@ -309,7 +313,10 @@ pub(crate) async fn take(inst: &QemuInstance, dir: &Path) -> Result<SnapshotMeta
         qmp::RunState::running
     );
     let version = qemu_version(inst).await?;
-    let spec = inst.info.spec.clone();
+    let mut spec = inst.info.spec.clone();
+    // Shares it started with have been detached (or the snapshot was refused
+    // above); restores start without them and attach their own.
+    spec.shares.clear();
     let accel = inst.info.accel;
     let mut meta = blocking("fingerprinting the kernel", move || {
         SnapshotMeta::new("qemu", &version, accel, &spec).map_err(std::io::Error::other)
@@ -584,6 +591,7 @@ pub(crate) async fn restore(
 
     // Each clone writes to its own overlay on the frozen base.
     let mut spec = meta.spec.clone();
+    spec.shares.clear();
     spec.console.log = None;
     let mut disk_paths = Vec::new();
     let mut backing = Vec::new();
@@ -638,6 +646,7 @@ pub(crate) async fn restore(
         seccomp: jail.seccomp,
         tb_size_mib: jail.tb_size_mib(),
         files,
+        share_sockets: Vec::new(),
     };
     let argv = args::build_args_with(&spec, meta.accel, &paths, &opts.name, &launch)?;
     let vhost = paths.vhost_vsock.clone();

@@ -93,6 +93,117 @@ impl VmInstance for QemuInstance {
         crate::snapshot::take(self, dir).await
     }
 
+    async fn attach_share(&self, share: &capsa_core::ShareSpec) -> Result<()> {
+        use crate::args::{share_bus, share_chardev_id, share_device_id};
+        let mut share = share.clone();
+        share.validate()?;
+        // Not during a snapshot (it would refuse anyway, but not half-way).
+        let _no_snapshot = self.snapshot_lock.lock().await;
+        let mut slots = self.shares.lock().await;
+        let attached: Vec<capsa_core::ShareSpec> =
+            slots.iter().flatten().map(|s| s.spec.clone()).collect();
+        capsa_core::check_distinct_shares(&attached, Some(&share))?;
+        let Some(i) = slots.iter().position(Option::is_none) else {
+            return Err(capsa_core::Error::invalid(
+                "share",
+                format!(
+                    "the sandbox already has {} shares attached",
+                    capsa_core::MAX_SHARES
+                ),
+                "remove one first (`capsa share rm`), or share a common parent directory",
+            ));
+        };
+        if self.info.ram.is_none() {
+            return Err(capsa_core::Error::Unsupported {
+                backend: "qemu".into(),
+                what: "shares on a VM whose RAM capsa does not own".into(),
+                fix: "start the VM with capsa's QEMU backend".into(),
+            });
+        }
+        let socket = self.qemu_dir.join(format!("virtiofs{i}.sock"));
+        let daemon = crate::share::spawn(&share, &socket, self.creds)?;
+        let t = std::time::Instant::now();
+        let plugged = async {
+            crate::share::add_chardev(self, &share_chardev_id(i), &socket).await?;
+            let mut arguments = qapi::Dictionary::new();
+            arguments.insert("chardev".into(), share_chardev_id(i).into());
+            arguments.insert("tag".into(), share.tag().into());
+            let added = self
+                .exec(
+                    "device_add",
+                    qmp::device_add {
+                        driver: "vhost-user-fs-pci".into(),
+                        bus: Some(share_bus(i)),
+                        id: Some(share_device_id(i)),
+                        arguments,
+                    },
+                )
+                .await;
+            if let Err(e) = added {
+                let _ = crate::share::remove_chardev(self, &share_chardev_id(i)).await;
+                return Err(e);
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = plugged {
+            daemon.stop().await;
+            return Err(e);
+        }
+        tracing::debug!(slot = i, guest = %share.guest, took = ?t.elapsed(), "share plugged");
+        slots[i] = Some(crate::share::ActiveShare {
+            spec: share,
+            daemon,
+        });
+        Ok(())
+    }
+
+    async fn detach_share(&self, guest: &str) -> Result<capsa_core::ShareSpec> {
+        use crate::args::{share_chardev_id, share_device_id};
+        let _no_snapshot = self.snapshot_lock.lock().await;
+        let mut slots = self.shares.lock().await;
+        let Some(i) = slots
+            .iter()
+            .position(|s| s.as_ref().is_some_and(|s| s.spec.guest == guest))
+        else {
+            let attached: Vec<String> = slots
+                .iter()
+                .flatten()
+                .map(|s| s.spec.guest.clone())
+                .collect();
+            return Err(capsa_core::Error::invalid(
+                "share",
+                format!("no share is attached at {guest}"),
+                if attached.is_empty() {
+                    "the sandbox has no shares attached".to_string()
+                } else {
+                    format!(
+                        "name one of the attached guest paths: {}",
+                        attached.join(", ")
+                    )
+                },
+            ));
+        };
+        self.exec(
+            "device_del",
+            qmp::device_del {
+                id: share_device_id(i),
+            },
+        )
+        .await?;
+        crate::share::wait_unplugged(self, &share_device_id(i)).await?;
+        crate::share::remove_chardev(self, &share_chardev_id(i)).await?;
+        let Some(active) = slots[i].take() else {
+            unreachable!("slot {i} was just found occupied");
+        };
+        active.daemon.stop().await;
+        Ok(active.spec)
+    }
+
+    async fn shares(&self) -> Result<Vec<capsa_core::ShareSpec>> {
+        Ok(self.share_specs().await)
+    }
+
     async fn wait(&self) -> Result<ExitReason> {
         let mut exit = self.exit.clone();
         let r = exit

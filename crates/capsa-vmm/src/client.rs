@@ -457,6 +457,9 @@ impl MonitorHandle {
     }
 }
 
+/// Deadline of share attach/detach calls (virtiofsd start, hot-plug, the guest's unplug).
+const SHARE_CALL: std::time::Duration = std::time::Duration::from_secs(60);
+
 #[async_trait::async_trait]
 impl VmInstance for MonitorHandle {
     fn pid(&self) -> Option<u32> {
@@ -542,6 +545,30 @@ impl VmInstance for MonitorHandle {
 
     async fn snapshot(&self, dir: &Path) -> capsa_core::Result<SnapshotMeta> {
         self.snapshot_rpc(dir).await
+    }
+
+    async fn attach_share(&self, share: &capsa_core::ShareSpec) -> capsa_core::Result<()> {
+        // Validated here too, so a bad host path is named before any RPC.
+        let mut share = share.clone();
+        share.validate()?;
+        let r = self
+            .client
+            .attach_share(context_with_deadline(SHARE_CALL), share)
+            .await;
+        Ok(r.map_err(|e| self.core_err("attach_share", e))??)
+    }
+
+    async fn detach_share(&self, guest: &str) -> capsa_core::Result<capsa_core::ShareSpec> {
+        let r = self
+            .client
+            .detach_share(context_with_deadline(SHARE_CALL), guest.to_string())
+            .await;
+        Ok(r.map_err(|e| self.core_err("detach_share", e))??)
+    }
+
+    async fn shares(&self) -> capsa_core::Result<Vec<capsa_core::ShareSpec>> {
+        let r = self.client.shares(tarpc::context::current()).await;
+        Ok(r.map_err(|e| self.core_err("shares", e))??)
     }
 
     async fn wait(&self) -> capsa_core::Result<ExitReason> {

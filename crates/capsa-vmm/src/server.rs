@@ -180,6 +180,34 @@ impl Monitor for Server {
         tracing::info!(took = ?t.elapsed(), "snapshot taken");
         Ok(meta)
     }
+
+    async fn attach_share(
+        self,
+        _: tarpc::context::Context,
+        share: capsa_core::ShareSpec,
+    ) -> std::result::Result<(), RpcError> {
+        let instance = self.0.instance()?.clone();
+        tracing::info!(host = %share.host.display(), guest = %share.guest, "attaching a share");
+        instance.attach_share(&share).await.map_err(RpcError::from)
+    }
+
+    async fn detach_share(
+        self,
+        _: tarpc::context::Context,
+        guest: String,
+    ) -> std::result::Result<capsa_core::ShareSpec, RpcError> {
+        let instance = self.0.instance()?.clone();
+        tracing::info!(%guest, "detaching a share");
+        instance.detach_share(&guest).await.map_err(RpcError::from)
+    }
+
+    async fn shares(
+        self,
+        _: tarpc::context::Context,
+    ) -> std::result::Result<Vec<capsa_core::ShareSpec>, RpcError> {
+        let instance = self.0.instance()?.clone();
+        instance.shares().await.map_err(RpcError::from)
+    }
 }
 
 /// Starts the VM from the snapshot `req` names: checks it against this host

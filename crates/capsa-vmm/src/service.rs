@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use capsa_core::{ExitReason, SnapshotMeta, VmSpec, VmStatus};
+use capsa_core::{ExitReason, ShareSpec, SnapshotMeta, VmSpec, VmStatus};
 use serde::{Deserialize, Serialize};
 use tarpc::tokio_serde::formats::Json;
 use tarpc::tokio_util::codec::LengthDelimitedCodec;
@@ -129,6 +129,14 @@ pub trait Monitor {
     /// (see [`capsa_core::VmInstance::snapshot`]); the VM goes on as it was.
     /// Long-running: give the context [`SNAPSHOT_CALL`].
     async fn snapshot(dir: PathBuf) -> Result<SnapshotMeta, RpcError>;
+    /// Attaches a host directory to the running VM (see
+    /// [`capsa_core::VmInstance::attach_share`]); the virtiofsd it starts
+    /// belongs to the monitor and ends with the VM.
+    async fn attach_share(share: ShareSpec) -> Result<(), RpcError>;
+    /// Detaches the share at guest path `guest`; returns it.
+    async fn detach_share(guest: String) -> Result<ShareSpec, RpcError>;
+    /// The shares attached now.
+    async fn shares() -> Result<Vec<ShareSpec>, RpcError>;
 }
 
 /// A tarpc context whose deadline is `after` from now.

@@ -58,6 +58,9 @@ async fn key(builder: &SandboxBuilder) -> Result<Option<String>> {
     .map_err(|e| Error::io("fingerprinting the kernel", e))?;
     let mut h = Sha256::new();
     h.update(CAPSA_VERSION.as_bytes());
+    // The machine's device layout (the share slots' root ports): a saved state
+    // only loads into the same layout.
+    h.update(b"layout: share slots 8");
     h.update(
         serde_json::to_vec(&spec)
             .map_err(|e| Error::io("encoding the spec", std::io::Error::other(e)))?,
@@ -73,7 +76,18 @@ async fn key(builder: &SandboxBuilder) -> Result<Option<String>> {
 }
 
 /// Builds the sandbox from its base snapshot, making the snapshot on first use.
-pub async fn build(builder: SandboxBuilder) -> Result<Sandbox> {
+pub async fn build(mut builder: SandboxBuilder) -> Result<Sandbox> {
+    // Shares are no part of a base snapshot (a snapshot cannot hold one):
+    // checked first, then hot-plugged into whichever sandbox comes out.
+    let mut shares = std::mem::take(&mut builder.shares);
+    if shares.is_empty() {
+        return build_base(builder).await;
+    }
+    crate::share::validate_shares(&mut shares)?;
+    build_base(builder).await?.add_shares_or_kill(shares).await
+}
+
+async fn build_base(builder: SandboxBuilder) -> Result<Sandbox> {
     let Some(dir) = dir_for(&builder).await? else {
         return builder.boot().await;
     };

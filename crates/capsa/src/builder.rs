@@ -157,6 +157,12 @@ impl VmBuilder {
         self
     }
 
+    /// Shares a host directory (virtio-fs, plugged in at boot; the guest mounts it by its tag).
+    pub fn share(mut self, share: capsa_core::ShareSpec) -> Self {
+        self.spec.shares.push(share);
+        self
+    }
+
     /// Adds kernel arguments (`key=value` or flags); later values of a key win.
     pub fn cmdline_arg(mut self, args: &str) -> Self {
         let BootSource::LinuxDirect { cmdline, .. } = &mut self.spec.boot;

@@ -32,6 +32,7 @@ mod handle;
 mod pool;
 mod registry;
 mod sandbox;
+mod share;
 mod snapshot;
 mod snapshot_store;
 mod vsock;
@@ -39,7 +40,8 @@ mod vsock;
 pub use builder::{Capsa, LinuxDirectBoot, Strategy, VmBuilder};
 pub use capsa_agent_client::{AgentClientError, ExecChild, ExecOutput, ExecStdin, Output};
 pub use capsa_core::{
-    Accel, DiskFormat, DiskSpec, ExitReason, KernelCmdline, VmSpec, VmStatus, GUEST_READY_MARKER,
+    Accel, DiskFormat, DiskSpec, ExitReason, KernelCmdline, ShareMode, ShareSpec, VmSpec, VmStatus,
+    GUEST_READY_MARKER,
 };
 pub use capsa_core::{SnapshotMeta, CAPSA_VERSION};
 pub use capsa_proto::{

@@ -83,6 +83,14 @@ impl PoolBuilder {
                 "a pool of size 0 holds nothing; ask for at least 1".into(),
             ));
         }
+        if !self.sandbox.shares.is_empty() {
+            return Err(Error::InvalidArgument(
+                "a pool's sandboxes are restored from a snapshot, which cannot hold a shared \
+                 directory; fix: build the pool without shares and attach them to each acquired \
+                 sandbox (Sandbox::share_add)"
+                    .into(),
+            ));
+        }
         let spec = self.sandbox.vm_spec().await?;
         let (dir, owned) = match &self.snapshot {
             Some(d) => {

@@ -190,7 +190,10 @@ impl Sandboxes {
         }
         let vm = crate::builder::attach_monitor(name.to_string(), spec, handle)?;
         let extra = extra_of(&rec);
-        Sandbox::ready(vm, extra, DEFAULT_READY_TIMEOUT, true).await
+        Sandbox::ready(vm, extra, DEFAULT_READY_TIMEOUT, true)
+            .await?
+            .mount_boot_shares()
+            .await
     }
 
     /// Removes a sandbox. A running one needs `force` (it is killed first); a

@@ -37,6 +37,7 @@ pub struct SandboxBuilder {
     pub(crate) state_root: Option<PathBuf>,
     pub(crate) keep_running: bool,
     pub(crate) fast_start: bool,
+    pub(crate) shares: Vec<capsa_core::ShareSpec>,
 }
 
 /// What `sandbox.json` holds for a sandbox, so a reattach restores the
@@ -77,6 +78,7 @@ impl Capsa {
             state_root: None,
             keep_running: false,
             fast_start: true,
+            shares: Vec::new(),
         }
     }
 }
@@ -212,6 +214,9 @@ impl SandboxBuilder {
         for d in self.disks {
             vm = vm.disk_spec(d);
         }
+        for s in self.shares {
+            vm = vm.share(s);
+        }
         for a in &self.cmdline {
             vm = vm.cmdline_arg(a);
         }
@@ -232,7 +237,10 @@ impl SandboxBuilder {
         vm.keep_alive = self.keep_running;
         vm.extra = serde_json::to_value(&extra).ok();
         let vm = vm.build().await?;
-        Sandbox::ready(vm, extra, self.ready_timeout, true).await
+        Sandbox::ready(vm, extra, self.ready_timeout, true)
+            .await?
+            .mount_boot_shares()
+            .await
     }
 }
 

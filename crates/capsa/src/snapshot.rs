@@ -116,6 +116,7 @@ impl VmHandle {
     /// the save); guest processes keep running.
     pub async fn snapshot(&self, path: impl AsRef<Path>) -> Result<Snapshot> {
         let dir = path.as_ref();
+        self.check_no_shares().await?;
         prepare_dir(dir)?;
         let meta = self.instance().snapshot(dir).await?;
         Ok(Snapshot {

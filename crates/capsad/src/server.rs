@@ -154,6 +154,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(console_ws))
         .routes(routes!(events))
         .routes(routes!(snapshot_sandbox))
+        .routes(routes!(list_shares, add_share, remove_share))
         .routes(routes!(list_snapshots))
         .routes(routes!(delete_snapshot))
         .routes(routes!(list_pools, create_pool))
@@ -829,6 +830,66 @@ async fn snapshot_sandbox(
         ok: r.is_ok(),
     });
     Ok((StatusCode::CREATED, Json(r?)))
+}
+
+/// The shared directories attached to a running sandbox.
+#[utoipa::path(get, path = "/v1/sandboxes/{name}/shares", tag = "shares",
+    params(("name" = String, Path, description = "sandbox name")),
+    responses((status = 200, body = Vec<ShareRequest>), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
+async fn list_shares(
+    State(st): State<AppState>,
+    p: NameParam,
+) -> ApiResult<Json<Vec<ShareRequest>>> {
+    let name = name_of(p)?;
+    Ok(Json(st.service.share_list(&name).await?))
+}
+
+/// Attaches a host directory (below the allow-list) to a running sandbox and
+/// mounts it (virtio-fs hot-plug; works on restored and pool sandboxes).
+/// Answers the sandbox's shares.
+#[utoipa::path(post, path = "/v1/sandboxes/{name}/shares", tag = "shares",
+    params(("name" = String, Path, description = "sandbox name")),
+    request_body = ShareRequest,
+    responses((status = 201, body = Vec<ShareRequest>), (status = 400, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
+async fn add_share(
+    State(st): State<AppState>,
+    p: NameParam,
+    body: Result<Json<ShareRequest>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Vec<ShareRequest>>)> {
+    let name = name_of(p)?;
+    let Json(req) = body?;
+    let r = st.service.share_add(&name, req).await;
+    st.emit(Event::Action {
+        name,
+        action: "share_add".into(),
+        ok: r.is_ok(),
+    });
+    Ok((StatusCode::CREATED, Json(r?)))
+}
+
+/// Unmounts and detaches the share at `guest`.
+#[utoipa::path(delete, path = "/v1/sandboxes/{name}/shares", tag = "shares",
+    params(("name" = String, Path, description = "sandbox name"), ShareQuery),
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
+async fn remove_share(
+    State(st): State<AppState>,
+    p: NameParam,
+    q: Result<Query<ShareQuery>, QueryRejection>,
+) -> ApiResult<StatusCode> {
+    let name = name_of(p)?;
+    let Query(q) = q?;
+    let r = st.service.share_remove(&name, &q.guest).await;
+    st.emit(Event::Action {
+        name,
+        action: "share_rm".into(),
+        ok: r.is_ok(),
+    });
+    r?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Every named snapshot in the daemon's store.

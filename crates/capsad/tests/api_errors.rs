@@ -582,3 +582,76 @@ async fn the_token_lives_beside_the_socket() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("unsafe") && err.contains("fix"), "{err}");
 }
+
+/// Shares follow the same allow-list as disks, for directories: a missing
+/// directory, a file, a directory outside (directly or through a symlink)
+/// are 403s naming the allow-list; a bad guest path is a 400. Nothing starts.
+#[tokio::test]
+async fn shares_outside_the_allow_list_or_not_directories_are_refused() {
+    let tmp = tempfile::Builder::new()
+        .prefix("cd")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let allowed = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::create_dir(allowed.path().join("ok")).unwrap();
+    std::fs::write(allowed.path().join("file.txt"), b"x").unwrap();
+    std::os::unix::fs::symlink(outside.path(), allowed.path().join("out")).unwrap();
+    let allow = allowed.path().display().to_string();
+    let mut d = common::Daemon::start_on(tmp.path(), &["--allow-disk-dir", &allow]);
+    d.set_tmp(tmp);
+    let c = d.client();
+    let post = |body: serde_json::Value| {
+        let c = &c;
+        async move {
+            c.raw(
+                Method::POST,
+                "/v1/sandboxes",
+                Some("application/json"),
+                serde_json::to_vec(&body).unwrap(),
+            )
+            .await
+            .unwrap()
+        }
+    };
+    for (host, why) in [
+        (format!("{allow}/missing"), "no such directory"),
+        (format!("{allow}/file.txt"), "not a directory"),
+        (outside.path().display().to_string(), "outside"),
+        (format!("{allow}/out"), "outside"),
+        (format!("{allow}/ok/../../"), "outside"),
+        ("/etc".to_string(), "outside"),
+        ("relative/dir".to_string(), "not an absolute path"),
+    ] {
+        let body = serde_json::json!({"name": "s1", "shares": [{"host": host, "guest": "/work"}]});
+        let (st, b) = post(body).await;
+        let text = String::from_utf8_lossy(&b);
+        assert_eq!(st, StatusCode::FORBIDDEN, "{host}: {text}");
+        let e: ErrorBody = serde_json::from_slice(&b).unwrap();
+        assert_eq!(
+            serde_json::to_value(e.error.code).unwrap(),
+            "path_not_allowed"
+        );
+        assert!(e.error.message.contains(why), "{host}: {}", e.error.message);
+        let fix = e.error.fix.unwrap_or_default();
+        assert!(
+            fix.contains(&allow) && fix.contains("--allow-disk-dir"),
+            "{host}: {fix}"
+        );
+    }
+    for guest in ["work", "/", "/a/../b", "/a//b"] {
+        let body = serde_json::json!({"name": "s2", "shares": [{"host": format!("{allow}/ok"), "guest": guest}]});
+        let (st, b) = post(body).await;
+        assert_eq!(
+            st,
+            StatusCode::BAD_REQUEST,
+            "{guest}: {}",
+            String::from_utf8_lossy(&b)
+        );
+    }
+    // Unknown fields are refused like everywhere else.
+    let body = serde_json::json!({"name": "s3", "shares": [{"host": format!("{allow}/ok"), "guest": "/w", "uid": 0}]});
+    let (st, _) = post(body).await;
+    assert_ne!(st, StatusCode::CREATED);
+    assert!(c.list().await.unwrap().is_empty(), "nothing was created");
+}

@@ -344,3 +344,81 @@ async fn snapshot_endpoints_and_restore() {
         c.delete(n, true).await.unwrap();
     }
 }
+
+/// A share attached through the API to a sandbox acquired from a pool (a
+/// restored VM: the share is hot-plugged), refused outside the allow-list,
+/// and a snapshot refused while it is attached, with the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shares_on_an_acquired_pool_member() {
+    let tmp = tempfile::Builder::new()
+        .prefix("cd")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let allowed = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let dir = allowed.path().join("data");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("in.txt"), b"pooled").unwrap();
+    let allow = allowed.path().display().to_string();
+    let mut d = common::Daemon::start_on(tmp.path(), &["--allow-disk-dir", &allow]);
+    d.set_tmp(tmp);
+    let c = d.client();
+    c.create_pool(&CreatePoolRequest {
+        name: "sp".into(),
+        size: 1,
+        memory_mib: Some(256),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    wait_pool(&c, "sp", 1, 300).await;
+    let m = c.acquire("sp", None).await.unwrap();
+    let share = |host: String, guest: &str| capsad::api::ShareRequest {
+        host,
+        guest: guest.into(),
+        read_only: false,
+    };
+    api_err(
+        c.share_add(&m.name, &share(outside.path().display().to_string(), "/x"))
+            .await
+            .unwrap_err(),
+        403,
+        "path_not_allowed",
+    );
+    api_err(
+        c.share_add(&m.name, &share(dir.display().to_string(), "x/.."))
+            .await
+            .unwrap_err(),
+        400,
+        "bad_request",
+    );
+    let t = Instant::now();
+    let l = c
+        .share_add(&m.name, &share(dir.display().to_string(), "/data"))
+        .await
+        .expect("share on an acquired member");
+    eprintln!("share through the API on a pool member: {:?}", t.elapsed());
+    assert_eq!(l.len(), 1);
+    assert_eq!(
+        sh(&c, &m.name, "cat /data/in.txt; echo out > /data/out.txt").await,
+        "pooled"
+    );
+    assert_eq!(std::fs::read(dir.join("out.txt")).unwrap(), b"out\n");
+    assert_eq!(c.shares(&m.name).await.unwrap()[0].guest, "/data");
+    match c.snapshot(&m.name, "withshare").await.unwrap_err() {
+        ClientError::Api { detail, .. } => {
+            let all = format!("{} {}", detail.message, detail.fix.unwrap_or_default());
+            assert!(
+                all.contains("/data") && all.contains("capsa share rm"),
+                "{all}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    c.share_remove(&m.name, "/data").await.unwrap();
+    assert!(c.shares(&m.name).await.unwrap().is_empty());
+    c.snapshot(&m.name, "withoutshare")
+        .await
+        .expect("snapshot once detached");
+    c.delete(&m.name, true).await.unwrap();
+}

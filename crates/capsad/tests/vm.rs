@@ -393,3 +393,52 @@ async fn forced_kvm_that_cannot_run_guests_is_a_422_with_a_fix() {
         Err(e) => panic!("{e}"),
     }
 }
+
+/// A share in the create request, below `--allow-disk-dir`: mounted in the
+/// guest, writes land on the host, read-only ones refuse writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_with_shares_through_the_api() {
+    let tmp = tempfile::Builder::new()
+        .prefix("cd")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let allowed = tempfile::tempdir().unwrap();
+    let rw = allowed.path().join("rw");
+    let ro = allowed.path().join("ro");
+    std::fs::create_dir(&rw).unwrap();
+    std::fs::create_dir(&ro).unwrap();
+    std::fs::write(ro.join("r.txt"), b"read me").unwrap();
+    let allow = allowed.path().display().to_string();
+    let mut d = common::Daemon::start_on(tmp.path(), &["--allow-disk-dir", &allow]);
+    d.set_tmp(tmp);
+    let c = d.client();
+    let mut req = small("shared");
+    req.shares = vec![
+        capsad::api::ShareRequest {
+            host: rw.display().to_string(),
+            guest: "/rw".into(),
+            read_only: false,
+        },
+        capsad::api::ShareRequest {
+            host: ro.display().to_string(),
+            guest: "/ro".into(),
+            read_only: true,
+        },
+    ];
+    c.create(&req).await.expect("create with shares");
+    assert_eq!(
+        sh(&c, "shared", "cat /ro/r.txt; echo hi > /rw/w.txt").await,
+        "read me"
+    );
+    assert_eq!(std::fs::read(rw.join("w.txt")).unwrap(), b"hi\n");
+    let out = c
+        .exec_output(
+            "shared",
+            &argv(&["sh", "-c", "mount -o remount,rw /ro && echo x > /ro/x"]),
+        )
+        .await
+        .unwrap();
+    assert_ne!(out.code, Some(0));
+    assert!(!ro.join("x").exists());
+    c.delete("shared", true).await.unwrap();
+}

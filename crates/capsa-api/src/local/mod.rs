@@ -155,6 +155,55 @@ fn validate_create(req: &CreateSandboxRequest) -> ApiResult<()> {
             req.disks.len()
         )));
     }
+    if req.shares.len() > capsa_core::MAX_SHARES {
+        return Err(ApiError::bad_request(format!(
+            "{} shares; at most {} are accepted",
+            req.shares.len(),
+            capsa_core::MAX_SHARES
+        ))
+        .fix("share a common parent directory instead"));
+    }
+    for s in &req.shares {
+        check_share_guest(&s.guest)?;
+    }
+    Ok(())
+}
+
+fn check_share_guest(guest: &str) -> ApiResult<()> {
+    capsa_core::check_guest_path(guest).map_err(|e| {
+        ApiError::bad_request(format!("share guest path: {e}"))
+            .fix("give an absolute, normalized guest path such as /work")
+    })
+}
+
+/// Resolves a share's host directory through the host-path rules: for an
+/// API client, only directories below the allowed directories, symlinks
+/// resolved (and the resolved path used from here on).
+fn resolve_share(s: &mut ShareRequest, host_paths: &HostPaths) -> ApiResult<()> {
+    match host_paths {
+        HostPaths::Caller => {
+            let abs = std::path::absolute(&s.host).map_err(|e| {
+                ApiError::bad_request(format!("share {}: {e}", s.host))
+                    .fix("give an existing host directory")
+            })?;
+            s.host = abs.display().to_string();
+        }
+        HostPaths::Policy(policy) => {
+            let real = policy.check_dir(&s.host).map_err(|e| {
+                ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    ErrorCode::PathNotAllowed,
+                    format!("share {e}"),
+                )
+                .fix(format!(
+                    "share an existing directory below one of the directories capsad allows ({}); \
+                     the daemon's operator can add one with --allow-disk-dir DIR",
+                    policy.describe()
+                ))
+            })?;
+            s.host = real.display().to_string();
+        }
+    }
     Ok(())
 }
 
@@ -450,6 +499,16 @@ impl LocalService {
             let sb = self.reg.create_restored(b).await.map_err(|e| {
                 ApiError::from_capsa(&format!("restoring sandbox {name:?} from {snap:?}"), &e)
             })?;
+            // A snapshot holds no shares: they are hot-plugged into the restored VM.
+            for s in req.shares_spec() {
+                if let Err(e) = sb.share_add(s).await {
+                    let _ = self.reg.remove(name, true).await;
+                    return Err(ApiError::from_capsa(
+                        &format!("sharing a directory with sandbox {name:?}"),
+                        &e,
+                    ));
+                }
+            }
             self.attached
                 .lock()
                 .await
@@ -505,6 +564,9 @@ impl Service for LocalService {
         validate_name(&name)?;
         validate_create(&req)?;
         resolve_disks(&mut req, &self.host_paths)?;
+        for s in &mut req.shares {
+            resolve_share(s, &self.host_paths)?;
+        }
         let _g = self.locks.try_lock(&name)?;
         self.create_locked(&name, &req).await?;
         self.get(&name).await
@@ -753,6 +815,43 @@ impl Service for LocalService {
         };
         let name = self.pools.acquire(pool, req.name.as_deref()).await?;
         self.get(&name).await
+    }
+
+    async fn share_add(&self, name: &str, mut share: ShareRequest) -> ApiResult<Vec<ShareRequest>> {
+        check_share_guest(&share.guest)?;
+        resolve_share(&mut share, &self.host_paths)?;
+        let _g = self.locks.try_lock(name)?;
+        let sb = self.running(name).await?;
+        sb.share_add(share.spec())
+            .await
+            .map_err(|e| ApiError::from_capsa(&format!("sharing a directory with {name:?}"), &e))?;
+        let l = sb
+            .shares()
+            .await
+            .map_err(|e| ApiError::from_capsa(&format!("listing the shares of {name:?}"), &e))?;
+        Ok(l.iter().map(ShareRequest::of).collect())
+    }
+
+    async fn share_remove(&self, name: &str, guest: &str) -> ApiResult<()> {
+        capsa_core::check_guest_path(guest).map_err(|e| {
+            ApiError::bad_request(format!("share guest path: {e}"))
+                .fix("name the guest path the share is mounted at, e.g. /work")
+        })?;
+        let _g = self.locks.try_lock(name)?;
+        let sb = self.running(name).await?;
+        sb.share_remove(guest)
+            .await
+            .map(|_| ())
+            .map_err(|e| ApiError::from_capsa(&format!("detaching {guest} from {name:?}"), &e))
+    }
+
+    async fn share_list(&self, name: &str) -> ApiResult<Vec<ShareRequest>> {
+        let sb = self.running(name).await?;
+        let l = sb
+            .shares()
+            .await
+            .map_err(|e| ApiError::from_capsa(&format!("listing the shares of {name:?}"), &e))?;
+        Ok(l.iter().map(ShareRequest::of).collect())
     }
 
     async fn image_list(&self) -> ApiResult<Vec<ImageInfo>> {

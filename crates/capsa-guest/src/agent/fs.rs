@@ -84,6 +84,75 @@ pub(super) fn mkdir(path: &str, parents: bool, mode: u32) -> Result<AgentFrame, 
     Ok(AgentFrame::Done(Some(meta_of(&m))))
 }
 
+/// `Mount`: the virtio-fs device `tag` at `path` (created, like `mkdir -p`,
+/// if missing). `nodev`, and `nosuid` so a share cannot carry setuid programs in.
+pub(super) fn mount_virtiofs(tag: &str, path: &str, read_only: bool) -> Result<AgentFrame, Fail> {
+    let p = checked(path)?;
+    if tag.is_empty()
+        || tag.len() > capsa_proto::MAX_MOUNT_TAG
+        || !tag
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err(Fail::Reply(invalid(
+            "mount tag must be 1 to 36 of [A-Za-z0-9._-]",
+        )));
+    }
+    if p.components().count() <= 1 {
+        return Err(Fail::Reply(invalid("refusing to mount over /")));
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(p)
+        .map_err(|e| io_fail("mkdir", p, &e))?;
+    let c = |s: &[u8]| {
+        std::ffi::CString::new(s).map_err(|_| Fail::Reply(invalid("NUL in mount argument")))
+    };
+    let (src, dst, fstype) = (c(tag.as_bytes())?, c(path.as_bytes())?, c(b"virtiofs")?);
+    let mut flags = libc::MS_NOSUID | libc::MS_NODEV;
+    if read_only {
+        flags |= libc::MS_RDONLY;
+    }
+    // A hot-plugged device is probed a moment after the host's device_add
+    // returns; until then the kernel knows no such tag (EINVAL). Bounded wait.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        // SAFETY: NUL-terminated strings that outlive the call; no data argument.
+        let rc = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                dst.as_ptr(),
+                fstype.as_ptr(),
+                flags,
+                std::ptr::null(),
+            )
+        };
+        if rc == 0 {
+            return Ok(AgentFrame::Done(None));
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINVAL) || std::time::Instant::now() > deadline {
+            return Err(io_fail(&format!("mount virtiofs tag {tag} on"), p, &e));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// `Unmount`: detaches the mount at `path` (lazily, so a busy file or a shell
+/// sitting in it does not block the host's detach).
+pub(super) fn unmount(path: &str) -> Result<AgentFrame, Fail> {
+    let p = checked(path)?;
+    let dst =
+        std::ffi::CString::new(path.as_bytes()).map_err(|_| Fail::Reply(invalid("NUL in path")))?;
+    // SAFETY: a NUL-terminated string that outlives the call.
+    let rc = unsafe { libc::umount2(dst.as_ptr(), libc::MNT_DETACH) };
+    if rc != 0 {
+        return Err(io_fail("unmount", p, &io::Error::last_os_error()));
+    }
+    Ok(AgentFrame::Done(None))
+}
+
 /// `Remove`: a file, a symlink (not its target), an empty directory, or with
 /// `recursive` a whole tree (std's `remove_dir_all` does not follow symlinks).
 pub(super) fn remove(path: &str, recursive: bool) -> Result<AgentFrame, Fail> {

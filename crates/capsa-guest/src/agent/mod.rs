@@ -250,6 +250,12 @@ impl Agent {
             } => fs::mkdir(&path, parents, mode)?,
             Request::Remove { path, recursive } => fs::remove(&path, recursive)?,
             Request::SetIdentity(req) => identity::set_identity(req)?,
+            Request::Mount {
+                tag,
+                path,
+                read_only,
+            } => fs::mount_virtiofs(&tag, &path, read_only)?,
+            Request::Unmount { path } => fs::unmount(&path)?,
         };
         send(stream, &reply)
     }
