@@ -11,6 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-5}
+BUILD_RUNS=${BUILD_RUNS:-$RUNS}   # mmdebstrap runs take minutes: BUILD_RUNS=1 to re-measure pulls
 CAPSA=${CAPSA:-$PWD/target/release/capsa}
 PKGS=python3,git
 for t in docker-registry skopeo mmdebstrap umoci python3; do
@@ -21,7 +22,7 @@ done
 W=$(mktemp -d /tmp/capsa-bench-images.XXXXXX)
 REG_PID=""
 cleanup() {
-  [ -n "$REG_PID" ] && kill "$REG_PID" 2>/dev/null && wait "$REG_PID" 2>/dev/null
+  if [ -n "$REG_PID" ]; then kill "$REG_PID" 2>/dev/null || true; wait "$REG_PID" 2>/dev/null || true; fi
   rm -rf "$W"
 }
 trap cleanup EXIT
@@ -32,7 +33,7 @@ echo "load: $(cut -d' ' -f1-3 /proc/loadavg), $(nproc) cores, $("$CAPSA" --versi
 
 # --- 1. Debian builds -------------------------------------------------------------------------
 cold_total=(); cold_mm=(); warm_total=(); warm_mm=()
-for i in $(seq "$RUNS"); do
+for i in $(seq "$BUILD_RUNS"); do
   out=$W/cold-$i.json
   XDG_CACHE_HOME=$W/cold-$i CAPSA_DEB_CACHE=$W/debs-cold-$i \
     "$CAPSA" image build py --debian bookworm --packages $PKGS --json >"$out" 2>"$W/cold-$i.err"
@@ -42,19 +43,28 @@ for i in $(seq "$RUNS"); do
   if [ "$i" = 1 ]; then mv "$W/debs-cold-1" "$W/debs-warm"; else rm -rf "$W/debs-cold-$i"; fi
   [ "$i" = 1 ] || rm -rf "$W/cold-$i"
 done
-for i in $(seq "$RUNS"); do
+for i in $(seq "$BUILD_RUNS"); do
   out=$W/warm-$i.json
   XDG_CACHE_HOME=$W/warm-$i CAPSA_DEB_CACHE=$W/debs-warm \
     "$CAPSA" image build py --debian bookworm --packages $PKGS --json >"$out" 2>"$W/warm-$i.err"
   [ "$(jget "$out" debs_downloaded)" = 0 ] || echo "warning: warm build downloaded .debs" >&2
   warm_total+=("$(jget "$out" total_ms)"); warm_mm+=("$(jget "$out" mmdebstrap_ms)")
   echo "build cached $i: $(jget "$out" total_ms) ms (mmdebstrap $(jget "$out" mmdebstrap_ms))" >&2
-  rm -rf "$W/warm-$i"
+  [ "$i" = "$BUILD_RUNS" ] || rm -rf "$W/warm-$i"
+done
+# The same inputs again in that store: the stored image is reused, mmdebstrap does not run.
+reuse_ms=(); reuse_wall=()
+for i in $(seq "$RUNS"); do
+  t0=$(now_ms)
+  XDG_CACHE_HOME=$W/warm-$BUILD_RUNS CAPSA_DEB_CACHE=$W/debs-warm \
+    "$CAPSA" image build py --debian bookworm --packages $PKGS --json >"$W/reuse-$i.json" 2>/dev/null
+  reuse_wall+=("$(( $(now_ms) - t0 ))"); reuse_ms+=("$(jget "$W/reuse-$i.json" total_ms)")
+  [ "$(jget "$W/reuse-$i.json" cached_image)" = True ] || echo "warning: build not reused" >&2
 done
 STORE=$W/cold-1/capsa/images
 DIGEST=$(jget "$W/cold-1.json" digest)
 ROOTFS=$(jget "$W/cold-1.json" rootfs)
-files=$(dump.erofs -S "$ROOTFS" 2>/dev/null | awk -F: '/Filesystem inodes/ {gsub(/ /,"",$2); print $2}')
+files=$(dump.erofs -S "$ROOTFS" 2>/dev/null | awk -F: '/total file count/ {gsub(/[ \t]/,"",$2); print $2}')
 tar_bytes=$(jget "$W/cold-1.json" size_bytes)
 
 # --- 2. registry pull ---------------------------------------------------------------------------
@@ -84,7 +94,7 @@ storage:
 http:
   addr: 127.0.0.1:$PORT
 EOF
-docker-registry serve "$W/registry.yml" 2>"$W/registry.log" &
+docker-registry serve "$W/registry.yml" >"$W/registry.log" 2>&1 &
 REG_PID=$!
 for _ in $(seq 100); do python3 -c "import socket; socket.create_connection(('127.0.0.1',$PORT))" 2>/dev/null && break; sleep 0.1; done
 t0=$(now_ms)
@@ -95,11 +105,13 @@ REF=127.0.0.1:$PORT/py:1
 RDIGEST=$(skopeo inspect --tls-verify=false --format '{{.Digest}}' "docker://$REF")
 gz_bytes=$(skopeo inspect --tls-verify=false --raw "docker://$REF" | python3 -c 'import json,sys; print(sum(l["size"] for l in json.load(sys.stdin)["layers"]))')
 
-pull_cold=(); pull_cold_dl=(); pull_tag=(); pull_digest=(); pull_tag_wall=(); pull_digest_wall=()
+pull_cold=(); pull_cold_dl=(); unpack=(); mkfs=(); pull_tag=(); pull_digest=(); pull_tag_wall=(); pull_digest_wall=()
 for i in $(seq "$RUNS"); do
   out=$W/pull-$i.json
-  XDG_CACHE_HOME=$W/pull-$i "$CAPSA" image pull "$REF" --json >"$out" 2>"$W/pull-$i.err"
+  XDG_CACHE_HOME=$W/pull-$i NO_COLOR=1 RUST_LOG=capsa_oci=info "$CAPSA" image pull "$REF" --json >"$out" 2>"$W/pull-$i.err"
   pull_cold+=("$(jget "$out" total_ms)"); pull_cold_dl+=("$(jget "$out" pull_ms)")
+  unpack+=("$(sed 's/\x1b\[[0-9;]*m//g' "$W/pull-$i.err" | grep -o 'unpack_ms=[0-9]*' | cut -d= -f2)")
+  mkfs+=("$(sed 's/\x1b\[[0-9;]*m//g' "$W/pull-$i.err" | grep -o 'mkfs_ms=[0-9]*' | cut -d= -f2)")
   echo "pull cold $i: $(jget "$out" total_ms) ms (download+verify $(jget "$out" pull_ms))" >&2
   [ "$i" = 1 ] || rm -rf "$W/pull-$i"
 done
@@ -126,11 +138,12 @@ done
 cat <<EOF
 
 image: python3+git on Debian bookworm, ${files:-?} inodes, $((tar_bytes / 1000000)) MB uncompressed layer, $((gz_bytes / 1000000)) MB gzip in the registry (skopeo push: ${push_ms} ms)
-| what | median of $RUNS |
+| what | median (builds: $BUILD_RUNS runs, the rest $RUNS) |
 |---|---|
 | capsa image build --debian (cold: empty .deb cache), total incl. EROFS | $(median "${cold_total[@]}") ms (mmdebstrap $(median "${cold_mm[@]}") ms) |
 | capsa image build --debian (cached .debs + lists), total incl. EROFS | $(median "${warm_total[@]}") ms (mmdebstrap $(median "${warm_mm[@]}") ms) |
-| capsa image pull + convert, cold (empty store) | $(median "${pull_cold[@]}") ms (download+verify $(median "${pull_cold_dl[@]}") ms) |
+| capsa image build --debian, same inputs again (image reused) | $(median "${reuse_ms[@]}") ms in-process, $(median "${reuse_wall[@]}") ms whole command |
+| capsa image pull + convert, cold (empty store) | $(median "${pull_cold[@]}") ms (download+verify $(median "${pull_cold_dl[@]}") ms, unpack $(median "${unpack[@]}") ms, mkfs.erofs $(median "${mkfs[@]}") ms) |
 | capsa image pull, cached, by tag (one HEAD) | $(median "${pull_tag[@]}") ms in-process, $(median "${pull_tag_wall[@]}") ms whole command |
 | capsa image pull, cached, by digest (no registry) | $(median "${pull_digest[@]}") ms in-process, $(median "${pull_digest_wall[@]}") ms whole command |
 | umoci raw unpack of the same layer | $(median "${umoci_ms[@]}") ms |

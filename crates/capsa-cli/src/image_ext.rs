@@ -333,6 +333,7 @@ pub async fn prune(dry_run: bool, json: bool) -> anyhow::Result<ExitCode> {
             "rootfs": report.rootfs,
             "kept_rootfs": report.kept,
             "tmp": report.tmp,
+            "young_blobs_kept": report.young,
             "bundles": removed_bundles,
             "kept_bundles": kept_bundles,
             "freed_bytes": freed,

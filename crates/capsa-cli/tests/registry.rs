@@ -457,6 +457,15 @@ fn prune_removes_orphans_and_keeps_what_state_references() {
     // state names one of them.
     let stray = env.store().join("blobs/sha256").join("0".repeat(64));
     std::fs::write(&stray, b"stray").unwrap();
+    // A young unowned blob may be a pull in progress: kept. An old one goes.
+    let young = env.store().join("blobs/sha256").join("3".repeat(64));
+    std::fs::write(&young, b"young").unwrap();
+    let st = Command::new("touch")
+        .args(["-d", "2 hours ago"])
+        .arg(&stray)
+        .status()
+        .unwrap();
+    assert!(st.success());
     let orphan_used = env.store().join(format!("rootfs/{}.erofs", "1".repeat(64)));
     let orphan_free = env.store().join(format!("rootfs/{}.ext4", "2".repeat(64)));
     std::fs::write(&orphan_used, b"x").unwrap();
@@ -475,7 +484,9 @@ fn prune_removes_orphans_and_keeps_what_state_references() {
     assert_eq!(v["blobs"][0], "0".repeat(64), "{v}");
     assert_eq!(v["rootfs"][0], orphan_free.to_str().unwrap(), "{v}");
     assert_eq!(v["kept_rootfs"][0], orphan_used.to_str().unwrap(), "{v}");
-    assert!(!stray.exists() && !orphan_free.exists() && orphan_used.exists());
+    assert_eq!(v["young_blobs_kept"], 1, "{v}");
+    assert!(!stray.exists() && !orphan_free.exists() && orphan_used.exists() && young.exists());
+    std::fs::remove_file(&young).unwrap();
     // Both images are intact and still resolve offline.
     assert_eq!(env.blob_count(), blobs);
     for (x, r) in [(&a, "p:1"), (&b, "p:2")] {

@@ -127,10 +127,16 @@ impl ImageRef {
         if s.len() > MAX_REFERENCE {
             return Err(bad(format!("longer than {MAX_REFERENCE} bytes")));
         }
-        let inner: Reference = s.parse().map_err(|e| bad(format!("{e}")))?;
-        if let Some(d) = inner.digest() {
-            Digest::parse(d)?;
-        }
+        // Parsed by hand: oci-spec's parser compiles a large regex first (~100 ms), which
+        // would dominate a cached pull.
+        let (registry, repository, tag, digest) = split_reference(s).map_err(bad)?;
+        let inner = match (tag, digest) {
+            (Some(t), Some(d)) => Reference::with_tag_and_digest(registry, repository, t, d),
+            (None, Some(d)) => Reference::with_digest(registry, repository, d),
+            (t, None) => {
+                Reference::with_tag(registry, repository, t.unwrap_or_else(|| "latest".into()))
+            }
+        };
         // Names come from what was typed: oci-spec fills in "latest" on its own.
         let base = s.split('@').next().unwrap_or(s);
         let typed_tag = base
@@ -177,6 +183,71 @@ impl std::fmt::Display for ImageRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.inner.whole())
     }
+}
+
+/// Splits `[REGISTRY/]PATH[:TAG][@DIGEST]` with Docker's rules: the first component is a registry
+/// only if it has a `.` or `:` or is `localhost`; otherwise the registry is docker.io, where a
+/// one-component path gets `library/`.
+fn split_reference(s: &str) -> Result<(String, String, Option<String>, Option<String>), String> {
+    let (name_tag, digest) = match s.split_once('@') {
+        Some((n, d)) => {
+            Digest::parse(d).map_err(|_| format!("{d:?} is not a sha256 digest"))?;
+            (n, Some(d.to_string()))
+        }
+        None => (s, None),
+    };
+    let last_slash = name_tag.rfind('/').map_or(0, |i| i + 1);
+    let (name, tag) = match name_tag[last_slash..].rfind(':') {
+        Some(i) => (
+            &name_tag[..last_slash + i],
+            Some(name_tag[last_slash + i + 1..].to_string()),
+        ),
+        None => (name_tag, None),
+    };
+    if let Some(t) = &tag {
+        let ok = !t.is_empty()
+            && t.len() <= 128
+            && t.as_bytes()[0] != b'.'
+            && t.as_bytes()[0] != b'-'
+            && t.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if !ok {
+            return Err(format!("bad tag {t:?}"));
+        }
+    }
+    let (registry, path) = match name.split_once('/') {
+        Some((first, rest))
+            if first.contains('.') || first.contains(':') || first == "localhost" =>
+        {
+            (first.to_string(), rest.to_string())
+        }
+        _ => ("docker.io".to_string(), name.to_string()),
+    };
+    let reg_ok = !registry.is_empty()
+        && registry
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b));
+    if !reg_ok {
+        return Err(format!("bad registry {registry:?}"));
+    }
+    let comp_ok = |c: &str| {
+        !c.is_empty()
+            && c.as_bytes()[0].is_ascii_alphanumeric()
+            && c.as_bytes()[c.len() - 1].is_ascii_alphanumeric()
+            && c.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+    };
+    if path.is_empty() || path.len() > 255 || !path.split('/').all(comp_ok) {
+        return Err(format!(
+            "bad repository {path:?} (lowercase letters, digits and . _ - between them)"
+        ));
+    }
+    let path = if registry == "docker.io" && !path.contains('/') {
+        format!("library/{path}")
+    } else {
+        path
+    };
+    Ok((registry, path, tag, digest))
 }
 
 /// The host part of `host[:port]` (IPv6 in brackets).
@@ -772,6 +843,17 @@ mod tests {
         assert!(ImageRef::parse("has space:1").is_err());
         assert!(ImageRef::parse("x@sha256:abc").is_err());
         assert!(ImageRef::parse("x:bad/tag!").is_err());
+        assert!(ImageRef::parse("UPPER/case").is_err());
+        assert!(ImageRef::parse("").is_err());
+        assert!(ImageRef::parse("x:").is_err());
+        let r = ImageRef::parse("localhost/a/b:1").unwrap();
+        assert_eq!(r.registry(), "localhost");
+        assert_eq!(r.to_string(), "localhost/a/b:1");
+        let r = ImageRef::parse("me/app").unwrap();
+        assert_eq!(r.to_string(), "docker.io/me/app:latest");
+        let r = ImageRef::parse(&format!("reg.example:5000/a@{d}")).unwrap();
+        assert_eq!(r.registry(), "reg.example:5000");
+        assert!(r.names.is_empty());
         assert!(ImageRef::parse(&"a".repeat(2000)).is_err());
     }
 

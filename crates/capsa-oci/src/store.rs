@@ -253,8 +253,8 @@ impl Store {
         Ok(rec)
     }
 
-    /// Removes what no image record owns: blobs, converted filesystem images, leftovers in
-    /// `tmp/` older than an hour (younger ones may belong to a pull or load in progress).
+    /// Removes what no image record owns: blobs and leftovers in `tmp/` older than an hour
+    /// (younger ones may belong to a pull or load in progress), converted filesystem images.
     /// `keep_rootfs` is asked about every orphaned filesystem image before it goes: something
     /// outside the store (a sandbox, a snapshot) may still use it.
     /// With `dry_run`, only reports.
@@ -269,6 +269,7 @@ impl Store {
             .flat_map(|r| r.blob_digests().map(|d| d.hex()))
             .collect();
         let mut report = PruneReport::default();
+        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
         let blobs = self.root.join("blobs/sha256");
         for ent in fs::read_dir(&blobs).map_err(|e| OciError::io("listing", &blobs, e))? {
             let ent = ent.map_err(|e| OciError::io("listing", &blobs, e))?;
@@ -277,7 +278,17 @@ impl Store {
             if owned.contains(name) {
                 continue;
             }
-            let size = ent.metadata().map(|m| m.len()).unwrap_or(0);
+            // A pull or load in progress stores its blobs before its record: leave young ones.
+            let meta = ent.metadata().ok();
+            let old = meta
+                .as_ref()
+                .and_then(|m| m.modified().ok())
+                .is_some_and(|t| t <= hour_ago);
+            if !old {
+                report.young += 1;
+                continue;
+            }
+            let size = meta.map(|m| m.len()).unwrap_or(0);
             if !dry_run {
                 fs::remove_file(ent.path()).map_err(|e| OciError::io("removing", ent.path(), e))?;
             }
@@ -306,7 +317,6 @@ impl Store {
             report.freed_bytes += size;
         }
         let tmp = self.root.join("tmp");
-        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
         for ent in fs::read_dir(&tmp).map_err(|e| OciError::io("listing", &tmp, e))? {
             let ent = ent.map_err(|e| OciError::io("listing", &tmp, e))?;
             let old = ent
@@ -901,6 +911,8 @@ pub struct PruneReport {
     pub kept: Vec<PathBuf>,
     /// Stale entries of `tmp/`.
     pub tmp: Vec<PathBuf>,
+    /// Unowned blobs younger than an hour, kept (a pull or load may be storing them).
+    pub young: usize,
     /// Bytes freed (blobs and filesystem images).
     pub freed_bytes: u64,
 }
