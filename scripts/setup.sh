@@ -20,6 +20,14 @@ command -v tmux >/dev/null 2>&1 || need_pkgs+=(tmux)
 { [ -x /usr/sbin/mkfs.ext4 ] || [ -x /sbin/mkfs.ext4 ]; } && { [ -x /usr/sbin/debugfs ] || [ -x /sbin/debugfs ]; } \
   || need_pkgs+=(e2fsprogs)
 command -v mkfs.erofs >/dev/null 2>&1 || [ -x /usr/bin/mkfs.erofs ] || need_pkgs+=(erofs-utils)
+# Image sources (capsa image pull / build --debian) and their tests: a loopback registry
+# (docker-registry, htpasswd from apache2-utils for its basic auth), skopeo to push to it,
+# mmdebstrap for Debian images; umoci only for the comparison in scripts/bench-images.sh.
+command -v docker-registry >/dev/null 2>&1 || need_pkgs+=(docker-registry)
+command -v skopeo >/dev/null 2>&1 || need_pkgs+=(skopeo)
+command -v htpasswd >/dev/null 2>&1 || need_pkgs+=(apache2-utils)
+command -v mmdebstrap >/dev/null 2>&1 || need_pkgs+=(mmdebstrap)
+command -v umoci >/dev/null 2>&1 || need_pkgs+=(umoci)
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
   need_pkgs+=(python3 python3-venv)
 fi

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use crate::error::{ApiError, ApiResult};
 use crate::types::{
     AcquireRequest, CreatePoolRequest, CreateSandboxRequest, ExecRequest, Health, ImageInfo,
-    PoolInfo, SandboxInfo, ShareRequest, SnapshotInfo,
+    PoolInfo, PullEvent, PullRequest, SandboxInfo, ShareRequest, SnapshotInfo,
 };
 
 /// A sandbox's files: the same walk ([`capsa::copy`]) serves every face.
@@ -157,6 +157,10 @@ pub trait Service: Send + Sync {
     async fn share_remove(&self, name: &str, guest: &str) -> ApiResult<()>;
     /// The shares attached to a running sandbox.
     async fn share_list(&self, name: &str) -> ApiResult<Vec<ShareRequest>>;
+    /// Pulls an image from a registry into the store and converts it to a
+    /// root filesystem: progress events, ending with `Done` or `Error`.
+    /// Dropping the receiver abandons the pull.
+    async fn image_pull(&self, req: PullRequest) -> ApiResult<mpsc::Receiver<PullEvent>>;
     /// Every image in the image store.
     async fn image_list(&self) -> ApiResult<Vec<ImageInfo>>;
     /// One image, by name, digest or unique digest prefix.

@@ -802,3 +802,90 @@ pub fn validate_image_ref(r: &str) -> Result<(), ApiError> {
     }
     Ok(())
 }
+
+/// Body of `POST /v1/images/pull`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct PullRequest {
+    /// `[REGISTRY/]REPOSITORY[:TAG][@sha256:DIGEST]`.
+    pub reference: String,
+    /// Registries (`host` or `host:port`) spoken to over plain HTTP although
+    /// not on loopback (loopback registries need no entry).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub insecure_registries: Vec<String>,
+    /// Never contact a registry: the image must already be in the store.
+    #[serde(default)]
+    pub offline: bool,
+    /// Root filesystem format to convert to: `erofs` (default), `ext4`,
+    /// `erofs-lz4hc`, or `none` (store only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub convert: Option<String>,
+}
+
+/// How a finished pull went.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct PullResult {
+    /// The image in the store.
+    pub image: ImageInfo,
+    /// Nothing was downloaded (but at most the manifest's digest).
+    pub cached: bool,
+    /// Whether a registry was contacted.
+    pub asked_registry: bool,
+    /// Blob bytes downloaded.
+    pub downloaded_bytes: u64,
+    /// The converted root filesystem image, unless `convert` was `none`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs: Option<String>,
+    /// Whether the conversion ran now (false: it was cached).
+    pub converted: bool,
+}
+
+/// One line of the NDJSON stream a pull answers with; the last is `done`
+/// or `error`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum PullEvent {
+    /// The manifest is known.
+    Resolved {
+        /// Manifest digest.
+        digest: String,
+        /// Layers in the image.
+        layers: usize,
+        /// Layers already in the store.
+        cached_layers: usize,
+        /// Bytes still to download.
+        download_bytes: u64,
+    },
+    /// Bytes of blobs arrived (a running total is the client's to keep).
+    Bytes {
+        /// How many arrived since the last event.
+        bytes: u64,
+    },
+    /// A layer is being unpacked for the root filesystem.
+    Unpacking {
+        /// Its index, from 0.
+        index: usize,
+        /// Layers in all.
+        count: usize,
+    },
+    /// The root filesystem image is being built.
+    Mkfs {
+        /// Its format.
+        format: String,
+    },
+    /// The pull ended well.
+    Done(PullResult),
+    /// The pull failed.
+    Error {
+        /// Stable code, as in error bodies.
+        code: ErrorCode,
+        /// What went wrong.
+        message: String,
+        /// What to do about it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fix: Option<String>,
+    },
+}

@@ -15,14 +15,77 @@ pub enum ImageCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Build (or find) a bundle and print its id.
+    /// Build (or find) the guest bundle and print its id; with NAME --debian SUITE, build a
+    /// Debian root filesystem image from apt instead (mmdebstrap; .debs cached for rebuilds).
     Build {
+        /// Image name for a Debian build (e.g. py:bookworm); leave out to build the guest bundle.
+        name: Option<String>,
+        /// Debian suite to build NAME from (bookworm, trixie, ...).
+        #[arg(long, requires = "name")]
+        debian: Option<String>,
+        /// Packages to install, comma-separated (e.g. python3,git).
+        #[arg(long, value_delimiter = ',', requires = "debian")]
+        packages: Vec<String>,
+        /// mmdebstrap variant: apt (default), minbase, ...
+        #[arg(long, default_value = "apt", requires = "debian")]
+        variant: String,
+        /// Debian mirror (default: the host's, from /etc/apt/sources.list*).
+        #[arg(long, requires = "debian")]
+        mirror: Option<String>,
+        /// Fetch the package lists even if cached ones are fresh.
+        #[arg(long, requires = "debian")]
+        refresh: bool,
+        /// Run mmdebstrap even when an image from the same suite, packages, mirror and package
+        /// lists is already in the store (it is reused otherwise).
+        #[arg(long, requires = "debian")]
+        rebuild: bool,
+        /// Filesystem format of the converted root: erofs (default), ext4, erofs-lz4hc, none.
+        #[arg(long, default_value = "erofs", requires = "debian")]
+        convert: String,
+        /// Machine-readable output (Debian builds).
+        #[arg(long, requires = "debian")]
+        json: bool,
         /// Kernel image to use instead of the default resolution.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "debian")]
         kernel: Option<PathBuf>,
         /// Extra kernel modules to include. Repeatable.
-        #[arg(long = "module")]
+        #[arg(long = "module", conflicts_with = "debian")]
         modules: Vec<String>,
+    },
+    /// Pull an image from an OCI registry (linux/amd64), verify every blob, store it and convert
+    /// it to a read-only root filesystem image. Credentials come from ~/.docker/config.json.
+    Pull {
+        /// [REGISTRY/]REPOSITORY[:TAG][@sha256:DIGEST]
+        reference: String,
+        /// Speak plain HTTP to this registry (host or host:port). Loopback registries need no flag.
+        /// Repeatable.
+        #[arg(long = "insecure-registry")]
+        insecure_registries: Vec<String>,
+        /// Never contact the registry: use the image already in the store (by digest or by the
+        /// name it was pulled under), or fail.
+        #[arg(long)]
+        offline: bool,
+        /// Filesystem format of the converted root: erofs (default), ext4, erofs-lz4hc, none.
+        #[arg(long, default_value = "erofs")]
+        convert: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show an image (config, layers, converted root filesystems) or a bundle, as JSON.
+    Inspect {
+        /// Image name, digest (prefix), or bundle id.
+        what: String,
+    },
+    /// Remove blobs, converted filesystems and bundles nothing uses. A bundle or filesystem image
+    /// that a running sandbox or a saved snapshot may reference is kept (and listed as kept).
+    Prune {
+        /// Only say what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
     },
     /// Remove a cached bundle, or an OCI image (by name or digest prefix).
     Rm {
@@ -125,7 +188,58 @@ pub async fn run(cmd: ImageCmd) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        ImageCmd::Build { kernel, modules } => {
+        ImageCmd::Build {
+            name: Some(name),
+            debian,
+            packages,
+            variant,
+            mirror,
+            refresh,
+            rebuild,
+            convert,
+            json,
+            ..
+        } => {
+            let Some(suite) = debian else {
+                anyhow::bail!(
+                    "`capsa image build {name}` needs a source; fix: add --debian SUITE \
+                     (e.g. --debian bookworm --packages python3,git), or leave out the name to \
+                     build the guest bundle"
+                );
+            };
+            let format = parse_convert(&convert)?;
+            let mut opts = capsa_oci::debian::DebianOptions::new(&suite, packages)?;
+            opts.variant = variant;
+            opts.mirror = mirror;
+            opts.refresh = refresh;
+            opts.rebuild = rebuild;
+            return crate::image_ext::build_debian(name, opts, format, json).await;
+        }
+        ImageCmd::Pull {
+            reference,
+            insecure_registries,
+            offline,
+            convert,
+            json,
+        } => {
+            // Checked here too, so a typo fails before any download.
+            parse_convert(&convert)?;
+            let req = capsa_api::types::PullRequest {
+                reference,
+                insecure_registries,
+                offline,
+                convert: Some(convert),
+            };
+            return crate::image_ext::pull(req, json).await;
+        }
+        ImageCmd::Inspect { what } => return crate::image_ext::inspect(what).await,
+        ImageCmd::Prune { dry_run, json } => return crate::image_ext::prune(dry_run, json).await,
+        ImageCmd::Build {
+            name: None,
+            kernel,
+            modules,
+            ..
+        } => {
             let opts = BundleOptions {
                 kernel,
                 extra_modules: modules,
@@ -157,12 +271,7 @@ pub async fn run(cmd: ImageCmd) -> anyhow::Result<ExitCode> {
             }
         }
         ImageCmd::Load { path, convert } => {
-            let format = match convert.as_str() {
-                "none" => None,
-                f => Some(capsa_oci::FsFormat::parse(f).with_context(|| {
-                    format!("unknown --convert {f:?}; use erofs, ext4, erofs-lz4hc or none")
-                })?),
-            };
+            let format = parse_convert(&convert)?;
             let start = std::time::Instant::now();
             let recs = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<String>> {
                 let store = capsa_oci::Store::open_default()?;
@@ -221,8 +330,21 @@ pub async fn run(cmd: ImageCmd) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Parses a `--convert` value; `none` means no conversion.
+pub(crate) fn parse_convert(convert: &str) -> anyhow::Result<Option<capsa_oci::FsFormat>> {
+    Ok(match convert {
+        "none" => None,
+        f => Some(capsa_oci::FsFormat::parse(f).with_context(|| {
+            format!("unknown --convert {f:?}; use erofs, ext4, erofs-lz4hc or none")
+        })?),
+    })
+}
+
 /// Formats already converted for an image.
-fn rootfs_of(store: Option<&capsa_oci::Store>, r: &capsa_oci::ImageRecord) -> Vec<&'static str> {
+pub(crate) fn rootfs_of(
+    store: Option<&capsa_oci::Store>,
+    r: &capsa_oci::ImageRecord,
+) -> Vec<&'static str> {
     let Some(store) = store else {
         return Vec::new();
     };

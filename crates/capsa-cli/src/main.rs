@@ -6,6 +6,7 @@ mod console_io;
 mod doctor;
 mod exec_io;
 mod image;
+mod image_ext;
 mod named;
 mod pool;
 mod run;

@@ -556,6 +556,30 @@ impl Client {
         self.delete_path(&format!("/v1/pools/{}", seg(name))).await
     }
 
+    /// `POST /v1/images/pull`: the pull's events as they come, ending with
+    /// `done` or `error`.
+    pub async fn pull(&self, req: &PullRequest) -> Result<BoxStream<PullEvent>> {
+        let body = serde_json::to_vec(req).map_err(|e| ClientError::Decode(e.to_string()))?;
+        let incoming = self
+            .streaming(Method::POST, "/v1/images/pull", Some(body))
+            .await?;
+        let reader = tokio::io::BufReader::new(body_reader(incoming));
+        let lines = futures::stream::try_unfold(reader, |mut r| async move {
+            let mut line = Vec::new();
+            let n = (&mut r)
+                .take(MAX_LINE as u64)
+                .read_until(b'\n', &mut line)
+                .await?;
+            if n == 0 {
+                return Ok(None);
+            }
+            let ev: PullEvent = serde_json::from_slice(&line)
+                .map_err(|e| ClientError::Decode(format!("pull event: {e}")))?;
+            Ok(Some((ev, r)))
+        });
+        Ok(Box::pin(lines))
+    }
+
     /// `GET /v1/images`.
     pub async fn images(&self) -> Result<Vec<ImageInfo>> {
         self.call(Method::GET, "/v1/images", None).await

@@ -301,6 +301,31 @@ impl Service for RemoteService {
         Ok(self.client.shares(name).await?)
     }
 
+    async fn image_pull(&self, req: PullRequest) -> ApiResult<mpsc::Receiver<PullEvent>> {
+        let mut stream = self.client.pull(&req).await?;
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            while let Some(ev) = stream.next().await {
+                let ev = match ev {
+                    Ok(ev) => ev,
+                    Err(e) => {
+                        let e = ApiError::from(e);
+                        PullEvent::Error {
+                            code: e.detail.code,
+                            message: e.detail.message,
+                            fix: e.detail.fix,
+                        }
+                    }
+                };
+                let end = matches!(ev, PullEvent::Done(_) | PullEvent::Error { .. });
+                if tx.send(ev).await.is_err() || end {
+                    return;
+                }
+            }
+        });
+        Ok(rx)
+    }
+
     async fn image_list(&self) -> ApiResult<Vec<ImageInfo>> {
         Ok(self.client.images().await?)
     }

@@ -144,6 +144,42 @@ pub enum OciError {
         /// The tail of its stderr.
         stderr: String,
     },
+    /// An image reference does not parse.
+    #[error(
+        "{reference:?} is not an image reference ({reason}); fix: use [REGISTRY/]REPOSITORY[:TAG][@sha256:DIGEST], \
+         e.g. 127.0.0.1:5000/app:1 or docker.io/library/debian:bookworm"
+    )]
+    BadReference {
+        /// What the user gave.
+        reference: String,
+        /// The parser's complaint.
+        reason: String,
+    },
+    /// Talking to a registry failed.
+    #[error("pulling {reference} from {registry}: {reason}; fix: {fix}")]
+    Registry {
+        /// The reference being pulled.
+        reference: String,
+        /// The registry host.
+        registry: String,
+        /// What went wrong.
+        reason: String,
+        /// What to do about it.
+        fix: String,
+    },
+    /// `--offline` and the image is not in the store.
+    #[error("{0} is not in the image store and offline mode forbids asking the registry; fix: pull it once without --offline")]
+    NotCached(String),
+    /// An external builder (mmdebstrap) was given a bad request.
+    #[error("{what}: {reason}; fix: {fix}")]
+    BadRequest {
+        /// Which input.
+        what: &'static str,
+        /// What is wrong with it.
+        reason: String,
+        /// What to do.
+        fix: &'static str,
+    },
     /// The kernel lacks openat2 (Linux < 5.6), which safe extraction relies on.
     #[error("this kernel has no openat2(2) (Linux >= 5.6 needed) to unpack layers safely; fix: run capsa on a newer kernel")]
     NoOpenat2,

@@ -14,6 +14,13 @@ pub use error::OciError;
 pub use spec::{Compression, Digest, ImageConfig};
 pub use unpack::{sanitize_path, Limits, PathRefusal, Skipped, StageReport, Stager};
 mod store;
-pub use store::{ConvertStep, ImageRecord, Rootfs, Store, VerifiedBlob, REPRODUCIBLE_TIME};
+pub use store::{
+    BlobWriter, ConvertStep, ImageRecord, PruneReport, Rootfs, Store, VerifiedBlob,
+    REPRODUCIBLE_TIME,
+};
+pub mod debian;
+pub mod pull;
+pub mod refs;
+pub use pull::{PullEvent, PullOptions, PullOutcome};
 pub mod mkfs;
 pub use mkfs::{FsFormat, FsImage, MkfsOptions};

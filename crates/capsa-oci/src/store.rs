@@ -78,12 +78,29 @@ pub struct ImageRecord {
     pub config: ImageConfig,
     /// Sum of the blob sizes.
     pub size: u64,
+    /// Digests of registry indexes (manifest lists) that resolved to this image, so a tag or
+    /// digest pointing at the index finds it without downloading anything.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub index_digests: Vec<Digest>,
 }
 
 impl ImageRecord {
     /// Short id: the first 12 hex digits of the digest.
     pub fn short_id(&self) -> &str {
         &self.digest.hex()[..12]
+    }
+
+    /// Every blob this image owns in the store: manifest, config, layers, index documents.
+    pub fn blob_digests(&self) -> impl Iterator<Item = &Digest> {
+        std::iter::once(&self.digest)
+            .chain(std::iter::once(&self.config_digest))
+            .chain(self.layers.iter().map(|l| &l.digest))
+            .chain(self.index_digests.iter())
+    }
+
+    /// Whether `d` names this image (its manifest or an index that resolved to it).
+    pub fn answers_to(&self, d: &Digest) -> bool {
+        &self.digest == d || self.index_digests.contains(d)
     }
 }
 
@@ -178,6 +195,154 @@ impl Store {
         Ok((digest, size))
     }
 
+    /// Moves a file that lives in the store's `tmp/` into the blob store under its sha256, without
+    /// copying it. Returns its digest and size.
+    pub fn adopt_blob(&self, file: &Path) -> Result<(Digest, u64), OciError> {
+        let f = File::open(file).map_err(|e| OciError::io("opening", file, e))?;
+        let mut hr = HashingReader::new(io::BufReader::with_capacity(1 << 20, f));
+        io::copy(&mut hr, &mut io::sink()).map_err(|e| OciError::io("hashing", file, e))?;
+        let (digest, size) = hr.finish();
+        let dest = self.blob_path(&digest);
+        if dest.exists() {
+            let _ = fs::remove_file(file);
+        } else {
+            fs::rename(file, &dest).map_err(|e| OciError::io("storing blob", &dest, e))?;
+        }
+        Ok((digest, size))
+    }
+
+    /// A fresh private directory under the store's `tmp/` (removed when the handle drops), for
+    /// producing files to [`Store::adopt_blob`].
+    pub fn work_dir(&self, prefix: &str) -> Result<tempfile::TempDir, OciError> {
+        self.tempdir(prefix)
+    }
+
+    /// Starts writing a blob that must match `expected` (digest and size); see [`BlobWriter`].
+    pub fn blob_writer(&self, expected: &Descriptor) -> Result<BlobWriter, OciError> {
+        let tmp_dir = self.root.join("tmp");
+        let tmp = tempfile::NamedTempFile::new_in(&tmp_dir)
+            .map_err(|e| OciError::io("creating a temporary blob in", &tmp_dir, e))?;
+        Ok(BlobWriter {
+            out: io::BufWriter::with_capacity(1 << 20, tmp),
+            hasher: <sha2::Sha256 as sha2::Digest>::new(),
+            count: 0,
+            expected: expected.clone(),
+            dest: self.blob_path(&expected.digest),
+        })
+    }
+
+    /// Whether a blob is present (it was verified when stored).
+    pub fn has_blob(&self, d: &Digest) -> bool {
+        self.blob_path(d).is_file()
+    }
+
+    /// Finds an image by the digest of its manifest or of an index that resolved to it.
+    pub fn find_digest(&self, d: &Digest) -> Result<Option<ImageRecord>, OciError> {
+        Ok(self.list()?.into_iter().find(|r| r.answers_to(d)))
+    }
+
+    /// Adds `name` to the image `digest` (moving it off any other image).
+    pub fn add_name(&self, rec: &ImageRecord, names: &[String]) -> Result<ImageRecord, OciError> {
+        let mut rec = rec.clone();
+        for n in names {
+            if !rec.names.contains(n) {
+                rec.names.push(n.clone());
+            }
+        }
+        self.save_record(&rec)?;
+        Ok(rec)
+    }
+
+    /// Removes what no image record owns: blobs and leftovers in `tmp/` older than an hour
+    /// (younger ones may belong to a pull or load in progress), converted filesystem images.
+    /// `keep_rootfs` is asked about every orphaned filesystem image before it goes: something
+    /// outside the store (a sandbox, a snapshot) may still use it.
+    /// With `dry_run`, only reports.
+    pub fn prune(
+        &self,
+        dry_run: bool,
+        keep_rootfs: &mut dyn FnMut(&Path) -> bool,
+    ) -> Result<PruneReport, OciError> {
+        let records = self.list()?;
+        let owned: std::collections::HashSet<&str> = records
+            .iter()
+            .flat_map(|r| r.blob_digests().map(|d| d.hex()))
+            .collect();
+        let mut report = PruneReport::default();
+        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        let blobs = self.root.join("blobs/sha256");
+        for ent in fs::read_dir(&blobs).map_err(|e| OciError::io("listing", &blobs, e))? {
+            let ent = ent.map_err(|e| OciError::io("listing", &blobs, e))?;
+            let name = ent.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if owned.contains(name) {
+                continue;
+            }
+            // A pull or load in progress stores its blobs before its record: leave young ones.
+            let meta = ent.metadata().ok();
+            let old = meta
+                .as_ref()
+                .and_then(|m| m.modified().ok())
+                .is_some_and(|t| t <= hour_ago);
+            if !old {
+                report.young += 1;
+                continue;
+            }
+            let size = meta.map(|m| m.len()).unwrap_or(0);
+            if !dry_run {
+                fs::remove_file(ent.path()).map_err(|e| OciError::io("removing", ent.path(), e))?;
+            }
+            report.blobs.push(name.to_string());
+            report.freed_bytes += size;
+        }
+        let rootfs = self.root.join("rootfs");
+        for ent in fs::read_dir(&rootfs).map_err(|e| OciError::io("listing", &rootfs, e))? {
+            let ent = ent.map_err(|e| OciError::io("listing", &rootfs, e))?;
+            let name = ent.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let hex = name.split('.').next().unwrap_or("");
+            if records.iter().any(|r| r.digest.hex() == hex) {
+                continue;
+            }
+            let p = ent.path();
+            if keep_rootfs(&p) {
+                report.kept.push(p);
+                continue;
+            }
+            let size = ent.metadata().map(|m| m.len()).unwrap_or(0);
+            if !dry_run {
+                fs::remove_file(&p).map_err(|e| OciError::io("removing", &p, e))?;
+            }
+            report.rootfs.push(p);
+            report.freed_bytes += size;
+        }
+        let tmp = self.root.join("tmp");
+        for ent in fs::read_dir(&tmp).map_err(|e| OciError::io("listing", &tmp, e))? {
+            let ent = ent.map_err(|e| OciError::io("listing", &tmp, e))?;
+            let old = ent
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t < hour_ago);
+            if !old {
+                continue;
+            }
+            let p = ent.path();
+            if !dry_run {
+                let r = if p.is_dir() {
+                    fs::remove_dir_all(&p)
+                } else {
+                    fs::remove_file(&p)
+                };
+                if let Err(e) = r {
+                    tracing::warn!(path = %p.display(), "cannot remove leftover: {e}");
+                    continue;
+                }
+            }
+            report.tmp.push(p);
+        }
+        Ok(report)
+    }
+
     /// Opens a stored blob for reading, hashing it as it is read (see [`VerifiedBlob`]).
     pub fn open_blob(&self, d: &Descriptor) -> Result<VerifiedBlob, OciError> {
         let p = self.blob_path(&d.digest);
@@ -188,7 +353,7 @@ impl Store {
         })
     }
 
-    fn read_json_blob<T: serde::de::DeserializeOwned>(
+    pub(crate) fn read_json_blob<T: serde::de::DeserializeOwned>(
         &self,
         d: &Descriptor,
         what: &'static str,
@@ -248,6 +413,11 @@ impl Store {
             return Ok(r.clone());
         }
         let hex = what.strip_prefix("sha256:").unwrap_or(what);
+        if let Ok(d) = Digest::parse(&format!("sha256:{hex}")) {
+            if let Some(r) = all.iter().find(|r| r.answers_to(&d)) {
+                return Ok(r.clone());
+            }
+        }
         if hex.len() >= 4 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
             let hits: Vec<_> = all
                 .iter()
@@ -276,16 +446,9 @@ impl Store {
         let keep: std::collections::HashSet<Digest> = self
             .list()?
             .iter()
-            .flat_map(|r| {
-                std::iter::once(r.digest.clone())
-                    .chain(std::iter::once(r.config_digest.clone()))
-                    .chain(r.layers.iter().map(|l| l.digest.clone()))
-            })
+            .flat_map(|r| r.blob_digests().cloned().collect::<Vec<_>>())
             .collect();
-        for d in std::iter::once(&rec.digest)
-            .chain(std::iter::once(&rec.config_digest))
-            .chain(rec.layers.iter().map(|l| &l.digest))
-        {
+        for d in rec.blob_digests() {
             if !keep.contains(d) {
                 let _ = fs::remove_file(self.blob_path(d));
             }
@@ -409,7 +572,7 @@ impl Store {
         self.root.join("images").join(format!("{}.json", d.hex()))
     }
 
-    fn save_record(&self, rec: &ImageRecord) -> Result<(), OciError> {
+    pub(crate) fn save_record(&self, rec: &ImageRecord) -> Result<(), OciError> {
         // A name points at one image: loading it again elsewhere moves it.
         for mut other in self.list()? {
             if other.digest != rec.digest && other.names.iter().any(|n| rec.names.contains(n)) {
@@ -423,6 +586,11 @@ impl Store {
                 for n in old.names {
                     if !rec.names.contains(&n) {
                         rec.names.push(n);
+                    }
+                }
+                for d in old.index_digests {
+                    if !rec.index_digests.contains(&d) {
+                        rec.index_digests.push(d);
                     }
                 }
             }
@@ -575,6 +743,7 @@ impl Store {
                 + manifest.layers.iter().map(|l| l.size).sum::<u64>(),
             layers: manifest.layers.clone(),
             config: config.config.unwrap_or_default(),
+            index_digests: Vec::new(),
         };
         self.save_record(&rec)?;
         tracing::info!(digest = %rec.digest, names = ?rec.names, "image loaded");
@@ -692,6 +861,7 @@ impl Store {
                 size: msize + config_size + manifest.layers.iter().map(|l| l.size).sum::<u64>(),
                 layers: manifest.layers,
                 config: config.config.unwrap_or_default(),
+                index_digests: Vec::new(),
             };
             self.save_record(&rec)?;
             tracing::info!(digest = %rec.digest, names = ?rec.names, "image loaded (docker save)");
@@ -718,7 +888,7 @@ fn read_up_to(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(n)
 }
 
-fn check_platform(config: &ConfigFile, path: &Path) -> Result<(), OciError> {
+pub(crate) fn check_platform(config: &ConfigFile, path: &Path) -> Result<(), OciError> {
     let os_ok = config.os.is_empty() || config.os == "linux";
     let arch_ok = config.architecture.is_empty() || config.architecture == "amd64";
     if os_ok && arch_ok {
@@ -728,6 +898,83 @@ fn check_platform(config: &ConfigFile, path: &Path) -> Result<(), OciError> {
         path: path.to_path_buf(),
         found: format!("{}/{}", config.os, config.architecture),
     })
+}
+
+/// What [`Store::prune`] removed (or would remove).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PruneReport {
+    /// Blob digests (hex) no image owns.
+    pub blobs: Vec<String>,
+    /// Converted filesystem images of removed images.
+    pub rootfs: Vec<PathBuf>,
+    /// Orphaned filesystem images kept because something may still use them.
+    pub kept: Vec<PathBuf>,
+    /// Stale entries of `tmp/`.
+    pub tmp: Vec<PathBuf>,
+    /// Unowned blobs younger than an hour, kept (a pull or load may be storing them).
+    pub young: usize,
+    /// Bytes freed (blobs and filesystem images).
+    pub freed_bytes: u64,
+}
+
+/// A blob arriving in pieces (e.g. from a registry), hashed as it is written and refused as soon
+/// as it grows past its descriptor's size; [`BlobWriter::commit`] stores it only if the digest
+/// matches. Dropped uncommitted, nothing is kept.
+pub struct BlobWriter {
+    out: io::BufWriter<tempfile::NamedTempFile>,
+    hasher: sha2::Sha256,
+    count: u64,
+    expected: Descriptor,
+    dest: PathBuf,
+}
+
+impl BlobWriter {
+    /// Appends a piece.
+    pub fn write(&mut self, buf: &[u8]) -> Result<(), OciError> {
+        let n = buf.len() as u64;
+        if self.count.saturating_add(n) > self.expected.size {
+            return Err(OciError::DigestMismatch {
+                expected: self.expected.digest.to_string(),
+                expected_size: self.expected.size,
+                actual_digest: "(not hashed: longer than promised)".into(),
+                actual_size: self.count.saturating_add(n),
+            });
+        }
+        sha2::Digest::update(&mut self.hasher, buf);
+        self.count += n;
+        self.out
+            .write_all(buf)
+            .map_err(|e| OciError::io("writing blob", self.out.get_ref().path(), e))
+    }
+
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.count
+    }
+
+    /// Checks digest and size, then moves the blob into place.
+    pub fn commit(self) -> Result<(Digest, u64), OciError> {
+        let digest = Digest::from_sha256(&sha2::Digest::finalize(self.hasher));
+        if digest != self.expected.digest || self.count != self.expected.size {
+            return Err(OciError::DigestMismatch {
+                expected: self.expected.digest.to_string(),
+                expected_size: self.expected.size,
+                actual_digest: digest.to_string(),
+                actual_size: self.count,
+            });
+        }
+        let tmp = self.out.into_inner().map_err(|e| {
+            OciError::io("writing blob", PathBuf::from("(temporary)"), e.into_error())
+        })?;
+        if !self.dest.exists() {
+            tmp.as_file()
+                .sync_all()
+                .map_err(|e| OciError::io("syncing", tmp.path(), e))?;
+            tmp.persist(&self.dest)
+                .map_err(|e| OciError::io("storing blob", &self.dest, e.error))?;
+        }
+        Ok((digest, self.count))
+    }
 }
 
 /// A stored blob being read; [`VerifiedBlob::verify`] after reading to the end checks its digest.

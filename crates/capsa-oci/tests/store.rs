@@ -410,3 +410,44 @@ fn rootfs_images_are_reproducible_and_readable() {
         "staging removed"
     );
 }
+
+#[test]
+fn blob_writer_refuses_overlong_and_wrong_content_and_keeps_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(tmp.path().join("store")).unwrap();
+    let data = b"registry blob";
+    let desc = capsa_oci::spec::Descriptor {
+        media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+        digest: capsa_oci::Digest::of(data),
+        size: data.len() as u64,
+        platform: None,
+        annotations: BTreeMap::new(),
+    };
+    let tmp_count = || std::fs::read_dir(store.root().join("tmp")).unwrap().count();
+
+    // Longer than promised: refused at the write that crosses the size.
+    let mut w = store.blob_writer(&desc).unwrap();
+    w.write(&data[..5]).unwrap();
+    let e = w.write(b"0123456789abcdef").unwrap_err();
+    assert!(matches!(e, OciError::DigestMismatch { .. }), "{e}");
+    drop(w);
+    // Same size, other bytes: refused at commit.
+    let mut w = store.blob_writer(&desc).unwrap();
+    w.write(b"registry blub").unwrap();
+    let e = w.commit().unwrap_err();
+    assert!(e.to_string().contains("tampered"), "{e}");
+    // Short: refused too.
+    let mut w = store.blob_writer(&desc).unwrap();
+    w.write(b"registry").unwrap();
+    assert!(w.commit().is_err());
+    assert!(!store.has_blob(&desc.digest));
+    assert_eq!(tmp_count(), 0, "a refused blob left a temp file");
+
+    let mut w = store.blob_writer(&desc).unwrap();
+    w.write(&data[..4]).unwrap();
+    w.write(&data[4..]).unwrap();
+    let (d, n) = w.commit().unwrap();
+    assert_eq!((d, n), (desc.digest.clone(), data.len() as u64));
+    assert_eq!(std::fs::read(store.blob_path(&desc.digest)).unwrap(), data);
+    assert_eq!(tmp_count(), 0);
+}

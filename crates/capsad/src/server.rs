@@ -161,6 +161,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(get_pool, delete_pool))
         .routes(routes!(acquire))
         .routes(routes!(list_images))
+        .routes(routes!(pull_image))
         .routes(routes!(get_image, delete_image))
 }
 
@@ -1028,4 +1029,32 @@ async fn delete_image(
 ) -> ApiResult<Json<ImageInfo>> {
     let Query(q) = q?;
     Ok(Json(st.service.image_remove(&q.image).await?))
+}
+
+/// Pulls an image from an OCI registry into the daemon's store and converts
+/// it to a root filesystem. The response is NDJSON (`application/x-ndjson`),
+/// one [`PullEvent`] per line as the pull goes, ending with `done` (the
+/// image) or `error`.
+#[utoipa::path(post, path = "/v1/images/pull", tag = "images",
+    request_body = PullRequest,
+    responses((status = 200, description = "NDJSON stream of PullEvent", content_type = "application/x-ndjson", body = PullEvent),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
+async fn pull_image(
+    State(st): State<AppState>,
+    body: Result<Json<PullRequest>, JsonRejection>,
+) -> ApiResult<Response> {
+    let Json(req) = body?;
+    let rx = st.service.image_pull(req).await?;
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|ev| {
+            let mut v = serde_json::to_vec(&ev).unwrap_or_else(|_| b"{\"type\":\"error\"}".to_vec());
+            v.push(b'\n');
+            (Ok::<_, Infallible>(Bytes::from(v)), rx)
+        })
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response())
 }

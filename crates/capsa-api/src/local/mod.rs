@@ -854,6 +854,10 @@ impl Service for LocalService {
         Ok(l.iter().map(ShareRequest::of).collect())
     }
 
+    async fn image_pull(&self, req: PullRequest) -> ApiResult<mpsc::Receiver<PullEvent>> {
+        images::pull(req).await
+    }
+
     async fn image_list(&self) -> ApiResult<Vec<ImageInfo>> {
         let store = images::store()?;
         let list = tokio::task::spawn_blocking(move || store.list())
