@@ -2,12 +2,12 @@
 //! Thin faces over `capsa_oci` (pull, debian, prune, refs).
 
 use std::process::ExitCode;
-use std::sync::Mutex;
+
 use std::time::Instant;
 
 use anyhow::Context;
 use capsa_image::Progress;
-use capsa_oci::{FsFormat, ImageRecord, PullEvent, PullOptions, Store};
+use capsa_oci::{FsFormat, ImageRecord, Store};
 
 /// Converts `rec` to `format` (cached per digest), with a spinner; returns the image path.
 fn convert(

@@ -1047,7 +1047,8 @@ async fn pull_image(
     let rx = st.service.image_pull(req).await?;
     let stream = futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|ev| {
-            let mut v = serde_json::to_vec(&ev).unwrap_or_else(|_| b"{\"type\":\"error\"}".to_vec());
+            let mut v =
+                serde_json::to_vec(&ev).unwrap_or_else(|_| b"{\"type\":\"error\"}".to_vec());
             v.push(b'\n');
             (Ok::<_, Infallible>(Bytes::from(v)), rx)
         })

@@ -79,16 +79,21 @@ pub async fn pull(req: PullRequest) -> Result<mpsc::Receiver<PullEvent>, ApiErro
     let format = format_of(req.convert.as_deref())?;
     let store = Arc::new(store()?);
     let (tx, rx) = mpsc::channel::<PullEvent>(64);
-    tokio::spawn(async move {
-        let last = match run_pull(&store, &req, format, &tx).await {
-            Ok(done) => PullEvent::Done(done),
-            Err(e) => PullEvent::Error {
-                code: e.detail.code,
-                message: e.detail.message,
-                fix: e.detail.fix,
-            },
-        };
-        let _ = tx.send(last).await;
+    // On a thread of its own driving the runtime: the registry client's
+    // future is not `Send` for every lifetime `tokio::spawn` asks about.
+    let handle = tokio::runtime::Handle::current();
+    std::thread::spawn(move || {
+        let last = handle.block_on(async {
+            match run_pull(&store, &req, format, &tx).await {
+                Ok(done) => PullEvent::Done(done),
+                Err(e) => PullEvent::Error {
+                    code: e.detail.code,
+                    message: e.detail.message,
+                    fix: e.detail.fix,
+                },
+            }
+        });
+        let _ = tx.blocking_send(last);
     });
     Ok(rx)
 }
@@ -105,7 +110,8 @@ async fn run_pull(
         ..Default::default()
     };
     // Progress is best effort: a full channel drops byte counts, never blocks the download.
-    let on_event = |e: capsa_oci::PullEvent| {
+    let events = tx.clone();
+    let on_event: Box<dyn Fn(capsa_oci::PullEvent) + Send + Sync> = Box::new(move |e| {
         let ev = match e {
             capsa_oci::PullEvent::Resolved {
                 digest,
@@ -121,9 +127,9 @@ async fn run_pull(
             capsa_oci::PullEvent::Bytes(n) => PullEvent::Bytes { bytes: n },
             capsa_oci::PullEvent::BlobDone { .. } => return,
         };
-        let _ = tx.try_send(ev);
-    };
-    let out = capsa_oci::pull::pull(store, &req.reference, &opts, &on_event)
+        let _ = events.try_send(ev);
+    });
+    let out = capsa_oci::pull::pull(store, &req.reference, &opts, &*on_event)
         .await
         .map_err(|e| oci_err(&format!("pulling {}", req.reference), e))?;
     let (rootfs, converted) = match format {
