@@ -59,6 +59,21 @@ pub struct CreateArgs {
     /// Print the new sandbox's record as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Run execs inside this OCI image (name or digest from `capsa image ls`).
+    #[arg(long, value_name = "REF", conflicts_with = "from_snapshot")]
+    pub image: Option<String>,
+    /// With --image: cap of the tmpfs upper layer, e.g. 256M (default half the memory).
+    #[arg(long, value_name = "SIZE", value_parser = crate::parse_mib, requires = "image")]
+    pub tmpfs_upper: Option<u64>,
+    /// With --image: a persistent upper layer on an ext4 disk image at PATH,
+    /// created with SIZE (default 1G) if missing.
+    #[arg(
+        long,
+        value_name = "PATH[:SIZE]",
+        requires = "image",
+        conflicts_with = "tmpfs_upper"
+    )]
+    pub disk_upper: Option<String>,
 }
 
 /// Flags of `capsa exec`.
@@ -176,6 +191,12 @@ pub async fn create(
     for d in &a.disks {
         b = b.disk(DiskSpec::parse_cli(d));
     }
+    b = crate::run::image_flags(
+        b,
+        a.image.as_deref(),
+        a.tmpfs_upper,
+        a.disk_upper.as_deref(),
+    )?;
     let rec = target.create(b, &a).await?;
     print_created(&a, &rec)?;
     Ok(ExitCode::SUCCESS)

@@ -116,6 +116,8 @@ impl Remote {
             disks,
             start: true,
             from_snapshot: None,
+            image: a.image.clone(),
+            tmpfs_upper_mib: a.tmpfs_upper,
         };
         Ok(view(self.client.create(&req).await?))
     }

@@ -54,9 +54,53 @@ pub struct RunArgs {
     /// (by default the first run saves one and later runs restore it).
     #[arg(long)]
     no_snapshot: bool,
-    /// The command and its arguments.
-    #[arg(last = true, required = true, value_name = "CMD")]
+    /// Run the command inside this OCI image (name or digest from `capsa
+    /// image ls`); without a command, the image's Entrypoint + Cmd run.
+    #[arg(long, value_name = "REF")]
+    image: Option<String>,
+    /// With --image: cap of the tmpfs upper layer, e.g. 256M (default half the memory).
+    #[arg(long, value_name = "SIZE", value_parser = crate::parse_mib, requires = "image")]
+    tmpfs_upper: Option<u64>,
+    /// With --image: an upper layer on an ext4 disk image at PATH, created
+    /// with SIZE (default 1G) if missing and kept afterwards.
+    #[arg(
+        long,
+        value_name = "PATH[:SIZE]",
+        requires = "image",
+        conflicts_with = "tmpfs_upper"
+    )]
+    disk_upper: Option<String>,
+    /// The command and its arguments (with --image: arguments after the
+    /// image's Entrypoint, replacing its Cmd, as in Docker).
+    #[arg(last = true, required_unless_present = "image", value_name = "CMD")]
     command: Vec<String>,
+}
+
+/// Applies `--image`, `--tmpfs-upper` and `--disk-upper PATH[:SIZE]` to `b`.
+pub(crate) fn image_flags(
+    mut b: capsa::SandboxBuilder,
+    image: Option<&str>,
+    tmpfs_upper: Option<u64>,
+    disk_upper: Option<&str>,
+) -> anyhow::Result<capsa::SandboxBuilder> {
+    let Some(image) = image else {
+        return Ok(b);
+    };
+    b = b.image(image);
+    if let Some(size_mib) = tmpfs_upper {
+        b = b.upper(capsa::rootfs::Upper::Tmpfs { size_mib });
+    }
+    if let Some(d) = disk_upper {
+        let (path, size_mib) = match d.rsplit_once(':') {
+            Some((p, size)) if !p.is_empty() => {
+                (p, crate::parse_mib(size).map_err(anyhow::Error::msg)?)
+            }
+            _ => (d, 1024),
+        };
+        let path = std::path::absolute(path)?;
+        b = b.upper(capsa::rootfs::Upper::Disk { path, size_mib });
+    }
+    Ok(b)
 }
 
 pub(crate) fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -92,7 +136,11 @@ fn parse_copy_out(s: &str) -> Result<(String, PathBuf), String> {
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     // Refused before anything boots.
     let stdio = Stdio::from_flags(args.interactive, args.tty, args.force_tty)?;
-    let cmd = exec_io::command(&args.command, stdio, args.timeout)?;
+    // With an image the command is known once the image is (its Entrypoint/Cmd).
+    let early = match &args.image {
+        None => Some(exec_io::command(&args.command, stdio, args.timeout)?),
+        Some(_) => None,
+    };
     let mut b = Capsa::sandbox()
         .cpus(args.cpus)
         .memory_mb(args.memory)
@@ -109,6 +157,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     if let Some(n) = &args.name {
         b = b.name(n);
     }
+    b = image_flags(
+        b,
+        args.image.as_deref(),
+        args.tmpfs_upper,
+        args.disk_upper.as_deref(),
+    )?;
     // Ctrl-C, SIGHUP or SIGTERM while booting tears the VM down too:
     // dropping the future drops the VM.
     let mut signals = crate::term::Hangup::catch()?;
@@ -136,6 +190,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     // From here `drive` catches the signals itself.
     drop(signals);
+    let cmd = match early {
+        Some(c) => c,
+        None => {
+            let argv = sb.image_command(&args.command);
+            match exec_io::command(&argv, stdio, args.timeout) {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = sb.kill().await;
+                    return Err(e.context(
+                        "the image has no Entrypoint or Cmd; fix: give a command after `--`",
+                    ));
+                }
+            }
+        }
+    };
 
     let mut child = match sb.spawn(&cmd).await {
         Ok(c) => c,
@@ -158,7 +227,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     for (g, h) in &args.copy_out {
         sb.copy_out(g, h).await?;
     }
-    if args.disks.is_empty() {
+    if args.disks.is_empty() && args.disk_upper.is_none() {
         sb.kill().await?;
     } else {
         // Attached disks may hold unflushed guest writes: shut down properly.

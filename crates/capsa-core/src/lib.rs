@@ -14,6 +14,7 @@ mod disk;
 mod error;
 mod hostpath;
 mod names;
+mod rootfs;
 mod snapshot;
 mod spec;
 
@@ -30,12 +31,16 @@ pub use disk::{probe_disk_format, DiskProbeError};
 pub use error::{Error, Result};
 pub use hostpath::{check_private_dir, HostPathPolicy, PathRefusal};
 pub use names::{check_name, MAX_NAME_LEN, NAME_RULE};
+pub use rootfs::{
+    ImageRunConfig, RootfsFormat, RootfsSpec, UpperSpec, MAX_CONFIG_BYTES, MAX_CONFIG_ITEMS,
+    MAX_CONFIG_ITEM_BYTES, MAX_DISK_UPPER_MIB, MAX_USER_BYTES, ROOTFS_SERIAL, UPPER_SERIAL,
+};
 pub use snapshot::{
     FileIdentity, SnapshotDisk, SnapshotMeta, CAPSA_VERSION, SNAPSHOT_FORMAT, SNAPSHOT_META_FILE,
 };
 pub use spec::{
     Accel, BootSource, ConsoleSpec, DiskFormat, DiskSpec, HostLimits, VmSpec, VsockSpec, MAX_CPUS,
-    MAX_MEMORY_MIB, MIN_MEMORY_MIB,
+    MAX_DISK_SERIAL, MAX_MEMORY_MIB, MIN_MEMORY_MIB,
 };
 
 /// The line capsa's guest init prints on the console once the guest is set up.

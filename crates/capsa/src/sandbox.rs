@@ -12,7 +12,7 @@ use capsa_agent_client::{AgentClient, BoxedStream, ExecChild, Output};
 use capsa_core::{Accel, DiskSpec};
 use capsa_proto::{AgentInfo, ExecRequest, FileMeta, PtySize, WriteFileRequest, AGENT_PORT};
 
-use crate::{Capsa, Error, LinuxDirectBoot, Result, Strategy, VmHandle};
+use crate::{Capsa, Error, Result, Strategy, VmHandle};
 
 /// Default for [`SandboxBuilder::ready_timeout`]: a TCG boot takes ~2.5 s; CI machines are slower.
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(120);
@@ -36,6 +36,9 @@ pub struct SandboxBuilder {
     pub(crate) strategy: Strategy,
     pub(crate) state_root: Option<PathBuf>,
     pub(crate) keep_running: bool,
+    /// An OCI image (name or digest) to run commands in.
+    pub(crate) image: Option<String>,
+    pub(crate) upper: Option<crate::rootfs::Upper>,
 }
 
 /// What `sandbox.json` holds for a sandbox, so a reattach restores the
@@ -75,6 +78,8 @@ impl Capsa {
             strategy: Strategy::InProcess,
             state_root: None,
             keep_running: false,
+            image: None,
+            upper: None,
         }
     }
 }
@@ -172,26 +177,29 @@ impl SandboxBuilder {
         self
     }
 
+    /// Runs commands inside this OCI image (a name such as `alpine:3.20`,
+    /// a digest, or a unique digest prefix from `capsa image ls`), found in
+    /// the image store (`$CAPSA_IMAGE_STORE`, default `~/.cache/capsa/images`)
+    /// and converted to a read-only EROFS image on first use. Its `Env`,
+    /// `WorkingDir` and `User` apply to every command (under the sandbox's
+    /// and the command's own settings); [`Sandbox::image_command`] gives its
+    /// `Entrypoint`/`Cmd`. Writes go to a per-sandbox upper layer
+    /// ([`SandboxBuilder::upper`], default a tmpfs of half the RAM).
+    pub fn image(mut self, reference: impl Into<String>) -> Self {
+        self.image = Some(reference.into());
+        self
+    }
+
+    /// The writable layer over the image (see [`SandboxBuilder::image`]).
+    pub fn upper(mut self, upper: crate::rootfs::Upper) -> Self {
+        self.upper = Some(upper);
+        self
+    }
+
     /// Boots the VM and returns once its agent answers.
     pub async fn build(self) -> Result<Sandbox> {
         check_keep_running_name(self.keep_running, self.name.as_deref())?;
-        let bundle = match self.bundle {
-            Some(b) => b,
-            None => crate::default_bundle().await?,
-        };
-        let mut vm = Capsa::vm(LinuxDirectBoot::from_bundle(&bundle))
-            .cpus(self.cpus)
-            .memory_mb(self.memory_mib)
-            .accel(self.accel)
-            .console()
-            .vsock()
-            .cmdline_arg("capsa.mode=agent");
-        for d in self.disks {
-            vm = vm.disk_spec(d);
-        }
-        for a in &self.cmdline {
-            vm = vm.cmdline_arg(a);
-        }
+        let mut vm = self.vm_builder().await?;
         if let Some(n) = self.name {
             vm = vm.name(n);
         }
@@ -315,6 +323,8 @@ pub struct Sandbox {
     pub(crate) env: Arc<Vec<(String, String)>>,
     pub(crate) workdir: Option<String>,
     pub(crate) op_timeout: Duration,
+    /// The image's `User`, resolved in the image once (uid, gid).
+    pub(crate) image_user: Arc<tokio::sync::OnceCell<(u32, u32)>>,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -365,7 +375,23 @@ impl Sandbox {
             op_timeout: extra
                 .op_timeout_ms
                 .map_or(DEFAULT_OP_TIMEOUT, Duration::from_millis),
+            image_user: Default::default(),
         })
+    }
+
+    /// The image root filesystem this sandbox runs commands in, if any.
+    pub fn rootfs(&self) -> Option<&capsa_core::RootfsSpec> {
+        self.vm.spec().rootfs.as_ref()
+    }
+
+    /// What runs for `args` in an image sandbox, with Docker's rules: the
+    /// image's `Entrypoint`, then `args`, or the image's `Cmd` when `args` is
+    /// empty. Without an image, `args` itself. Empty: nothing to run.
+    pub fn image_command(&self, args: &[String]) -> Vec<String> {
+        match self.rootfs() {
+            Some(r) => r.config.command(args),
+            None => args.to_vec(),
+        }
     }
 
     /// The sandbox's (VM's) name.
@@ -423,20 +449,75 @@ impl Sandbox {
         Ok(self.client.info(self.op_timeout).await?)
     }
 
-    fn request(&self, cmd: &Command) -> ExecRequest {
+    async fn request(&self, cmd: &Command) -> Result<ExecRequest> {
         let mut req = cmd.req.clone();
-        let mut env: Vec<(String, String)> = self.env.as_ref().clone();
+        let image = self.rootfs().map(|r| &r.config);
+        // The image's Env under the sandbox's under the command's.
+        let mut env: Vec<(String, String)> =
+            image.map(crate::rootfs::image_env).unwrap_or_default();
+        env.extend(self.env.as_ref().iter().cloned());
         env.extend(req.env);
         req.env = env;
         if req.cwd.is_none() {
-            req.cwd = self.workdir.clone();
+            req.cwd = self
+                .workdir
+                .clone()
+                .or_else(|| image.and_then(|c| c.working_dir.clone()));
         }
-        req
+        if req.uid.is_none() {
+            if let Some(user) = image.and_then(|c| c.user.as_deref()) {
+                let (uid, gid) = *self
+                    .image_user
+                    .get_or_try_init(|| self.lookup_user(user))
+                    .await?;
+                req.uid = Some(uid);
+                req.gid = Some(gid);
+            }
+        }
+        Ok(req)
+    }
+
+    /// Resolves the image's `User` in the image's own account files.
+    async fn lookup_user(&self, user: &str) -> Result<(u32, u32)> {
+        // Numeric ids need no files (distroless images have none).
+        if let Some((u, g)) = user.split_once(':') {
+            if let (Ok(u), Ok(g)) = (u.parse::<u32>(), g.parse::<u32>()) {
+                return Ok((u, g));
+            }
+        }
+        let passwd = self.read_account_file("/etc/passwd").await?;
+        let group = self.read_account_file("/etc/group").await?;
+        crate::rootfs::resolve_user(user, &passwd, &group)
+    }
+
+    /// An account file of the image, bounded; missing means empty.
+    async fn read_account_file(&self, path: &str) -> Result<Vec<u8>> {
+        use crate::copy::GuestFs;
+        let fs = self.files();
+        match fs.stat(path).await {
+            Ok(m) if m.size as usize > crate::rootfs::MAX_ACCOUNT_FILE => {
+                Err(Error::GuestInput(format!(
+                    "{path} of the image is {} bytes (at most {})",
+                    m.size,
+                    crate::rootfs::MAX_ACCOUNT_FILE
+                )))
+            }
+            Ok(_) => {
+                let mut out = Vec::new();
+                let w = BoundedWriter {
+                    buf: &mut out,
+                    left: crate::rootfs::MAX_ACCOUNT_FILE,
+                };
+                self.client.read_file(path, w, self.op_timeout).await?;
+                Ok(out)
+            }
+            Err(_) => Ok(Vec::new()),
+        }
     }
 
     /// Runs a command to completion and collects its output.
     pub async fn exec(&self, cmd: &Command) -> Result<Output> {
-        let req = self.request(cmd);
+        let req = self.request(cmd).await?;
         match &cmd.stdin {
             None => {
                 // The command's own timeout (enforced in the guest) bounds the run;
@@ -479,7 +560,10 @@ impl Sandbox {
     /// Starts a command and returns a streaming child (`stdin()`, `stdout()`,
     /// `stderr()`, `wait()`, `kill()`, `signal()`, `resize()`).
     pub async fn spawn(&self, cmd: &Command) -> Result<ExecChild> {
-        Ok(self.client.exec(self.request(cmd), self.op_timeout).await?)
+        Ok(self
+            .client
+            .exec(self.request(cmd).await?, self.op_timeout)
+            .await?)
     }
 
     /// Writes `data` to `path` (mode 0644, parents created).
@@ -563,6 +647,39 @@ impl Sandbox {
     /// Kills the sandbox at once.
     pub async fn kill(&self) -> Result<capsa_core::ExitReason> {
         self.vm.kill().await
+    }
+}
+
+/// Collects at most `left` bytes; more is an error (a file grown past its stat).
+struct BoundedWriter<'a> {
+    buf: &'a mut Vec<u8>,
+    left: usize,
+}
+
+impl tokio::io::AsyncWrite for BoundedWriter<'_> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if data.len() > self.left {
+            return std::task::Poll::Ready(Err(std::io::Error::other("file too large")));
+        }
+        self.left -= data.len();
+        self.buf.extend_from_slice(data);
+        std::task::Poll::Ready(Ok(data.len()))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
     }
 }
 

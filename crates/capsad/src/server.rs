@@ -232,7 +232,30 @@ async fn list_sandboxes(State(st): State<AppState>) -> ApiResult<Json<Vec<Sandbo
     Ok(Json(st.backend.list().await?))
 }
 
+/// Longest image reference accepted.
+const MAX_IMAGE_REF: usize = 512;
+
+fn validate_create_image(req: &CreateSandboxRequest) -> ApiResult<()> {
+    if let Some(i) = &req.image {
+        if i.is_empty() || i.len() > MAX_IMAGE_REF || i.chars().any(|c| c.is_control()) {
+            return Err(ApiError::bad_request("image is not an image reference")
+                .fix(format!("give a name or digest from `capsa image ls` (1-{MAX_IMAGE_REF} printable characters)")));
+        }
+        if req.from_snapshot.is_some() {
+            return Err(ApiError::bad_request(
+                "image conflicts with from_snapshot: the snapshot fixes the root filesystem",
+            )
+            .fix("drop image, or drop from_snapshot"));
+        }
+    } else if req.tmpfs_upper_mib.is_some() {
+        return Err(ApiError::bad_request("tmpfs_upper_mib without image")
+            .fix("add image, or drop tmpfs_upper_mib"));
+    }
+    Ok(())
+}
+
 fn validate_create(req: &CreateSandboxRequest) -> ApiResult<()> {
+    validate_create_image(req)?;
     if let Some(s) = &req.from_snapshot {
         validate_snapshot_name(s)?;
         if req.cpus.is_some()
