@@ -319,3 +319,106 @@ fn sandboxes_on_one_image_are_isolated() {
     }
     assert_eq!(env.image_sha(), before, "the shared image file changed");
 }
+
+#[test]
+fn image_snapshots_restore_with_their_upper() {
+    let env = Env::new();
+    let before = env.image_sha();
+    let snaps = env.dir.path().join("snaps");
+    let snaps = snaps.to_str().unwrap();
+    env.ok(&["create", "--name", "img-a", "--image", "test/rootfs:1"]);
+    env.ok(&[
+        "exec",
+        "img-a",
+        "--",
+        "sh",
+        "-c",
+        "echo kept > /srv/app/state.txt; rm /srv/app/data.txt",
+    ]);
+    env.ok(&["snapshot", "--snapshot-dir", snaps, "create", "img-a", "s1"]);
+    env.ok(&["rm", "-f", "img-a"]);
+    env.ok(&[
+        "create",
+        "--snapshot-dir",
+        snaps,
+        "--name",
+        "img-b",
+        "--from-snapshot",
+        "s1",
+    ]);
+    // The upper (tmpfs, in the saved RAM) came back, and the image config
+    // still applies (it is part of the snapshot's spec).
+    let out = env.ok(&[
+        "exec",
+        "img-b",
+        "--",
+        "sh",
+        "-c",
+        "cat state.txt; ls data.txt 2>/dev/null || echo gone; id -u; cat /etc/hostname",
+    ]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(&lines[..3], ["kept", "gone", "1000"], "{out}");
+    // A fresh identity, written into the image's /etc/hostname too.
+    assert_ne!(lines[3], "capsa", "{out}");
+    env.ok(&["rm", "-f", "img-b"]);
+    assert_eq!(env.image_sha(), before);
+}
+
+/// The base-snapshot fast path of `capsa run`, keyed by the image digest:
+/// the first run boots and saves a base, the second restores it.
+#[test]
+fn run_restores_an_image_base_snapshot() {
+    let env = Env::new();
+    // A private cache for base snapshots that shares the built bundle and
+    // kernel (read-only here) with the user's cache.
+    let home = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache"));
+    let cache = env.dir.path().join("cache/capsa");
+    for d in ["bundles", "kernels", "vmlinux", "hashes"] {
+        let real = home.join("capsa").join(d);
+        if real.exists() {
+            std::os::unix::fs::symlink(&real, cache.join(d)).unwrap();
+        }
+    }
+    let run = || {
+        let o = env
+            .capsa()
+            .env("XDG_CACHE_HOME", env.dir.path().join("cache"))
+            .args([
+                "run",
+                "--image",
+                "test/rootfs:1",
+                "--",
+                "cat /etc/hostname; id -u",
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let first = run();
+    let bases: Vec<_> = std::fs::read_dir(cache.join("snapshots"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("base-"))
+        .collect();
+    assert_eq!(bases.len(), 1, "one base snapshot for the image");
+    let meta = std::fs::read_to_string(bases[0].path().join("snapshot.json")).unwrap();
+    let digest = env
+        .image_file
+        .file_stem()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    assert!(meta.contains(&digest), "base keyed by the image digest");
+    let t = std::time::Instant::now();
+    let second = run();
+    eprintln!("restored run: {:?}", t.elapsed());
+    assert!(
+        first.ends_with("1000\n") && second.ends_with("1000\n"),
+        "{first} {second}"
+    );
+    // Restored clones get their own hostname, in the image's /etc too.
+    assert_ne!(first.lines().next(), second.lines().next());
+}
