@@ -327,7 +327,7 @@ impl VmSpec {
             // A restored VM writes to an overlay of the frozen upper: the
             // path differs then, the serial and writability do not.
             let _ = path;
-            if !d.is_some_and(|d| !d.read_only) {
+            if d.is_none_or(|d| d.read_only) {
                 return Err(mismatch("upper disk"));
             }
         }
