@@ -422,3 +422,35 @@ fn run_restores_an_image_base_snapshot() {
     // Restored clones get their own hostname, in the image's /etc too.
     assert_ne!(first.lines().next(), second.lines().next());
 }
+
+/// `--disk-upper PATH:SIZE`: the writable layer on an ext4 disk of its own,
+/// kept across a stop and start of the named sandbox.
+#[test]
+fn disk_upper_persists_across_restarts() {
+    let env = Env::new();
+    let upper = env.dir.path().join("upper.img");
+    let spec = format!("{}:64M", upper.display());
+    env.ok(&[
+        "create",
+        "--name",
+        "img-a",
+        "--image",
+        "test/rootfs:1",
+        "--disk-upper",
+        &spec,
+    ]);
+    assert_eq!(std::fs::metadata(&upper).unwrap().len(), 64 << 20);
+    env.ok(&[
+        "exec",
+        "img-a",
+        "--",
+        "sh",
+        "-c",
+        "echo persisted > /srv/app/p.txt",
+    ]);
+    env.ok(&["stop", "img-a"]);
+    env.ok(&["start", "img-a"]);
+    let out = env.ok(&["exec", "img-a", "--", "cat", "/srv/app/p.txt"]);
+    assert_eq!(out, "persisted\n");
+    env.ok(&["rm", "-f", "img-a"]);
+}
