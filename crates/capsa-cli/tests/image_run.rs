@@ -454,3 +454,33 @@ fn disk_upper_persists_across_restarts() {
     assert_eq!(out, "persisted\n");
     env.ok(&["rm", "-f", "img-a"]);
 }
+
+/// capsad's create `image` field, through `capsa --host create --image`.
+#[test]
+fn capsad_creates_image_sandboxes() {
+    let env = Env::new();
+    // capsad reads the image store from its environment (inherited; each
+    // test is a process of its own under nextest).
+    std::env::set_var(
+        "CAPSA_IMAGE_STORE",
+        env.dir.path().join("cache/capsa/images"),
+    );
+    let d = common::Daemon::start("ci", &[]);
+    let out = d.ok_on(
+        true,
+        &["create", "--name", "r1", "--image", "test/rootfs:1"],
+    );
+    assert!(out.contains("r1"), "{out}");
+    let out = d.ok_on(
+        true,
+        &["exec", "r1", "--", "sh", "-c", "id -u; pwd; echo $GREETING"],
+    );
+    assert_eq!(out, "1000\n/srv/app\nhi-from-image\n");
+    let o = d.run_on(true, &["create", "--name", "r2", "--image", "no/such:1"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("capsa image load"),
+        "{err}"
+    );
+    d.ok_on(true, &["rm", "-f", "r1"]);
+}
