@@ -484,3 +484,56 @@ fn capsad_creates_image_sandboxes() {
     );
     d.ok_on(true, &["rm", "-f", "r1"]);
 }
+
+/// A capsad pool of an image: members restore from the image's base
+/// snapshot and run in the image.
+#[test]
+fn capsad_pool_of_an_image() {
+    let env = Env::new();
+    std::env::set_var(
+        "CAPSA_IMAGE_STORE",
+        env.dir.path().join("cache/capsa/images"),
+    );
+    // Base snapshots in a private cache sharing the bundle (see above).
+    let home = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache"));
+    let cache = env.dir.path().join("cache/capsa");
+    for d in ["bundles", "kernels", "vmlinux", "hashes"] {
+        let real = home.join("capsa").join(d);
+        if real.exists() {
+            std::os::unix::fs::symlink(&real, cache.join(d)).unwrap();
+        }
+    }
+    std::env::set_var("XDG_CACHE_HOME", env.dir.path().join("cache"));
+    let d = common::Daemon::start("cp", &[]);
+    d.ok_on(
+        true,
+        &[
+            "pool",
+            "create",
+            "ip",
+            "--size",
+            "1",
+            "--image",
+            "test/rootfs:1",
+        ],
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(240);
+    let name = loop {
+        let o = d.run_on(true, &["pool", "acquire", "ip"]);
+        if o.status.success() {
+            break String::from_utf8_lossy(&o.stdout).trim().to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    let out = d.ok_on(true, &["exec", &name, "--", "sh", "-c", "id -u; pwd"]);
+    assert_eq!(out, "1000\n/srv/app\n");
+    d.ok_on(true, &["rm", "-f", &name]);
+    d.ok_on(true, &["pool", "rm", "ip"]);
+}

@@ -379,6 +379,18 @@ impl Sandbox {
         })
     }
 
+    /// Runs `true` once (right after a restore under TCG the first fork+exec
+    /// pays for translating the code; pools pay it before handing out). An
+    /// image need not have a `true`: there, "not found" (nothing forked)
+    /// still proves the agent answers and is not an error.
+    pub async fn warm_up(&self) -> Result<()> {
+        match self.exec(&Command::new("true")).await {
+            Ok(_) => Ok(()),
+            Err(e) if self.rootfs().is_some() && e.spawn_exit_code().is_some() => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// The image root filesystem this sandbox runs commands in, if any.
     pub fn rootfs(&self) -> Option<&capsa_core::RootfsSpec> {
         self.vm.spec().rootfs.as_ref()

@@ -259,6 +259,10 @@ pub struct CreatePoolRequest {
     /// of a freshly booted sandbox.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<String>,
+    /// Members run commands inside this OCI image (capsad's image store);
+    /// the base snapshot is then the image's (not with `snapshot`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 /// A warm pool as the daemon reports it.

@@ -66,12 +66,15 @@ pub struct PoolConfig {
     /// Named snapshot to restore from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<String>,
+    /// OCI image the members run in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 impl PoolConfig {
     /// Parses `NAME=SIZE[,memory=MIB][,cpus=N][,snapshot=NAME]` (`capsad --pool`).
     pub fn parse_flag(s: &str) -> Result<Self, String> {
-        let fix = "fix: write --pool NAME=SIZE[,memory=MIB][,cpus=N][,snapshot=SNAPSHOT], e.g. --pool py=2,memory=256";
+        let fix = "fix: write --pool NAME=SIZE[,memory=MIB][,cpus=N][,snapshot=SNAPSHOT][,image=REF], e.g. --pool py=2,memory=256";
         let mut parts = s.split(',');
         let head = parts.next().unwrap_or_default();
         let (name, size) = head
@@ -86,6 +89,7 @@ impl PoolConfig {
             cpus: None,
             memory_mib: None,
             snapshot: None,
+            image: None,
         };
         for kv in parts {
             let (k, v) = kv
@@ -104,6 +108,7 @@ impl PoolConfig {
                     )
                 }
                 "snapshot" => cfg.snapshot = Some(v.to_string()),
+                "image" => cfg.image = Some(v.to_string()),
                 _ => return Err(format!("--pool {s:?}: unknown key {k:?}; {fix}")),
             }
         }
@@ -119,6 +124,7 @@ impl From<&CreatePoolRequest> for PoolConfig {
             cpus: r.cpus,
             memory_mib: r.memory_mib,
             snapshot: r.snapshot.clone(),
+            image: r.image.clone(),
         }
     }
 }
@@ -281,6 +287,18 @@ impl Pools {
                     ApiError::bad_request(format!("memory_mib {m} is out of range"))
                         .fix("give 128 to 1048576 MiB"),
                 );
+            }
+        }
+        if let Some(i) = &cfg.image {
+            if i.is_empty() || i.len() > 512 || i.chars().any(|c| c.is_control()) {
+                return Err(ApiError::bad_request("image is not an image reference")
+                    .fix("give a name or digest from `capsa image ls`"));
+            }
+            if cfg.snapshot.is_some() {
+                return Err(ApiError::bad_request(
+                    "a pool from a snapshot takes its root filesystem from the snapshot",
+                )
+                .fix("drop image, or drop snapshot"));
             }
         }
         if let Some(s) = &cfg.snapshot {
@@ -586,7 +604,7 @@ async fn restore_member(
     // Right after a restore TCG has no translated code: the first fork+exec
     // costs ~100 ms. Pay it here, before the member counts as ready, as the
     // library's pool does, so acquire-to-first-exec stays short.
-    let warm = sb.exec(&capsa::Command::new("true")).await;
+    let warm = sb.warm_up().await;
     if let Err(e) = warm {
         let _ = shared.reg.remove(name, true).await;
         return Err(e);
@@ -607,6 +625,9 @@ async fn base_of(shared: &Shared, cfg: &PoolConfig) -> capsa::Result<PathBuf> {
     }
     if let Some(m) = cfg.memory_mib {
         b = b.memory_mb(m);
+    }
+    if let Some(i) = &cfg.image {
+        b = b.image(i);
     }
     let dir = capsa::base_snapshot::dir_for(&b).await?.ok_or_else(|| {
         capsa::Error::InvalidArgument("this pool's spec has no base snapshot".into())
@@ -726,7 +747,8 @@ mod tests {
                 size: 2,
                 cpus: Some(1),
                 memory_mib: Some(256),
-                snapshot: None
+                snapshot: None,
+                image: None
             }
         );
         let c = PoolConfig::parse_flag("a=1,snapshot=base").unwrap();
