@@ -129,6 +129,17 @@ pub struct ShareRequest {
     pub read_only: bool,
 }
 
+/// A persistent upper layer on a host disk image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct DiskUpperRequest {
+    /// Absolute host path of the ext4 image (created when missing).
+    pub path: String,
+    /// Its size when created, in MiB.
+    pub size_mib: u64,
+}
+
 /// Body of `POST /v1/sandboxes`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -160,6 +171,20 @@ pub struct CreateSandboxRequest {
     /// Host directories to mount (at most 8).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub shares: Vec<ShareRequest>,
+    /// Run commands inside this OCI image from the image store (a name,
+    /// digest or unique digest prefix, see `capsa image ls`); its Env,
+    /// WorkingDir and User apply to every exec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// With `image`: cap of the sandbox's tmpfs upper layer in MiB (default
+    /// half its RAM, at most its RAM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tmpfs_upper_mib: Option<u64>,
+    /// With `image`: a persistent ext4 upper layer on this host disk image
+    /// (created when missing), instead of a tmpfs. The host's own user only
+    /// (capsad refuses it with `path_not_allowed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_upper: Option<DiskUpperRequest>,
     /// Boot it now (default true); `false` only records it, stopped.
     #[serde(default = "yes")]
     pub start: bool,
@@ -198,6 +223,18 @@ impl CreateSandboxRequest {
         }
         for s in self.shares_spec() {
             b = b.share_spec(s);
+        }
+        if let Some(i) = &self.image {
+            b = b.image(i);
+        }
+        if let Some(size_mib) = self.tmpfs_upper_mib {
+            b = b.upper(capsa::rootfs::Upper::Tmpfs { size_mib });
+        }
+        if let Some(d) = &self.disk_upper {
+            b = b.upper(capsa::rootfs::Upper::Disk {
+                path: d.path.clone().into(),
+                size_mib: d.size_mib,
+            });
         }
         b
     }
@@ -275,6 +312,10 @@ pub struct CreatePoolRequest {
     /// of a freshly booted sandbox.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<String>,
+    /// Members run commands inside this OCI image (the image store); the
+    /// base snapshot is then the image's (not with `snapshot`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 /// A warm pool as the daemon reports it.

@@ -51,6 +51,21 @@ pub struct CreateArgs {
     /// Print the new sandbox's record as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Run execs inside this OCI image (name or digest from `capsa image ls`).
+    #[arg(long, value_name = "REF", conflicts_with = "from_snapshot")]
+    pub image: Option<String>,
+    /// With --image: cap of the tmpfs upper layer, e.g. 256M (default half the memory).
+    #[arg(long, value_name = "SIZE", value_parser = crate::parse_mib, requires = "image")]
+    pub tmpfs_upper: Option<u64>,
+    /// With --image: a persistent upper layer on an ext4 disk image at PATH,
+    /// created with SIZE (default 1G) if missing.
+    #[arg(
+        long,
+        value_name = "PATH[:SIZE]",
+        requires = "image",
+        conflicts_with = "tmpfs_upper"
+    )]
+    pub disk_upper: Option<String>,
 }
 
 /// Flags of `capsa exec`.
@@ -155,6 +170,8 @@ fn create_request(a: &CreateArgs) -> anyhow::Result<CreateSandboxRequest> {
     let env = a.env.iter().cloned().collect::<BTreeMap<_, _>>();
     // Parsed before anything starts; the service checks the host side.
     let shares = crate::share::share_requests(&a.volumes)?;
+    let (image, tmpfs_upper_mib, disk_upper) =
+        crate::run::image_request(a.image.as_deref(), a.tmpfs_upper, a.disk_upper.as_deref())?;
     if let Some(snap) = &a.from_snapshot {
         return Ok(CreateSandboxRequest {
             name: Some(a.name.clone()),
@@ -191,6 +208,9 @@ fn create_request(a: &CreateArgs) -> anyhow::Result<CreateSandboxRequest> {
         }),
         disks,
         shares,
+        image,
+        tmpfs_upper_mib,
+        disk_upper,
         start: true,
         from_snapshot: None,
     })

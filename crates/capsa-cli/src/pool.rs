@@ -33,6 +33,9 @@ pub enum PoolCmd {
         /// of a base snapshot of a fresh boot.
         #[arg(long)]
         snapshot: Option<String>,
+        /// Members run commands inside this OCI image (capsad's image store).
+        #[arg(long, value_name = "REF", conflicts_with = "snapshot")]
+        image: Option<String>,
     },
     /// List pools: size, ready, starting, handed out.
     Ls {
@@ -69,6 +72,7 @@ pub async fn run(conn: &Conn, cmd: PoolCmd) -> anyhow::Result<ExitCode> {
             cpus,
             memory,
             snapshot,
+            image,
         } => {
             let p = svc
                 .pool_create(CreatePoolRequest {
@@ -77,6 +81,7 @@ pub async fn run(conn: &Conn, cmd: PoolCmd) -> anyhow::Result<ExitCode> {
                     cpus,
                     memory_mib: memory,
                     snapshot,
+                    image,
                 })
                 .await?;
             println!("{}", p.name);

@@ -58,9 +58,86 @@ pub struct RunArgs {
     /// (by default the first run saves one and later runs restore it).
     #[arg(long)]
     no_snapshot: bool,
-    /// The command and its arguments.
-    #[arg(last = true, required = true, value_name = "CMD")]
+    /// Run the command inside this OCI image (name or digest from `capsa
+    /// image ls`); without a command, the image's Entrypoint + Cmd run.
+    #[arg(long, value_name = "REF")]
+    image: Option<String>,
+    /// With --image: cap of the tmpfs upper layer, e.g. 256M (default half the memory).
+    #[arg(long, value_name = "SIZE", value_parser = crate::parse_mib, requires = "image")]
+    tmpfs_upper: Option<u64>,
+    /// With --image: an upper layer on an ext4 disk image at PATH, created
+    /// with SIZE (default 1G) if missing and kept afterwards.
+    #[arg(
+        long,
+        value_name = "PATH[:SIZE]",
+        requires = "image",
+        conflicts_with = "tmpfs_upper"
+    )]
+    disk_upper: Option<String>,
+    /// The command and its arguments (with --image: arguments after the
+    /// image's Entrypoint, replacing its Cmd, as in Docker).
+    #[arg(last = true, required_unless_present = "image", value_name = "CMD")]
     command: Vec<String>,
+}
+
+/// Applies `--image`, `--tmpfs-upper` and `--disk-upper PATH[:SIZE]` to `b`.
+pub(crate) fn image_flags(
+    mut b: capsa::SandboxBuilder,
+    image: Option<&str>,
+    tmpfs_upper: Option<u64>,
+    disk_upper: Option<&str>,
+) -> anyhow::Result<capsa::SandboxBuilder> {
+    let Some(image) = image else {
+        return Ok(b);
+    };
+    b = b.image(image);
+    if let Some(size_mib) = tmpfs_upper {
+        b = b.upper(capsa::rootfs::Upper::Tmpfs { size_mib });
+    }
+    if let Some(d) = disk_upper {
+        let (path, size_mib) = match d.rsplit_once(':') {
+            Some((p, size)) if !p.is_empty() => {
+                (p, crate::parse_mib(size).map_err(anyhow::Error::msg)?)
+            }
+            _ => (d, 1024),
+        };
+        let path = std::path::absolute(path)?;
+        b = b.upper(capsa::rootfs::Upper::Disk { path, size_mib });
+    }
+    Ok(b)
+}
+
+/// `--image`, `--tmpfs-upper` and `--disk-upper PATH[:SIZE]` as the service's
+/// create fields (image, tmpfs cap, disk upper).
+#[allow(clippy::type_complexity)]
+pub(crate) fn image_request(
+    image: Option<&str>,
+    tmpfs_upper: Option<u64>,
+    disk_upper: Option<&str>,
+) -> anyhow::Result<(
+    Option<String>,
+    Option<u64>,
+    Option<capsa_api::types::DiskUpperRequest>,
+)> {
+    let Some(image) = image else {
+        return Ok((None, None, None));
+    };
+    let disk = match disk_upper {
+        None => None,
+        Some(d) => {
+            let (path, size_mib) = match d.rsplit_once(':') {
+                Some((p, size)) if !p.is_empty() => {
+                    (p, crate::parse_mib(size).map_err(anyhow::Error::msg)?)
+                }
+                _ => (d, 1024),
+            };
+            Some(capsa_api::types::DiskUpperRequest {
+                path: std::path::absolute(path)?.display().to_string(),
+                size_mib,
+            })
+        }
+    };
+    Ok((Some(image.to_string()), tmpfs_upper, disk))
 }
 
 pub(crate) fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -96,8 +173,11 @@ fn parse_copy_out(s: &str) -> Result<(String, PathBuf), String> {
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     // Refused before anything boots.
     let stdio = Stdio::from_flags(args.interactive, args.tty, args.force_tty)?;
-    let req = exec_io::request(&args.command, stdio, args.timeout)?;
-    let (cmd, _) = capsa_api::local::command_of(&req)?;
+    // With an image the command is known once the image is (its Entrypoint/Cmd).
+    let early = match &args.image {
+        None => Some(exec_io::request(&args.command, stdio, args.timeout)?),
+        Some(_) => None,
+    };
     let mut b = Capsa::sandbox()
         .cpus(args.cpus)
         .memory_mb(args.memory)
@@ -117,13 +197,19 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     if let Some(n) = &args.name {
         b = b.name(n);
     }
+    b = image_flags(
+        b,
+        args.image.as_deref(),
+        args.tmpfs_upper,
+        args.disk_upper.as_deref(),
+    )?;
     // Ctrl-C, SIGHUP or SIGTERM while booting tears the VM down too:
     // dropping the future drops the VM.
     let mut signals = crate::term::Hangup::catch()?;
     let sb = tokio::select! {
         r = async {
             if args.no_snapshot {
-                b.build().await
+                b.fast_start(false).build().await
             } else {
                 capsa::base_snapshot::build(b).await
             }
@@ -144,6 +230,28 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     // From here `drive` catches the signals itself.
     drop(signals);
+    let req = match early {
+        Some(r) => r,
+        None => {
+            let argv = sb.image_command(&args.command);
+            match exec_io::request(&argv, stdio, args.timeout) {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = sb.kill().await;
+                    return Err(e.context(
+                        "the image has no Entrypoint or Cmd; fix: give a command after `--`",
+                    ));
+                }
+            }
+        }
+    };
+    let cmd = match capsa_api::local::command_of(&req) {
+        Ok((c, _)) => c,
+        Err(e) => {
+            let _ = sb.kill().await;
+            return Err(e.into());
+        }
+    };
 
     let child = match sb.spawn(&cmd).await {
         Ok(c) => c,
@@ -167,7 +275,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     for (g, h) in &args.copy_out {
         sb.copy_out(g, h).await?;
     }
-    if args.disks.is_empty() {
+    if args.disks.is_empty() && args.disk_upper.is_none() {
         sb.kill().await?;
     } else {
         // Attached disks may hold unflushed guest writes: shut down properly.

@@ -14,6 +14,7 @@ mod disk;
 mod error;
 mod hostpath;
 mod names;
+mod rootfs;
 mod share;
 mod snapshot;
 mod spec;
@@ -31,6 +32,10 @@ pub use disk::{probe_disk_format, DiskProbeError};
 pub use error::{Error, Result};
 pub use hostpath::{check_private_dir, HostPathPolicy, PathRefusal};
 pub use names::{check_name, MAX_NAME_LEN, NAME_RULE};
+pub use rootfs::{
+    ImageRunConfig, RootfsFormat, RootfsSpec, UpperSpec, MAX_CONFIG_BYTES, MAX_CONFIG_ITEMS,
+    MAX_CONFIG_ITEM_BYTES, MAX_DISK_UPPER_MIB, MAX_USER_BYTES, ROOTFS_SERIAL, UPPER_SERIAL,
+};
 pub use share::{
     check_distinct as check_distinct_shares, check_guest_path, ShareMode, ShareSpec, MAX_SHARES,
     MAX_SHARE_GUEST_PATH, MAX_SHARE_TAG,
@@ -40,7 +45,7 @@ pub use snapshot::{
 };
 pub use spec::{
     check_cpus, check_memory_mib, Accel, BootSource, ConsoleSpec, DiskFormat, DiskSpec, HostLimits,
-    VmSpec, VsockSpec, MAX_CPUS, MAX_MEMORY_MIB, MIN_MEMORY_MIB,
+    VmSpec, VsockSpec, MAX_CPUS, MAX_DISK_SERIAL, MAX_MEMORY_MIB, MIN_MEMORY_MIB,
 };
 
 /// The line capsa's guest init prints on the console once the guest is set up.

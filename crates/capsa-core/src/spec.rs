@@ -16,6 +16,9 @@ pub const MIN_MEMORY_MIB: u64 = 128;
 /// Most guest memory a spec may ask for (1 TiB), before the host's own limit.
 pub const MAX_MEMORY_MIB: u64 = 1 << 20;
 
+/// Longest virtio-blk serial (the device's ID field holds 20 bytes).
+pub const MAX_DISK_SERIAL: usize = 20;
+
 /// Everything needed to start one VM.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -41,6 +44,10 @@ pub struct VmSpec {
     /// Host directories mounted in the guest over virtio-fs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub shares: Vec<crate::ShareSpec>,
+    /// Boot with a root filesystem image (see [`crate::RootfsSpec`]); set with
+    /// [`VmSpec::set_rootfs`], which also attaches its disks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs: Option<crate::RootfsSpec>,
 }
 
 /// A virtio-vsock device. The host side is a Unix socket in the hybrid-vsock
@@ -90,6 +97,10 @@ pub struct DiskSpec {
     /// typo or a hostile request cannot hand a whole host disk to a guest.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_device: bool,
+    /// virtio-blk serial the guest sees (`/sys/block/vdX/serial`): letters,
+    /// digits, `-`, `_`, at most 20 bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
 }
 
 impl DiskSpec {
@@ -100,6 +111,7 @@ impl DiskSpec {
             read_only: false,
             format: None,
             allow_device: false,
+            serial: None,
         }
     }
 
@@ -257,6 +269,7 @@ impl VmSpec {
             accel: Accel::Auto,
             vsock: None,
             shares: Vec::new(),
+            rootfs: None,
         }
     }
 
@@ -315,6 +328,23 @@ impl VmSpec {
                 ));
             }
         }
+        for disk in &self.disks {
+            if let Some(serial) = &disk.serial {
+                if serial.is_empty()
+                    || serial.len() > MAX_DISK_SERIAL
+                    || !serial
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                {
+                    return Err(Error::invalid(
+                        "disk",
+                        format!("serial {serial:?} of {}", disk.path.display()),
+                        format!("use 1-{MAX_DISK_SERIAL} letters, digits, '-' or '_'"),
+                    ));
+                }
+            }
+        }
+        self.validate_rootfs()?;
         for disk in &mut self.disks {
             let format = probe_disk_format(&disk.path, disk.read_only, disk.allow_device).map_err(
                 |source| Error::Disk {

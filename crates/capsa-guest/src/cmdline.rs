@@ -49,6 +49,9 @@ pub struct Config {
     pub term: String,
     /// Log every step with timings (`capsa.debug=1`).
     pub debug: bool,
+    /// A root filesystem image to mount for user commands
+    /// (`capsa.rootfs=erofs|ext4` with `capsa.upper=tmpfs:MIB|disk`).
+    pub rootfs: Option<RootfsBoot>,
     /// Options that were ignored, to be logged on the console.
     pub warnings: Vec<String>,
 }
@@ -60,10 +63,32 @@ impl Default for Config {
             hostname: DEFAULT_HOSTNAME.to_string(),
             term: DEFAULT_TERM.to_string(),
             debug: false,
+            rootfs: None,
             warnings: Vec::new(),
         }
     }
 }
+
+/// The root filesystem the host attached (virtio-blk serial `capsa-rootfs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RootfsBoot {
+    /// File system type of the image: `erofs` or `ext4`.
+    pub fstype: &'static str,
+    /// The writable layer.
+    pub upper: Upper,
+}
+
+/// The writable layer over the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upper {
+    /// A tmpfs capped at this many MiB.
+    Tmpfs(u64),
+    /// An ext4 disk with serial `capsa-upper`.
+    Disk,
+}
+
+/// Largest tmpfs upper accepted (1 TiB; the host caps it at the guest's RAM).
+pub const MAX_TMPFS_MIB: u64 = 1 << 20;
 
 /// A command line `capsa-init` cannot act on; the guest powers off after printing it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +101,8 @@ pub enum CmdlineError {
     ConflictingMode(String),
     /// `capsa.run` is not an absolute path (or is empty or too long).
     BadProgram(String),
+    /// `capsa.rootfs` / `capsa.upper` missing, unknown or inconsistent.
+    BadRootfs(String),
 }
 
 impl fmt::Display for CmdlineError {
@@ -95,6 +122,11 @@ impl fmt::Display for CmdlineError {
             Self::ConflictingMode(m) => write!(
                 f,
                 "capsa.run given together with capsa.mode={m:?} (fix: drop one of them)"
+            ),
+            Self::BadRootfs(why) => write!(
+                f,
+                "bad root filesystem options: {why} (fix: let capsa set capsa.rootfs and \
+                 capsa.upper, e.g. with --image)"
             ),
             Self::BadProgram(p) => write!(
                 f,
@@ -172,6 +204,8 @@ pub fn parse(line: &str) -> Result<Config, CmdlineError> {
     }
     let mut mode: Option<String> = None;
     let mut run: Option<String> = None;
+    let mut rootfs: Option<String> = None;
+    let mut upper: Option<String> = None;
     for param in &params {
         let Some(rest) = param.strip_prefix("capsa.") else {
             continue;
@@ -180,6 +214,8 @@ pub fn parse(line: &str) -> Result<Config, CmdlineError> {
         match key {
             "mode" => mode = Some(value.to_string()),
             "run" => run = Some(value.to_string()),
+            "rootfs" => rootfs = Some(value.to_string()),
+            "upper" => upper = Some(value.to_string()),
             "hostname" => match valid_hostname(value) {
                 true => cfg.hostname = value.to_string(),
                 false => cfg.warnings.push(format!(
@@ -217,7 +253,31 @@ pub fn parse(line: &str) -> Result<Config, CmdlineError> {
         (Some("agent"), Some(_)) => return Err(CmdlineError::ConflictingMode("agent".to_string())),
         (Some(other), _) => return Err(CmdlineError::UnknownMode(truncate(other))),
     };
+    cfg.rootfs = parse_rootfs(rootfs.as_deref(), upper.as_deref())?;
     Ok(cfg)
+}
+
+fn parse_rootfs(
+    rootfs: Option<&str>,
+    upper: Option<&str>,
+) -> Result<Option<RootfsBoot>, CmdlineError> {
+    let bad = |s: String| Err(CmdlineError::BadRootfs(s));
+    let fstype = match rootfs {
+        None if upper.is_none() => return Ok(None),
+        None => return bad("capsa.upper without capsa.rootfs".into()),
+        Some("erofs") => "erofs",
+        Some("ext4") => "ext4",
+        Some(other) => return bad(format!("capsa.rootfs={:?}", truncate(other))),
+    };
+    let upper = match upper {
+        Some("disk") => Upper::Disk,
+        Some(u) => match u.strip_prefix("tmpfs:").map(str::parse::<u64>) {
+            Some(Ok(mib)) if (1..=MAX_TMPFS_MIB).contains(&mib) => Upper::Tmpfs(mib),
+            _ => return bad(format!("capsa.upper={:?}", truncate(u))),
+        },
+        None => return bad("capsa.rootfs without capsa.upper".into()),
+    };
+    Ok(Some(RootfsBoot { fstype, upper }))
 }
 
 fn valid_program(p: &str) -> Result<PathBuf, CmdlineError> {
@@ -326,6 +386,34 @@ mod tests {
             parse("capsa.run"),
             Err(CmdlineError::BadProgram(_))
         ));
+    }
+
+    #[test]
+    fn rootfs_options() {
+        let c = parse("capsa.mode=agent capsa.rootfs=erofs capsa.upper=tmpfs:256").unwrap();
+        assert_eq!(
+            c.rootfs,
+            Some(RootfsBoot {
+                fstype: "erofs",
+                upper: Upper::Tmpfs(256)
+            })
+        );
+        let c = parse("capsa.rootfs=ext4 capsa.upper=disk").unwrap();
+        assert_eq!(c.rootfs.unwrap().upper, Upper::Disk);
+        for bad in [
+            "capsa.rootfs=btrfs capsa.upper=disk",
+            "capsa.rootfs=erofs",
+            "capsa.upper=disk",
+            "capsa.rootfs=erofs capsa.upper=tmpfs:0",
+            "capsa.rootfs=erofs capsa.upper=tmpfs:x",
+            "capsa.rootfs=erofs capsa.upper=tmpfs:99999999999999999999",
+        ] {
+            assert!(
+                matches!(parse(bad), Err(CmdlineError::BadRootfs(_))),
+                "{bad}"
+            );
+        }
+        assert_eq!(parse("quiet").unwrap().rootfs, None);
     }
 
     #[test]

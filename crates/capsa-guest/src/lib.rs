@@ -28,6 +28,8 @@ mod console;
 #[cfg(target_os = "linux")]
 pub mod pid1;
 #[cfg(target_os = "linux")]
+mod rootfs;
+#[cfg(target_os = "linux")]
 mod setup;
 #[cfg(target_os = "linux")]
 mod supervisor;

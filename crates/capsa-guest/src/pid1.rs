@@ -69,6 +69,11 @@ fn boot() -> Result<Config, BootError> {
     if let Err(e) = setup::loopback_up() {
         warning!("cannot bring up lo: {e}");
     }
+    if let Some(r) = &cfg.rootfs {
+        // Fatal: commands must not silently run in the initramfs instead of
+        // the image the host asked for.
+        crate::rootfs::mount_root(r, &cfg.hostname).map_err(BootError::Rootfs)?;
+    }
     Ok(cfg)
 }
 
@@ -87,6 +92,7 @@ enum BootError {
     Mount(std::io::Error),
     Cmdline(std::io::Error),
     Config(CmdlineError),
+    Rootfs(std::io::Error),
 }
 
 impl std::fmt::Display for BootError {
@@ -95,6 +101,7 @@ impl std::fmt::Display for BootError {
             Self::Mount(e) => write!(f, "{e}"),
             Self::Cmdline(e) => write!(f, "cannot read /proc/cmdline: {e}"),
             Self::Config(e) => write!(f, "{e}"),
+            Self::Rootfs(e) => write!(f, "cannot mount the image root filesystem: {e}"),
         }
     }
 }

@@ -33,6 +33,8 @@ pub const DEFAULT_MODULES: &[&str] = &[
     "9p",
     "9pnet_virtio",
     "overlay",
+    // Image root filesystems (`capsa run --image`) are EROFS (or ext4).
+    "erofs",
 ];
 
 /// Largest decompressed module accepted.

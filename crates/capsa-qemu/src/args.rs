@@ -319,7 +319,16 @@ pub fn build_args_with(
             });
         }
         push(&["-blockdev", &node.to_string()]);
-        push(&["-device", &format!("virtio-blk-pci,drive=disk{i},id=vd{i}")]);
+        // Serials are validated ([A-Za-z0-9_-]): nothing to escape.
+        let serial = disk
+            .serial
+            .as_deref()
+            .map(|s| format!(",serial={s}"))
+            .unwrap_or_default();
+        push(&[
+            "-device",
+            &format!("virtio-blk-pci,drive=disk{i},id=vd{i}{serial}"),
+        ]);
     }
     if launch.incoming {
         push(&["-incoming", "defer"]);
@@ -379,6 +388,7 @@ mod tests {
         assert_eq!(v["read-only"], true);
         assert_eq!(v["file"]["filename"], "/d/a.qcow2");
         assert!(joined.contains("virtio-blk-pci,drive=disk0"));
+        assert!(!joined.contains("serial="));
     }
 
     #[test]

@@ -618,6 +618,8 @@ pub(crate) async fn restore(
                 .await?;
                 *d = DiskSpec {
                     format: Some(DiskFormat::Qcow2),
+                    // The guest found its disks by serial at boot.
+                    serial: d.serial.clone(),
                     ..DiskSpec::new(overlay)
                 };
             }

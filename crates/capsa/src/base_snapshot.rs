@@ -12,6 +12,10 @@
 //! a half-written one; a base that fails to restore is deleted and remade.
 //!
 //! Sandboxes with disks always boot cold: their disks' content is per run.
+//! An image sandbox with the default tmpfs upper is the exception: its only
+//! disk is the read-only image, so the key (which holds the spec, hence the
+//! image digest and file) names one base per image; a restore checks the
+//! image file's identity like any read-only disk's. A disk upper boots cold.
 
 use std::path::{Path, PathBuf};
 
@@ -42,7 +46,11 @@ pub async fn dir_for(builder: &SandboxBuilder) -> Result<Option<PathBuf>> {
 
 async fn key(builder: &SandboxBuilder) -> Result<Option<String>> {
     let mut spec = builder.vm_spec().await?;
-    if !spec.disks.is_empty() {
+    let only_image = spec
+        .disks
+        .iter()
+        .all(|d| d.read_only && d.serial.as_deref() == Some(capsa_core::ROOTFS_SERIAL));
+    if !only_image {
         return Ok(None);
     }
     spec.console = Default::default();

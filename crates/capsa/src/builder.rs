@@ -163,6 +163,15 @@ impl VmBuilder {
         self
     }
 
+    /// Boots with a root filesystem image (see [`capsa_core::RootfsSpec`]):
+    /// attaches it read-only (and a disk upper) and tells the guest init.
+    pub fn rootfs(mut self, rootfs: capsa_core::RootfsSpec) -> Self {
+        if let Err(e) = self.spec.set_rootfs(rootfs) {
+            self.deferred.get_or_insert(e.into());
+        }
+        self
+    }
+
     /// Adds kernel arguments (`key=value` or flags); later values of a key win.
     pub fn cmdline_arg(mut self, args: &str) -> Self {
         let BootSource::LinuxDirect { cmdline, .. } = &mut self.spec.boot;

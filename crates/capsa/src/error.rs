@@ -83,6 +83,9 @@ pub enum Error {
         /// Which part of the rule it breaks.
         problem: &'static str,
     },
+    /// The OCI image store (finding, loading or converting an image).
+    #[error(transparent)]
+    Oci(#[from] capsa_oci::OciError),
     /// An argument to a library call is unusable.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

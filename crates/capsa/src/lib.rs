@@ -31,6 +31,7 @@ mod guest;
 mod handle;
 mod pool;
 mod registry;
+pub mod rootfs;
 mod sandbox;
 mod share;
 mod snapshot;

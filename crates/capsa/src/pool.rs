@@ -188,7 +188,7 @@ async fn refill(inner: Arc<Inner>) {
         let result = match inner.restore.clone().build().await {
             // One exec before handing it out: under TCG a restored guest has
             // no translated code yet, and the first fork/exec pays for it.
-            Ok(sb) => sb.exec(&crate::Command::new("true")).await.map(|_| sb),
+            Ok(sb) => sb.warm_up().await.map(|_| sb),
             Err(e) => Err(e),
         };
         let failed = {

@@ -12,7 +12,7 @@ use capsa_agent_client::{AgentClient, BoxedStream, ExecChild, Output};
 use capsa_core::{Accel, DiskSpec};
 use capsa_proto::{AgentInfo, ExecRequest, FileMeta, PtySize, WriteFileRequest, AGENT_PORT};
 
-use crate::{Capsa, Error, LinuxDirectBoot, Result, Strategy, VmHandle};
+use crate::{Capsa, Error, Result, Strategy, VmHandle};
 
 /// Default for [`SandboxBuilder::ready_timeout`]: a TCG boot takes ~2.5 s; CI machines are slower.
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(120);
@@ -38,6 +38,9 @@ pub struct SandboxBuilder {
     pub(crate) keep_running: bool,
     pub(crate) fast_start: bool,
     pub(crate) shares: Vec<capsa_core::ShareSpec>,
+    /// An OCI image (name or digest) to run commands in.
+    pub(crate) image: Option<String>,
+    pub(crate) upper: Option<crate::rootfs::Upper>,
 }
 
 /// What `sandbox.json` holds for a sandbox, so a reattach restores the
@@ -79,6 +82,8 @@ impl Capsa {
             keep_running: false,
             fast_start: true,
             shares: Vec::new(),
+            image: None,
+            upper: None,
         }
     }
 }
@@ -176,6 +181,25 @@ impl SandboxBuilder {
         self
     }
 
+    /// Runs commands inside this OCI image (a name such as `alpine:3.20`,
+    /// a digest, or a unique digest prefix from `capsa image ls`), found in
+    /// the image store (`$CAPSA_IMAGE_STORE`, default `~/.cache/capsa/images`)
+    /// and converted to a read-only EROFS image on first use. Its `Env`,
+    /// `WorkingDir` and `User` apply to every command (under the sandbox's
+    /// and the command's own settings); [`Sandbox::image_command`] gives its
+    /// `Entrypoint`/`Cmd`. Writes go to a per-sandbox upper layer
+    /// ([`SandboxBuilder::upper`], default a tmpfs of half the RAM).
+    pub fn image(mut self, reference: impl Into<String>) -> Self {
+        self.image = Some(reference.into());
+        self
+    }
+
+    /// The writable layer over the image (see [`SandboxBuilder::image`]).
+    pub fn upper(mut self, upper: crate::rootfs::Upper) -> Self {
+        self.upper = Some(upper);
+        self
+    }
+
     /// Starts from this spec's base snapshot (default on): the first build of
     /// a spec boots cold and saves a snapshot of the VM right after its agent
     /// answers (in [`crate::base_snapshot::cache_dir`]); later builds restore
@@ -200,25 +224,11 @@ impl SandboxBuilder {
     /// Boots the VM and returns once its agent answers.
     pub(crate) async fn boot(self) -> Result<Sandbox> {
         check_keep_running_name(self.keep_running, self.name.as_deref())?;
-        let bundle = match self.bundle {
-            Some(b) => b,
-            None => crate::default_bundle().await?,
-        };
-        let mut vm = Capsa::vm(LinuxDirectBoot::from_bundle(&bundle))
-            .cpus(self.cpus)
-            .memory_mb(self.memory_mib)
-            .accel(self.accel)
-            .console()
-            .vsock()
-            .cmdline_arg("capsa.mode=agent");
-        for d in self.disks {
-            vm = vm.disk_spec(d);
-        }
+        let mut vm = self.vm_builder().await?;
+        // Shares are no part of the spec snapshots and pools compare: a boot
+        // plugs them in; a restore hot-plugs them (see `base_snapshot`).
         for s in self.shares {
             vm = vm.share(s);
-        }
-        for a in &self.cmdline {
-            vm = vm.cmdline_arg(a);
         }
         if let Some(n) = self.name {
             vm = vm.name(n);
@@ -348,6 +358,8 @@ pub struct Sandbox {
     pub(crate) op_timeout: Duration,
     /// Started from a snapshot (a base snapshot, a named one, a pool's).
     pub(crate) restored: bool,
+    /// The image's `User`, resolved in the image once (uid, gid).
+    pub(crate) image_user: Arc<tokio::sync::OnceCell<(u32, u32)>>,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -399,7 +411,35 @@ impl Sandbox {
                 .op_timeout_ms
                 .map_or(DEFAULT_OP_TIMEOUT, Duration::from_millis),
             restored: false,
+            image_user: Default::default(),
         })
+    }
+
+    /// Runs `true` once (right after a restore under TCG the first fork+exec
+    /// pays for translating the code; pools pay it before handing out). An
+    /// image need not have a `true`: there, "not found" (nothing forked)
+    /// still proves the agent answers and is not an error.
+    pub async fn warm_up(&self) -> Result<()> {
+        match self.exec(&Command::new("true")).await {
+            Ok(_) => Ok(()),
+            Err(e) if self.rootfs().is_some() && e.spawn_exit_code().is_some() => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The image root filesystem this sandbox runs commands in, if any.
+    pub fn rootfs(&self) -> Option<&capsa_core::RootfsSpec> {
+        self.vm.spec().rootfs.as_ref()
+    }
+
+    /// What runs for `args` in an image sandbox, with Docker's rules: the
+    /// image's `Entrypoint`, then `args`, or the image's `Cmd` when `args` is
+    /// empty. Without an image, `args` itself. Empty: nothing to run.
+    pub fn image_command(&self, args: &[String]) -> Vec<String> {
+        match self.rootfs() {
+            Some(r) => r.config.command(args),
+            None => args.to_vec(),
+        }
     }
 
     /// The sandbox's (VM's) name.
@@ -463,20 +503,75 @@ impl Sandbox {
         Ok(self.client.info(self.op_timeout).await?)
     }
 
-    fn request(&self, cmd: &Command) -> ExecRequest {
+    async fn request(&self, cmd: &Command) -> Result<ExecRequest> {
         let mut req = cmd.req.clone();
-        let mut env: Vec<(String, String)> = self.env.as_ref().clone();
+        let image = self.rootfs().map(|r| &r.config);
+        // The image's Env under the sandbox's under the command's.
+        let mut env: Vec<(String, String)> =
+            image.map(crate::rootfs::image_env).unwrap_or_default();
+        env.extend(self.env.as_ref().iter().cloned());
         env.extend(req.env);
         req.env = env;
         if req.cwd.is_none() {
-            req.cwd = self.workdir.clone();
+            req.cwd = self
+                .workdir
+                .clone()
+                .or_else(|| image.and_then(|c| c.working_dir.clone()));
         }
-        req
+        if req.uid.is_none() {
+            if let Some(user) = image.and_then(|c| c.user.as_deref()) {
+                let (uid, gid) = *self
+                    .image_user
+                    .get_or_try_init(|| self.lookup_user(user))
+                    .await?;
+                req.uid = Some(uid);
+                req.gid = Some(gid);
+            }
+        }
+        Ok(req)
+    }
+
+    /// Resolves the image's `User` in the image's own account files.
+    async fn lookup_user(&self, user: &str) -> Result<(u32, u32)> {
+        // Numeric ids need no files (distroless images have none).
+        if let Some((u, g)) = user.split_once(':') {
+            if let (Ok(u), Ok(g)) = (u.parse::<u32>(), g.parse::<u32>()) {
+                return Ok((u, g));
+            }
+        }
+        let passwd = self.read_account_file("/etc/passwd").await?;
+        let group = self.read_account_file("/etc/group").await?;
+        crate::rootfs::resolve_user(user, &passwd, &group)
+    }
+
+    /// An account file of the image, bounded; missing means empty.
+    async fn read_account_file(&self, path: &str) -> Result<Vec<u8>> {
+        use crate::copy::GuestFs;
+        let fs = self.files();
+        match fs.stat(path).await {
+            Ok(m) if m.size as usize > crate::rootfs::MAX_ACCOUNT_FILE => {
+                Err(Error::GuestInput(format!(
+                    "{path} of the image is {} bytes (at most {})",
+                    m.size,
+                    crate::rootfs::MAX_ACCOUNT_FILE
+                )))
+            }
+            Ok(_) => {
+                let mut out = Vec::new();
+                let w = BoundedWriter {
+                    buf: &mut out,
+                    left: crate::rootfs::MAX_ACCOUNT_FILE,
+                };
+                self.client.read_file(path, w, self.op_timeout).await?;
+                Ok(out)
+            }
+            Err(_) => Ok(Vec::new()),
+        }
     }
 
     /// Runs a command to completion and collects its output.
     pub async fn exec(&self, cmd: &Command) -> Result<Output> {
-        let req = self.request(cmd);
+        let req = self.request(cmd).await?;
         match &cmd.stdin {
             None => {
                 // The command's own timeout (enforced in the guest) bounds the run;
@@ -519,7 +614,10 @@ impl Sandbox {
     /// Starts a command and returns a streaming child (`stdin()`, `stdout()`,
     /// `stderr()`, `wait()`, `kill()`, `signal()`, `resize()`).
     pub async fn spawn(&self, cmd: &Command) -> Result<ExecChild> {
-        Ok(self.client.exec(self.request(cmd), self.op_timeout).await?)
+        Ok(self
+            .client
+            .exec(self.request(cmd).await?, self.op_timeout)
+            .await?)
     }
 
     /// Writes `data` to `path` (mode 0644, parents created).
@@ -603,6 +701,39 @@ impl Sandbox {
     /// Kills the sandbox at once.
     pub async fn kill(&self) -> Result<capsa_core::ExitReason> {
         self.vm.kill().await
+    }
+}
+
+/// Collects at most `left` bytes; more is an error (a file grown past its stat).
+struct BoundedWriter<'a> {
+    buf: &'a mut Vec<u8>,
+    left: usize,
+}
+
+impl tokio::io::AsyncWrite for BoundedWriter<'_> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if data.len() > self.left {
+            return std::task::Poll::Ready(Err(std::io::Error::other("file too large")));
+        }
+        self.left -= data.len();
+        self.buf.extend_from_slice(data);
+        std::task::Poll::Ready(Ok(data.len()))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
     }
 }
 

@@ -484,6 +484,7 @@ async fn finish_restore(
         workdir,
         op_timeout,
         restored: true,
+        image_user: Default::default(),
     })
 }
 
@@ -590,6 +591,16 @@ impl SandboxBuilder {
         }
         for a in &self.cmdline {
             vm = vm.cmdline_arg(a);
+        }
+        if let Some(reference) = &self.image {
+            let rootfs =
+                crate::rootfs::resolve(reference, self.memory_mib, self.upper.as_ref()).await?;
+            vm = vm.rootfs(rootfs);
+        } else if self.upper.is_some() {
+            return Err(Error::InvalidArgument(
+                "an upper layer without an image; fix: add .image(REF) (--image) or drop the upper"
+                    .into(),
+            ));
         }
         Ok(vm)
     }

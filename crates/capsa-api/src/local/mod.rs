@@ -166,6 +166,18 @@ fn validate_create(req: &CreateSandboxRequest) -> ApiResult<()> {
     for s in &req.shares {
         check_share_guest(&s.guest)?;
     }
+    if let Some(i) = &req.image {
+        validate_image_ref(i)?;
+        if req.from_snapshot.is_some() {
+            return Err(ApiError::bad_request(
+                "image conflicts with from_snapshot: the snapshot fixes the root filesystem",
+            )
+            .fix("drop image, or drop from_snapshot"));
+        }
+    } else if req.tmpfs_upper_mib.is_some() || req.disk_upper.is_some() {
+        return Err(ApiError::bad_request("an upper layer without image")
+            .fix("add image, or drop tmpfs_upper_mib/disk_upper"));
+    }
     Ok(())
 }
 
@@ -564,6 +576,24 @@ impl Service for LocalService {
         validate_name(&name)?;
         validate_create(&req)?;
         resolve_disks(&mut req, &self.host_paths)?;
+        if let Some(d) = &mut req.disk_upper {
+            match &self.host_paths {
+                HostPaths::Caller => {
+                    d.path = std::path::absolute(&d.path)
+                        .map_err(|e| ApiError::bad_request(format!("disk upper {}: {e}", d.path)))?
+                        .display()
+                        .to_string();
+                }
+                HostPaths::Policy(_) => {
+                    return Err(ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        ErrorCode::PathNotAllowed,
+                        "a disk upper layer names a host file capsad would create; API clients cannot ask for one",
+                    )
+                    .fix("use the tmpfs upper (tmpfs_upper_mib), or create the sandbox with the CLI on the host (no --host)"));
+                }
+            }
+        }
         for s in &mut req.shares {
             resolve_share(s, &self.host_paths)?;
         }

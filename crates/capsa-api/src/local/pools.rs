@@ -54,7 +54,7 @@ pub type PoolConfig = CreatePoolRequest;
 
 /// Parses `NAME=SIZE[,memory=MIB][,cpus=N][,snapshot=NAME]` (`capsad --pool`).
 pub fn parse_pool_flag(s: &str) -> Result<PoolConfig, String> {
-    let fix = "fix: write --pool NAME=SIZE[,memory=MIB][,cpus=N][,snapshot=SNAPSHOT], e.g. --pool py=2,memory=256";
+    let fix = "fix: write --pool NAME=SIZE[,memory=MIB][,cpus=N][,snapshot=SNAPSHOT][,image=REF], e.g. --pool py=2,memory=256";
     let mut parts = s.split(',');
     let head = parts.next().unwrap_or_default();
     let (name, size) = head
@@ -69,6 +69,7 @@ pub fn parse_pool_flag(s: &str) -> Result<PoolConfig, String> {
         cpus: None,
         memory_mib: None,
         snapshot: None,
+        image: None,
     };
     for kv in parts {
         let (k, v) = kv
@@ -87,6 +88,7 @@ pub fn parse_pool_flag(s: &str) -> Result<PoolConfig, String> {
                 )
             }
             "snapshot" => cfg.snapshot = Some(v.to_string()),
+            "image" => cfg.image = Some(v.to_string()),
             _ => return Err(format!("--pool {s:?}: unknown key {k:?}; {fix}")),
         }
     }
@@ -250,6 +252,18 @@ impl Pools {
         }
         if let Some(m) = cfg.memory_mib {
             capsa_core::check_memory_mib(m).map_err(crate::error::core_err)?;
+        }
+        if let Some(i) = &cfg.image {
+            if i.is_empty() || i.len() > 512 || i.chars().any(|c| c.is_control()) {
+                return Err(ApiError::bad_request("image is not an image reference")
+                    .fix("give a name or digest from `capsa image ls`"));
+            }
+            if cfg.snapshot.is_some() {
+                return Err(ApiError::bad_request(
+                    "a pool from a snapshot takes its root filesystem from the snapshot",
+                )
+                .fix("drop image, or drop snapshot"));
+            }
         }
         if let Some(s) = &cfg.snapshot {
             if cfg.cpus.is_some() || cfg.memory_mib.is_some() {
@@ -554,7 +568,7 @@ async fn restore_member(
     // Right after a restore TCG has no translated code: the first fork+exec
     // costs ~100 ms. Pay it here, before the member counts as ready, as the
     // library's pool does, so acquire-to-first-exec stays short.
-    let warm = sb.exec(&capsa::Command::new("true")).await;
+    let warm = sb.warm_up().await;
     if let Err(e) = warm {
         let _ = shared.reg.remove(name, true).await;
         return Err(e);
@@ -575,6 +589,9 @@ async fn base_of(shared: &Shared, cfg: &PoolConfig) -> capsa::Result<PathBuf> {
     }
     if let Some(m) = cfg.memory_mib {
         b = b.memory_mb(m);
+    }
+    if let Some(i) = &cfg.image {
+        b = b.image(i);
     }
     let dir = capsa::base_snapshot::dir_for(&b).await?.ok_or_else(|| {
         capsa::Error::InvalidArgument("this pool's spec has no base snapshot".into())
@@ -694,7 +711,8 @@ mod tests {
                 size: 2,
                 cpus: Some(1),
                 memory_mib: Some(256),
-                snapshot: None
+                snapshot: None,
+                image: None
             }
         );
         let c = parse_pool_flag("a=1,snapshot=base").unwrap();

@@ -56,11 +56,13 @@ const VEOF: u8 = 0x04;
 
 /// The environment every exec starts from; request entries override it.
 fn default_env(term: &str) -> Vec<(String, String)> {
-    let home = if Path::new("/root").is_dir() {
-        "/root"
-    } else {
-        "/"
+    let root_is_dir = match crate::rootfs::root() {
+        Some(r) => r
+            .stat(Path::new("/root"))
+            .is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR),
+        None => Path::new("/root").is_dir(),
     };
+    let home = if root_is_dir { "/root" } else { "/" };
     vec![
         ("PATH".to_string(), crate::GUEST_PATH.to_string()),
         ("HOME".to_string(), home.to_string()),
@@ -88,15 +90,55 @@ pub(crate) fn merge_env(
 ///
 /// Done by the agent, not by `exec`, so that a missing program is reported
 /// as [`ErrorKind::NotFound`] before anything is forked.
+#[cfg(test)]
 pub(crate) fn find_program(argv0: &str, path_var: &str, cwd: &str) -> Result<PathBuf, AgentError> {
+    find_program_with(argv0, path_var, cwd, &host_stat)
+}
+
+/// What program lookup needs of a file.
+pub(crate) struct FileInfo {
+    is_dir: bool,
+    is_file: bool,
+    mode: u32,
+}
+
+/// `stat` in the agent's own file system.
+fn host_stat(p: &Path) -> io::Result<FileInfo> {
+    let m = std::fs::metadata(p)?;
+    Ok(FileInfo {
+        is_dir: m.is_dir(),
+        is_file: m.is_file(),
+        mode: m.permissions().mode(),
+    })
+}
+
+/// `stat` inside the image root (symlinks resolved there).
+fn root_stat(root: &crate::rootfs::RootDir, p: &Path) -> io::Result<FileInfo> {
+    let st = root.stat(p)?;
+    let fmt = st.st_mode & libc::S_IFMT;
+    Ok(FileInfo {
+        is_dir: fmt == libc::S_IFDIR,
+        is_file: fmt == libc::S_IFREG,
+        mode: st.st_mode,
+    })
+}
+
+/// [`find_program`] with the file system given by `stat` (the agent's own,
+/// or the image root's).
+pub(crate) fn find_program_with(
+    argv0: &str,
+    path_var: &str,
+    cwd: &str,
+    stat: &dyn Fn(&Path) -> io::Result<FileInfo>,
+) -> Result<PathBuf, AgentError> {
     let not_found = |msg: String| AgentError {
         kind: ErrorKind::NotFound,
         message: msg,
     };
     if argv0.contains('/') {
         let p = Path::new(cwd).join(argv0);
-        return match std::fs::metadata(&p) {
-            Ok(m) if m.is_dir() => Err(AgentError {
+        return match stat(&p) {
+            Ok(m) if m.is_dir => Err(AgentError {
                 kind: ErrorKind::PermissionDenied,
                 message: format!("{argv0}: is a directory"),
             }),
@@ -108,12 +150,12 @@ pub(crate) fn find_program(argv0: &str, path_var: &str, cwd: &str) -> Result<Pat
     for dir in path_var.split(':').take(256) {
         // An empty PATH element means the current directory (POSIX).
         let dir = if dir.is_empty() { cwd } else { dir };
-        let candidate = Path::new(dir).join(argv0);
-        if let Ok(m) = std::fs::metadata(&candidate) {
-            if m.is_file() && m.permissions().mode() & 0o111 != 0 {
+        let candidate = Path::new(cwd).join(dir).join(argv0);
+        if let Ok(m) = stat(&candidate) {
+            if m.is_file && m.mode & 0o111 != 0 {
                 return Ok(candidate);
             }
-            if m.is_file() {
+            if m.is_file {
                 not_executable.get_or_insert(candidate);
             }
         }
@@ -148,8 +190,13 @@ pub(super) fn run<S: Read + Write + AsRawFd>(
     // A bad cwd is the request's fault (InvalidInput): at exec start,
     // NotFound and PermissionDenied mean the program alone, so the host can
     // map them to the shell's 127 and 126.
-    match std::fs::metadata(&cwd) {
-        Ok(m) if m.is_dir() => {}
+    let root = crate::rootfs::root();
+    let stat = |p: &Path| match root {
+        Some(r) => root_stat(r, p),
+        None => host_stat(p),
+    };
+    match stat(Path::new(&cwd)) {
+        Ok(m) if m.is_dir => {}
         Ok(_) => return Err(Fail::Reply(invalid(format!("cwd {cwd}: not a directory")))),
         Err(e) => return Err(Fail::Reply(invalid(format!("cwd {cwd}: {e}")))),
     }
@@ -159,25 +206,43 @@ pub(super) fn run<S: Read + Write + AsRawFd>(
         .find(|(k, _)| k == "PATH")
         .map(|(_, v)| v.as_str())
         .unwrap_or("");
-    let program = find_program(&req.argv[0], path_var, &cwd).map_err(Fail::Reply)?;
+    // With an image root, PATH is searched inside the image.
+    let program = find_program_with(&req.argv[0], path_var, &cwd, &stat).map_err(Fail::Reply)?;
 
     let mut cmd = Command::new(&program);
     cmd.arg0(&req.argv[0])
         .args(&req.argv[1..])
         .env_clear()
         .envs(env.iter().map(|(k, v)| (k, v)));
-    // Setting a cwd equal to our own would only cost: std cannot use
-    // posix_spawn with a cwd in a static binary and falls back to fork.
-    if std::env::current_dir().ok().as_deref() != Some(std::path::Path::new(&cwd)) {
-        cmd.current_dir(&cwd);
-    }
-    // std drops supplementary groups and calls setgid before setuid.
-    if let Some(gid) = req.gid {
-        cmd.gid(gid);
-    }
-    if let Some(uid) = req.uid {
-        cmd.uid(uid);
-    }
+    // In the image root the child enters the root itself (chroot, chdir,
+    // then the ids: std would set them before a pre_exec hook runs).
+    let enter = match root {
+        Some(r) => {
+            let cwd_c = std::ffi::CString::new(cwd.as_bytes())
+                .map_err(|_| Fail::Reply(invalid("cwd holds NUL")))?;
+            Some(EnterRoot {
+                root: r.path().clone(),
+                cwd: cwd_c,
+                uid: req.uid,
+                gid: req.gid,
+            })
+        }
+        None => {
+            // Setting a cwd equal to our own would only cost: std cannot use
+            // posix_spawn with a cwd in a static binary and falls back to fork.
+            if std::env::current_dir().ok().as_deref() != Some(std::path::Path::new(&cwd)) {
+                cmd.current_dir(&cwd);
+            }
+            // std drops supplementary groups and calls setgid before setuid.
+            if let Some(gid) = req.gid {
+                cmd.gid(gid);
+            }
+            if let Some(uid) = req.uid {
+                cmd.uid(uid);
+            }
+            None
+        }
+    };
     let pty = match req.pty {
         Some(size) => {
             let pty = sys::open_pty(size.rows, size.cols)
@@ -206,6 +271,13 @@ pub(super) fn run<S: Read + Write + AsRawFd>(
         }
     };
     let with_pty = pty.is_some();
+    if let Some(enter) = enter {
+        // SAFETY: the closure only makes async-signal-safe system calls on
+        // data prepared before the fork.
+        unsafe {
+            cmd.pre_exec(move || enter.enter());
+        }
+    }
     if with_pty {
         // SAFETY: the closure only makes async-signal-safe system calls.
         unsafe {
@@ -682,6 +754,43 @@ impl<S> Drop for ExecLoop<'_, S> {
         if self.status.is_none() {
             self.watch.signal(libc::SIGKILL);
         }
+    }
+}
+
+/// What a child does to enter the image root before `exec`.
+struct EnterRoot {
+    root: std::ffi::CString,
+    cwd: std::ffi::CString,
+    uid: Option<u32>,
+    gid: Option<u32>,
+}
+
+impl EnterRoot {
+    /// Runs in the forked child: only async-signal-safe calls.
+    fn enter(&self) -> io::Result<()> {
+        let check = |rc: libc::c_int| {
+            if rc == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::last_os_error())
+            }
+        };
+        // SAFETY: plain system calls on NUL-terminated strings made before the fork.
+        unsafe {
+            check(libc::chroot(self.root.as_ptr()))?;
+            check(libc::chdir(self.cwd.as_ptr()))?;
+            if let Some(gid) = self.gid {
+                check(libc::setgroups(0, std::ptr::null()))?;
+                check(libc::setgid(gid))?;
+            }
+            if let Some(uid) = self.uid {
+                if self.gid.is_none() {
+                    check(libc::setgroups(0, std::ptr::null()))?;
+                }
+                check(libc::setuid(uid))?;
+            }
+        }
+        Ok(())
     }
 }
 

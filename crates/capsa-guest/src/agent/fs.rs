@@ -38,6 +38,74 @@ fn io_fail(context: &str, path: &Path, e: &io::Error) -> Fail {
     Fail::Reply(AgentError::io(&format!("{context} {}", path.display()), e))
 }
 
+/// A request path made ready for `std::fs` calls. Without an image root it
+/// is the path itself; with one, it goes through a directory fd opened with
+/// `openat2(RESOLVE_IN_ROOT)` (`/proc/self/fd/N/...`), so the image's
+/// absolute symlinks and `..` stay inside the image. The fd lives as long as this.
+struct Target {
+    path: PathBuf,
+    _fd: Option<std::os::fd::OwnedFd>,
+}
+
+/// `path` with its last component left for the call (lstat, unlink, rename,
+/// mkdir act on the entry, not on a symlink's target).
+fn entry(path: &Path) -> Result<Target, Fail> {
+    match crate::rootfs::root() {
+        None => Ok(Target {
+            path: path.to_path_buf(),
+            _fd: None,
+        }),
+        // "/" or a path ending in "..": no entry name to leave unresolved.
+        Some(_) if path.file_name().is_none() => resolved(path),
+        Some(r) => r
+            .entry(path)
+            .map(|(fd, p)| Target {
+                path: p,
+                _fd: Some(fd),
+            })
+            .map_err(|e| io_fail("resolve", path, &e)),
+    }
+}
+
+/// `path` with every component resolved (symlinks followed, inside the root).
+fn resolved(path: &Path) -> Result<Target, Fail> {
+    match crate::rootfs::root() {
+        None => Ok(Target {
+            path: path.to_path_buf(),
+            _fd: None,
+        }),
+        Some(r) => r
+            .resolved(path)
+            .map(|(fd, p)| Target {
+                path: p,
+                _fd: Some(fd),
+            })
+            .map_err(|e| io_fail("resolve", path, &e)),
+    }
+}
+
+/// `mkdir -p` that resolves each step inside the image root (if any).
+fn create_dir_all(p: &Path, mode: u32) -> Result<(), Fail> {
+    if crate::rootfs::root().is_none() {
+        return fs::DirBuilder::new()
+            .recursive(true)
+            .mode(mode)
+            .create(p)
+            .map_err(|e| io_fail("mkdir", p, &e));
+    }
+    let mut prefix = PathBuf::from("/");
+    for c in p.components().skip(1) {
+        prefix.push(c);
+        let t = entry(&prefix)?;
+        match fs::DirBuilder::new().mode(mode).create(&t.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io_fail("mkdir", &prefix, &e)),
+        }
+    }
+    Ok(())
+}
+
 /// Protocol metadata of a file.
 pub(crate) fn meta_of(m: &Metadata) -> FileMeta {
     let ft = m.file_type();
@@ -62,7 +130,8 @@ pub(crate) fn meta_of(m: &Metadata) -> FileMeta {
 /// `Stat`: `lstat`.
 pub(super) fn stat(path: &str) -> Result<AgentFrame, Fail> {
     let p = checked(path)?;
-    let m = fs::symlink_metadata(p).map_err(|e| io_fail("stat", p, &e))?;
+    let t = entry(p)?;
+    let m = fs::symlink_metadata(&t.path).map_err(|e| io_fail("stat", p, &e))?;
     Ok(AgentFrame::Meta(meta_of(&m)))
 }
 
@@ -70,17 +139,23 @@ pub(super) fn stat(path: &str) -> Result<AgentFrame, Fail> {
 /// filtered by the agent's umask) to the directory it creates.
 pub(super) fn mkdir(path: &str, parents: bool, mode: u32) -> Result<AgentFrame, Fail> {
     let p = checked(path)?;
-    let existed = parents && fs::symlink_metadata(p).is_ok();
-    fs::DirBuilder::new()
-        .recursive(parents)
-        .mode(mode & 0o7777)
-        .create(p)
-        .map_err(|e| io_fail("mkdir", p, &e))?;
+    let t = entry(p)?;
+    let existed = parents && fs::symlink_metadata(&t.path).is_ok();
+    if parents && crate::rootfs::root().is_some() {
+        create_dir_all(p, mode & 0o7777)?;
+    } else {
+        fs::DirBuilder::new()
+            .recursive(parents)
+            .mode(mode & 0o7777)
+            .create(&t.path)
+            .map_err(|e| io_fail("mkdir", p, &e))?;
+    }
+    let t = entry(p)?;
     if !existed {
-        fs::set_permissions(p, fs::Permissions::from_mode(mode & 0o7777))
+        fs::set_permissions(&t.path, fs::Permissions::from_mode(mode & 0o7777))
             .map_err(|e| io_fail("chmod", p, &e))?;
     }
-    let m = fs::symlink_metadata(p).map_err(|e| io_fail("stat", p, &e))?;
+    let m = fs::symlink_metadata(&t.path).map_err(|e| io_fail("stat", p, &e))?;
     Ok(AgentFrame::Done(Some(meta_of(&m))))
 }
 
@@ -160,19 +235,24 @@ pub(super) fn remove(path: &str, recursive: bool) -> Result<AgentFrame, Fail> {
     if p.components().count() <= 1 {
         return Err(Fail::Reply(invalid("refusing to remove /")));
     }
-    let m = fs::symlink_metadata(p).map_err(|e| io_fail("remove", p, &e))?;
-    // "/..", "/tmp/../" and the like are the root too.
-    if m.is_dir() && fs::canonicalize(p).is_ok_and(|c| c == Path::new("/")) {
+    // "/..", "/tmp/../" and the like are the root too (in an image root,
+    // `entry` refuses a path whose last component is not a name).
+    if crate::rootfs::root().is_some() && p.file_name().is_none() {
+        return Err(Fail::Reply(invalid("refusing to remove /")));
+    }
+    let t = entry(p)?;
+    let m = fs::symlink_metadata(&t.path).map_err(|e| io_fail("remove", p, &e))?;
+    if m.is_dir() && fs::canonicalize(&t.path).is_ok_and(|c| c == Path::new("/")) {
         return Err(Fail::Reply(invalid("refusing to remove /")));
     }
     let r = if m.is_dir() {
         if recursive {
-            fs::remove_dir_all(p)
+            fs::remove_dir_all(&t.path)
         } else {
-            fs::remove_dir(p)
+            fs::remove_dir(&t.path)
         }
     } else {
-        fs::remove_file(p)
+        fs::remove_file(&t.path)
     };
     r.map_err(|e| io_fail("remove", p, &e))?;
     Ok(AgentFrame::Done(None))
@@ -227,7 +307,9 @@ fn entries(dir: &Path, names: Vec<Name>) -> Vec<DirEntry> {
 /// refused with `InvalidInput`, pointing at `ListDirPage`.
 pub(super) fn list_dir(path: &str) -> Result<AgentFrame, Fail> {
     let p = checked(path)?;
-    let (names, more) = names_after(p, None, MAX_ITEMS).map_err(|e| io_fail("list", p, &e))?;
+    let t = resolved(p)?;
+    let (names, more) =
+        names_after(&t.path, None, MAX_ITEMS).map_err(|e| io_fail("list", p, &e))?;
     let too_big = || {
         Fail::Reply(invalid(format!(
             "{path} has more entries than fit one ListDir reply ({MAX_ITEMS} entries, \
@@ -237,7 +319,7 @@ pub(super) fn list_dir(path: &str) -> Result<AgentFrame, Fail> {
     if more {
         return Err(too_big());
     }
-    let frame = AgentFrame::Entries(entries(p, names));
+    let frame = AgentFrame::Entries(entries(&t.path, names));
     match capsa_proto::encode(&frame) {
         Ok(_) => Ok(frame),
         Err(_) => Err(too_big()),
@@ -247,9 +329,11 @@ pub(super) fn list_dir(path: &str) -> Result<AgentFrame, Fail> {
 /// `ListDirPage`: up to [`LIST_PAGE`] entries after `after`.
 pub(super) fn list_dir_page(path: &str, after: Option<&str>) -> Result<AgentFrame, Fail> {
     let p = checked(path)?;
-    let (names, more) = names_after(p, after, LIST_PAGE).map_err(|e| io_fail("list", p, &e))?;
+    let t = resolved(p)?;
+    let (names, more) =
+        names_after(&t.path, after, LIST_PAGE).map_err(|e| io_fail("list", p, &e))?;
     Ok(AgentFrame::EntriesPage {
-        entries: entries(p, names),
+        entries: entries(&t.path, names),
         more,
     })
 }
@@ -258,7 +342,8 @@ pub(super) fn list_dir_page(path: &str, after: Option<&str>) -> Result<AgentFram
 /// a device or FIFO could stream forever or block the thread.
 pub(super) fn read_file<S: Write>(conn: &mut S, path: &str) -> Result<(), Fail> {
     let p = checked(path)?;
-    let mut f = File::open(p).map_err(|e| io_fail("open", p, &e))?;
+    let t = resolved(p)?;
+    let mut f = File::open(&t.path).map_err(|e| io_fail("open", p, &e))?;
     let m = f.metadata().map_err(|e| io_fail("stat", p, &e))?;
     if !m.is_file() {
         return Err(Fail::Reply(invalid(format!(
@@ -307,7 +392,7 @@ pub(super) fn write_file<S: Read + Write>(
     req: WriteFileRequest,
 ) -> Result<(), Fail> {
     let p = checked(&req.path)?;
-    let (Some(dir), Some(_)) = (p.parent(), p.file_name()) else {
+    let (Some(dir), Some(name)) = (p.parent(), p.file_name()) else {
         return Err(Fail::Reply(invalid(format!(
             "{} does not name a file",
             req.path
@@ -319,13 +404,11 @@ pub(super) fn write_file<S: Read + Write>(
         }
     }
     if req.create_parents {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(dir)
-            .map_err(|e| io_fail("mkdir", dir, &e))?;
+        create_dir_all(dir, 0o755)?;
     }
-    let tmp_path = dir.join(format!(
+    let dir_t = resolved(dir)?;
+    let target = dir_t.path.join(name);
+    let tmp_path = dir_t.path.join(format!(
         ".capsa-tmp-{}-{}",
         std::process::id(),
         TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
@@ -380,9 +463,9 @@ pub(super) fn write_file<S: Read + Write>(
         }
     }
     drop(file);
-    fs::rename(&tmp.path, p).map_err(|e| io_fail("rename onto", p, &e))?;
+    fs::rename(&tmp.path, &target).map_err(|e| io_fail("rename onto", p, &e))?;
     tmp.keep = true;
-    let m = fs::symlink_metadata(p).map_err(|e| io_fail("stat", p, &e))?;
+    let m = fs::symlink_metadata(&target).map_err(|e| io_fail("stat", p, &e))?;
     send(conn, &AgentFrame::Done(Some(meta_of(&m))))
 }
 

@@ -43,6 +43,10 @@ pub(super) fn set_identity(req: IdentityRequest) -> Result<AgentFrame, Fail> {
         if unsafe { libc::sethostname(h.as_ptr().cast(), h.len()) } != 0 {
             return Err(fail("sethostname", &std::io::Error::last_os_error()));
         }
+        if let Some(root) = crate::rootfs::root() {
+            crate::rootfs::write_identity(root, h)
+                .map_err(|e| fail("writing the image's /etc/hostname and /etc/hosts", &e))?;
+        }
     }
     if let Some(id) = &req.machine_id {
         write_machine_id(id).map_err(|e| fail("writing /etc/machine-id", &e))?;
