@@ -14,6 +14,7 @@ mod disk;
 mod error;
 mod hostpath;
 mod names;
+mod network;
 mod snapshot;
 mod spec;
 
@@ -30,6 +31,11 @@ pub use disk::{probe_disk_format, DiskProbeError};
 pub use error::{Error, Result};
 pub use hostpath::{check_private_dir, HostPathPolicy, PathRefusal};
 pub use names::{check_name, MAX_NAME_LEN, NAME_RULE};
+pub use network::{
+    mask, valid_domain, Action, NetDecision, NetRule, NetworkMode, NetworkPolicy, NetworkSpec,
+    PortForward, PortRange, Proto, Target, GUEST_ADDR, GUEST_DNS, GUEST_GATEWAY, GUEST_PREFIX,
+    MAX_FORWARDS, MAX_RULES,
+};
 pub use snapshot::{
     FileIdentity, SnapshotDisk, SnapshotMeta, CAPSA_VERSION, SNAPSHOT_FORMAT, SNAPSHOT_META_FILE,
 };

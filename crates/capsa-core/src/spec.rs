@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{probe_disk_format, Error, KernelCmdline, Result};
+use crate::{probe_disk_format, Error, KernelCmdline, NetworkSpec, Result};
 
 /// Most vCPUs a spec may ask for.
 pub const MAX_CPUS: u32 = 64;
@@ -38,6 +38,9 @@ pub struct VmSpec {
     /// A virtio-vsock device for host<->guest streams (the guest agent uses it).
     #[serde(default)]
     pub vsock: Option<VsockSpec>,
+    /// A virtio-net NIC served by capsa's userspace stack; `None` is no NIC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkSpec>,
 }
 
 /// A virtio-vsock device. The host side is a Unix socket in the hybrid-vsock
@@ -253,6 +256,7 @@ impl VmSpec {
             console: ConsoleSpec::default(),
             accel: Accel::Auto,
             vsock: None,
+            network: None,
         }
     }
 
@@ -322,6 +326,9 @@ impl VmSpec {
                     "use a CID of 3 or more (each VM has its own device, so 3 is fine)",
                 ));
             }
+        }
+        if let Some(n) = &self.network {
+            n.validate()?;
         }
         for disk in &mut self.disks {
             let format = probe_disk_format(&disk.path, disk.read_only, disk.allow_device).map_err(
