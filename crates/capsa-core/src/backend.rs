@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::{Accel, DiskFormat, Error, Result, SnapshotMeta, VmSpec};
+use crate::{Accel, DiskFormat, Error, NetDecision, NetworkPolicy, Result, SnapshotMeta, VmSpec};
 
 /// What a backend can do, as declared by the backend itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,6 +37,9 @@ pub struct Capabilities {
     /// Snapshot a running VM and restore it ([`VmInstance::snapshot`], [`Hypervisor::restore`]).
     #[serde(default)]
     pub snapshot: bool,
+    /// A virtio-net NIC behind capsa's userspace network stack.
+    #[serde(default)]
+    pub network: bool,
 }
 
 impl Capabilities {
@@ -77,6 +80,12 @@ impl Capabilities {
         }
         if spec.vsock.is_some() && !self.vsock {
             return Err(unsupported("vsock devices".into(), "drop the vsock device"));
+        }
+        if spec.network.is_some() && !self.network {
+            return Err(unsupported(
+                "networking".into(),
+                "use the qemu backend, or --network none",
+            ));
         }
         if spec.console.enabled && !self.console {
             return Err(unsupported("console capture".into(), "disable the console"));
@@ -231,4 +240,26 @@ pub trait VmInstance: Send + Sync {
             fix: "use the qemu backend".into(),
         })
     }
+    /// Replaces the VM's network policy; new flows follow it at once.
+    async fn set_network_policy(&self, policy: NetworkPolicy) -> Result<()> {
+        let _ = policy;
+        Err(no_network())
+    }
+    /// The network policy in force.
+    async fn network_policy(&self) -> Result<NetworkPolicy> {
+        Err(no_network())
+    }
+    /// The latest network decisions (bounded), oldest first.
+    async fn network_log(&self) -> Result<Vec<NetDecision>> {
+        Err(no_network())
+    }
+}
+
+/// The error of a network call on a VM without a network.
+pub fn no_network() -> Error {
+    Error::invalid(
+        "network",
+        "this VM has no network",
+        "create the sandbox with --network public or --network deny",
+    )
 }

@@ -19,7 +19,7 @@ mod snapshot;
 mod spec;
 
 pub use backend::{
-    Capabilities, ConsoleStreams, ExitReason, Hypervisor, RestoredVm, StartOptions, VmInstance,
+    no_network, Capabilities, ConsoleStreams, ExitReason, Hypervisor, RestoredVm, StartOptions, VmInstance,
     VmStatus,
 };
 pub use cmdline::{CmdlineError, KernelCmdline};

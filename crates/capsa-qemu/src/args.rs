@@ -34,6 +34,9 @@ pub const VSOCK_CHARDEV_ID: &str = "vsock0";
 /// cannot be hot-plugged, devices behind a root port can.
 pub const VSOCK_BUS: &str = "capsa-rp0";
 
+/// QEMU id of the network backend.
+pub const NET_ID: &str = "net0";
+
 /// How a VM is launched, beyond its spec.
 #[derive(Debug, Clone, Default)]
 pub struct Launch {
@@ -53,6 +56,8 @@ pub struct Launch {
     /// Kernel, initrd and disks as inherited fds instead of paths: a QEMU
     /// running as an unprivileged user cannot open capsa's files by path.
     pub files: Option<FileFds>,
+    /// QEMU's end of the network socket pair, when the spec has a network.
+    pub net_fd: Option<i32>,
 }
 
 /// QEMU's seccomp filter, as Firecracker's jailer would want it: no obsolete
@@ -267,6 +272,20 @@ pub fn build_args_with(
         push(&["-blockdev", &node.to_string()]);
         push(&["-device", &format!("virtio-blk-pci,drive=disk{i},id=vd{i}")]);
     }
+    if let (Some(_), Some(fd)) = (&spec.network, launch.net_fd) {
+        // Frames as a 4-byte big-endian length plus the Ethernet frame, over
+        // the inherited socket; the NIC is QEMU's, so it migrates with snapshots.
+        // No option ROM: capsa boots PVH, never through PXE.
+        push(&[
+            "-netdev",
+            &format!("stream,id={NET_ID},server=off,addr.type=fd,addr.str={fd}"),
+            "-device",
+            &format!(
+                "virtio-net-pci,netdev={NET_ID},id=capsa-net,mac={},romfile=",
+                capsa_net::GUEST_MAC
+            ),
+        ]);
+    }
     if launch.incoming {
         push(&["-incoming", "defer"]);
     }
@@ -366,6 +385,32 @@ mod tests {
         assert!(a.contains("pcie-root-port,id=capsa-rp0"));
         assert!(!a.contains("vhost-user-vsock-pci"));
         assert!(a.ends_with("-incoming defer"));
+    }
+
+    #[test]
+    fn network_is_a_stream_netdev_on_an_fd() {
+        let mut s = spec();
+        let paths = RunPaths {
+            qmp: "/q".into(),
+            vhost_vsock: None,
+        };
+        let launch = Launch {
+            net_fd: Some(9),
+            ..Default::default()
+        };
+        let a = build_args_with(&s, Accel::Tcg, &paths, "t", &launch)
+            .unwrap()
+            .join(" ");
+        assert!(!a.contains("netdev"), "no network in the spec, no NIC: {a}");
+        s.network = Some(capsa_core::NetworkSpec::default());
+        let a = build_args_with(&s, Accel::Tcg, &paths, "t", &launch)
+            .unwrap()
+            .join(" ");
+        assert!(
+            a.contains("-netdev stream,id=net0,server=off,addr.type=fd,addr.str=9"),
+            "{a}"
+        );
+        assert!(a.contains("virtio-net-pci,netdev=net0"), "{a}");
     }
 
     #[test]

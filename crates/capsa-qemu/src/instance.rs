@@ -47,6 +47,8 @@ pub struct QemuInstance {
     pub(crate) qemu_dir: PathBuf,
     /// Who QEMU runs as, when not as capsa's user.
     pub(crate) creds: Option<Creds>,
+    /// capsa's network stack for the VM's NIC; stopped with the instance.
+    pub(crate) net: Option<capsa_net::NetHandle>,
 }
 
 /// Facts about a VM kept for snapshots.
@@ -281,6 +283,7 @@ impl QemuInstance {
             snapshot_lock: tokio::sync::Mutex::new(()),
             qemu_dir,
             creds,
+            net: None,
         })
     }
 
@@ -433,6 +436,21 @@ impl VmInstance for QemuInstance {
 
     async fn snapshot(&self, dir: &Path) -> Result<SnapshotMeta> {
         crate::snapshot::take(self, dir).await
+    }
+
+    async fn set_network_policy(&self, policy: capsa_core::NetworkPolicy) -> Result<()> {
+        self.net
+            .as_ref()
+            .ok_or_else(capsa_core::no_network)?
+            .set_policy(policy)
+    }
+
+    async fn network_policy(&self) -> Result<capsa_core::NetworkPolicy> {
+        Ok(self.net.as_ref().ok_or_else(capsa_core::no_network)?.policy())
+    }
+
+    async fn network_log(&self) -> Result<Vec<capsa_core::NetDecision>> {
+        Ok(self.net.as_ref().ok_or_else(capsa_core::no_network)?.log())
     }
 
     async fn wait(&self) -> Result<ExitReason> {

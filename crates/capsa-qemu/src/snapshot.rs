@@ -618,7 +618,7 @@ pub(crate) async fn restore(
         disk_paths.push(d.path.clone());
     }
 
-    let (jail, files) = crate::jail::Jail::prepare(
+    let (mut jail, files) = crate::jail::Jail::prepare(
         backend.confinement()?,
         &opts.run_dir,
         &spec,
@@ -626,6 +626,7 @@ pub(crate) async fn restore(
         &backing,
     )?;
     let vsock = crate::spawn_vsock(&spec, &opts, &jail)?;
+    let (net, net_fd) = crate::spawn_net(&spec, &mut jail)?.unzip();
     let paths = args::RunPaths {
         qmp: jail.dir.join("qmp.sock"),
         vhost_vsock: vsock.as_ref().map(|d| d.config().vhost_socket.clone()),
@@ -638,6 +639,7 @@ pub(crate) async fn restore(
         seccomp: jail.seccomp,
         tb_size_mib: jail.tb_size_mib(),
         files,
+        net_fd,
     };
     let argv = args::build_args_with(&spec, meta.accel, &paths, &opts.name, &launch)?;
     let vhost = paths.vhost_vsock.clone();
@@ -648,7 +650,7 @@ pub(crate) async fn restore(
         disk_paths,
         qemu: backend.binary().to_path_buf(),
     };
-    let inst = QemuInstance::spawn(
+    let mut inst = QemuInstance::spawn(
         backend.binary(),
         &argv,
         paths.qmp,
@@ -658,6 +660,7 @@ pub(crate) async fn restore(
         jail,
     )
     .await?;
+    inst.net = net;
     let qemu_up = t.elapsed();
     let loaded = fill
         .await

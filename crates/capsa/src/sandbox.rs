@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use capsa_agent_client::{AgentClient, BoxedStream, ExecChild, Output};
-use capsa_core::{Accel, DiskSpec};
+use capsa_core::{Accel, Action, DiskSpec, NetDecision, NetRule, NetworkMode, NetworkPolicy, NetworkSpec};
 use capsa_proto::{AgentInfo, ExecRequest, FileMeta, PtySize, WriteFileRequest, AGENT_PORT};
 
 use crate::{Capsa, Error, LinuxDirectBoot, Result, Strategy, VmHandle};
@@ -36,6 +36,8 @@ pub struct SandboxBuilder {
     pub(crate) strategy: Strategy,
     pub(crate) state_root: Option<PathBuf>,
     pub(crate) keep_running: bool,
+    /// The network (`None`: no NIC, the default).
+    pub(crate) network: Option<NetworkSpec>,
 }
 
 /// What `sandbox.json` holds for a sandbox, so a reattach restores the
@@ -75,6 +77,7 @@ impl Capsa {
             strategy: Strategy::InProcess,
             state_root: None,
             keep_running: false,
+            network: None,
         }
     }
 }
@@ -172,6 +175,44 @@ impl SandboxBuilder {
         self
     }
 
+    /// Sets the network mode: `none` (no NIC, the default), `public`
+    /// (everything but the private floor) or `deny` (only what rules allow).
+    pub fn network_mode(mut self, mode: NetworkMode) -> Self {
+        if mode == NetworkMode::None {
+            self.network = None;
+        } else {
+            self.network.get_or_insert_with(Default::default).policy.mode = mode;
+        }
+        self
+    }
+
+    /// Adds a policy rule (first match wins); gives the sandbox a network
+    /// (public) if it had none. See [`NetRule::parse`] for the syntax.
+    pub fn net_rule(mut self, rule: NetRule) -> Self {
+        self.network
+            .get_or_insert_with(Default::default)
+            .policy
+            .rules
+            .push(rule);
+        self
+    }
+
+    /// Adds `--allow RULE`.
+    pub fn allow(self, rule: &str) -> Result<Self> {
+        Ok(self.net_rule(NetRule::parse(Action::Allow, rule)?))
+    }
+
+    /// Adds `--deny RULE`.
+    pub fn deny(self, rule: &str) -> Result<Self> {
+        Ok(self.net_rule(NetRule::parse(Action::Deny, rule)?))
+    }
+
+    /// The whole network spec at once (`None`: no NIC).
+    pub fn network(mut self, network: Option<NetworkSpec>) -> Self {
+        self.network = network;
+        self
+    }
+
     /// Boots the VM and returns once its agent answers.
     pub async fn build(self) -> Result<Sandbox> {
         check_keep_running_name(self.keep_running, self.name.as_deref())?;
@@ -185,6 +226,7 @@ impl SandboxBuilder {
             .accel(self.accel)
             .console()
             .vsock()
+            .network(self.network.clone())
             .cmdline_arg("capsa.mode=agent");
         for d in self.disks {
             vm = vm.disk_spec(d);
@@ -432,6 +474,22 @@ impl Sandbox {
             req.cwd = self.workdir.clone();
         }
         req
+    }
+
+    /// Replaces the sandbox's network policy; new flows follow it at once
+    /// (e.g. a pooled sandbox is acquired, then given its policy).
+    pub async fn set_network_policy(&self, policy: NetworkPolicy) -> Result<()> {
+        Ok(self.vm.instance().set_network_policy(policy).await?)
+    }
+
+    /// The network policy in force.
+    pub async fn network_policy(&self) -> Result<NetworkPolicy> {
+        Ok(self.vm.instance().network_policy().await?)
+    }
+
+    /// The latest network decisions (bounded), oldest first.
+    pub async fn network_log(&self) -> Result<Vec<NetDecision>> {
+        Ok(self.vm.instance().network_log().await?)
     }
 
     /// Runs a command to completion and collects its output.
