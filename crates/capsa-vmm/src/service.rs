@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use capsa_core::{ExitReason, SnapshotMeta, VmSpec, VmStatus};
+use capsa_core::{ExitReason, NetDecision, NetworkPolicy, SnapshotMeta, VmSpec, VmStatus};
 use serde::{Deserialize, Serialize};
 use tarpc::tokio_serde::formats::Json;
 use tarpc::tokio_util::codec::LengthDelimitedCodec;
@@ -129,6 +129,12 @@ pub trait Monitor {
     /// (see [`capsa_core::VmInstance::snapshot`]); the VM goes on as it was.
     /// Long-running: give the context [`SNAPSHOT_CALL`].
     async fn snapshot(dir: PathBuf) -> Result<SnapshotMeta, RpcError>;
+    /// Replaces the VM's network policy; new flows follow it at once.
+    async fn set_network_policy(policy: NetworkPolicy) -> Result<(), RpcError>;
+    /// The network policy in force.
+    async fn network_policy() -> Result<NetworkPolicy, RpcError>;
+    /// The latest network decisions (bounded), oldest first.
+    async fn network_log() -> Result<Vec<NetDecision>, RpcError>;
 }
 
 /// A tarpc context whose deadline is `after` from now.
