@@ -7,6 +7,7 @@ mod doctor;
 mod exec_io;
 mod image;
 mod named;
+mod network;
 mod pool;
 mod remote;
 mod run;
@@ -81,6 +82,9 @@ enum Command {
     /// capsad's warm pools of ready sandboxes: create, ls, acquire, rm (needs --host).
     #[command(subcommand)]
     Pool(pool::PoolCmd),
+    /// A sandbox's network: its decision log, its policy, and policy changes at run time.
+    #[command(subcommand)]
+    Network(network::NetworkCmd),
 }
 
 /// `run`, `boot`, `image`, `doctor` and `backends` work on this machine
@@ -122,10 +126,17 @@ fn main() -> ExitCode {
     term::restore_on_panic();
     use clap::{CommandFactory, FromArgMatches};
     let matches = Cli::command().get_matches();
-    let cli = match Cli::from_arg_matches(&matches) {
+    let mut cli = match Cli::from_arg_matches(&matches) {
         Ok(c) => c,
         Err(e) => e.exit(),
     };
+    // --allow/--deny keep their command-line order (first match wins).
+    match (&mut cli.command, matches.subcommand()) {
+        (Command::Run(a), Some((_, m))) => a.net.take_order(m),
+        (Command::Create(a), Some((_, m))) => a.net.take_order(m),
+        (Command::Network(c), Some((_, m))) => c.take_order(m),
+        _ => {}
+    }
     if let Err(msg) = check_local_only(&cli, &matches) {
         eprintln!("capsa: error: {msg}");
         return ExitCode::from(2);
@@ -172,6 +183,7 @@ fn main() -> ExitCode {
             Command::Inspect(a) => named::inspect(&cli.conn, a).await,
             Command::Snapshot(c) => snapshot::run(&cli.conn, &cli.store, c).await,
             Command::Pool(c) => pool::run(&cli.conn, c).await,
+            Command::Network(c) => network::run(&cli.conn, c).await,
         }
     });
     let code = match result {

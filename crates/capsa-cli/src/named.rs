@@ -36,7 +36,7 @@ pub struct CreateArgs {
     pub name: String,
     /// Restore the named snapshot (see `capsa snapshot ls`) instead of booting:
     /// the VM is the snapshot's (no --cpus/--memory/--accel/--disk), with a fresh identity.
-    #[arg(long, value_name = "SNAPSHOT", conflicts_with_all = ["cpus", "memory", "accel", "disks"])]
+    #[arg(long, value_name = "SNAPSHOT", conflicts_with_all = ["cpus", "memory", "accel", "disks", "network", "allow", "deny"])]
     pub from_snapshot: Option<String>,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
@@ -59,6 +59,8 @@ pub struct CreateArgs {
     /// Print the new sandbox's record as JSON.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub net: crate::network::NetArgs,
 }
 
 /// Flags of `capsa exec`.
@@ -176,6 +178,7 @@ pub async fn create(
     for d in &a.disks {
         b = b.disk(DiskSpec::parse_cli(d));
     }
+    b = b.network(a.net.spec()?);
     let rec = target.create(b, &a).await?;
     print_created(&a, &rec)?;
     Ok(ExitCode::SUCCESS)

@@ -116,6 +116,7 @@ impl Remote {
             disks,
             start: true,
             from_snapshot: None,
+            network: a.net.spec()?,
         };
         Ok(view(self.client.create(&req).await?))
     }

@@ -54,6 +54,8 @@ pub struct RunArgs {
     /// (by default the first run saves one and later runs restore it).
     #[arg(long)]
     no_snapshot: bool,
+    #[command(flatten)]
+    pub net: crate::network::NetArgs,
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<String>,
@@ -109,6 +111,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     if let Some(n) = &args.name {
         b = b.name(n);
     }
+    b = b.network(args.net.spec()?);
     // Ctrl-C, SIGHUP or SIGTERM while booting tears the VM down too:
     // dropping the future drops the VM.
     let mut signals = crate::term::Hangup::catch()?;

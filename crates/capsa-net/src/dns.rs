@@ -122,6 +122,24 @@ fn rand_id() -> u16 {
     u16::from_ne_bytes(b)
 }
 
+/// The resolver of a host without an IPv4 nameserver: every question fails.
+#[derive(Debug, Clone, Copy)]
+pub struct NoResolver;
+
+#[async_trait::async_trait]
+impl Resolver for NoResolver {
+    async fn lookup_a(&self, _: &str) -> std::io::Result<Lookup> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!(
+                "no upstream DNS server: /etc/resolv.conf has no IPv4 nameserver \
+                 (fix: add one, or set {}=IP:PORT)",
+                crate::DNS_ENV
+            ),
+        ))
+    }
+}
+
 /// A guest question, parsed.
 #[derive(Debug, Clone)]
 pub struct Question {

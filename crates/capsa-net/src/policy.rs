@@ -163,7 +163,10 @@ pub fn decide_tcp(
                         inspect: false,
                         reason: format!("{} allows the host's port {port}", describe(i, r)),
                     },
-                    Action::Deny => TcpVerdict::Deny(describe(i, r)),
+                    Action::Deny => TcpVerdict::Deny(format!(
+                        "{} denies the host's port {port}",
+                        describe(i, r)
+                    )),
                 };
             }
         }

@@ -143,6 +143,11 @@ pub struct CreateSandboxRequest {
     /// must be absent. `start: false` is refused with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_snapshot: Option<String>,
+    /// The network: `{"policy": {"mode": "public"|"deny", "rules": [...]}}`
+    /// (see capsa-core's `NetworkSpec`); absent means no NIC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub network: Option<capsa_core::NetworkSpec>,
 }
 
 impl CreateSandboxRequest {
@@ -170,7 +175,7 @@ impl CreateSandboxRequest {
             spec.read_only = d.read_only;
             b = b.disk(spec);
         }
-        b
+        b.network(self.network.clone())
     }
 }
 

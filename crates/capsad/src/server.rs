@@ -233,17 +233,22 @@ async fn list_sandboxes(State(st): State<AppState>) -> ApiResult<Json<Vec<Sandbo
 }
 
 fn validate_create(req: &CreateSandboxRequest) -> ApiResult<()> {
+    if let Some(n) = &req.network {
+        n.validate()
+            .map_err(|e| ApiError::bad_request(format!("network: {e}")))?;
+    }
     if let Some(s) = &req.from_snapshot {
         validate_snapshot_name(s)?;
         if req.cpus.is_some()
             || req.memory_mib.is_some()
             || !req.disks.is_empty()
             || req.accel.is_some()
+            || req.network.is_some()
         {
             return Err(ApiError::bad_request(
-                "from_snapshot conflicts with cpus, memory_mib, disks and accel: the snapshot fixes them",
+                "from_snapshot conflicts with cpus, memory_mib, disks, accel and network: the snapshot fixes them",
             )
-            .fix("drop cpus/memory_mib/disks/accel, or drop from_snapshot to boot a new spec"));
+            .fix("drop cpus/memory_mib/disks/accel/network, or drop from_snapshot to boot a new spec"));
         }
         if !req.start {
             return Err(ApiError::bad_request("from_snapshot with start: false")
