@@ -179,7 +179,8 @@ mod tests {
     }
 
     fn parse(args: &[&str]) -> anyhow::Result<Option<NetworkSpec>> {
-        let m = T::command().try_get_matches_from(std::iter::once("t").chain(args.iter().copied()))?;
+        let m =
+            T::command().try_get_matches_from(std::iter::once("t").chain(args.iter().copied()))?;
         let mut t = T::from_arg_matches(&m)?;
         t.net.take_order(&m);
         t.net.spec()

@@ -84,42 +84,144 @@ fn network_flags_log_and_runtime_policy() {
         let out = d.ok_on(
             false,
             &[
-                "run", "--network", "deny", "--allow", "198.18.0.0/15:8080", "--",
-                "wget", "-q", "-O", "-", "http://198.18.0.7:8080/",
+                "run",
+                "--network",
+                "deny",
+                "--allow",
+                "198.18.0.0/15:8080",
+                "--",
+                "wget",
+                "-q",
+                "-O",
+                "-",
+                "http://198.18.0.7:8080/",
             ],
         );
         assert_eq!(out, "hello");
     }
     // --network none: no NIC.
-    let out = d.ok_on(false, &["run", "--network", "none", "--", "ls", "/sys/class/net"]);
+    let out = d.ok_on(
+        false,
+        &["run", "--network", "none", "--", "ls", "/sys/class/net"],
+    );
     assert_eq!(out.split_whitespace().collect::<Vec<_>>(), ["lo"]);
     // Rules with no network are refused with the fix.
-    let o = d.run_on(false, &["run", "--network", "none", "--allow", "a.com", "--", "true"]);
+    let o = d.run_on(
+        false,
+        &["run", "--network", "none", "--allow", "a.com", "--", "true"],
+    );
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("Fix:"));
 
     // A named sandbox: the host's loopback only through a host rule.
-    d.ok_on(false, &["create", "--name", "n1", "--network", "deny", "--allow", "host:8080"]);
-    let out = d.ok_on(false, &["exec", "n1", "--", "wget", "-q", "-O", "-", "http://10.0.2.2:8080/"]);
+    d.ok_on(
+        false,
+        &[
+            "create",
+            "--name",
+            "n1",
+            "--network",
+            "deny",
+            "--allow",
+            "host:8080",
+        ],
+    );
+    let out = d.ok_on(
+        false,
+        &[
+            "exec",
+            "n1",
+            "--",
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            "http://10.0.2.2:8080/",
+        ],
+    );
     assert_eq!(out, "hello");
     let show = d.ok_on(false, &["network", "show", "n1"]);
-    assert!(show.contains("mode: deny") && show.contains("allow host:8080"), "{show}");
+    assert!(
+        show.contains("mode: deny") && show.contains("allow host:8080"),
+        "{show}"
+    );
     // Changed at run time: the next connection is refused, and the log says why.
-    d.ok_on(false, &["network", "set", "n1", "--network", "deny", "--deny", "host"]);
-    let o = d.run_on(false, &["exec", "n1", "--", "wget", "-q", "-O", "-", "http://10.0.2.2:8080/"]);
+    d.ok_on(
+        false,
+        &[
+            "network",
+            "set",
+            "n1",
+            "--network",
+            "deny",
+            "--deny",
+            "host",
+        ],
+    );
+    let o = d.run_on(
+        false,
+        &[
+            "exec",
+            "n1",
+            "--",
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            "http://10.0.2.2:8080/",
+        ],
+    );
     assert!(!o.status.success());
     let log = d.ok_on(false, &["network", "log", "n1"]);
-    assert!(log.contains("allow") && log.contains("10.0.2.2:8080"), "{log}");
+    assert!(
+        log.contains("allow") && log.contains("10.0.2.2:8080"),
+        "{log}"
+    );
     assert!(log.contains("rule 1 (deny host) denies"), "{log}");
     let json: serde_json::Value =
         serde_json::from_str(&d.ok_on(false, &["network", "log", "n1", "--json"])).unwrap();
     assert!(json.as_array().is_some_and(|a| a.len() >= 3), "{json}");
 
     // Through capsad: the create request carries the network.
-    d.ok_on(true, &["create", "--name", "n2", "--network", "deny", "--allow", "198.18.0.7"]);
-    let out = d.ok_on(true, &["exec", "n2", "--", "wget", "-q", "-O", "-", "http://198.18.0.7:8080/"]);
+    d.ok_on(
+        true,
+        &[
+            "create",
+            "--name",
+            "n2",
+            "--network",
+            "deny",
+            "--allow",
+            "198.18.0.7",
+        ],
+    );
+    let out = d.ok_on(
+        true,
+        &[
+            "exec",
+            "n2",
+            "--",
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            "http://198.18.0.7:8080/",
+        ],
+    );
     assert_eq!(out, "hello");
-    let o = d.run_on(true, &["exec", "n2", "--", "wget", "-q", "-O", "-", "http://198.18.0.8:8080/"]);
+    let o = d.run_on(
+        true,
+        &[
+            "exec",
+            "n2",
+            "--",
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            "http://198.18.0.8:8080/",
+        ],
+    );
     assert!(!o.status.success(), "an address no rule allows was reached");
     assert_eq!(web.load(Ordering::SeqCst), 4);
 }

@@ -19,8 +19,8 @@ mod snapshot;
 mod spec;
 
 pub use backend::{
-    no_network, Capabilities, ConsoleStreams, ExitReason, Hypervisor, RestoredVm, StartOptions, VmInstance,
-    VmStatus,
+    no_network, Capabilities, ConsoleStreams, ExitReason, Hypervisor, RestoredVm, StartOptions,
+    VmInstance, VmStatus,
 };
 pub use cmdline::{CmdlineError, KernelCmdline};
 pub use confine::{

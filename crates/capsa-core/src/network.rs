@@ -290,7 +290,15 @@ impl NetRule {
 
     /// Whether the rule covers this protocol and port.
     pub fn covers(&self, proto: Proto, port: u16) -> bool {
-        self.proto.map_or(true, |p| p == proto) && self.ports.map_or(true, |r| r.contains(port))
+        let proto_ok = match self.proto {
+            Some(p) => p == proto,
+            None => true,
+        };
+        let port_ok = match self.ports {
+            Some(r) => r.contains(port),
+            None => true,
+        };
+        proto_ok && port_ok
     }
 }
 

@@ -83,7 +83,9 @@ impl Resolver for UdpResolver {
                     Err(_) => break,
                 };
                 let Some(data) = buf.get(..n) else { break };
-                let Ok(m) = Message::from_vec(data) else { continue };
+                let Ok(m) = Message::from_vec(data) else {
+                    continue;
+                };
                 if m.id() != id || m.message_type() != MessageType::Response {
                     continue;
                 }

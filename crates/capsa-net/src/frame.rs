@@ -108,7 +108,7 @@ mod tests {
         encode(&a, &mut s);
         // An oversized frame in between is skipped whole, the next still decodes.
         s.extend_from_slice(&((MAX_FRAME + 1) as u32).to_be_bytes());
-        s.extend(std::iter::repeat(9u8).take(MAX_FRAME + 1));
+        s.extend(std::iter::repeat_n(9u8, MAX_FRAME + 1));
         encode(&[3u8; 5], &mut s); // runt
         encode(&b, &mut s);
         let (got, dropped) = decode_all(&[&s]);

@@ -16,7 +16,13 @@ pub struct DecisionLog {
 
 impl DecisionLog {
     /// Records one decision (and traces it).
-    pub fn record(&self, kind: &str, what: impl Into<String>, allowed: bool, reason: impl Into<String>) {
+    pub fn record(
+        &self,
+        kind: &str,
+        what: impl Into<String>,
+        allowed: bool,
+        reason: impl Into<String>,
+    ) {
         let d = NetDecision {
             at_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

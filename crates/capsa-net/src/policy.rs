@@ -178,7 +178,8 @@ pub fn decide_tcp(
     if ip == GUEST_DNS {
         return TcpVerdict::Deny("capsa's resolver answers over UDP only".into());
     }
-    let floor = in_floor(ip).or_else(|| host_addrs.contains(&ip).then_some("the host's own address"));
+    let floor =
+        in_floor(ip).or_else(|| host_addrs.contains(&ip).then_some("the host's own address"));
     for (i, r) in p.rules.iter().enumerate() {
         if !r.covers(Proto::Tcp, port) {
             continue;
@@ -273,7 +274,10 @@ pub fn decide_sni(
             return Err(format!("{name:?}: {} denies it", describe(i, r)));
         }
         if pins.has(name, ip, now) {
-            return Ok(format!("{name:?} is pinned to {ip} under {}", describe(i, r)));
+            return Ok(format!(
+                "{name:?} is pinned to {ip} under {}",
+                describe(i, r)
+            ));
         }
         return Err(format!(
             "the SNI/Host {name:?} was never resolved to {ip} (SNI spoofing?)"
@@ -305,42 +309,111 @@ mod tests {
         let pins = Pins::default();
         let public = pol(NetworkMode::Public, &[]);
         let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
-        for private in ["127.0.0.1", "10.1.2.3", "192.168.1.1", "169.254.169.254", "100.64.0.1", "224.0.0.1"] {
-            assert!(matches!(decide_tcp(&public, &pins, &[], ip(private), 80, now), TcpVerdict::Deny(_)), "{private}");
+        for private in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "224.0.0.1",
+        ] {
+            assert!(
+                matches!(
+                    decide_tcp(&public, &pins, &[], ip(private), 80, now),
+                    TcpVerdict::Deny(_)
+                ),
+                "{private}"
+            );
         }
-        assert!(matches!(decide_tcp(&public, &pins, &[], ip("198.18.0.1"), 80, now), TcpVerdict::Allow { .. }));
-        assert!(matches!(decide_tcp(&public, &pins, &[ip("198.18.0.1")], ip("198.18.0.1"), 80, now), TcpVerdict::Deny(_)));
-        assert!(matches!(decide_tcp(&public, &pins, &[], ip("198.18.0.1"), 853, now), TcpVerdict::Deny(_)));
+        assert!(matches!(
+            decide_tcp(&public, &pins, &[], ip("198.18.0.1"), 80, now),
+            TcpVerdict::Allow { .. }
+        ));
+        assert!(matches!(
+            decide_tcp(
+                &public,
+                &pins,
+                &[ip("198.18.0.1")],
+                ip("198.18.0.1"),
+                80,
+                now
+            ),
+            TcpVerdict::Deny(_)
+        ));
+        assert!(matches!(
+            decide_tcp(&public, &pins, &[], ip("198.18.0.1"), 853, now),
+            TcpVerdict::Deny(_)
+        ));
         let deny = pol(NetworkMode::Deny, &[]);
-        assert!(matches!(decide_tcp(&deny, &pins, &[], ip("198.18.0.1"), 80, now), TcpVerdict::Deny(_)));
+        assert!(matches!(
+            decide_tcp(&deny, &pins, &[], ip("198.18.0.1"), 80, now),
+            TcpVerdict::Deny(_)
+        ));
         // An explicit CIDR rule opens the floor; `*` does not.
-        let p = pol(NetworkMode::Deny, &[(Action::Allow, "*"), (Action::Allow, "169.254.169.254:80")]);
-        assert!(matches!(decide_tcp(&p, &pins, &[], ip("169.254.169.254"), 80, now), TcpVerdict::Allow { .. }));
-        assert!(matches!(decide_tcp(&p, &pins, &[], ip("10.0.0.1"), 80, now), TcpVerdict::Deny(_)));
+        let p = pol(
+            NetworkMode::Deny,
+            &[(Action::Allow, "*"), (Action::Allow, "169.254.169.254:80")],
+        );
+        assert!(matches!(
+            decide_tcp(&p, &pins, &[], ip("169.254.169.254"), 80, now),
+            TcpVerdict::Allow { .. }
+        ));
+        assert!(matches!(
+            decide_tcp(&p, &pins, &[], ip("10.0.0.1"), 80, now),
+            TcpVerdict::Deny(_)
+        ));
         // The host's loopback only through a host rule, port-scoped.
         let p = pol(NetworkMode::Public, &[(Action::Allow, "host:11434")]);
         assert_eq!(
             decide_tcp(&p, &pins, &[], GUEST_GATEWAY, 11434, now),
-            TcpVerdict::Allow { to: "127.0.0.1:11434".parse().unwrap(), inspect: false, reason: "rule 1 (allow host:11434) allows the host's port 11434".into() }
+            TcpVerdict::Allow {
+                to: "127.0.0.1:11434".parse().unwrap(),
+                inspect: false,
+                reason: "rule 1 (allow host:11434) allows the host's port 11434".into()
+            }
         );
-        assert!(matches!(decide_tcp(&p, &pins, &[], GUEST_GATEWAY, 22, now), TcpVerdict::Deny(_)));
+        assert!(matches!(
+            decide_tcp(&p, &pins, &[], GUEST_GATEWAY, 22, now),
+            TcpVerdict::Deny(_)
+        ));
     }
 
     #[test]
     fn domains_pins_and_sni() {
         let now = Instant::now();
         let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
-        let p = pol(NetworkMode::Deny, &[(Action::Deny, "bad.example.com"), (Action::Allow, "*.example.com:443")]);
-        assert!(matches!(decide_name(&p, "bad.example.com"), NameVerdict::Deny(_)));
-        assert!(matches!(decide_name(&p, "api.example.com"), NameVerdict::Resolve(_)));
+        let p = pol(
+            NetworkMode::Deny,
+            &[
+                (Action::Deny, "bad.example.com"),
+                (Action::Allow, "*.example.com:443"),
+            ],
+        );
+        assert!(matches!(
+            decide_name(&p, "bad.example.com"),
+            NameVerdict::Deny(_)
+        ));
+        assert!(matches!(
+            decide_name(&p, "api.example.com"),
+            NameVerdict::Resolve(_)
+        ));
         assert!(matches!(decide_name(&p, "evil.org"), NameVerdict::Deny(_)));
         let mut pins = Pins::default();
         // Never resolved: refused.
-        assert!(matches!(decide_tcp(&p, &pins, &[], ip("198.18.0.5"), 443, now), TcpVerdict::Deny(_)));
+        assert!(matches!(
+            decide_tcp(&p, &pins, &[], ip("198.18.0.5"), 443, now),
+            TcpVerdict::Deny(_)
+        ));
         pins.pin("api.example.com", &[(ip("198.18.0.5"), 60)], now);
-        assert!(matches!(decide_tcp(&p, &pins, &[], ip("198.18.0.5"), 443, now), TcpVerdict::Allow { inspect: true, .. }));
+        assert!(matches!(
+            decide_tcp(&p, &pins, &[], ip("198.18.0.5"), 443, now),
+            TcpVerdict::Allow { inspect: true, .. }
+        ));
         // Port-scoped: 8443 refused.
-        assert!(matches!(decide_tcp(&p, &pins, &[], ip("198.18.0.5"), 8443, now), TcpVerdict::Deny(_)));
+        assert!(matches!(
+            decide_tcp(&p, &pins, &[], ip("198.18.0.5"), 8443, now),
+            TcpVerdict::Deny(_)
+        ));
         assert!(decide_sni(&p, &pins, "api.example.com", ip("198.18.0.5"), 443, now).is_ok());
         assert!(decide_sni(&p, &pins, "other.example.com", ip("198.18.0.5"), 443, now).is_err());
         assert!(decide_sni(&p, &pins, "evil.org", ip("198.18.0.5"), 443, now).is_err());
@@ -358,7 +431,11 @@ mod tests {
         let now = Instant::now();
         let mut pins = Pins::default();
         for i in 0..(MAX_PINS + 10) {
-            pins.pin(&format!("n{i}.com"), &[(Ipv4Addr::new(198, 18, 0, 1), 60)], now);
+            pins.pin(
+                &format!("n{i}.com"),
+                &[(Ipv4Addr::new(198, 18, 0, 1), 60)],
+                now,
+            );
         }
         assert!(pins.len() <= MAX_PINS);
     }

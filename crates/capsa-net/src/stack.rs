@@ -112,7 +112,7 @@ impl Device for Dev {
     }
 
     fn transmit(&mut self, _: smoltcp::time::Instant) -> Option<Self::TxToken<'_>> {
-        (self.tx.len() < MAX_TX_QUEUE).then(|| TxT(&mut self.tx))
+        (self.tx.len() < MAX_TX_QUEUE).then_some(TxT(&mut self.tx))
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -275,7 +275,7 @@ impl Stack {
                 let Ok(t) = TcpPacket::new_checked(l4) else {
                     return;
                 };
-                if !(t.syn() && !t.ack()) {
+                if !t.syn() || t.ack() {
                     self.feed(frame);
                     return;
                 }
@@ -307,13 +307,9 @@ impl Stack {
                 // smoltcp answers port unreachable for anything but the resolver.
                 self.feed(frame);
             }
-            IpProtocol::Icmp => {
-                // Echo to the outside would be answered by smoltcp itself: a
-                // fake success. Only the stack's own addresses answer pings.
-                if dst == GUEST_GATEWAY || dst == GUEST_DNS {
-                    self.feed(frame);
-                }
-            }
+            // Echo to the outside would be answered by smoltcp itself: a
+            // fake success. Only the stack's own addresses answer pings.
+            IpProtocol::Icmp if dst == GUEST_GATEWAY || dst == GUEST_DNS => self.feed(frame),
             _ => {}
         }
     }
@@ -321,9 +317,12 @@ impl Stack {
     fn on_syn(&mut self, key: FlowKey, syn: Vec<u8>) {
         let what = key.1.to_string();
         if self.flows.len() + self.dialing.len() >= MAX_FLOWS {
-            self.shared
-                .log
-                .record("tcp", what, false, format!("too many flows (at most {MAX_FLOWS})"));
+            self.shared.log.record(
+                "tcp",
+                what,
+                false,
+                format!("too many flows (at most {MAX_FLOWS})"),
+            );
             self.feed(syn);
             return;
         }
@@ -446,12 +445,11 @@ impl Stack {
             tcp::SocketBuffer::new(vec![0; TCP_BUF]),
         );
         s.set_nagle_enabled(false);
-        if s
-            .listen(IpListenEndpoint {
-                addr: Some(IpAddress::Ipv4(*key.1.ip())),
-                port: key.1.port(),
-            })
-            .is_err()
+        if s.listen(IpListenEndpoint {
+            addr: Some(IpAddress::Ipv4(*key.1.ip())),
+            port: key.1.port(),
+        })
+        .is_err()
         {
             self.feed(syn);
             return;
@@ -463,7 +461,8 @@ impl Stack {
         self.flush();
         let s = self.sockets.get_mut::<tcp::Socket>(h);
         let took = s.state() == tcp::State::SynReceived
-            && s.remote_endpoint() == Some(IpEndpoint::new(IpAddress::Ipv4(*key.0.ip()), key.0.port()));
+            && s.remote_endpoint()
+                == Some(IpEndpoint::new(IpAddress::Ipv4(*key.0.ip()), key.0.port()));
         if !took {
             s.abort();
             self.sockets.remove(h);
@@ -477,7 +476,12 @@ impl Stack {
         }
         let (to_host_tx, to_host_rx) = mpsc::channel::<Vec<u8>>(8);
         let (to_guest_tx, to_guest_rx) = mpsc::channel::<Vec<u8>>(4);
-        tokio::spawn(run_flow(stream, to_host_rx, to_guest_tx, self.notify.clone()));
+        tokio::spawn(run_flow(
+            stream,
+            to_host_rx,
+            to_guest_tx,
+            self.notify.clone(),
+        ));
         self.by_key.insert(key, h);
         self.flows.insert(
             h,
@@ -551,7 +555,10 @@ impl Stack {
             }
             let fin = matches!(
                 s.state(),
-                tcp::State::CloseWait | tcp::State::LastAck | tcp::State::Closing | tcp::State::TimeWait
+                tcp::State::CloseWait
+                    | tcp::State::LastAck
+                    | tcp::State::Closing
+                    | tcp::State::TimeWait
             );
             if fin && !s.can_recv() && flow.to_host.is_some() {
                 // The guest sent FIN: the host gets EOF.
@@ -631,9 +638,12 @@ impl Stack {
                         // IPv4 only: AAAA and the rest are answered empty, no hang.
                         dns::answer(&q, false, &[])
                     } else if self.dns_inflight >= MAX_DNS_INFLIGHT {
-                        self.shared
-                            .log
-                            .record("dns", q.name.clone(), false, "too many questions in flight");
+                        self.shared.log.record(
+                            "dns",
+                            q.name.clone(),
+                            false,
+                            "too many questions in flight",
+                        );
                         None
                     } else {
                         self.shared.log.record("dns", q.name.clone(), true, reason);
@@ -642,7 +652,13 @@ impl Stack {
                         let tx = self.events_tx.clone();
                         tokio::spawn(async move {
                             let result = resolver.lookup_a(&q.name).await;
-                            let _ = tx.send(Event::Resolved { q, to: from, result }).await;
+                            let _ = tx
+                                .send(Event::Resolved {
+                                    q,
+                                    to: from,
+                                    result,
+                                })
+                                .await;
                         });
                         None
                     }

@@ -446,7 +446,11 @@ impl VmInstance for QemuInstance {
     }
 
     async fn network_policy(&self) -> Result<capsa_core::NetworkPolicy> {
-        Ok(self.net.as_ref().ok_or_else(capsa_core::no_network)?.policy())
+        Ok(self
+            .net
+            .as_ref()
+            .ok_or_else(capsa_core::no_network)?
+            .policy())
     }
 
     async fn network_log(&self) -> Result<Vec<capsa_core::NetDecision>> {

@@ -544,7 +544,10 @@ impl VmInstance for MonitorHandle {
         self.snapshot_rpc(dir).await
     }
 
-    async fn set_network_policy(&self, policy: capsa_core::NetworkPolicy) -> capsa_core::Result<()> {
+    async fn set_network_policy(
+        &self,
+        policy: capsa_core::NetworkPolicy,
+    ) -> capsa_core::Result<()> {
         let r = self
             .client
             .set_network_policy(context_with_deadline(RPC_TIMEOUT), policy)

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use capsa_agent_client::{AgentClient, BoxedStream, ExecChild, Output};
-use capsa_core::{Accel, Action, DiskSpec, NetDecision, NetRule, NetworkMode, NetworkPolicy, NetworkSpec};
+use capsa_core::{
+    Accel, Action, DiskSpec, NetDecision, NetRule, NetworkMode, NetworkPolicy, NetworkSpec,
+};
 use capsa_proto::{AgentInfo, ExecRequest, FileMeta, PtySize, WriteFileRequest, AGENT_PORT};
 
 use crate::{Capsa, Error, LinuxDirectBoot, Result, Strategy, VmHandle};
@@ -181,7 +183,10 @@ impl SandboxBuilder {
         if mode == NetworkMode::None {
             self.network = None;
         } else {
-            self.network.get_or_insert_with(Default::default).policy.mode = mode;
+            self.network
+                .get_or_insert_with(Default::default)
+                .policy
+                .mode = mode;
         }
         self
     }

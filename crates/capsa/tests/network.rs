@@ -54,7 +54,11 @@ fn enter_netns() {
         let mut names = Vec::new();
         let mut p = idx;
         while (*p).if_index != 0 {
-            names.push(std::ffi::CStr::from_ptr((*p).if_name).to_string_lossy().into_owned());
+            names.push(
+                std::ffi::CStr::from_ptr((*p).if_name)
+                    .to_string_lossy()
+                    .into_owned(),
+            );
             p = p.add(1);
         }
         libc::if_freenameindex(idx);
@@ -83,15 +87,25 @@ async fn fake_dns(zone: HashMap<&'static str, Ipv4Addr>) -> Arc<Mutex<Vec<String
     tokio::spawn(async move {
         let mut buf = vec![0u8; 2048];
         while let Ok((n, from)) = sock.recv_from(&mut buf).await {
-            let Ok(q) = Message::from_vec(&buf[..n]) else { continue };
-            let Some(query) = q.queries().first().cloned() else { continue };
+            let Ok(q) = Message::from_vec(&buf[..n]) else {
+                continue;
+            };
+            let Some(query) = q.queries().first().cloned() else {
+                continue;
+            };
             let name = query.name().to_ascii().trim_end_matches('.').to_string();
             l.lock().unwrap().push(name.clone());
             let mut r = Message::new();
-            r.set_id(q.id()).set_message_type(MessageType::Response).add_query(query.clone());
+            r.set_id(q.id())
+                .set_message_type(MessageType::Response)
+                .add_query(query.clone());
             match zone.get(name.as_str()) {
                 Some(ip) if query.query_type() == RecordType::A => {
-                    r.add_answer(Record::from_rdata(query.name().clone(), 60, RData::A(A(*ip))));
+                    r.add_answer(Record::from_rdata(
+                        query.name().clone(),
+                        60,
+                        RData::A(A(*ip)),
+                    ));
                 }
                 Some(_) => {}
                 None => {
@@ -108,7 +122,9 @@ async fn fake_dns(zone: HashMap<&'static str, Ipv4Addr>) -> Arc<Mutex<Vec<String
 async fn http_server(port: u16, body: &'static str) -> Arc<AtomicUsize> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let hits = Arc::new(AtomicUsize::new(0));
-    let l = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+    let l = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
     let h = hits.clone();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
@@ -136,7 +152,11 @@ async fn http_server(port: u16, body: &'static str) -> Arc<AtomicUsize> {
 async fn sh(sb: &Sandbox, script: &str) -> (i32, String, Duration) {
     let t = Instant::now();
     let out = sb
-        .exec(&Command::new("sh").args(["-c", script]).timeout(Duration::from_secs(60)))
+        .exec(
+            &Command::new("sh")
+                .args(["-c", script])
+                .timeout(Duration::from_secs(60)),
+        )
         .await
         .expect("exec");
     let text = format!(
@@ -182,10 +202,17 @@ fn deny_mode_policy_end_to_end() {
 
         // An allowed domain works end to end (DNS through the fake upstream,
         // TCP through the test dialer to the loopback server).
-        let (code, out, _) = sh(&sb, &format!("wget -q -O - http://allowed.test:{HTTP_PORT}/")).await;
+        let (code, out, _) = sh(
+            &sb,
+            &format!("wget -q -O - http://allowed.test:{HTTP_PORT}/"),
+        )
+        .await;
         assert_eq!((code, out.as_str()), (0, "hello"), "allowed GET");
         assert_eq!(web.load(Ordering::SeqCst), 1);
-        assert!(queries.lock().unwrap().contains(&"allowed.test".to_string()));
+        assert!(queries
+            .lock()
+            .unwrap()
+            .contains(&"allowed.test".to_string()));
 
         // A denied name gets NXDOMAIN and never reaches the upstream.
         let (code, out, _) = sh(&sb, "nslookup denied.test").await;
@@ -200,9 +227,19 @@ fn deny_mode_policy_end_to_end() {
         let dials = web.load(Ordering::SeqCst);
         let (code, out, took) = sh(&sb, &format!("nc 198.18.0.99 {HTTP_PORT} </dev/null")).await;
         assert_ne!(code, 0, "{out}");
-        eprintln!("denied connect failed after {} ms (exec round trip)", took.as_millis());
-        assert!(took < Duration::from_secs(3), "a denied connect took {took:?}");
-        assert_eq!(web.load(Ordering::SeqCst), dials, "a denied flow was dialled");
+        eprintln!(
+            "denied connect failed after {} ms (exec round trip)",
+            took.as_millis()
+        );
+        assert!(
+            took < Duration::from_secs(3),
+            "a denied connect took {took:?}"
+        );
+        assert_eq!(
+            web.load(Ordering::SeqCst),
+            dials,
+            "a denied flow was dialled"
+        );
 
         // Host header naming a domain the address is not pinned to: refused.
         let (code, out, _) = sh(
@@ -212,7 +249,10 @@ fn deny_mode_policy_end_to_end() {
             ),
         )
         .await;
-        assert!(!out.contains("hello"), "a spoofed Host got through: {code} {out}");
+        assert!(
+            !out.contains("hello"),
+            "a spoofed Host got through: {code} {out}"
+        );
 
         // Rebinding: a private answer for a public name is dropped.
         let (_, out, _) = sh(&sb, "nslookup rebind.test 2>&1").await;
@@ -231,12 +271,17 @@ fn deny_mode_policy_end_to_end() {
 
         // ...until the policy changes; the next connection follows it.
         let mut p: NetworkPolicy = sb.network_policy().await.unwrap();
-        p.rules.push(rule(Action::Allow, &format!("host:{HOST_PORT}")));
+        p.rules
+            .push(rule(Action::Allow, &format!("host:{HOST_PORT}")));
         p.rules.push(rule(Action::Allow, "198.18.0.99/32"));
         sb.set_network_policy(p).await.unwrap();
         let (code, out, _) = sh(&sb, &format!("wget -q -O - http://10.0.2.2:{HOST_PORT}/")).await;
         assert_eq!((code, out.as_str()), (0, "model"));
-        let (code, out, _) = sh(&sb, &format!("wget -q -O - http://198.18.0.99:{HTTP_PORT}/")).await;
+        let (code, out, _) = sh(
+            &sb,
+            &format!("wget -q -O - http://198.18.0.99:{HTTP_PORT}/"),
+        )
+        .await;
         assert_eq!((code, out.as_str()), (0, "hello"));
 
         // Every decision is in the log, with its reason.
@@ -245,9 +290,18 @@ fn deny_mode_policy_end_to_end() {
             .iter()
             .map(|d| format!("{} {} {} {}", d.kind, d.what, d.allowed, d.reason))
             .collect();
-        assert!(text.iter().any(|l| l.starts_with("dns denied.test false")), "{text:#?}");
-        assert!(text.iter().any(|l| l.contains("198.18.0.99:8080 false")), "{text:#?}");
-        assert!(text.iter().any(|l| l.contains("169.254.169.254:80 false")), "{text:#?}");
+        assert!(
+            text.iter().any(|l| l.starts_with("dns denied.test false")),
+            "{text:#?}"
+        );
+        assert!(
+            text.iter().any(|l| l.contains("198.18.0.99:8080 false")),
+            "{text:#?}"
+        );
+        assert!(
+            text.iter().any(|l| l.contains("169.254.169.254:80 false")),
+            "{text:#?}"
+        );
         assert!(text.iter().any(|l| l.contains("rebinding")), "{text:#?}");
     });
 }
@@ -255,7 +309,11 @@ fn deny_mode_policy_end_to_end() {
 #[test]
 fn no_network_means_no_nic() {
     run(async {
-        let sb = common::sandbox().memory_mb(256).build().await.expect("boots");
+        let sb = common::sandbox()
+            .memory_mb(256)
+            .build()
+            .await
+            .expect("boots");
         let (_, out, _) = sh(&sb, "ls /sys/class/net").await;
         assert_eq!(out.split_whitespace().collect::<Vec<_>>(), ["lo"]);
         let e = sb.network_log().await.unwrap_err();
