@@ -5,7 +5,7 @@
 
 use std::process::ExitCode;
 
-use capsa::{Action, NetRule, NetworkMode, NetworkPolicy, NetworkSpec};
+use capsa::{Action, NetRule, NetworkMode, NetworkPolicy, NetworkSpec, PortForward};
 
 /// Network flags shared by `run` and `create`.
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -22,6 +22,14 @@ pub struct NetArgs {
     /// Deny RULE (same syntax as --allow). Repeatable.
     #[arg(long = "deny", value_name = "RULE")]
     pub deny: Vec<String>,
+    /// Forward a host port into the guest: [HOST_IP:]HOSTPORT:GUESTPORT
+    /// (TCP; the host side listens on 127.0.0.1 unless HOST_IP says otherwise). Repeatable.
+    #[arg(
+        short = 'p',
+        long = "publish",
+        value_name = "[HOST_IP:]HOSTPORT:GUESTPORT"
+    )]
+    pub publish: Vec<String>,
     /// The rules in command-line order (filled from the parsed matches).
     #[arg(skip)]
     pub ordered: Option<Vec<(Action, String)>>,
@@ -64,7 +72,18 @@ impl NetArgs {
     pub fn spec(&self) -> anyhow::Result<Option<NetworkSpec>> {
         let rules = self.rules()?;
         let mode = self.network.unwrap_or(NetworkMode::Public);
+        let forwards = self
+            .publish
+            .iter()
+            .map(|p| PortForward::parse(p))
+            .collect::<Result<Vec<_>, _>>()?;
         if mode == NetworkMode::None {
+            if !forwards.is_empty() {
+                anyhow::bail!(
+                    "-p with --network none: a sandbox without a NIC cannot take \
+                     forwarded ports. Fix: drop --network none (or use --network deny)"
+                );
+            }
             if !rules.is_empty() {
                 anyhow::bail!(
                     "--allow/--deny with --network none: a sandbox without a NIC has no \
@@ -75,7 +94,7 @@ impl NetArgs {
         }
         let spec = NetworkSpec {
             policy: NetworkPolicy { mode, rules },
-            forwards: Vec::new(),
+            forwards,
         };
         spec.validate()?;
         Ok(Some(spec))
@@ -198,6 +217,13 @@ mod tests {
         let e = parse(&["--network", "none", "--allow", "a.com"]).unwrap_err();
         assert!(e.to_string().contains("Fix:"), "{e}");
         assert!(parse(&["--network", "open"]).is_err());
+        let s = parse(&["-p", "8080:80", "-p", "0.0.0.0:2222:22"])
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.forwards.len(), 2);
+        assert_eq!(s.forwards[0].host_ip, std::net::Ipv4Addr::LOCALHOST);
+        assert!(parse(&["--network", "none", "-p", "1:2"]).is_err());
+        assert!(parse(&["-p", "80"]).is_err());
         let e = parse(&["--allow", "10.0.0.1/8"]).unwrap_err();
         assert!(e.to_string().contains("Fix:"), "{e}");
     }

@@ -45,6 +45,19 @@ pub enum NetError {
     /// The socket pair for QEMU could not be made.
     #[error("cannot create the network socket pair: {0}")]
     SocketPair(#[source] std::io::Error),
+    /// A forwarded host port cannot be listened on.
+    #[error(
+        "cannot listen on {addr} for -p {addr}:{guest_port}: {source}. Fix: pick a free host port"
+    )]
+    Forward {
+        /// The host address and port.
+        addr: std::net::SocketAddrV4,
+        /// The guest port.
+        guest_port: u16,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// `CAPSA_NET_DNS` is not an address.
     #[error("{DNS_ENV}={0:?} is not IP:PORT. Fix: e.g. {DNS_ENV}=127.0.0.1:5353")]
     BadDnsEnv(String),
@@ -54,6 +67,8 @@ pub enum NetError {
 pub struct NetConfig {
     /// The initial policy.
     pub policy: NetworkPolicy,
+    /// Host ports forwarded into the guest.
+    pub forwards: Vec<capsa_core::PortForward>,
     /// Opens host sockets.
     pub dialer: Arc<dyn Dialer>,
     /// Resolves names upstream.
@@ -82,6 +97,7 @@ impl NetConfig {
         };
         Ok(Self {
             policy: spec.policy.clone(),
+            forwards: spec.forwards.clone(),
             dialer,
             resolver,
         })
@@ -175,6 +191,22 @@ pub fn spawn(ours: OwnedFd, cfg: NetConfig) -> Result<NetHandle, NetError> {
     cfg.policy
         .validate()
         .map_err(|e| NetError::SocketPair(std::io::Error::other(e.to_string())))?;
+    // Forwarded ports first: a busy one fails the start with nothing running.
+    let mut listeners = Vec::new();
+    for f in &cfg.forwards {
+        let addr = std::net::SocketAddrV4::new(f.host_ip, f.host_port);
+        let fwd_err = |source| NetError::Forward {
+            addr,
+            guest_port: f.guest_port,
+            source,
+        };
+        let l = std::net::TcpListener::bind(addr).map_err(fwd_err)?;
+        l.set_nonblocking(true).map_err(fwd_err)?;
+        listeners.push((
+            tokio::net::TcpListener::from_std(l).map_err(fwd_err)?,
+            f.guest_port,
+        ));
+    }
     let std_stream = std::os::unix::net::UnixStream::from(ours);
     std_stream
         .set_nonblocking(true)
@@ -214,9 +246,10 @@ pub fn spawn(ours: OwnedFd, cfg: NetConfig) -> Result<NetHandle, NetError> {
         }
     });
     let st = stack::Stack::new(shared.clone(), out_tx);
-    let stack = tokio::spawn(st.run(frames_rx));
-    Ok(NetHandle {
-        shared,
-        tasks: vec![reader, writer, stack],
-    })
+    let mut tasks = vec![reader, writer];
+    for (l, guest_port) in listeners {
+        tasks.push(tokio::spawn(stack::run_forward(l, guest_port, st.events())));
+    }
+    tasks.push(tokio::spawn(st.run(frames_rx)));
+    Ok(NetHandle { shared, tasks })
 }

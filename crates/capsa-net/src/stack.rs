@@ -45,10 +45,13 @@ const MAX_DNS_INFLIGHT: usize = 64;
 /// Chunk size moved between a flow task and the stack.
 const CHUNK: usize = 16 * 1024;
 
+/// First local port of the gateway's connections into the guest.
+const EPHEMERAL_FIRST: u16 = 49152;
+
 /// Guest-side 4-tuple of a TCP flow.
 type FlowKey = (SocketAddrV4, SocketAddrV4);
 
-enum Event {
+pub(crate) enum Event {
     Dialed {
         key: FlowKey,
         syn: Vec<u8>,
@@ -60,6 +63,38 @@ enum Event {
         to: IpEndpoint,
         result: std::io::Result<Lookup>,
     },
+    /// A host connection on a forwarded port.
+    Inbound {
+        stream: TcpStream,
+        from: std::net::SocketAddr,
+        guest_port: u16,
+    },
+}
+
+/// Sends host connections on a forwarded port to the stack.
+pub(crate) async fn run_forward(
+    listener: tokio::net::TcpListener,
+    guest_port: u16,
+    events: mpsc::Sender<Event>,
+) {
+    loop {
+        let Ok((stream, from)) = listener.accept().await else {
+            // EMFILE and the like: back off instead of spinning.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        if events
+            .send(Event::Inbound {
+                stream,
+                from,
+                guest_port,
+            })
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
 }
 
 struct Flow {
@@ -141,11 +176,17 @@ pub(crate) struct Stack {
     start: std::time::Instant,
     dns_inflight: usize,
     dropped_out: u64,
+    next_port: u16,
 }
 
 impl Stack {
     fn now(&self) -> smoltcp::time::Instant {
         smoltcp::time::Instant::from_micros(self.start.elapsed().as_micros() as i64)
+    }
+
+    /// A sender of stack events (for port-forward listeners).
+    pub(crate) fn events(&self) -> mpsc::Sender<Event> {
+        self.events_tx.clone()
     }
 
     pub(crate) fn new(shared: Arc<Shared>, out_tx: mpsc::Sender<Vec<u8>>) -> Self {
@@ -194,6 +235,7 @@ impl Stack {
             start,
             dns_inflight: 0,
             dropped_out: 0,
+            next_port: EPHEMERAL_FIRST,
         }
     }
 
@@ -388,6 +430,11 @@ impl Stack {
                     Ok(stream) => self.accept(key, syn, inspect, stream),
                 }
             }
+            Event::Inbound {
+                stream,
+                from,
+                guest_port,
+            } => self.inbound(stream, from, guest_port),
             Event::Resolved { q, to, result } => {
                 self.dns_inflight = self.dns_inflight.saturating_sub(1);
                 let reply = match result {
@@ -432,6 +479,90 @@ impl Stack {
                 }
             }
         }
+    }
+
+    /// A host connection to a forwarded port: connect to the guest from the gateway.
+    fn inbound(&mut self, stream: TcpStream, from: std::net::SocketAddr, guest_port: u16) {
+        let what = format!("{from} -> guest:{guest_port}");
+        if self.flows.len() + self.dialing.len() >= MAX_FLOWS {
+            self.shared.log.record(
+                "inbound",
+                what,
+                false,
+                format!("too many flows (at most {MAX_FLOWS})"),
+            );
+            return;
+        }
+        let guest = SocketAddrV4::new(capsa_core::GUEST_ADDR, guest_port);
+        let mut local = None;
+        for _ in 0..16384 {
+            let p = self.next_port;
+            self.next_port = if p == u16::MAX {
+                EPHEMERAL_FIRST
+            } else {
+                p + 1
+            };
+            let k = (SocketAddrV4::new(GUEST_GATEWAY, p), guest);
+            if !self.by_key.contains_key(&k) {
+                local = Some(k);
+                break;
+            }
+        }
+        let Some(key) = local else {
+            self.shared
+                .log
+                .record("inbound", what, false, "no free gateway port");
+            return;
+        };
+        let mut s = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; TCP_BUF]),
+            tcp::SocketBuffer::new(vec![0; TCP_BUF]),
+        );
+        s.set_nagle_enabled(false);
+        let remote = IpEndpoint::new(IpAddress::Ipv4(*guest.ip()), guest_port);
+        let local_ep = IpListenEndpoint {
+            addr: Some(IpAddress::Ipv4(GUEST_GATEWAY)),
+            port: key.0.port(),
+        };
+        if let Err(e) = s.connect(self.iface.context(), remote, local_ep) {
+            self.shared.log.record(
+                "inbound",
+                what,
+                false,
+                format!("cannot connect into the guest: {e}"),
+            );
+            return;
+        }
+        self.shared
+            .log
+            .record("inbound", what, true, "a port forward (-p) names this port");
+        let h = self.sockets.add(s);
+        self.link(h, key, false, stream);
+    }
+
+    /// Ties socket `h` to a host stream through a flow task.
+    fn link(&mut self, h: SocketHandle, key: FlowKey, inspect: bool, stream: TcpStream) {
+        let (to_host_tx, to_host_rx) = mpsc::channel::<Vec<u8>>(8);
+        let (to_guest_tx, to_guest_rx) = mpsc::channel::<Vec<u8>>(4);
+        tokio::spawn(run_flow(
+            stream,
+            to_host_rx,
+            to_guest_tx,
+            self.notify.clone(),
+        ));
+        self.by_key.insert(key, h);
+        self.flows.insert(
+            h,
+            Flow {
+                key,
+                to_host: Some(to_host_tx),
+                from_host: to_guest_rx,
+                pending_in: None,
+                host_eof: false,
+                closing: false,
+                inspect: inspect.then(Vec::new),
+            },
+        );
     }
 
     /// The upstream is connected: make a socket for exactly this flow and

@@ -60,6 +60,7 @@ fn start(policy: NetworkPolicy) -> (capsa_net::NetHandle, UnixStream) {
         ours,
         NetConfig {
             policy,
+            forwards: Vec::new(),
             dialer: Arc::new(LoopbackDialer::default()),
             resolver: Arc::new(NoResolver),
         },
@@ -282,6 +283,74 @@ fn denied_syn_gets_rst_at_once_allowed_waits_for_the_upstream() {
                 .any(|d| !d.allowed && d.reason.contains("upstream failed")),
             "{log:#?}"
         );
+    });
+}
+
+fn udp(src_port: u16, dst: Ipv4Addr, dst_port: u16, payload: &[u8]) -> Vec<u8> {
+    use smoltcp::wire::{UdpPacket, UdpRepr};
+    let u = UdpRepr { src_port, dst_port };
+    let ip = Ipv4Repr {
+        src_addr: GUEST_ADDR,
+        dst_addr: dst,
+        next_header: IpProtocol::Udp,
+        payload_len: u.header_len() + payload.len(),
+        hop_limit: 64,
+    };
+    let mut buf = vec![0u8; 14 + ip.buffer_len() + u.header_len() + payload.len()];
+    let mut eth = EthernetFrame::new_unchecked(&mut buf);
+    EthernetRepr {
+        src_addr: GUEST_MAC,
+        dst_addr: EthernetAddress(capsa_net::GATEWAY_MAC),
+        ethertype: EthernetProtocol::Ipv4,
+    }
+    .emit(&mut eth);
+    let caps = ChecksumCapabilities::default();
+    let mut ipp = Ipv4Packet::new_unchecked(eth.payload_mut());
+    ip.emit(&mut ipp, &caps);
+    u.emit(
+        &mut UdpPacket::new_unchecked(ipp.payload_mut()),
+        &IpAddress::Ipv4(GUEST_ADDR),
+        &IpAddress::Ipv4(dst),
+        payload.len(),
+        |b| b.copy_from_slice(payload),
+        &caps,
+    );
+    buf
+}
+
+#[test]
+fn dns_to_another_server_is_unreachable_at_once() {
+    run(async {
+        let (h, mut q) = start(NetworkPolicy::default());
+        send(&mut q, &arp_request()).await;
+        assert!(expect(&mut q, Duration::from_secs(5), is_arp_reply).await);
+        let t = Instant::now();
+        send(
+            &mut q,
+            &udp(5353, Ipv4Addr::new(198, 18, 0, 1), 53, b"query"),
+        )
+        .await;
+        let icmp_unreachable = |f: &[u8]| {
+            EthernetFrame::new_checked(f)
+                .ok()
+                .and_then(|e| {
+                    let ip = Ipv4Packet::new_checked(e.payload()).ok()?;
+                    (ip.next_header() == IpProtocol::Icmp).then(|| ip.payload().first() == Some(&3))
+                })
+                .unwrap_or(false)
+        };
+        assert!(
+            expect(&mut q, Duration::from_secs(5), icmp_unreachable).await,
+            "no ICMP unreachable for DNS to another server"
+        );
+        eprintln!(
+            "DNS to another server -> ICMP unreachable in {:?}",
+            t.elapsed()
+        );
+        assert!(h
+            .log()
+            .iter()
+            .any(|d| d.kind == "udp" && !d.allowed && d.reason.contains("capsa's resolver")));
     });
 }
 

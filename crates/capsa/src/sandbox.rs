@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use capsa_agent_client::{AgentClient, BoxedStream, ExecChild, Output};
 use capsa_core::{
     Accel, Action, DiskSpec, NetDecision, NetRule, NetworkMode, NetworkPolicy, NetworkSpec,
+    PortForward,
 };
 use capsa_proto::{AgentInfo, ExecRequest, FileMeta, PtySize, WriteFileRequest, AGENT_PORT};
 
@@ -210,6 +211,16 @@ impl SandboxBuilder {
     /// Adds `--deny RULE`.
     pub fn deny(self, rule: &str) -> Result<Self> {
         Ok(self.net_rule(NetRule::parse(Action::Deny, rule)?))
+    }
+
+    /// Forwards a host port into the guest (gives the sandbox a network,
+    /// public, if it had none). See [`PortForward::parse`] for the CLI form.
+    pub fn forward(mut self, f: PortForward) -> Self {
+        self.network
+            .get_or_insert_with(Default::default)
+            .forwards
+            .push(f);
+        self
     }
 
     /// The whole network spec at once (`None`: no NIC).

@@ -191,6 +191,7 @@ fn deny_mode_policy_end_to_end() {
             .unwrap()
             .allow("rebind.test")
             .unwrap()
+            .forward(capsa::PortForward::parse("127.0.0.1:18080:8000").unwrap())
             .build()
             .await
             .expect("sandbox with a network boots");
@@ -283,6 +284,26 @@ fn deny_mode_policy_end_to_end() {
         )
         .await;
         assert_eq!((code, out.as_str()), (0, "hello"));
+
+        // A host port forwarded into the guest (-p 18080:8000).
+        let _server = sb
+            .spawn(&Command::new("sh").args(["-c", "echo hi-from-guest | nc -l -p 8000"]))
+            .await
+            .unwrap();
+        let mut got = String::new();
+        for _ in 0..50 {
+            use tokio::io::AsyncReadExt;
+            if let Ok(mut s) = tokio::net::TcpStream::connect("127.0.0.1:18080").await {
+                got.clear();
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut got)).await;
+                if !got.is_empty() {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(got, "hi-from-guest\n");
 
         // Every decision is in the log, with its reason.
         let log = sb.network_log().await.unwrap();
