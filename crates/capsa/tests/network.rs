@@ -341,3 +341,118 @@ fn no_network_means_no_nic() {
         assert!(e.to_string().contains("no network"), "{e}");
     });
 }
+
+/// Serves `bytes` zero bytes on 127.0.0.1:`port` after any request line.
+async fn blob_server(port: u16, bytes: usize) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let head = format!("HTTP/1.0 200 OK\r\nContent-Length: {bytes}\r\n\r\n");
+                let _ = s.write_all(head.as_bytes()).await;
+                let chunk = vec![0u8; 64 * 1024];
+                let mut left = bytes;
+                while left > 0 {
+                    let n = left.min(chunk.len());
+                    if s.write_all(&chunk[..n]).await.is_err() {
+                        return;
+                    }
+                    left -= n;
+                }
+            });
+        }
+    });
+}
+
+/// Reads and counts everything sent to 127.0.0.1:`port`.
+async fn sink_server(port: u16) -> Arc<AtomicUsize> {
+    use tokio::io::AsyncReadExt;
+    let got = Arc::new(AtomicUsize::new(0));
+    let l = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let g = got.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let g = g.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    g.fetch_add(n, Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    got
+}
+
+fn cpu_ms() -> u64 {
+    // SAFETY: getrusage fills the struct.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let ms = |t: libc::timeval| t.tv_sec as u64 * 1000 + t.tv_usec as u64 / 1000;
+    ms(ru.ru_utime) + ms(ru.ru_stime)
+}
+
+/// Throughput guest<->host through the stack, one flow, and the idle CPU of
+/// the process holding the stack. `cargo nextest run -p capsa --test network
+/// --run-ignored only --no-capture bench_`
+#[test]
+#[ignore = "benchmark"]
+fn bench_throughput_and_idle() {
+    run(async {
+        const MIB: usize = 64;
+        blob_server(8090, MIB << 20).await;
+        let sink = sink_server(8091).await;
+        let sb = common::sandbox()
+            .memory_mb(256)
+            .allow("host:8090-8091")
+            .unwrap()
+            .build()
+            .await
+            .unwrap();
+        let mut down = Vec::new();
+        let mut up = Vec::new();
+        for _ in 0..5 {
+            let (code, out, t) = sh(&sb, "wget -q -O /dev/null http://10.0.2.2:8090/").await;
+            assert_eq!(code, 0, "{out}");
+            down.push(MIB as f64 / t.as_secs_f64());
+            let before = sink.load(Ordering::SeqCst);
+            let (code, out, t) = sh(
+                &sb,
+                &format!(
+                    "dd if=/dev/zero bs=65536 count={} 2>/dev/null | nc 10.0.2.2 8091",
+                    MIB * 16
+                ),
+            )
+            .await;
+            assert_eq!(code, 0, "{out}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert_eq!(sink.load(Ordering::SeqCst) - before, MIB << 20);
+            up.push(MIB as f64 / t.as_secs_f64());
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(|a, b| a.total_cmp(b));
+            v[v.len() / 2]
+        };
+        eprintln!(
+            "capsa-net, 1 flow, {MIB} MiB x5: host->guest median {:.1} MiB/s, guest->host median {:.1} MiB/s",
+            median(&mut down),
+            median(&mut up)
+        );
+        let c0 = cpu_ms();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        eprintln!(
+            "idle: this process (stack + agent client) used {} ms CPU in 10 s",
+            cpu_ms() - c0
+        );
+    });
+}
