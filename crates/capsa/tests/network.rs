@@ -409,8 +409,11 @@ fn cpu_ms() -> u64 {
 #[ignore = "benchmark"]
 fn bench_throughput_and_idle() {
     run(async {
-        const MIB: usize = 64;
-        blob_server(8090, MIB << 20).await;
+        let mib: usize = std::env::var("CAPSA_BENCH_MIB")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(64);
+        blob_server(8090, mib << 20).await;
         let sink = sink_server(8091).await;
         let sb = common::sandbox()
             .memory_mb(256)
@@ -424,27 +427,27 @@ fn bench_throughput_and_idle() {
         for _ in 0..5 {
             let (code, out, t) = sh(&sb, "wget -q -O /dev/null http://10.0.2.2:8090/").await;
             assert_eq!(code, 0, "{out}");
-            down.push(MIB as f64 / t.as_secs_f64());
+            down.push(mib as f64 / t.as_secs_f64());
             let before = sink.load(Ordering::SeqCst);
             let (code, out, t) = sh(
                 &sb,
                 &format!(
                     "dd if=/dev/zero bs=65536 count={} 2>/dev/null | nc 10.0.2.2 8091",
-                    MIB * 16
+                    mib * 16
                 ),
             )
             .await;
             assert_eq!(code, 0, "{out}");
             tokio::time::sleep(Duration::from_millis(200)).await;
-            assert_eq!(sink.load(Ordering::SeqCst) - before, MIB << 20);
-            up.push(MIB as f64 / t.as_secs_f64());
+            assert_eq!(sink.load(Ordering::SeqCst) - before, mib << 20);
+            up.push(mib as f64 / t.as_secs_f64());
         }
         let median = |v: &mut Vec<f64>| {
             v.sort_by(|a, b| a.total_cmp(b));
             v[v.len() / 2]
         };
         eprintln!(
-            "capsa-net, 1 flow, {MIB} MiB x5: host->guest median {:.1} MiB/s, guest->host median {:.1} MiB/s",
+            "capsa-net, 1 flow, {mib} MiB x5: host->guest median {:.1} MiB/s, guest->host median {:.1} MiB/s",
             median(&mut down),
             median(&mut up)
         );
