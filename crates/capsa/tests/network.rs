@@ -422,6 +422,20 @@ fn bench_throughput_and_idle() {
             .build()
             .await
             .unwrap();
+        let qemu = sb.vm().pid().expect("QEMU's pid");
+        let qemu_cpu_ms = move || {
+            let st = std::fs::read_to_string(format!("/proc/{qemu}/stat")).unwrap_or_default();
+            let f: Vec<&str> = st
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .collect();
+            let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+                + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+            ticks * 10
+        };
+        let (c0, q0, t0) = (cpu_ms(), qemu_cpu_ms(), Instant::now());
         let mut down = Vec::new();
         let mut up = Vec::new();
         for _ in 0..5 {
@@ -450,6 +464,13 @@ fn bench_throughput_and_idle() {
             "capsa-net, 1 flow, {mib} MiB x5: host->guest median {:.1} MiB/s, guest->host median {:.1} MiB/s",
             median(&mut down),
             median(&mut up)
+        );
+        let moved_gib = (mib * 10) as f64 / 1024.0;
+        eprintln!(
+            "CPU per GiB moved: stack process {:.0} ms, QEMU {:.0} ms (wall {:.1} s)",
+            (cpu_ms() - c0) as f64 / moved_gib,
+            (qemu_cpu_ms() - q0) as f64 / moved_gib,
+            t0.elapsed().as_secs_f64()
         );
         let c0 = cpu_ms();
         tokio::time::sleep(Duration::from_secs(10)).await;
