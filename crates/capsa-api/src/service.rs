@@ -16,7 +16,8 @@ use tokio::sync::mpsc;
 use crate::error::{ApiError, ApiResult};
 use crate::types::{
     AcquireRequest, CreatePoolRequest, CreateSandboxRequest, ExecRequest, Health, ImageInfo,
-    PoolInfo, PullEvent, PullRequest, SandboxInfo, ShareRequest, SnapshotInfo,
+    NetworkLog, NetworkPolicyBody, PoolInfo, PullEvent, PullRequest, SandboxInfo, ShareRequest,
+    SnapshotInfo,
 };
 
 /// A sandbox's files: the same walk ([`capsa::copy`]) serves every face.
@@ -157,6 +158,12 @@ pub trait Service: Send + Sync {
     async fn share_remove(&self, name: &str, guest: &str) -> ApiResult<()>;
     /// The shares attached to a running sandbox.
     async fn share_list(&self, name: &str) -> ApiResult<Vec<ShareRequest>>;
+    /// The network policy in force on a running sandbox.
+    async fn network_policy(&self, name: &str) -> ApiResult<NetworkPolicyBody>;
+    /// Replaces a running sandbox's network policy; new flows follow it at once.
+    async fn set_network_policy(&self, name: &str, body: NetworkPolicyBody) -> ApiResult<()>;
+    /// A running sandbox's latest network decisions, with their reasons.
+    async fn network_log(&self, name: &str) -> ApiResult<NetworkLog>;
     /// Pulls an image from a registry into the store and converts it to a
     /// root filesystem: progress events, ending with `Done` or `Error`.
     /// Dropping the receiver abandons the pull.

@@ -185,6 +185,11 @@ pub struct CreateSandboxRequest {
     /// (capsad refuses it with `path_not_allowed`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_upper: Option<DiskUpperRequest>,
+    /// The network: `{"policy": {"mode": "public"|"deny", "rules": [...]}}`
+    /// (see capsa-core's `NetworkSpec`); absent means no NIC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
+    pub network: Option<capsa_core::NetworkSpec>,
     /// Boot it now (default true); `false` only records it, stopped.
     #[serde(default = "yes")]
     pub start: bool,
@@ -236,7 +241,7 @@ impl CreateSandboxRequest {
                 size_mib: d.size_mib,
             });
         }
-        b
+        b.network(self.network.clone())
     }
 
     /// The shares as library specs.
@@ -929,4 +934,25 @@ pub enum PullEvent {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         fix: Option<String>,
     },
+}
+
+/// A sandbox's network policy (`GET`/`PUT /v1/sandboxes/{name}/network`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct NetworkPolicyBody {
+    /// `{"mode": "public"|"deny", "rules": [...]}` (see capsa-core's
+    /// `NetworkPolicy`; first matching rule wins).
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub policy: capsa_core::NetworkPolicy,
+}
+
+/// A sandbox's latest network decisions, oldest first (bounded).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct NetworkLog {
+    /// Each decision with its reason (see capsa-core's `NetDecision`).
+    #[cfg_attr(feature = "openapi", schema(value_type = Vec<Object>))]
+    pub decisions: Vec<capsa_core::NetDecision>,
 }

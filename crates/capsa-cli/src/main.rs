@@ -8,6 +8,7 @@ mod exec_io;
 mod image;
 mod image_ext;
 mod named;
+mod network;
 mod pool;
 mod run;
 mod service;
@@ -84,6 +85,9 @@ enum Command {
     /// Attach or detach shared host directories on a running sandbox: add, rm, ls.
     #[command(subcommand)]
     Share(share::ShareCmd),
+    /// A sandbox's network: its decision log, its policy, and policy changes at run time.
+    #[command(subcommand)]
+    Network(network::NetworkCmd),
 }
 
 /// `run`, `boot`, `image`, `doctor` and `backends` work on this machine
@@ -125,10 +129,17 @@ fn main() -> ExitCode {
     term::restore_on_panic();
     use clap::{CommandFactory, FromArgMatches};
     let matches = Cli::command().get_matches();
-    let cli = match Cli::from_arg_matches(&matches) {
+    let mut cli = match Cli::from_arg_matches(&matches) {
         Ok(c) => c,
         Err(e) => e.exit(),
     };
+    // --allow/--deny keep their command-line order (first match wins).
+    match (&mut cli.command, matches.subcommand()) {
+        (Command::Run(a), Some((_, m))) => a.net.take_order(m),
+        (Command::Create(a), Some((_, m))) => a.net.take_order(m),
+        (Command::Network(c), Some((_, m))) => c.take_order(m),
+        _ => {}
+    }
     if let Err(msg) = check_local_only(&cli, &matches) {
         eprintln!("capsa: error: {msg}");
         return ExitCode::from(2);
@@ -176,6 +187,7 @@ fn main() -> ExitCode {
             Command::Snapshot(c) => snapshot::run(&cli.conn, c).await,
             Command::Pool(c) => pool::run(&cli.conn, c).await,
             Command::Share(c) => share::run(&cli.conn, c).await,
+            Command::Network(c) => network::run(&cli.conn, c).await,
         }
     });
     let code = match result {

@@ -24,7 +24,7 @@ pub struct CreateArgs {
     pub name: String,
     /// Restore the named snapshot (see `capsa snapshot ls`) instead of booting:
     /// the VM is the snapshot's (no --cpus/--memory/--accel/--disk), with a fresh identity.
-    #[arg(long, value_name = "SNAPSHOT", conflicts_with_all = ["cpus", "memory", "accel", "disks"])]
+    #[arg(long, value_name = "SNAPSHOT", conflicts_with_all = ["cpus", "memory", "accel", "disks", "network", "allow", "deny"])]
     pub from_snapshot: Option<String>,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
@@ -66,6 +66,8 @@ pub struct CreateArgs {
         conflicts_with = "tmpfs_upper"
     )]
     pub disk_upper: Option<String>,
+    #[command(flatten)]
+    pub net: crate::network::NetArgs,
 }
 
 /// Flags of `capsa exec`.
@@ -211,6 +213,7 @@ fn create_request(a: &CreateArgs) -> anyhow::Result<CreateSandboxRequest> {
         image,
         tmpfs_upper_mib,
         disk_upper,
+        network: a.net.spec()?,
         start: true,
         from_snapshot: None,
     })

@@ -74,6 +74,8 @@ pub struct RunArgs {
         conflicts_with = "tmpfs_upper"
     )]
     disk_upper: Option<String>,
+    #[command(flatten)]
+    pub net: crate::network::NetArgs,
     /// The command and its arguments (with --image: arguments after the
     /// image's Entrypoint, replacing its Cmd, as in Docker).
     #[arg(last = true, required_unless_present = "image", value_name = "CMD")]
@@ -203,6 +205,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         args.tmpfs_upper,
         args.disk_upper.as_deref(),
     )?;
+    b = b.network(args.net.spec()?);
     // Ctrl-C, SIGHUP or SIGTERM while booting tears the VM down too:
     // dropping the future drops the VM.
     let mut signals = crate::term::Hangup::catch()?;

@@ -580,6 +580,27 @@ impl Client {
         Ok(Box::pin(lines))
     }
 
+    /// `GET /v1/sandboxes/{name}/network`.
+    pub async fn network_policy(&self, name: &str) -> Result<NetworkPolicyBody> {
+        self.call(Method::GET, &sb_path(name, "/network"), None)
+            .await
+    }
+
+    /// `PUT /v1/sandboxes/{name}/network`.
+    pub async fn set_network_policy(&self, name: &str, body: &NetworkPolicyBody) -> Result<()> {
+        let body = serde_json::to_vec(body).map_err(|e| ClientError::Decode(e.to_string()))?;
+        let _: serde_json::Value = self
+            .call(Method::PUT, &sb_path(name, "/network"), Some(body))
+            .await?;
+        Ok(())
+    }
+
+    /// `GET /v1/sandboxes/{name}/network/log`.
+    pub async fn network_log(&self, name: &str) -> Result<NetworkLog> {
+        self.call(Method::GET, &sb_path(name, "/network/log"), None)
+            .await
+    }
+
     /// `GET /v1/images`.
     pub async fn images(&self) -> Result<Vec<ImageInfo>> {
         self.call(Method::GET, "/v1/images", None).await

@@ -301,6 +301,18 @@ impl Service for RemoteService {
         Ok(self.client.shares(name).await?)
     }
 
+    async fn network_policy(&self, name: &str) -> ApiResult<NetworkPolicyBody> {
+        Ok(self.client.network_policy(name).await?)
+    }
+
+    async fn set_network_policy(&self, name: &str, body: NetworkPolicyBody) -> ApiResult<()> {
+        Ok(self.client.set_network_policy(name, &body).await?)
+    }
+
+    async fn network_log(&self, name: &str) -> ApiResult<NetworkLog> {
+        Ok(self.client.network_log(name).await?)
+    }
+
     async fn image_pull(&self, req: PullRequest) -> ApiResult<mpsc::Receiver<PullEvent>> {
         let mut stream = self.client.pull(&req).await?;
         let (tx, rx) = mpsc::channel(64);

@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::{Accel, DiskFormat, Error, Result, ShareSpec, SnapshotMeta, VmSpec};
+use crate::{
+    Accel, DiskFormat, Error, NetDecision, NetworkPolicy, Result, ShareSpec, SnapshotMeta, VmSpec,
+};
 
 /// What a backend can do, as declared by the backend itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,6 +42,9 @@ pub struct Capabilities {
     /// Shared host directories over virtio-fs ([`VmInstance::attach_share`]).
     #[serde(default)]
     pub shares: bool,
+    /// A virtio-net NIC behind capsa's userspace network stack.
+    #[serde(default)]
+    pub network: bool,
 }
 
 impl Capabilities {
@@ -85,6 +90,12 @@ impl Capabilities {
             return Err(unsupported(
                 "shared directories".into(),
                 "copy the files in and out with `capsa cp` instead",
+            ));
+        }
+        if spec.network.is_some() && !self.network {
+            return Err(unsupported(
+                "networking".into(),
+                "use the qemu backend, or --network none",
             ));
         }
         if spec.console.enabled && !self.console {
@@ -266,4 +277,26 @@ pub trait VmInstance: Send + Sync {
     async fn shares(&self) -> Result<Vec<ShareSpec>> {
         Ok(Vec::new())
     }
+    /// Replaces the VM's network policy; new flows follow it at once.
+    async fn set_network_policy(&self, policy: NetworkPolicy) -> Result<()> {
+        let _ = policy;
+        Err(no_network())
+    }
+    /// The network policy in force.
+    async fn network_policy(&self) -> Result<NetworkPolicy> {
+        Err(no_network())
+    }
+    /// The latest network decisions (bounded), oldest first.
+    async fn network_log(&self) -> Result<Vec<NetDecision>> {
+        Err(no_network())
+    }
+}
+
+/// The error of a network call on a VM without a network.
+pub fn no_network() -> Error {
+    Error::invalid(
+        "network",
+        "this VM has no network",
+        "create the sandbox with --network public or --network deny",
+    )
 }

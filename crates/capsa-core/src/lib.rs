@@ -14,14 +14,15 @@ mod disk;
 mod error;
 mod hostpath;
 mod names;
+mod network;
 mod rootfs;
 mod share;
 mod snapshot;
 mod spec;
 
 pub use backend::{
-    Capabilities, ConsoleStreams, ExitReason, Hypervisor, RestoredVm, StartOptions, VmInstance,
-    VmStatus,
+    no_network, Capabilities, ConsoleStreams, ExitReason, Hypervisor, RestoredVm, StartOptions,
+    VmInstance, VmStatus,
 };
 pub use cmdline::{CmdlineError, KernelCmdline};
 pub use confine::{
@@ -32,6 +33,11 @@ pub use disk::{probe_disk_format, DiskProbeError};
 pub use error::{Error, Result};
 pub use hostpath::{check_private_dir, HostPathPolicy, PathRefusal};
 pub use names::{check_name, MAX_NAME_LEN, NAME_RULE};
+pub use network::{
+    mask, valid_domain, Action, NetDecision, NetRule, NetworkMode, NetworkPolicy, NetworkSpec,
+    PortForward, PortRange, Proto, Target, GUEST_ADDR, GUEST_DNS, GUEST_GATEWAY, GUEST_PREFIX,
+    MAX_FORWARDS, MAX_RULES,
+};
 pub use rootfs::{
     ImageRunConfig, RootfsFormat, RootfsSpec, UpperSpec, MAX_CONFIG_BYTES, MAX_CONFIG_ITEMS,
     MAX_CONFIG_ITEM_BYTES, MAX_DISK_UPPER_MIB, MAX_USER_BYTES, ROOTFS_SERIAL, UPPER_SERIAL,

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{probe_disk_format, Error, KernelCmdline, Result};
+use crate::{probe_disk_format, Error, KernelCmdline, NetworkSpec, Result};
 
 /// Most vCPUs a spec may ask for.
 pub const MAX_CPUS: u32 = 64;
@@ -48,6 +48,9 @@ pub struct VmSpec {
     /// [`VmSpec::set_rootfs`], which also attaches its disks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rootfs: Option<crate::RootfsSpec>,
+    /// A virtio-net NIC served by capsa's userspace stack; `None` is no NIC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkSpec>,
 }
 
 /// A virtio-vsock device. The host side is a Unix socket in the hybrid-vsock
@@ -270,6 +273,7 @@ impl VmSpec {
             vsock: None,
             shares: Vec::new(),
             rootfs: None,
+            network: None,
         }
     }
 
@@ -345,6 +349,9 @@ impl VmSpec {
             }
         }
         self.validate_rootfs()?;
+        if let Some(n) = &self.network {
+            n.validate()?;
+        }
         for disk in &mut self.disks {
             let format = probe_disk_format(&disk.path, disk.read_only, disk.allow_device).map_err(
                 |source| Error::Disk {

@@ -74,6 +74,13 @@ fn boot() -> Result<Config, BootError> {
         // the image the host asked for.
         crate::rootfs::mount_root(r, &cfg.hostname).map_err(BootError::Rootfs)?;
     }
+    // capsa's fixed guest addresses (capsa_core::GUEST_ADDR and friends;
+    // the guest crate does not depend on capsa-core).
+    match setup::network_up([10, 0, 2, 15], [255, 255, 255, 0], [10, 0, 2, 2]) {
+        Ok(true) => debug!("eth0 is 10.0.2.15/24 via 10.0.2.2"),
+        Ok(false) => {}
+        Err(e) => warning!("cannot configure eth0: {e}"),
+    }
     Ok(cfg)
 }
 

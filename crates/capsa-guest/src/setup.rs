@@ -284,3 +284,100 @@ pub fn loopback_up() -> io::Result<()> {
     }
     Ok(())
 }
+
+/// The guest's network interface (the only NIC capsa gives a VM).
+const NIC: &[u8] = b"eth0\0";
+
+/// Linux's `struct rtentry` (glibc's libc bindings lack it).
+#[repr(C)]
+struct RtEntry {
+    rt_pad1: libc::c_ulong,
+    rt_dst: libc::sockaddr,
+    rt_gateway: libc::sockaddr,
+    rt_genmask: libc::sockaddr,
+    rt_flags: libc::c_ushort,
+    rt_pad2: libc::c_short,
+    rt_pad3: libc::c_ulong,
+    rt_pad4: *mut libc::c_void,
+    rt_metric: libc::c_short,
+    rt_dev: *mut libc::c_char,
+    rt_mtu: libc::c_ulong,
+    rt_window: libc::c_ulong,
+    rt_irtt: libc::c_ushort,
+}
+
+fn sockaddr_v4(ip: [u8; 4]) -> libc::sockaddr {
+    // SAFETY: sockaddr_in and sockaddr are plain data of the same size.
+    unsafe {
+        let mut sin: libc::sockaddr_in = std::mem::zeroed();
+        sin.sin_family = libc::AF_INET as libc::sa_family_t;
+        sin.sin_addr.s_addr = u32::from_ne_bytes(ip);
+        std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin)
+    }
+}
+
+/// Configures `eth0`, when the VM has a NIC, with capsa's fixed addresses:
+/// `addr`/24, default route via `gateway`. Static, so there is no DHCP wait
+/// and every VM (and every pooled snapshot) looks the same.
+/// Returns `Ok(false)` when there is no NIC.
+pub fn network_up(addr: [u8; 4], netmask: [u8; 4], gateway: [u8; 4]) -> io::Result<bool> {
+    if !std::path::Path::new("/sys/class/net/eth0").exists() {
+        return Ok(false);
+    }
+    // SAFETY: plain socket(2) call.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned by socket(2) and is owned here.
+    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let ifreq = || {
+        // SAFETY: ifreq is plain data.
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in ifr.ifr_name.iter_mut().zip(NIC) {
+            *dst = *src as libc::c_char;
+        }
+        ifr
+    };
+    let ioctl = |req: libc::c_ulong, arg: *mut libc::c_void| {
+        // SAFETY: callers pass a valid request and a pointer to its argument.
+        if unsafe { libc::ioctl(sock.as_raw_fd(), req as _, arg) } < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    let mut ifr = ifreq();
+    ifr.ifr_ifru.ifru_addr = sockaddr_v4(addr);
+    ioctl(libc::SIOCSIFADDR, (&mut ifr as *mut libc::ifreq).cast())?;
+    let mut ifr = ifreq();
+    ifr.ifr_ifru.ifru_netmask = sockaddr_v4(netmask);
+    ioctl(libc::SIOCSIFNETMASK, (&mut ifr as *mut libc::ifreq).cast())?;
+    let mut ifr = ifreq();
+    ioctl(libc::SIOCGIFFLAGS, (&mut ifr as *mut libc::ifreq).cast())?;
+    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+    unsafe {
+        ifr.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    }
+    ioctl(libc::SIOCSIFFLAGS, (&mut ifr as *mut libc::ifreq).cast())?;
+    let mut rt = RtEntry {
+        rt_pad1: 0,
+        rt_dst: sockaddr_v4([0; 4]),
+        rt_gateway: sockaddr_v4(gateway),
+        rt_genmask: sockaddr_v4([0; 4]),
+        rt_flags: libc::RTF_UP | libc::RTF_GATEWAY,
+        rt_pad2: 0,
+        rt_pad3: 0,
+        rt_pad4: std::ptr::null_mut(),
+        rt_metric: 0,
+        rt_dev: std::ptr::null_mut(),
+        rt_mtu: 0,
+        rt_window: 0,
+        rt_irtt: 0,
+    };
+    match ioctl(libc::SIOCADDRT, (&mut rt as *mut RtEntry).cast()) {
+        Err(e) if e.raw_os_error() != Some(libc::EEXIST) => return Err(e),
+        _ => {}
+    }
+    Ok(true)
+}

@@ -158,7 +158,10 @@ pub(crate) struct Contents<'a> {
 const PASSWD: &str =
     "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n";
 const GROUP: &str = "root:x:0:\ntty:x:5:\nnogroup:x:65534:\n";
-const HOSTS: &str = "127.0.0.1\tlocalhost\n::1\tlocalhost\n";
+const HOSTS: &str = "127.0.0.1\tlocalhost\n::1\tlocalhost\n10.0.2.2\thost.capsa.internal\n";
+/// The guest's resolver: capsa's, at the gateway's DNS address (the only one
+/// its network lets through).
+const RESOLV_CONF: &str = "nameserver 10.0.2.3\noptions timeout:2 attempts:2\n";
 
 /// Builds the file tree of the initramfs.
 pub(crate) fn tree(c: &Contents<'_>) -> Result<Tree, ImageError> {
@@ -215,6 +218,7 @@ pub(crate) fn tree(c: &Contents<'_>) -> Result<Tree, ImageError> {
         ("etc/passwd", PASSWD),
         ("etc/group", GROUP),
         ("etc/hosts", HOSTS),
+        ("etc/resolv.conf", RESOLV_CONF),
         ("etc/hostname", "capsa\n"),
     ] {
         t.file(path, 0o644, body.as_bytes().to_vec())

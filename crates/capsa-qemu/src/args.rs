@@ -34,6 +34,9 @@ pub const VSOCK_CHARDEV_ID: &str = "vsock0";
 /// cannot be hot-plugged, devices behind a root port can.
 pub const VSOCK_BUS: &str = "capsa-rp0";
 
+/// QEMU id of the network backend.
+pub const NET_ID: &str = "net0";
+
 /// How a VM is launched, beyond its spec.
 #[derive(Debug, Clone, Default)]
 pub struct Launch {
@@ -56,6 +59,8 @@ pub struct Launch {
     /// The vhost-user socket of each share of the spec, in order (its
     /// virtiofsd listens there); share `i` is plugged into slot `i`.
     pub share_sockets: Vec<PathBuf>,
+    /// QEMU's end of the network socket pair, when the spec has a network.
+    pub net_fd: Option<i32>,
 }
 
 /// The PCIe root port of share slot `i`. Every VM with shared RAM gets
@@ -330,6 +335,20 @@ pub fn build_args_with(
             &format!("virtio-blk-pci,drive=disk{i},id=vd{i}{serial}"),
         ]);
     }
+    if let (Some(_), Some(fd)) = (&spec.network, launch.net_fd) {
+        // Frames as a 4-byte big-endian length plus the Ethernet frame, over
+        // the inherited socket; the NIC is QEMU's, so it migrates with snapshots.
+        // No option ROM: capsa boots PVH, never through PXE.
+        push(&[
+            "-netdev",
+            &format!("stream,id={NET_ID},server=off,addr.type=fd,addr.str={fd}"),
+            "-device",
+            &format!(
+                "virtio-net-pci,netdev={NET_ID},id=capsa-net,mac={},romfile=",
+                capsa_net::GUEST_MAC
+            ),
+        ]);
+    }
     if launch.incoming {
         push(&["-incoming", "defer"]);
     }
@@ -488,6 +507,32 @@ mod tests {
         );
         // The host path never reaches QEMU: virtiofsd has it.
         assert!(!a.contains("/h,") && !a.contains(" /h "));
+    }
+
+    #[test]
+    fn network_is_a_stream_netdev_on_an_fd() {
+        let mut s = spec();
+        let paths = RunPaths {
+            qmp: "/q".into(),
+            vhost_vsock: None,
+        };
+        let launch = Launch {
+            net_fd: Some(9),
+            ..Default::default()
+        };
+        let a = build_args_with(&s, Accel::Tcg, &paths, "t", &launch)
+            .unwrap()
+            .join(" ");
+        assert!(!a.contains("netdev"), "no network in the spec, no NIC: {a}");
+        s.network = Some(capsa_core::NetworkSpec::default());
+        let a = build_args_with(&s, Accel::Tcg, &paths, "t", &launch)
+            .unwrap()
+            .join(" ");
+        assert!(
+            a.contains("-netdev stream,id=net0,server=off,addr.type=fd,addr.str=9"),
+            "{a}"
+        );
+        assert!(a.contains("virtio-net-pci,netdev=net0"), "{a}");
     }
 
     #[test]

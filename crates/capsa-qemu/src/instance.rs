@@ -46,6 +46,8 @@ pub struct QemuInstance {
     pub(crate) creds: Option<Creds>,
     /// The shares plugged in, by slot (see [`crate::args::share_bus`]).
     pub(crate) shares: tokio::sync::Mutex<Vec<Option<crate::share::ActiveShare>>>,
+    /// capsa's network stack for the VM's NIC; stopped with the instance.
+    pub(crate) net: Option<capsa_net::NetHandle>,
 }
 
 /// Facts about a VM kept for snapshots.
@@ -281,6 +283,7 @@ impl QemuInstance {
             qemu_dir,
             creds,
             shares: tokio::sync::Mutex::new((0..capsa_core::MAX_SHARES).map(|_| None).collect()),
+            net: None,
         })
     }
 

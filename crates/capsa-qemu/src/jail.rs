@@ -202,6 +202,19 @@ impl Jail {
         Ok(())
     }
 
+    /// Passes `fd` to QEMU; returns its number there.
+    pub fn pass_fd(&mut self, fd: OwnedFd) -> i32 {
+        let n = self
+            .pass
+            .iter()
+            .map(|(_, n)| *n + 1)
+            .max()
+            .unwrap_or(FIRST_PASSED_FD)
+            .max(FIRST_PASSED_FD);
+        self.pass.push((fd, n));
+        n
+    }
+
     /// Closes the passed files (QEMU has its own copies once it runs).
     pub fn release_files(&mut self) {
         self.pass.clear();

@@ -312,6 +312,29 @@ pub(crate) fn spawn_vsock(
     Ok(Some(device))
 }
 
+/// Starts capsa's network stack for `spec`, if it has a network: QEMU gets
+/// one end of a socket pair (`-netdev stream,addr.type=fd`), the stack in
+/// this process the other. Returns the stack and QEMU's fd number.
+pub(crate) fn spawn_net(
+    spec: &VmSpec,
+    jail: &mut jail::Jail,
+) -> Result<Option<(capsa_net::NetHandle, i32)>> {
+    let Some(n) = &spec.network else {
+        return Ok(None);
+    };
+    let net_err = |e: capsa_net::NetError| Error::Backend {
+        backend: "qemu",
+        message: format!("cannot start the network: {e}"),
+        fix: None,
+        source: Some(Box::new(e)),
+    };
+    let cfg = capsa_net::NetConfig::from_env(n).map_err(net_err)?;
+    let (ours, theirs) = capsa_net::socketpair().map_err(net_err)?;
+    let fd = jail.pass_fd(theirs);
+    let handle = capsa_net::spawn(ours, cfg).map_err(net_err)?;
+    Ok(Some((handle, fd)))
+}
+
 fn find_qemu() -> std::result::Result<PathBuf, QemuError> {
     if let Some(p) = std::env::var_os("CAPSA_QEMU") {
         let p = PathBuf::from(p);
@@ -358,6 +381,7 @@ impl Hypervisor for QemuBackend {
             vsock: true,
             snapshot: true,
             shares: share::running_as_root(),
+            network: true,
         }
     }
 
@@ -368,9 +392,10 @@ impl Hypervisor for QemuBackend {
             .resolve_accel(spec.accel, kernel, initrd.as_deref())
             .await?;
         tracing::debug!(%accel, %why, name = %opts.name, "starting QEMU");
-        let (jail, files) =
+        let (mut jail, files) =
             jail::Jail::prepare(self.confinement()?, &opts.run_dir, &spec, accel, &[])?;
         let vsock = spawn_vsock(&spec, &opts, &jail)?;
+        let (net, net_fd) = spawn_net(&spec, &mut jail)?.unzip();
         let paths = args::RunPaths {
             qmp: jail.dir.join("qmp.sock"),
             vhost_vsock: vsock.as_ref().map(|d| d.config().vhost_socket.clone()),
@@ -404,6 +429,7 @@ impl Hypervisor for QemuBackend {
             share_sockets: (0..spec.shares.len())
                 .map(|i| jail.dir.join(format!("virtiofs{i}.sock")))
                 .collect(),
+            net_fd,
             ..Default::default()
         };
         let argv = args::build_args_with(&spec, accel, &paths, &opts.name, &launch)?;
@@ -425,6 +451,7 @@ impl Hypervisor for QemuBackend {
         )
         .await?;
         inst.set_boot_shares(started);
+        inst.net = net;
         Ok(Box::new(inst))
     }
 

@@ -628,7 +628,7 @@ pub(crate) async fn restore(
         disk_paths.push(d.path.clone());
     }
 
-    let (jail, files) = crate::jail::Jail::prepare(
+    let (mut jail, files) = crate::jail::Jail::prepare(
         backend.confinement()?,
         &opts.run_dir,
         &spec,
@@ -636,6 +636,7 @@ pub(crate) async fn restore(
         &backing,
     )?;
     let vsock = crate::spawn_vsock(&spec, &opts, &jail)?;
+    let (net, net_fd) = crate::spawn_net(&spec, &mut jail)?.unzip();
     let paths = args::RunPaths {
         qmp: jail.dir.join("qmp.sock"),
         vhost_vsock: vsock.as_ref().map(|d| d.config().vhost_socket.clone()),
@@ -649,6 +650,7 @@ pub(crate) async fn restore(
         tb_size_mib: jail.tb_size_mib(),
         files,
         share_sockets: Vec::new(),
+        net_fd,
     };
     let argv = args::build_args_with(&spec, meta.accel, &paths, &opts.name, &launch)?;
     let vhost = paths.vhost_vsock.clone();
@@ -659,7 +661,7 @@ pub(crate) async fn restore(
         disk_paths,
         qemu: backend.binary().to_path_buf(),
     };
-    let inst = QemuInstance::spawn(
+    let mut inst = QemuInstance::spawn(
         backend.binary(),
         &argv,
         paths.qmp,
@@ -669,6 +671,7 @@ pub(crate) async fn restore(
         jail,
     )
     .await?;
+    inst.net = net;
     let qemu_up = t.elapsed();
     let loaded = fill
         .await

@@ -204,6 +204,25 @@ impl VmInstance for QemuInstance {
         Ok(self.share_specs().await)
     }
 
+    async fn set_network_policy(&self, policy: capsa_core::NetworkPolicy) -> Result<()> {
+        self.net
+            .as_ref()
+            .ok_or_else(capsa_core::no_network)?
+            .set_policy(policy)
+    }
+
+    async fn network_policy(&self) -> Result<capsa_core::NetworkPolicy> {
+        Ok(self
+            .net
+            .as_ref()
+            .ok_or_else(capsa_core::no_network)?
+            .policy())
+    }
+
+    async fn network_log(&self) -> Result<Vec<capsa_core::NetDecision>> {
+        Ok(self.net.as_ref().ok_or_else(capsa_core::no_network)?.log())
+    }
+
     async fn wait(&self) -> Result<ExitReason> {
         let mut exit = self.exit.clone();
         let r = exit

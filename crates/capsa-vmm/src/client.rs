@@ -571,6 +571,33 @@ impl VmInstance for MonitorHandle {
         Ok(r.map_err(|e| self.core_err("shares", e))??)
     }
 
+    async fn set_network_policy(
+        &self,
+        policy: capsa_core::NetworkPolicy,
+    ) -> capsa_core::Result<()> {
+        let r = self
+            .client
+            .set_network_policy(context_with_deadline(RPC_TIMEOUT), policy)
+            .await;
+        Ok(r.map_err(|e| self.core_err("set_network_policy", e))??)
+    }
+
+    async fn network_policy(&self) -> capsa_core::Result<capsa_core::NetworkPolicy> {
+        let r = self
+            .client
+            .network_policy(context_with_deadline(RPC_TIMEOUT))
+            .await;
+        Ok(r.map_err(|e| self.core_err("network_policy", e))??)
+    }
+
+    async fn network_log(&self) -> capsa_core::Result<Vec<capsa_core::NetDecision>> {
+        let r = self
+            .client
+            .network_log(context_with_deadline(RPC_TIMEOUT))
+            .await;
+        Ok(r.map_err(|e| self.core_err("network_log", e))??)
+    }
+
     async fn wait(&self) -> capsa_core::Result<ExitReason> {
         loop {
             if let Some(r) = self.exit.get() {

@@ -208,6 +208,29 @@ impl Monitor for Server {
         let instance = self.0.instance()?.clone();
         instance.shares().await.map_err(RpcError::from)
     }
+
+    async fn set_network_policy(
+        self,
+        _: tarpc::context::Context,
+        policy: capsa_core::NetworkPolicy,
+    ) -> std::result::Result<(), RpcError> {
+        tracing::info!(mode = %policy.mode, rules = policy.rules.len(), "network policy replaced");
+        Ok(self.0.instance()?.set_network_policy(policy).await?)
+    }
+
+    async fn network_policy(
+        self,
+        _: tarpc::context::Context,
+    ) -> std::result::Result<capsa_core::NetworkPolicy, RpcError> {
+        Ok(self.0.instance()?.network_policy().await?)
+    }
+
+    async fn network_log(
+        self,
+        _: tarpc::context::Context,
+    ) -> std::result::Result<Vec<capsa_core::NetDecision>, RpcError> {
+        Ok(self.0.instance()?.network_log().await?)
+    }
 }
 
 /// Starts the VM from the snapshot `req` names: checks it against this host

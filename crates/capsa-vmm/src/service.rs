@@ -8,7 +8,9 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use capsa_core::{ExitReason, ShareSpec, SnapshotMeta, VmSpec, VmStatus};
+use capsa_core::{
+    ExitReason, NetDecision, NetworkPolicy, ShareSpec, SnapshotMeta, VmSpec, VmStatus,
+};
 use serde::{Deserialize, Serialize};
 use tarpc::tokio_serde::formats::Json;
 use tarpc::tokio_util::codec::LengthDelimitedCodec;
@@ -137,6 +139,12 @@ pub trait Monitor {
     async fn detach_share(guest: String) -> Result<ShareSpec, RpcError>;
     /// The shares attached now.
     async fn shares() -> Result<Vec<ShareSpec>, RpcError>;
+    /// Replaces the VM's network policy; new flows follow it at once.
+    async fn set_network_policy(policy: NetworkPolicy) -> Result<(), RpcError>;
+    /// The network policy in force.
+    async fn network_policy() -> Result<NetworkPolicy, RpcError>;
+    /// The latest network decisions (bounded), oldest first.
+    async fn network_log() -> Result<Vec<NetDecision>, RpcError>;
 }
 
 /// A tarpc context whose deadline is `after` from now.

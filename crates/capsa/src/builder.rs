@@ -201,6 +201,12 @@ impl VmBuilder {
         self
     }
 
+    /// Gives the VM a NIC behind capsa's network stack (`None`: no NIC).
+    pub fn network(mut self, network: Option<capsa_core::NetworkSpec>) -> Self {
+        self.spec.network = network;
+        self
+    }
+
     /// Chooses the accelerator (default: probe).
     pub fn accel(mut self, accel: Accel) -> Self {
         self.spec.accel = accel;

@@ -44,6 +44,9 @@ pub use capsa_core::{
     Accel, DiskFormat, DiskSpec, ExitReason, KernelCmdline, ShareMode, ShareSpec, VmSpec, VmStatus,
     GUEST_READY_MARKER,
 };
+pub use capsa_core::{
+    Action, NetDecision, NetRule, NetworkMode, NetworkPolicy, NetworkSpec, PortForward,
+};
 pub use capsa_core::{SnapshotMeta, CAPSA_VERSION};
 pub use capsa_proto::{
     AgentInfo, DirEntry, ErrorKind, ExecRequest, ExitStatus, FileKind, FileMeta,

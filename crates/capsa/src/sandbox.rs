@@ -9,7 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use capsa_agent_client::{AgentClient, BoxedStream, ExecChild, Output};
-use capsa_core::{Accel, DiskSpec};
+use capsa_core::{
+    Accel, Action, DiskSpec, NetDecision, NetRule, NetworkMode, NetworkPolicy, NetworkSpec,
+    PortForward,
+};
 use capsa_proto::{AgentInfo, ExecRequest, FileMeta, PtySize, WriteFileRequest, AGENT_PORT};
 
 use crate::{Capsa, Error, Result, Strategy, VmHandle};
@@ -41,6 +44,8 @@ pub struct SandboxBuilder {
     /// An OCI image (name or digest) to run commands in.
     pub(crate) image: Option<String>,
     pub(crate) upper: Option<crate::rootfs::Upper>,
+    /// The network (`None`: no NIC, the default).
+    pub(crate) network: Option<NetworkSpec>,
 }
 
 /// What `sandbox.json` holds for a sandbox, so a reattach restores the
@@ -84,6 +89,7 @@ impl Capsa {
             shares: Vec::new(),
             image: None,
             upper: None,
+            network: None,
         }
     }
 }
@@ -209,6 +215,57 @@ impl SandboxBuilder {
     /// read), every build boots.
     pub fn fast_start(mut self, on: bool) -> Self {
         self.fast_start = on;
+        self
+    }
+
+    /// Sets the network mode: `none` (no NIC, the default), `public`
+    /// (everything but the private floor) or `deny` (only what rules allow).
+    pub fn network_mode(mut self, mode: NetworkMode) -> Self {
+        if mode == NetworkMode::None {
+            self.network = None;
+        } else {
+            self.network
+                .get_or_insert_with(Default::default)
+                .policy
+                .mode = mode;
+        }
+        self
+    }
+
+    /// Adds a policy rule (first match wins); gives the sandbox a network
+    /// (public) if it had none. See [`NetRule::parse`] for the syntax.
+    pub fn net_rule(mut self, rule: NetRule) -> Self {
+        self.network
+            .get_or_insert_with(Default::default)
+            .policy
+            .rules
+            .push(rule);
+        self
+    }
+
+    /// Adds `--allow RULE`.
+    pub fn allow(self, rule: &str) -> Result<Self> {
+        Ok(self.net_rule(NetRule::parse(Action::Allow, rule)?))
+    }
+
+    /// Adds `--deny RULE`.
+    pub fn deny(self, rule: &str) -> Result<Self> {
+        Ok(self.net_rule(NetRule::parse(Action::Deny, rule)?))
+    }
+
+    /// Forwards a host port into the guest (gives the sandbox a network,
+    /// public, if it had none). See [`PortForward::parse`] for the CLI form.
+    pub fn forward(mut self, f: PortForward) -> Self {
+        self.network
+            .get_or_insert_with(Default::default)
+            .forwards
+            .push(f);
+        self
+    }
+
+    /// The whole network spec at once (`None`: no NIC).
+    pub fn network(mut self, network: Option<NetworkSpec>) -> Self {
+        self.network = network;
         self
     }
 
@@ -567,6 +624,22 @@ impl Sandbox {
             }
             Err(_) => Ok(Vec::new()),
         }
+    }
+
+    /// Replaces the sandbox's network policy; new flows follow it at once
+    /// (e.g. a pooled sandbox is acquired, then given its policy).
+    pub async fn set_network_policy(&self, policy: NetworkPolicy) -> Result<()> {
+        Ok(self.vm.instance().set_network_policy(policy).await?)
+    }
+
+    /// The network policy in force.
+    pub async fn network_policy(&self) -> Result<NetworkPolicy> {
+        Ok(self.vm.instance().network_policy().await?)
+    }
+
+    /// The latest network decisions (bounded), oldest first.
+    pub async fn network_log(&self) -> Result<Vec<NetDecision>> {
+        Ok(self.vm.instance().network_log().await?)
     }
 
     /// Runs a command to completion and collects its output.

@@ -585,6 +585,7 @@ impl SandboxBuilder {
             .accel(self.accel)
             .console()
             .vsock()
+            .network(self.network.clone())
             .cmdline_arg("capsa.mode=agent");
         for d in &self.disks {
             vm = vm.disk_spec(d.clone());

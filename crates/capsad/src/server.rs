@@ -160,6 +160,8 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(list_pools, create_pool))
         .routes(routes!(get_pool, delete_pool))
         .routes(routes!(acquire))
+        .routes(routes!(get_network, set_network))
+        .routes(routes!(network_log))
         .routes(routes!(list_images))
         .routes(routes!(pull_image))
         .routes(routes!(get_image, delete_image))
@@ -1058,4 +1060,46 @@ async fn pull_image(
         Body::from_stream(stream),
     )
         .into_response())
+}
+
+/// The network policy in force on a running sandbox.
+#[utoipa::path(get, path = "/v1/sandboxes/{name}/network", tag = "network",
+    params(("name" = String, Path, description = "sandbox name")),
+    responses((status = 200, body = NetworkPolicyBody), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn get_network(
+    State(st): State<AppState>,
+    p: NameParam,
+) -> ApiResult<Json<NetworkPolicyBody>> {
+    let name = name_of(p)?;
+    Ok(Json(st.service.network_policy(&name).await?))
+}
+
+/// Replaces a running sandbox's network policy; new connections follow it at
+/// once (so a pooled sandbox is acquired, then given its policy).
+#[utoipa::path(put, path = "/v1/sandboxes/{name}/network", tag = "network",
+    params(("name" = String, Path, description = "sandbox name")),
+    request_body = NetworkPolicyBody,
+    responses((status = 200, body = NetworkPolicyBody), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn set_network(
+    State(st): State<AppState>,
+    p: NameParam,
+    body: Result<Json<NetworkPolicyBody>, JsonRejection>,
+) -> ApiResult<Json<NetworkPolicyBody>> {
+    let name = name_of(p)?;
+    let Json(body) = body?;
+    st.service.set_network_policy(&name, body).await?;
+    Ok(Json(st.service.network_policy(&name).await?))
+}
+
+/// A running sandbox's latest network decisions (allowed and denied, each
+/// with its reason), oldest first.
+#[utoipa::path(get, path = "/v1/sandboxes/{name}/network/log", tag = "network",
+    params(("name" = String, Path, description = "sandbox name")),
+    responses((status = 200, body = NetworkLog), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn network_log(State(st): State<AppState>, p: NameParam) -> ApiResult<Json<NetworkLog>> {
+    let name = name_of(p)?;
+    Ok(Json(st.service.network_log(&name).await?))
 }

@@ -128,11 +128,12 @@ fn validate_create(req: &CreateSandboxRequest) -> ApiResult<()> {
             || req.memory_mib.is_some()
             || !req.disks.is_empty()
             || req.accel.is_some()
+            || req.network.is_some()
         {
             return Err(ApiError::bad_request(
-                "from_snapshot conflicts with cpus, memory_mib, disks and accel: the snapshot fixes them",
+                "from_snapshot conflicts with cpus, memory_mib, disks, accel and network: the snapshot fixes them",
             )
-            .fix("drop cpus/memory_mib/disks/accel, or drop from_snapshot to boot a new spec"));
+            .fix("drop cpus/memory_mib/disks/accel/network, or drop from_snapshot to boot a new spec"));
         }
         if !req.start {
             return Err(ApiError::bad_request("from_snapshot with start: false")
@@ -148,6 +149,9 @@ fn validate_create(req: &CreateSandboxRequest) -> ApiResult<()> {
     validate_env(&req.env)?;
     if let Some(w) = &req.workdir {
         validate_guest_path("workdir", w)?;
+    }
+    if let Some(n) = &req.network {
+        n.validate().map_err(core_err)?;
     }
     if req.disks.len() > MAX_DISKS {
         return Err(ApiError::bad_request(format!(
@@ -882,6 +886,37 @@ impl Service for LocalService {
             .await
             .map_err(|e| ApiError::from_capsa(&format!("listing the shares of {name:?}"), &e))?;
         Ok(l.iter().map(ShareRequest::of).collect())
+    }
+
+    async fn network_policy(&self, name: &str) -> ApiResult<NetworkPolicyBody> {
+        let sb = self.running(name).await?;
+        let policy = sb
+            .network_policy()
+            .await
+            .map_err(|e| ApiError::from_capsa(&format!("the network policy of {name:?}"), &e))?;
+        Ok(NetworkPolicyBody { policy })
+    }
+
+    async fn set_network_policy(&self, name: &str, body: NetworkPolicyBody) -> ApiResult<()> {
+        capsa_core::NetworkSpec {
+            policy: body.policy.clone(),
+            ..Default::default()
+        }
+        .validate()
+        .map_err(core_err)?;
+        let sb = self.running(name).await?;
+        sb.set_network_policy(body.policy).await.map_err(|e| {
+            ApiError::from_capsa(&format!("setting the network policy of {name:?}"), &e)
+        })
+    }
+
+    async fn network_log(&self, name: &str) -> ApiResult<NetworkLog> {
+        let sb = self.running(name).await?;
+        let decisions = sb
+            .network_log()
+            .await
+            .map_err(|e| ApiError::from_capsa(&format!("the network log of {name:?}"), &e))?;
+        Ok(NetworkLog { decisions })
     }
 
     async fn image_pull(&self, req: PullRequest) -> ApiResult<mpsc::Receiver<PullEvent>> {

@@ -1,0 +1,482 @@
+//! The sandbox network on real VMs, inside a fresh network namespace.
+//!
+//! Loopback only, by construction: each test first moves its thread into a
+//! new network namespace that has nothing but `lo` (`unshare(CLONE_NEWNET)`,
+//! so this needs root, as the VM tests do), before any runtime thread,
+//! QEMU or server exists; everything started after inherits it. The stack's
+//! upstream resolver is a fake DNS server on 127.0.0.1 that records every
+//! question (`CAPSA_NET_DNS`), and its dialer is the test dialer, which maps
+//! 198.18.0.0/15 onto 127.0.0.1 and refuses the rest (`CAPSA_NET_TEST_DIALER`).
+
+mod common;
+
+#[allow(dead_code)]
+const FORCE_MONITOR: bool = false;
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use capsa::{Action, Command, NetRule, NetworkMode, NetworkPolicy, Sandbox};
+use hickory_proto::op::{Message, MessageType, ResponseCode};
+use hickory_proto::rr::{rdata::A, RData, Record, RecordType};
+
+const FAKE_DNS: &str = "127.0.0.1:5353";
+const HTTP_PORT: u16 = 8080;
+const HOST_PORT: u16 = 9090;
+
+/// Moves this thread into a new network namespace with only `lo`, up.
+fn enter_netns() {
+    // SAFETY: unshare has no memory preconditions.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        panic!(
+            "unshare(CLONE_NEWNET) failed: {} (the network tests need root, so that \
+             nothing they send can leave the machine)",
+            std::io::Error::last_os_error()
+        );
+    }
+    // SAFETY: plain socket/ioctl calls on a zeroed ifreq.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        assert!(fd >= 0);
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        for (d, s) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
+            *d = *s as libc::c_char;
+        }
+        assert_eq!(libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr), 0);
+        ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        assert_eq!(libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr), 0);
+        libc::close(fd);
+        // Nothing but lo here.
+        let idx = libc::if_nameindex();
+        let mut names = Vec::new();
+        let mut p = idx;
+        while (*p).if_index != 0 {
+            names.push(
+                std::ffi::CStr::from_ptr((*p).if_name)
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+            p = p.add(1);
+        }
+        libc::if_freenameindex(idx);
+        assert_eq!(names, ["lo"], "the test namespace must hold only lo");
+    }
+    std::env::set_var("CAPSA_NET_DNS", FAKE_DNS);
+    std::env::set_var("CAPSA_NET_TEST_DIALER", "1");
+}
+
+fn run<F: std::future::Future<Output = ()>>(f: F) {
+    enter_netns();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f);
+}
+
+/// A fake upstream resolver: answers from `zone`, NXDOMAIN otherwise, and
+/// records every name it is asked.
+async fn fake_dns(zone: HashMap<&'static str, Ipv4Addr>) -> Arc<Mutex<Vec<String>>> {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let sock = tokio::net::UdpSocket::bind(FAKE_DNS).await.unwrap();
+    let l = log.clone();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 2048];
+        while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+            let Ok(q) = Message::from_vec(&buf[..n]) else {
+                continue;
+            };
+            let Some(query) = q.queries().first().cloned() else {
+                continue;
+            };
+            let name = query.name().to_ascii().trim_end_matches('.').to_string();
+            l.lock().unwrap().push(name.clone());
+            let mut r = Message::new();
+            r.set_id(q.id())
+                .set_message_type(MessageType::Response)
+                .add_query(query.clone());
+            match zone.get(name.as_str()) {
+                Some(ip) if query.query_type() == RecordType::A => {
+                    r.add_answer(Record::from_rdata(
+                        query.name().clone(),
+                        60,
+                        RData::A(A(*ip)),
+                    ));
+                }
+                Some(_) => {}
+                None => {
+                    r.set_response_code(ResponseCode::NXDomain);
+                }
+            }
+            let _ = sock.send_to(&r.to_vec().unwrap(), from).await;
+        }
+    });
+    log
+}
+
+/// An HTTP server on 127.0.0.1:`port` answering `body`; counts connections.
+async fn http_server(port: u16, body: &'static str) -> Arc<AtomicUsize> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let hits = Arc::new(AtomicUsize::new(0));
+    let l = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let h = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            h.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let resp = format!(
+                    "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    hits
+}
+
+async fn sh(sb: &Sandbox, script: &str) -> (i32, String, Duration) {
+    let t = Instant::now();
+    let out = sb
+        .exec(
+            &Command::new("sh")
+                .args(["-c", script])
+                .timeout(Duration::from_secs(60)),
+        )
+        .await
+        .expect("exec");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code.unwrap_or(-1), text, t.elapsed())
+}
+
+fn rule(a: Action, s: &str) -> NetRule {
+    NetRule::parse(a, s).unwrap()
+}
+
+#[test]
+fn deny_mode_policy_end_to_end() {
+    run(async {
+        let queries = fake_dns(HashMap::from([
+            ("allowed.test", Ipv4Addr::new(198, 18, 0, 10)),
+            ("other.test", Ipv4Addr::new(198, 18, 0, 11)),
+            ("rebind.test", Ipv4Addr::new(10, 9, 9, 9)),
+        ]))
+        .await;
+        let web = http_server(HTTP_PORT, "hello").await;
+        let host_svc = http_server(HOST_PORT, "model").await;
+        let sb = common::sandbox()
+            .memory_mb(256)
+            .network_mode(NetworkMode::Deny)
+            .allow("allowed.test")
+            .unwrap()
+            .allow("*.rebind.test")
+            .unwrap()
+            .allow("rebind.test")
+            .unwrap()
+            .forward(capsa::PortForward::parse("127.0.0.1:18080:8000").unwrap())
+            .build()
+            .await
+            .expect("sandbox with a network boots");
+
+        // The NIC is configured statically.
+        let (_, ip, _) = sh(&sb, "ip -4 addr show eth0; cat /etc/resolv.conf").await;
+        assert!(ip.contains("10.0.2.15/24"), "{ip}");
+        assert!(ip.contains("nameserver 10.0.2.3"), "{ip}");
+
+        // An allowed domain works end to end (DNS through the fake upstream,
+        // TCP through the test dialer to the loopback server).
+        let (code, out, _) = sh(
+            &sb,
+            &format!("wget -q -O - http://allowed.test:{HTTP_PORT}/"),
+        )
+        .await;
+        assert_eq!((code, out.as_str()), (0, "hello"), "allowed GET");
+        assert_eq!(web.load(Ordering::SeqCst), 1);
+        assert!(queries
+            .lock()
+            .unwrap()
+            .contains(&"allowed.test".to_string()));
+
+        // A denied name gets NXDOMAIN and never reaches the upstream.
+        let (code, out, _) = sh(&sb, "nslookup denied.test").await;
+        assert_ne!(code, 0, "{out}");
+        assert!(
+            !queries.lock().unwrap().iter().any(|q| q.contains("denied")),
+            "the denied name leaked upstream: {:?}",
+            queries.lock().unwrap()
+        );
+
+        // An address never resolved is refused, at once (RST), never dialled.
+        let dials = web.load(Ordering::SeqCst);
+        let (code, out, took) = sh(&sb, &format!("nc 198.18.0.99 {HTTP_PORT} </dev/null")).await;
+        assert_ne!(code, 0, "{out}");
+        eprintln!(
+            "denied connect failed after {} ms (exec round trip)",
+            took.as_millis()
+        );
+        assert!(
+            took < Duration::from_secs(3),
+            "a denied connect took {took:?}"
+        );
+        assert_eq!(
+            web.load(Ordering::SeqCst),
+            dials,
+            "a denied flow was dialled"
+        );
+
+        // Host header naming a domain the address is not pinned to: refused.
+        let (code, out, _) = sh(
+            &sb,
+            &format!(
+                "printf 'GET / HTTP/1.0\\r\\nHost: other.test\\r\\n\\r\\n' | nc 198.18.0.10 {HTTP_PORT}"
+            ),
+        )
+        .await;
+        assert!(
+            !out.contains("hello"),
+            "a spoofed Host got through: {code} {out}"
+        );
+
+        // Rebinding: a private answer for a public name is dropped.
+        let (_, out, _) = sh(&sb, "nslookup rebind.test 2>&1").await;
+        assert!(!out.contains("10.9.9.9"), "{out}");
+
+        // Metadata and the host's loopback are refused...
+        let (code, _, _) = sh(&sb, "nc 169.254.169.254 80 </dev/null").await;
+        assert_ne!(code, 0);
+        let (code, _, _) = sh(&sb, &format!("wget -q -O - http://10.0.2.2:{HOST_PORT}/")).await;
+        assert_ne!(code, 0);
+        assert_eq!(host_svc.load(Ordering::SeqCst), 0);
+        // DNS to another server is refused.
+        let (code, _, took) = sh(&sb, "nslookup allowed.test 198.18.0.1").await;
+        assert_ne!(code, 0);
+        eprintln!("DNS to another server failed after {} ms", took.as_millis());
+
+        // ...until the policy changes; the next connection follows it.
+        let mut p: NetworkPolicy = sb.network_policy().await.unwrap();
+        p.rules
+            .push(rule(Action::Allow, &format!("host:{HOST_PORT}")));
+        p.rules.push(rule(Action::Allow, "198.18.0.99/32"));
+        sb.set_network_policy(p).await.unwrap();
+        let (code, out, _) = sh(&sb, &format!("wget -q -O - http://10.0.2.2:{HOST_PORT}/")).await;
+        assert_eq!((code, out.as_str()), (0, "model"));
+        let (code, out, _) = sh(
+            &sb,
+            &format!("wget -q -O - http://198.18.0.99:{HTTP_PORT}/"),
+        )
+        .await;
+        assert_eq!((code, out.as_str()), (0, "hello"));
+
+        // A host port forwarded into the guest (-p 18080:8000).
+        let _server = sb
+            .spawn(&Command::new("sh").args(["-c", "echo hi-from-guest | nc -l -p 8000"]))
+            .await
+            .unwrap();
+        let mut got = String::new();
+        for _ in 0..50 {
+            use tokio::io::AsyncReadExt;
+            if let Ok(mut s) = tokio::net::TcpStream::connect("127.0.0.1:18080").await {
+                got.clear();
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut got)).await;
+                if !got.is_empty() {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(got, "hi-from-guest\n");
+
+        // Every decision is in the log, with its reason.
+        let log = sb.network_log().await.unwrap();
+        let text: Vec<String> = log
+            .iter()
+            .map(|d| format!("{} {} {} {}", d.kind, d.what, d.allowed, d.reason))
+            .collect();
+        assert!(
+            text.iter().any(|l| l.starts_with("dns denied.test false")),
+            "{text:#?}"
+        );
+        assert!(
+            text.iter().any(|l| l.contains("198.18.0.99:8080 false")),
+            "{text:#?}"
+        );
+        assert!(
+            text.iter().any(|l| l.contains("169.254.169.254:80 false")),
+            "{text:#?}"
+        );
+        assert!(text.iter().any(|l| l.contains("rebinding")), "{text:#?}");
+    });
+}
+
+#[test]
+fn no_network_means_no_nic() {
+    run(async {
+        let sb = common::sandbox()
+            .memory_mb(256)
+            .build()
+            .await
+            .expect("boots");
+        let (_, out, _) = sh(&sb, "ls /sys/class/net").await;
+        assert_eq!(out.split_whitespace().collect::<Vec<_>>(), ["lo"]);
+        let e = sb.network_log().await.unwrap_err();
+        assert!(e.to_string().contains("no network"), "{e}");
+    });
+}
+
+/// Serves `bytes` zero bytes on 127.0.0.1:`port` after any request line.
+async fn blob_server(port: u16, bytes: usize) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let head = format!("HTTP/1.0 200 OK\r\nContent-Length: {bytes}\r\n\r\n");
+                let _ = s.write_all(head.as_bytes()).await;
+                let chunk = vec![0u8; 64 * 1024];
+                let mut left = bytes;
+                while left > 0 {
+                    let n = left.min(chunk.len());
+                    if s.write_all(&chunk[..n]).await.is_err() {
+                        return;
+                    }
+                    left -= n;
+                }
+            });
+        }
+    });
+}
+
+/// Reads and counts everything sent to 127.0.0.1:`port`.
+async fn sink_server(port: u16) -> Arc<AtomicUsize> {
+    use tokio::io::AsyncReadExt;
+    let got = Arc::new(AtomicUsize::new(0));
+    let l = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let g = got.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let g = g.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    g.fetch_add(n, Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    got
+}
+
+fn cpu_ms() -> u64 {
+    // SAFETY: getrusage fills the struct.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let ms = |t: libc::timeval| t.tv_sec as u64 * 1000 + t.tv_usec as u64 / 1000;
+    ms(ru.ru_utime) + ms(ru.ru_stime)
+}
+
+/// Throughput guest<->host through the stack, one flow, and the idle CPU of
+/// the process holding the stack. `cargo nextest run -p capsa --test network
+/// --run-ignored only --no-capture bench_`
+#[test]
+#[ignore = "benchmark"]
+fn bench_throughput_and_idle() {
+    run(async {
+        let mib: usize = std::env::var("CAPSA_BENCH_MIB")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(64);
+        blob_server(8090, mib << 20).await;
+        let sink = sink_server(8091).await;
+        let sb = common::sandbox()
+            .memory_mb(256)
+            .allow("host:8090-8091")
+            .unwrap()
+            .build()
+            .await
+            .unwrap();
+        let qemu = sb.vm().pid().expect("QEMU's pid");
+        let qemu_cpu_ms = move || {
+            let st = std::fs::read_to_string(format!("/proc/{qemu}/stat")).unwrap_or_default();
+            let f: Vec<&str> = st
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .collect();
+            let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+                + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+            ticks * 10
+        };
+        let (c0, q0, t0) = (cpu_ms(), qemu_cpu_ms(), Instant::now());
+        let mut down = Vec::new();
+        let mut up = Vec::new();
+        for _ in 0..5 {
+            let (code, out, t) = sh(&sb, "wget -q -O /dev/null http://10.0.2.2:8090/").await;
+            assert_eq!(code, 0, "{out}");
+            down.push(mib as f64 / t.as_secs_f64());
+            let before = sink.load(Ordering::SeqCst);
+            let (code, out, t) = sh(
+                &sb,
+                &format!(
+                    "dd if=/dev/zero bs=65536 count={} 2>/dev/null | nc 10.0.2.2 8091",
+                    mib * 16
+                ),
+            )
+            .await;
+            assert_eq!(code, 0, "{out}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert_eq!(sink.load(Ordering::SeqCst) - before, mib << 20);
+            up.push(mib as f64 / t.as_secs_f64());
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(|a, b| a.total_cmp(b));
+            v[v.len() / 2]
+        };
+        eprintln!(
+            "capsa-net, 1 flow, {mib} MiB x5: host->guest median {:.1} MiB/s, guest->host median {:.1} MiB/s",
+            median(&mut down),
+            median(&mut up)
+        );
+        let moved_gib = (mib * 10) as f64 / 1024.0;
+        eprintln!(
+            "CPU per GiB moved: stack process {:.0} ms, QEMU {:.0} ms (wall {:.1} s)",
+            (cpu_ms() - c0) as f64 / moved_gib,
+            (qemu_cpu_ms() - q0) as f64 / moved_gib,
+            t0.elapsed().as_secs_f64()
+        );
+        let c0 = cpu_ms();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        eprintln!(
+            "idle: this process (stack + agent client) used {} ms CPU in 10 s",
+            cpu_ms() - c0
+        );
+    });
+}
