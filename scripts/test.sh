@@ -17,6 +17,11 @@ fi
 # use), so concurrently starting tests find it cached instead of racing for it.
 cargo build --workspace --locked
 ./target/debug/capsa image build >/dev/null
+# Provision the Debian package cache (python3, git) from the Debian mirror, as
+# apt-get install does: the tests that build Debian images then run offline
+# (a dead proxy for every request), reading only this cache.
+./target/debug/capsa image build capsa-test-debs --debian bookworm --packages python3,git \
+  --convert none >/dev/null
 cargo nextest run --workspace --locked "$@"
 if [ "${CAPSA_SKIP_API_FUZZ:-0}" != 1 ] && [ $# -eq 0 ]; then
   echo "capsa test: fuzzing capsad's API against its OpenAPI document (scripts/api-fuzz.sh)" >&2
