@@ -144,7 +144,7 @@ fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
     for (p, d) in files {
         let mut h = tar::Header::new_ustar();
         h.set_size(d.len() as u64);
-        h.set_mode(0o644);
+        h.set_mode(if p.starts_with("bin/") { 0o755 } else { 0o644 });
         h.set_mtime(1_700_000_000);
         b.append_data(&mut h, p, *d).unwrap();
     }
@@ -190,6 +190,8 @@ fn image_manifest(layout: &Path, files: &[(&str, &[u8])], arch: &str) -> serde_j
 /// An OCI layout whose index.json names `tag`. With `multi`, the tag points at an image index
 /// with an arm64 and an amd64 image (in that order).
 fn layout(dir: &Path, tag: &str, multi: bool, marker: &[u8]) -> PathBuf {
+    // A static busybox makes the image bootable (`capsa run --image`).
+    let busybox = std::fs::read("/bin/busybox").expect("a static /bin/busybox (busybox-static)");
     let l = dir.join(format!("layout-{tag}"));
     std::fs::create_dir_all(l.join("blobs/sha256")).unwrap();
     std::fs::write(l.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
@@ -199,6 +201,8 @@ fn layout(dir: &Path, tag: &str, multi: bool, marker: &[u8]) -> PathBuf {
             ("etc/hello", b"hello from the registry\n"),
             ("etc/arch", b"amd64\n"),
             ("data/marker", marker),
+            ("bin/busybox", &busybox),
+            ("work/.keep", b""),
         ],
         "amd64",
     );
@@ -316,6 +320,48 @@ fn pull_index_picks_amd64_converts_and_caches() {
         Path::new("/etc/hello")
     );
     let digest = v["digest"].as_str().unwrap().to_string();
+
+    // The pulled image runs: its files, Env and WorkingDir in a real VM.
+    let out = Command::new(env!("CARGO_BIN_EXE_capsa"))
+        .args(["run", "--image", &r, "--memory", "256M", "--"])
+        .args([
+            "/bin/busybox",
+            "sh",
+            "-c",
+            "cat /etc/hello; echo $GREETING; /bin/busybox pwd",
+        ])
+        .env("CAPSA_IMAGE_STORE", env.store())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "run --image {r}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello from the registry\nhi\n/work\n"
+    );
+    // The same OCI layout loaded from disk (no registry) runs too.
+    let local = Env::new();
+    let loaded = local.capsa(&["image", "load", l.to_str().unwrap()]);
+    assert!(
+        loaded.status.success(),
+        "image load: {}",
+        String::from_utf8_lossy(&loaded.stderr)
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_capsa"))
+        .args(["run", "--image", "1", "--memory", "256M", "--"])
+        .args(["/bin/busybox", "cat", "/etc/arch"])
+        .env("CAPSA_IMAGE_STORE", local.store())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "run --image of a loaded layout: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "amd64\n");
 
     // Again by tag: one HEAD, nothing downloaded, the converted image reused.
     let t = Instant::now();

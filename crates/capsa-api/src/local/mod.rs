@@ -487,6 +487,17 @@ impl LocalService {
         same.then_some(sb)
     }
 
+    /// Refuses the network verbs on a sandbox made without a NIC (a NIC
+    /// cannot be added to a running VM).
+    fn has_network(&self, name: &str) -> ApiResult<()> {
+        let rec = self.record(name)?;
+        if rec.spec.as_ref().is_some_and(|s| s.network.is_none()) {
+            return Err(ApiError::conflict(format!("sandbox {name:?} has no network"))
+                .fix("create the sandbox with a network (--network public or deny; `network` in the create request)"));
+        }
+        Ok(())
+    }
+
     async fn forget(&self, name: &str) -> Option<Arc<Sandbox>> {
         self.attaching.lock().await.remove(name);
         self.attached.lock().await.remove(name)
@@ -889,6 +900,7 @@ impl Service for LocalService {
     }
 
     async fn network_policy(&self, name: &str) -> ApiResult<NetworkPolicyBody> {
+        self.has_network(name)?;
         let sb = self.running(name).await?;
         let policy = sb
             .network_policy()
@@ -904,6 +916,7 @@ impl Service for LocalService {
         }
         .validate()
         .map_err(core_err)?;
+        self.has_network(name)?;
         let sb = self.running(name).await?;
         sb.set_network_policy(body.policy).await.map_err(|e| {
             ApiError::from_capsa(&format!("setting the network policy of {name:?}"), &e)
@@ -911,6 +924,7 @@ impl Service for LocalService {
     }
 
     async fn network_log(&self, name: &str) -> ApiResult<NetworkLog> {
+        self.has_network(name)?;
         let sb = self.running(name).await?;
         let decisions = sb
             .network_log()
