@@ -274,6 +274,14 @@ impl ApiError {
             E::ConsoleClosed { .. } | E::NoConsole | E::NoVsock | E::Vsock { .. } => {
                 ApiError::unavailable(message)
             }
+            // The image store's own mapping (unknown image: 404, bad reference: 400, ...).
+            E::Oci(o) => {
+                let mut err = crate::local::images::oci_status(o, message);
+                if err.detail.fix.is_none() {
+                    err.detail.fix = fix.clone();
+                }
+                return err;
+            }
             _ => ApiError::internal(message),
         };
         match fix {

@@ -35,6 +35,11 @@ pub fn info_of(r: &ImageRecord) -> ImageInfo {
 /// store's own fix).
 pub fn oci_err(context: &str, e: OciError) -> ApiError {
     let message = format!("{context}: {e}");
+    oci_status(&e, message)
+}
+
+/// The API error of an image-store error, with `message` as its text.
+pub fn oci_status(e: &OciError, message: String) -> ApiError {
     match e {
         OciError::UnknownImage(_) => {
             ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, message)

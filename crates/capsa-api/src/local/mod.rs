@@ -25,7 +25,7 @@ use crate::error::{core_err, ApiError, ApiResult, ErrorCode, StatusCode};
 use crate::service::{ConsoleSession, ExecChunk, ExecControl, ExecSession, Files, Service};
 use crate::types::*;
 
-mod images;
+pub(crate) mod images;
 pub mod locks;
 pub mod pools;
 
