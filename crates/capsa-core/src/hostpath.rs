@@ -96,41 +96,33 @@ impl HostPathPolicy {
     /// every symlink is resolved (a share's host side); returns the resolved
     /// path, to be used from then on.
     pub fn check_dir(&self, path: &str) -> Result<PathBuf, PathRefusal> {
-        let refuse = |problem: String| PathRefusal {
-            path: path.chars().take(4096).collect(),
-            problem,
-        };
-        let p = Path::new(path);
-        if path.contains('\0') || !p.is_absolute() {
-            return Err(refuse("not an absolute path".into()));
-        }
-        let real = std::fs::canonicalize(p).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => refuse("no such directory".into()),
-            _ => refuse(format!("cannot resolve it: {e}")),
-        })?;
-        let meta =
-            std::fs::metadata(&real).map_err(|e| refuse(format!("cannot inspect it: {e}")))?;
-        if !meta.is_dir() {
-            return Err(refuse("it is not a directory".into()));
-        }
-        if !self.allowed.iter().any(|d| real.starts_with(d)) {
-            let via = if real != p {
-                format!(" (it resolves to {})", real.display())
-            } else {
-                String::new()
-            };
-            return Err(refuse(format!(
-                "it is outside the directories allowed for sharing{via}: {}",
-                self.describe()
-            )));
-        }
-        Ok(real)
+        self.check(path, "no such directory", "sharing", |ft| {
+            (!ft.is_dir()).then(|| "it is not a directory".to_string())
+        })
     }
 
     /// Checks `path` names a regular file below an allowed directory once
     /// every symlink is resolved; returns that resolved path, which is what
     /// should be used from then on (a symlink swapped in later is not followed).
     pub fn check_file(&self, path: &str) -> Result<PathBuf, PathRefusal> {
+        self.check(path, "no such file", "attaching", |ft| {
+            if ft.is_block_device() || ft.is_char_device() {
+                Some("it is a device; only regular image files can be attached".into())
+            } else {
+                (!ft.is_file()).then(|| "it is not a regular file".to_string())
+            }
+        })
+    }
+
+    /// The one walk of both checks: absolute, resolved, of the right kind
+    /// (`wrong_kind` says why not), below an allowed directory.
+    fn check(
+        &self,
+        path: &str,
+        missing: &str,
+        purpose: &str,
+        wrong_kind: impl Fn(std::fs::FileType) -> Option<String>,
+    ) -> Result<PathBuf, PathRefusal> {
         let refuse = |problem: String| PathRefusal {
             path: path.chars().take(4096).collect(),
             problem,
@@ -140,19 +132,13 @@ impl HostPathPolicy {
             return Err(refuse("not an absolute path".into()));
         }
         let real = std::fs::canonicalize(p).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => refuse("no such file".into()),
+            std::io::ErrorKind::NotFound => refuse(missing.into()),
             _ => refuse(format!("cannot resolve it: {e}")),
         })?;
         let meta =
             std::fs::metadata(&real).map_err(|e| refuse(format!("cannot inspect it: {e}")))?;
-        let ft = meta.file_type();
-        if ft.is_block_device() || ft.is_char_device() {
-            return Err(refuse(
-                "it is a device; only regular image files can be attached".into(),
-            ));
-        }
-        if !ft.is_file() {
-            return Err(refuse("it is not a regular file".into()));
+        if let Some(problem) = wrong_kind(meta.file_type()) {
+            return Err(refuse(problem));
         }
         if !self.allowed.iter().any(|d| real.starts_with(d)) {
             let via = if real != p {
@@ -161,7 +147,7 @@ impl HostPathPolicy {
                 String::new()
             };
             return Err(refuse(format!(
-                "it is outside the directories allowed for attaching{via}: {}",
+                "it is outside the directories allowed for {purpose}{via}: {}",
                 self.describe()
             )));
         }

@@ -383,7 +383,8 @@ pub(crate) async fn wait_unplugged(inst: &crate::QemuInstance, id: &str) -> Resu
     }
 }
 
-/// `chardev-add` of a vhost-user client socket at `path`.
+/// `chardev-add` of a vhost-user client socket at `path` (shares, and the
+/// vsock device plugged back after a snapshot).
 pub(crate) async fn add_chardev(inst: &crate::QemuInstance, id: &str, path: &Path) -> Result<()> {
     use qapi::qmp;
     let backend = qmp::ChardevBackend::socket(qmp::ChardevSocketWrapper {

@@ -178,38 +178,7 @@ async fn unplug_vsock(inst: &QemuInstance) -> Result<()> {
 
 /// Plugs the vsock device back, connected to capsa's device at `vhost`.
 async fn plug_vsock(inst: &QemuInstance, vhost: &Path) -> Result<()> {
-    let backend = qmp::ChardevBackend::socket(qmp::ChardevSocketWrapper {
-        data: qmp::ChardevSocket {
-            base: qmp::ChardevCommon {
-                logappend: None,
-                logfile: None,
-            },
-            addr: qmp::SocketAddressLegacy::unix(qmp::UnixSocketAddressWrapper {
-                data: qmp::UnixSocketAddress {
-                    path: vhost.to_string_lossy().into_owned(),
-                    abstract_: None,
-                    tight: None,
-                },
-            }),
-            server: Some(false),
-            nodelay: None,
-            reconnect: None,
-            telnet: None,
-            tls_authz: None,
-            tls_creds: None,
-            tn3270: None,
-            wait: None,
-            websocket: None,
-        },
-    });
-    inst.exec(
-        "chardev-add",
-        qmp::chardev_add {
-            id: VSOCK_CHARDEV_ID.into(),
-            backend,
-        },
-    )
-    .await?;
+    crate::share::add_chardev(inst, VSOCK_CHARDEV_ID, vhost).await?;
     let mut arguments = qapi::Dictionary::new();
     arguments.insert("chardev".into(), VSOCK_CHARDEV_ID.into());
     inst.exec(
