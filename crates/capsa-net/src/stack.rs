@@ -605,27 +605,7 @@ impl Stack {
             );
             return;
         }
-        let (to_host_tx, to_host_rx) = mpsc::channel::<Vec<u8>>(8);
-        let (to_guest_tx, to_guest_rx) = mpsc::channel::<Vec<u8>>(4);
-        tokio::spawn(run_flow(
-            stream,
-            to_host_rx,
-            to_guest_tx,
-            self.notify.clone(),
-        ));
-        self.by_key.insert(key, h);
-        self.flows.insert(
-            h,
-            Flow {
-                key,
-                to_host: Some(to_host_tx),
-                from_host: to_guest_rx,
-                pending_in: None,
-                host_eof: false,
-                closing: false,
-                inspect: inspect.then(Vec::new),
-            },
-        );
+        self.link(h, key, inspect, stream);
     }
 
     /// Moves data between sockets and flow tasks; answers DNS. True if anything moved.
