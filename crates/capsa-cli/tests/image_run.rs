@@ -76,7 +76,12 @@ fn image_archive(out: &Path) {
         0o644,
         b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1001::/srv/app:/bin/sh\n",
     );
-    file(&mut lb, "etc/group", 0o644, b"root:x:0:\napp:x:1001:\n");
+    file(
+        &mut lb,
+        "etc/group",
+        0o644,
+        b"root:x:0:\napp:x:1001:\nstaff:x:50:root,app\n",
+    );
     file(&mut lb, "etc/hello", 0o644, b"hello from the image\n");
     file(&mut lb, "srv/app/data.txt", 0o644, b"app data\n");
     let layer = lb.into_inner().unwrap();
@@ -196,7 +201,7 @@ fn run_in_image_applies_its_config() {
         "test/rootfs:1",
         "--",
         "id -u; id -g; pwd; cat /etc/greeting; echo $GREETING; only-in-image; \
-         cat /etc/hostname; ls /run/capsa 2>&1 || echo no-initramfs",
+         cat /etc/hostname; ls /run/capsa 2>&1 || echo no-initramfs; id -G",
     ]);
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0], "1000", "User app from the image's passwd: {out}");
@@ -214,6 +219,12 @@ fn run_in_image_applies_its_config() {
     assert_eq!(lines[6], "capsa", "/etc/hostname written: {out}");
     // The initramfs (capsa's /run/capsa mounts) is not visible from the image.
     assert!(out.contains("no-initramfs"), "{out}");
+    // Supplementary groups: the groups of /etc/group that list the user.
+    assert_eq!(
+        lines.last().copied(),
+        Some("1001 50"),
+        "supplementary groups: {out}"
+    );
 
     // No command: Entrypoint + Cmd.
     let out = env.ok(&["run", "--no-snapshot", "--image", "test/rootfs:1"]);

@@ -413,6 +413,37 @@ async fn cwd_env_and_identity() {
         format!("/tmp\nbar baz\ndumb\n{home}\n65534\n65534\n65534\n"),
         "supplementary groups must be dropped"
     );
+    // Asked-for supplementary groups are set, in the order given.
+    let out = agent
+        .client()
+        .exec_output(
+            ExecRequest {
+                uid: Some(65534),
+                gid: Some(65534),
+                groups: vec![50, 60],
+                ..sh("id -u; id -G")
+            },
+            T,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "65534\n65534 50 60\n"
+    );
+    // More than the protocol allows is refused, not truncated.
+    let err = agent
+        .client()
+        .exec_output(
+            ExecRequest {
+                groups: (0..65).collect(),
+                ..sh("true")
+            },
+            T,
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("supplementary groups"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

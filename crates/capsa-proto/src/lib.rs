@@ -35,7 +35,7 @@ use std::io::{Read, Write};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// Version of this protocol; bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// The vsock port the guest agent listens on.
 pub const AGENT_PORT: u32 = 1024;
 /// Largest frame either side accepts (bytes after the length prefix).
@@ -236,7 +236,12 @@ pub struct ExecRequest {
     pub pty: Option<PtySize>,
     /// Kill the process (SIGKILL to its group) after this many milliseconds.
     pub timeout_ms: Option<u64>,
+    /// Supplementary groups (at most [`MAX_GROUPS`]); empty drops them all.
+    pub groups: Vec<u32>,
 }
+
+/// Most supplementary groups an exec may ask for.
+pub const MAX_GROUPS: usize = 64;
 
 /// Terminal size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -536,6 +541,12 @@ impl ExecRequest {
         if self.argv.len() > MAX_ITEMS || self.env.len() > MAX_ITEMS {
             return Err(ProtoError::Invalid(format!(
                 "more than {MAX_ITEMS} argv or env entries"
+            )));
+        }
+        if self.groups.len() > MAX_GROUPS {
+            return Err(ProtoError::Invalid(format!(
+                "{} supplementary groups (at most {MAX_GROUPS})",
+                self.groups.len()
             )));
         }
         let nul = |s: &str| s.contains('\0');

@@ -142,11 +142,24 @@ fn make_upper_disk(path: &Path, size_mib: u64) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(|e| Error::io(format!("creating {}", path.display()), e))
 }
 
+/// An image's `User`, resolved: the ids a command runs with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedUser {
+    /// User id.
+    pub uid: u32,
+    /// Primary group id.
+    pub gid: u32,
+    /// Supplementary groups: every `/etc/group` entry listing the user's name
+    /// (Docker's rule), at most [`capsa_proto::MAX_GROUPS`].
+    pub groups: Vec<u32>,
+}
+
 /// Resolves an OCI `User` (`user`, `uid`, `user:group`, `uid:gid`, ...)
 /// against the image's `/etc/passwd` and `/etc/group` contents (hostile
 /// input: bounded, never panics). Docker's rules: a numeric uid not in
-/// `passwd` gets gid 0; a name must exist.
-pub fn resolve_user(spec: &str, passwd: &[u8], group: &[u8]) -> Result<(u32, u32)> {
+/// `passwd` gets gid 0; a name must exist; the user's supplementary groups
+/// are the groups that list its name.
+pub fn resolve_user(spec: &str, passwd: &[u8], group: &[u8]) -> Result<ResolvedUser> {
     let (user, grp) = match spec.split_once(':') {
         Some((u, g)) => (u, Some(g)),
         None => (spec, None),
@@ -161,11 +174,11 @@ pub fn resolve_user(spec: &str, passwd: &[u8], group: &[u8]) -> Result<(u32, u32
             let id = f.get(2)?.parse::<u32>().ok()?;
             let gid = f.get(3)?.parse::<u32>().ok()?;
             let hit = name.is_some_and(|n| f.first() == Some(&n)) || uid == Some(id);
-            hit.then_some((id, gid))
+            hit.then(|| (id, gid, f.first().map(|n| n.to_string())))
         })
     };
-    let (uid, primary) = match user.parse::<u32>() {
-        Ok(uid) => (uid, entry(None, Some(uid)).map_or(0, |(_, g)| g)),
+    let (uid, primary, name) = match user.parse::<u32>() {
+        Ok(uid) => entry(None, Some(uid)).map_or((uid, 0, None), |(_, g, n)| (uid, g, n)),
         Err(_) if user.is_empty() => return Err(bad("empty user".into())),
         Err(_) => entry(Some(user), None)
             .ok_or_else(|| bad(format!("no user {user:?} in /etc/passwd")))?,
@@ -179,7 +192,20 @@ pub fn resolve_user(spec: &str, passwd: &[u8], group: &[u8]) -> Result<(u32, u32
                 .ok_or_else(|| bad(format!("no group {g:?} in /etc/group")))?,
         },
     };
-    Ok((uid, gid))
+    let mut groups = Vec::new();
+    if let Some(name) = name.filter(|n| !n.is_empty()) {
+        for f in lines(group) {
+            let listed = f
+                .get(3)
+                .is_some_and(|m| m.split(',').any(|m| m.trim() == name));
+            if let (true, Some(Ok(g))) = (listed, f.get(2).map(|g| g.parse::<u32>())) {
+                if !groups.contains(&g) && groups.len() < capsa_proto::MAX_GROUPS {
+                    groups.push(g);
+                }
+            }
+        }
+    }
+    Ok(ResolvedUser { uid, gid, groups })
 }
 
 /// The `:`-separated fields of each line of an account file, bounded.
@@ -203,18 +229,22 @@ mod tests {
     use super::*;
 
     const PASSWD: &[u8] = b"root:x:0:0:root:/root:/bin/sh\n# comment\nbad line\napp:x:1000:1001::/home/app:/bin/sh\nweird:x:notanumber:1\n";
-    const GROUP: &[u8] = b"root:x:0:\nstaff:x:50:app\n";
+    const GROUP: &[u8] =
+        b"root:x:0:\nstaff:x:50:app\nwheel:x:60:bob, app\nother:x:70:application\n";
+
+    fn ids(spec: &str, passwd: &[u8], group: &[u8]) -> (u32, u32, Vec<u32>) {
+        let u = resolve_user(spec, passwd, group).unwrap();
+        (u.uid, u.gid, u.groups)
+    }
 
     #[test]
     fn users_resolve_like_docker() {
-        assert_eq!(resolve_user("app", PASSWD, GROUP).unwrap(), (1000, 1001));
-        assert_eq!(resolve_user("1000", PASSWD, GROUP).unwrap(), (1000, 1001));
-        assert_eq!(resolve_user("4242", PASSWD, GROUP).unwrap(), (4242, 0));
-        assert_eq!(
-            resolve_user("app:staff", PASSWD, GROUP).unwrap(),
-            (1000, 50)
-        );
-        assert_eq!(resolve_user("7:9", b"", b"").unwrap(), (7, 9));
+        assert_eq!(ids("app", PASSWD, GROUP), (1000, 1001, vec![50, 60]));
+        assert_eq!(ids("1000", PASSWD, GROUP), (1000, 1001, vec![50, 60]));
+        assert_eq!(ids("4242", PASSWD, GROUP), (4242, 0, vec![]));
+        assert_eq!(ids("app:staff", PASSWD, GROUP), (1000, 50, vec![50, 60]));
+        assert_eq!(ids("root", PASSWD, GROUP), (0, 0, vec![]));
+        assert_eq!(ids("7:9", b"", b""), (7, 9, vec![]));
         let e = resolve_user("nobody", PASSWD, GROUP)
             .unwrap_err()
             .to_string();

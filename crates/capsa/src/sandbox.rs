@@ -380,6 +380,12 @@ impl Command {
         self
     }
 
+    /// Supplementary groups (at most 64); by default a command has none.
+    pub fn groups(mut self, groups: impl IntoIterator<Item = u32>) -> Self {
+        self.req.groups = groups.into_iter().collect();
+        self
+    }
+
     /// Feeds these bytes to stdin (for [`Sandbox::exec`]); then stdin closes.
     pub fn stdin_bytes(mut self, data: impl Into<Vec<u8>>) -> Self {
         self.stdin = Some(data.into());
@@ -416,7 +422,7 @@ pub struct Sandbox {
     /// Started from a snapshot (a base snapshot, a named one, a pool's).
     pub(crate) restored: bool,
     /// The image's `User`, resolved in the image once (uid, gid).
-    pub(crate) image_user: Arc<tokio::sync::OnceCell<(u32, u32)>>,
+    pub(crate) image_user: Arc<tokio::sync::OnceCell<crate::rootfs::ResolvedUser>>,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -577,23 +583,29 @@ impl Sandbox {
         }
         if req.uid.is_none() {
             if let Some(user) = image.and_then(|c| c.user.as_deref()) {
-                let (uid, gid) = *self
+                let u = self
                     .image_user
                     .get_or_try_init(|| self.lookup_user(user))
                     .await?;
-                req.uid = Some(uid);
-                req.gid = Some(gid);
+                req.uid = Some(u.uid);
+                req.gid = Some(u.gid);
+                req.groups = u.groups.clone();
             }
         }
         Ok(req)
     }
 
     /// Resolves the image's `User` in the image's own account files.
-    async fn lookup_user(&self, user: &str) -> Result<(u32, u32)> {
-        // Numeric ids need no files (distroless images have none).
+    async fn lookup_user(&self, user: &str) -> Result<crate::rootfs::ResolvedUser> {
+        // Numeric ids need no files (distroless images have none), and
+        // Docker gives `uid:gid` no supplementary groups.
         if let Some((u, g)) = user.split_once(':') {
-            if let (Ok(u), Ok(g)) = (u.parse::<u32>(), g.parse::<u32>()) {
-                return Ok((u, g));
+            if let (Ok(uid), Ok(gid)) = (u.parse::<u32>(), g.parse::<u32>()) {
+                return Ok(crate::rootfs::ResolvedUser {
+                    uid,
+                    gid,
+                    groups: Vec::new(),
+                });
             }
         }
         let passwd = self.read_account_file("/etc/passwd").await?;

@@ -216,32 +216,31 @@ pub(super) fn run<S: Read + Write + AsRawFd>(
         .envs(env.iter().map(|(k, v)| (k, v)));
     // In the image root the child enters the root itself (chroot, chdir,
     // then the ids: std would set them before a pre_exec hook runs).
-    let enter = match root {
-        Some(r) => {
-            let cwd_c = std::ffi::CString::new(cwd.as_bytes())
-                .map_err(|_| Fail::Reply(invalid("cwd holds NUL")))?;
-            Some(EnterRoot {
-                root: r.path().clone(),
-                cwd: cwd_c,
-                uid: req.uid,
-                gid: req.gid,
-            })
+    // Supplementary groups also take this path: std cannot set them (stable).
+    let enter = if root.is_some() || !req.groups.is_empty() {
+        let cwd_c = std::ffi::CString::new(cwd.as_bytes())
+            .map_err(|_| Fail::Reply(invalid("cwd holds NUL")))?;
+        Some(EnterRoot {
+            root: root.map(|r| r.path().clone()),
+            cwd: cwd_c,
+            uid: req.uid,
+            gid: req.gid,
+            groups: req.groups.iter().map(|&g| g as libc::gid_t).collect(),
+        })
+    } else {
+        // Setting a cwd equal to our own would only cost: std cannot use
+        // posix_spawn with a cwd in a static binary and falls back to fork.
+        if std::env::current_dir().ok().as_deref() != Some(std::path::Path::new(&cwd)) {
+            cmd.current_dir(&cwd);
         }
-        None => {
-            // Setting a cwd equal to our own would only cost: std cannot use
-            // posix_spawn with a cwd in a static binary and falls back to fork.
-            if std::env::current_dir().ok().as_deref() != Some(std::path::Path::new(&cwd)) {
-                cmd.current_dir(&cwd);
-            }
-            // std drops supplementary groups and calls setgid before setuid.
-            if let Some(gid) = req.gid {
-                cmd.gid(gid);
-            }
-            if let Some(uid) = req.uid {
-                cmd.uid(uid);
-            }
-            None
+        // std drops supplementary groups and calls setgid before setuid.
+        if let Some(gid) = req.gid {
+            cmd.gid(gid);
         }
+        if let Some(uid) = req.uid {
+            cmd.uid(uid);
+        }
+        None
     };
     let pty = match req.pty {
         Some(size) => {
@@ -759,10 +758,13 @@ impl<S> Drop for ExecLoop<'_, S> {
 
 /// What a child does to enter the image root before `exec`.
 struct EnterRoot {
-    root: std::ffi::CString,
+    /// The image root to chroot into, if any.
+    root: Option<std::ffi::CString>,
     cwd: std::ffi::CString,
     uid: Option<u32>,
     gid: Option<u32>,
+    /// Supplementary groups (bounded by the protocol's validation).
+    groups: Vec<libc::gid_t>,
 }
 
 impl EnterRoot {
@@ -777,16 +779,18 @@ impl EnterRoot {
         };
         // SAFETY: plain system calls on NUL-terminated strings made before the fork.
         unsafe {
-            check(libc::chroot(self.root.as_ptr()))?;
+            if let Some(root) = &self.root {
+                check(libc::chroot(root.as_ptr()))?;
+            }
             check(libc::chdir(self.cwd.as_ptr()))?;
+            // Groups first: after setuid the process may no longer change them.
+            if self.gid.is_some() || self.uid.is_some() || !self.groups.is_empty() {
+                check(libc::setgroups(self.groups.len(), self.groups.as_ptr()))?;
+            }
             if let Some(gid) = self.gid {
-                check(libc::setgroups(0, std::ptr::null()))?;
                 check(libc::setgid(gid))?;
             }
             if let Some(uid) = self.uid {
-                if self.gid.is_none() {
-                    check(libc::setgroups(0, std::ptr::null()))?;
-                }
                 check(libc::setuid(uid))?;
             }
         }
