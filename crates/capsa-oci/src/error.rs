@@ -167,6 +167,18 @@ pub enum OciError {
         /// What to do about it.
         fix: String,
     },
+    /// A Docker credential helper (`credsStore`/`credHelpers`) failed.
+    #[error("credential helper docker-credential-{helper} for {registry}: {reason}; fix: {fix}")]
+    CredentialHelper {
+        /// The helper's name (after `docker-credential-`).
+        helper: String,
+        /// The registry asked about.
+        registry: String,
+        /// What went wrong.
+        reason: String,
+        /// What to do about it.
+        fix: &'static str,
+    },
     /// `--offline` and the image is not in the store.
     #[error("{0} is not in the image store and offline mode forbids asking the registry; fix: pull it once without --offline")]
     NotCached(String),

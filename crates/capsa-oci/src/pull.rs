@@ -294,7 +294,165 @@ struct DockerAuth {
     registrytoken: Option<String>,
 }
 
+impl DockerAuth {
+    fn has_credentials(&self) -> bool {
+        let set = |v: &Option<String>| v.as_deref().is_some_and(|s| !s.is_empty());
+        set(&self.auth) || set(&self.registrytoken) || (set(&self.username) && set(&self.password))
+    }
+}
+
 const DOCKER_HUB: &[&str] = &["docker.io", "index.docker.io", "registry-1.docker.io"];
+
+/// Largest answer read from a credential helper.
+const MAX_HELPER_OUTPUT: u64 = 64 * 1024;
+/// How long a credential helper may take (it may prompt a keychain).
+const HELPER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// What a credential helper's `get` prints.
+#[derive(Deserialize)]
+struct HelperAnswer {
+    #[serde(rename = "Username", default)]
+    username: String,
+    #[serde(rename = "Secret", default)]
+    secret: String,
+}
+
+/// Asks `docker-credential-<name> get` for `registry`'s credentials (Docker's
+/// credential helper protocol: the server on stdin, JSON on stdout). A
+/// helper that knows no credentials for it means an anonymous pull.
+fn credential_helper(
+    name: &str,
+    registry: &str,
+    search_path: Option<std::ffi::OsString>,
+) -> Result<RegistryAuth, OciError> {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    let fail = |reason: String, fix: &'static str| OciError::CredentialHelper {
+        helper: name.chars().take(64).collect(),
+        registry: registry.to_string(),
+        reason,
+        fix,
+    };
+    // The name comes from a config file: it must not smuggle a path.
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        || name.starts_with('.')
+    {
+        return Err(fail(
+            "the helper name is not a plain program name".into(),
+            "name a helper of letters, digits, '-', '_' or '.' in ~/.docker/config.json",
+        ));
+    }
+    let program = format!("docker-credential-{name}");
+    let found = search_path
+        .as_deref()
+        .map(std::env::split_paths)
+        .into_iter()
+        .flatten()
+        .take(256)
+        .map(|d| d.join(&program))
+        .find(|p| p.is_file());
+    let Some(path) = found else {
+        return Err(fail(
+            format!("{program} is not on PATH"),
+            "install the helper, or remove credsStore/credHelpers from ~/.docker/config.json",
+        ));
+    };
+    // Docker Hub's helpers store under Docker's legacy server URL.
+    let server = if DOCKER_HUB.contains(&registry) {
+        "https://index.docker.io/v1/".to_string()
+    } else {
+        registry.to_string()
+    };
+    let mut child = Command::new(&path)
+        .arg("get")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            fail(
+                format!("starting {}: {e}", path.display()),
+                "check the helper is executable",
+            )
+        })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        // A helper that exits without reading is judged by its answer below.
+        let _ = stdin.write_all(server.as_bytes());
+    }
+    let read = |r: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(r) = r {
+                let _ = r.take(MAX_HELPER_OUTPUT).read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out = read(
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    );
+    let err = read(
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    );
+    let deadline = std::time::Instant::now() + HELPER_TIMEOUT;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break s,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(fail(
+                    format!("no answer within {} s", HELPER_TIMEOUT.as_secs()),
+                    "unlock the credential store, or check the helper by hand: echo REGISTRY | docker-credential-NAME get",
+                ));
+            }
+            Err(e) => return Err(fail(format!("waiting: {e}"), "check the helper by hand")),
+        }
+    };
+    let out = out.join().unwrap_or_default();
+    let err = err.join().unwrap_or_default();
+    if !status.success() {
+        let msg = String::from_utf8_lossy(&err)
+            .trim()
+            .chars()
+            .take(300)
+            .collect::<String>();
+        let stdout = String::from_utf8_lossy(&out);
+        // The helpers' own wording for "no credentials for this server".
+        if msg.contains("credentials not found") || stdout.contains("credentials not found") {
+            return Ok(RegistryAuth::Anonymous);
+        }
+        return Err(fail(
+            format!("exited with {status}: {msg}"),
+            "check the helper by hand: echo REGISTRY | docker-credential-NAME get",
+        ));
+    }
+    let a: HelperAnswer = serde_json::from_slice(&out).map_err(|e| {
+        fail(
+            format!("its answer is not the helper protocol's JSON ({e})"),
+            "check the helper by hand: echo REGISTRY | docker-credential-NAME get",
+        )
+    })?;
+    Ok(match (a.username.as_str(), a.secret) {
+        (_, s) if s.is_empty() => RegistryAuth::Anonymous,
+        // Docker's marker for an identity token rather than a password.
+        ("<token>", s) => RegistryAuth::Bearer(s),
+        (u, s) => RegistryAuth::Basic(u.to_string(), s),
+    })
+}
 
 /// Normalizes an `auths` key (`https://index.docker.io/v1/`, `host:port`) to `host[:port]`.
 fn auth_key_host(k: &str) -> &str {
@@ -306,9 +464,22 @@ fn auth_key_host(k: &str) -> &str {
 }
 
 /// Credentials for `registry` from Docker's config file; anonymous when there are none.
+///
+/// As Docker does: `credHelpers[registry]` first, then an `auths` entry that
+/// holds credentials, then `credsStore`; a helper is the program
+/// `docker-credential-<name>` on `PATH`, asked with `get`.
 pub fn docker_credentials(
     registry: &str,
     config: Option<&std::path::Path>,
+) -> Result<RegistryAuth, OciError> {
+    docker_credentials_in(registry, config, std::env::var_os("PATH"))
+}
+
+/// [`docker_credentials`] with the helpers looked up in `search_path`.
+fn docker_credentials_in(
+    registry: &str,
+    config: Option<&std::path::Path>,
+    search_path: Option<std::ffi::OsString>,
 ) -> Result<RegistryAuth, OciError> {
     let path = match config {
         Some(p) => p.to_path_buf(),
@@ -343,19 +514,24 @@ pub fn docker_credentials(
         reason: e.to_string(),
     })?;
     let is_hub = DOCKER_HUB.contains(&registry);
-    let entry = cfg.auths.iter().find(|(k, _)| {
+    let helper_for = cfg.cred_helpers.iter().find(|(k, _)| {
         let h = auth_key_host(k);
         h.eq_ignore_ascii_case(registry) || (is_hub && DOCKER_HUB.contains(&h))
     });
+    if let Some((_, helper)) = helper_for {
+        return credential_helper(helper, registry, search_path);
+    }
+    let entry = cfg.auths.iter().find(|(k, a)| {
+        let h = auth_key_host(k);
+        let named = h.eq_ignore_ascii_case(registry) || (is_hub && DOCKER_HUB.contains(&h));
+        // With a credsStore, `auths` entries are often empty placeholders.
+        named && (cfg.creds_store.is_none() || a.has_credentials())
+    });
     let Some((_, a)) = entry else {
-        if cfg.creds_store.is_some() || !cfg.cred_helpers.is_empty() {
-            tracing::warn!(
-                path = %path.display(),
-                "credential helpers (credsStore/credHelpers) are not used by capsa; pulling {registry} \
-                 anonymously (put an \"auths\" entry with \"auth\": base64(user:password) there to log in)"
-            );
-        }
-        return Ok(RegistryAuth::Anonymous);
+        return match cfg.creds_store.as_deref().filter(|s| !s.is_empty()) {
+            Some(store) => credential_helper(store, registry, search_path),
+            None => Ok(RegistryAuth::Anonymous),
+        };
     };
     if let Some(t) = a.registrytoken.as_ref().filter(|t| !t.is_empty()) {
         return Ok(RegistryAuth::Bearer(t.clone()));
@@ -885,5 +1061,70 @@ mod tests {
         ));
         std::fs::write(&p, r#"{"auths":{"h":{"auth":"!!"}}}"#).unwrap();
         assert!(docker_credentials("h", Some(&p)).is_err());
+    }
+
+    #[test]
+    fn credential_helpers_are_asked() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        let helper = |name: &str, script: &str| {
+            let p = bin.join(format!("docker-credential-{name}"));
+            std::fs::write(&p, format!("#!/bin/sh\n{script}\n")).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        };
+        // A helper that records what it was asked.
+        let asked = dir.path().join("asked");
+        helper(
+            "store",
+            &format!(
+                "[ \"$1\" = get ] || exit 9; read -r s; echo \"$s\" >> {}; \
+                 case \"$s\" in reg.test:5000) echo '{{\"ServerURL\":\"reg\",\"Username\":\"u\",\"Secret\":\"p\"}}';; \
+                 https://index.docker.io/v1/) echo '{{\"Username\":\"<token>\",\"Secret\":\"idt\"}}';; \
+                 *) echo 'credentials not found in native keychain'; exit 1;; esac",
+                asked.display()
+            ),
+        );
+        helper("broken", "echo nonsense");
+        helper("slowfail", "echo boom >&2; exit 3");
+        let p = dir.path().join("config.json");
+        std::fs::write(
+            &p,
+            r#"{"auths":{"reg.test:5000":{}, "plain.test":{"auth":"dXNlcjpwYTpzcw=="}},
+                "credsStore":"store",
+                "credHelpers":{"b.test":"broken","f.test":"slowfail","evil.test":"../../bin/sh"}}"#,
+        )
+        .unwrap();
+        let path = Some(bin.clone().into_os_string());
+        let get = |r: &str| docker_credentials_in(r, Some(&p), path.clone());
+        assert!(
+            matches!(get("reg.test:5000").unwrap(), RegistryAuth::Basic(u, s) if u == "u" && s == "p")
+        );
+        assert!(matches!(get("docker.io").unwrap(), RegistryAuth::Bearer(t) if t == "idt"));
+        assert!(matches!(
+            get("other.test").unwrap(),
+            RegistryAuth::Anonymous
+        ));
+        // An auths entry with credentials wins over the store.
+        assert!(matches!(get("plain.test").unwrap(), RegistryAuth::Basic(u, _) if u == "user"));
+        assert_eq!(
+            std::fs::read_to_string(&asked).unwrap(),
+            "reg.test:5000\nhttps://index.docker.io/v1/\nother.test\n"
+        );
+        let e = get("b.test").unwrap_err().to_string();
+        assert!(
+            e.contains("docker-credential-broken") && e.contains("fix:"),
+            "{e}"
+        );
+        let e = get("f.test").unwrap_err().to_string();
+        assert!(e.contains("boom"), "{e}");
+        let e = get("evil.test").unwrap_err().to_string();
+        assert!(e.contains("not a plain program name"), "{e}");
+        // A helper that is not installed is named, with the fix.
+        let e = docker_credentials_in("reg.test:5000", Some(&p), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not on PATH") && e.contains("fix:"), "{e}");
     }
 }
