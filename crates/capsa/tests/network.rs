@@ -167,6 +167,32 @@ async fn sh(sb: &Sandbox, script: &str) -> (i32, String, Duration) {
     (out.status.code.unwrap_or(-1), text, t.elapsed())
 }
 
+/// A minimal TLS 1.2 ClientHello naming `sni` (what the stack inspects).
+fn client_hello(sni: &str) -> Vec<u8> {
+    let name = sni.as_bytes();
+    let mut ext = vec![0x00, 0x00]; // server_name
+    let list_len = name.len() + 3;
+    ext.extend_from_slice(&((list_len + 2) as u16).to_be_bytes());
+    ext.extend_from_slice(&(list_len as u16).to_be_bytes());
+    ext.push(0); // host_name
+    ext.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    ext.extend_from_slice(name);
+    let mut body = vec![0x03, 0x03];
+    body.extend_from_slice(&[7u8; 32]); // random
+    body.push(0); // no session id
+    body.extend_from_slice(&[0x00, 0x02, 0x00, 0x2f]); // one cipher suite
+    body.extend_from_slice(&[0x01, 0x00]); // null compression
+    body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
+    body.extend_from_slice(&ext);
+    let mut hs = vec![0x01];
+    hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+    hs.extend_from_slice(&body);
+    let mut rec = vec![0x16, 0x03, 0x01];
+    rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+    rec.extend_from_slice(&hs);
+    rec
+}
+
 fn rule(a: Action, s: &str) -> NetRule {
     NetRule::parse(a, s).unwrap()
 }
@@ -178,9 +204,13 @@ fn deny_mode_policy_end_to_end() {
             ("allowed.test", Ipv4Addr::new(198, 18, 0, 10)),
             ("other.test", Ipv4Addr::new(198, 18, 0, 11)),
             ("rebind.test", Ipv4Addr::new(10, 9, 9, 9)),
+            ("tls.test", Ipv4Addr::new(198, 18, 0, 12)),
+            ("other.test.tls", Ipv4Addr::new(198, 18, 0, 12)),
         ]))
         .await;
         let web = http_server(HTTP_PORT, "hello").await;
+        let tls = sink_server(443).await;
+        let tls_alt = sink_server(8443).await;
         let host_svc = http_server(HOST_PORT, "model").await;
         let sb = common::sandbox()
             .memory_mb(256)
@@ -190,6 +220,8 @@ fn deny_mode_policy_end_to_end() {
             .allow("*.rebind.test")
             .unwrap()
             .allow("rebind.test")
+            .unwrap()
+            .allow("tls.test:443")
             .unwrap()
             .forward(capsa::PortForward::parse("127.0.0.1:18080:8000").unwrap())
             .build()
@@ -270,6 +302,35 @@ fn deny_mode_policy_end_to_end() {
         assert_ne!(code, 0);
         eprintln!("DNS to another server failed after {} ms", took.as_millis());
 
+        // TLS to a port-scoped domain rule: the ClientHello's SNI must name
+        // a rule whose pins hold the address; 443 is allowed, 8443 is not.
+        let (_, out, _) = sh(&sb, "nslookup tls.test").await;
+        assert!(out.contains("198.18.0.12"), "{out}");
+        let hello = |sni: &str| {
+            Command::new("nc")
+                .args(["198.18.0.12", "443"])
+                .stdin_bytes(client_hello(sni))
+                .timeout(Duration::from_secs(30))
+        };
+        let out = sb.exec(&hello("tls.test")).await.unwrap();
+        let good = tls.load(Ordering::SeqCst);
+        assert_eq!(
+            good,
+            client_hello("tls.test").len(),
+            "the ClientHello naming the pinned rule went through: {out:?}"
+        );
+        let _ = sb.exec(&hello("other.test.tls")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            tls.load(Ordering::SeqCst),
+            good,
+            "a ClientHello naming another domain (no rule) reached the server"
+        );
+        let (code, out, took) = sh(&sb, "nc 198.18.0.12 8443 </dev/null").await;
+        assert_ne!(code, 0, "port 8443 is outside the rule tls.test:443: {out}");
+        assert!(took < Duration::from_secs(3), "{took:?}");
+        assert_eq!(tls_alt.load(Ordering::SeqCst), 0);
+
         // ...until the policy changes; the next connection follows it.
         let mut p: NetworkPolicy = sb.network_policy().await.unwrap();
         p.rules
@@ -324,6 +385,35 @@ fn deny_mode_policy_end_to_end() {
             "{text:#?}"
         );
         assert!(text.iter().any(|l| l.contains("rebinding")), "{text:#?}");
+        assert!(
+            text.iter().any(|l| l.contains("198.18.0.12:8443 false")),
+            "{text:#?}"
+        );
+
+        // Public mode still keeps DNS to capsa's resolver: plain DNS and DNS
+        // over TLS to any other server are refused, other traffic passes.
+        sb.set_network_policy(NetworkPolicy {
+            mode: NetworkMode::Public,
+            rules: Vec::new(),
+        })
+        .await
+        .unwrap();
+        let (code, out, _) = sh(&sb, "nc 198.18.0.53 853 </dev/null").await;
+        assert_ne!(code, 0, "DoT to another server: {out}");
+        let (code, _, _) = sh(&sb, "nslookup allowed.test 198.18.0.53").await;
+        assert_ne!(code, 0, "DNS to another server");
+        let (code, out, _) = sh(
+            &sb,
+            &format!("wget -q -O - http://198.18.0.99:{HTTP_PORT}/"),
+        )
+        .await;
+        assert_eq!((code, out.as_str()), (0, "hello"), "public mode");
+        let log = sb.network_log().await.unwrap();
+        assert!(
+            log.iter()
+                .any(|d| !d.allowed && d.what.contains(":853") && d.reason.contains("853")),
+            "{log:#?}"
+        );
     });
 }
 
