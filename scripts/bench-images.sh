@@ -115,6 +115,17 @@ for i in $(seq "$RUNS"); do
   echo "pull cold $i: $(jget "$out" total_ms) ms (download+verify $(jget "$out" pull_ms))" >&2
   [ "$i" = 1 ] || rm -rf "$W/pull-$i"
 done
+# The same cold pull with the staging tree on the store's disk instead of tmpfs, interleaved
+# run by run so that both see the same load.
+disk_cold=(); disk_unpack=()
+for i in $(seq "$RUNS"); do
+  out=$W/dpull-$i.json
+  XDG_CACHE_HOME=$W/dpull-$i CAPSA_STAGING=disk NO_COLOR=1 RUST_LOG=capsa_oci=info "$CAPSA" image pull "$REF" --json >"$out" 2>"$W/dpull-$i.err"
+  disk_cold+=("$(jget "$out" total_ms)")
+  disk_unpack+=("$(sed 's/\x1b\[[0-9;]*m//g' "$W/dpull-$i.err" | grep -o 'unpack_ms=[0-9]*' | cut -d= -f2)")
+  echo "pull cold, staging on disk $i: $(jget "$out" total_ms) ms" >&2
+  rm -rf "$W/dpull-$i"
+done
 for i in $(seq "$RUNS"); do
   t0=$(now_ms)
   XDG_CACHE_HOME=$W/pull-1 "$CAPSA" image pull "$REF" --json >"$W/tag-$i.json" 2>/dev/null
@@ -144,6 +155,7 @@ image: python3+git on Debian bookworm, ${files:-?} inodes, $((tar_bytes / 100000
 | capsa image build --debian (cached .debs + lists), total incl. EROFS | $(median "${warm_total[@]}") ms (mmdebstrap $(median "${warm_mm[@]}") ms) |
 | capsa image build --debian, same inputs again (image reused) | $(median "${reuse_ms[@]}") ms in-process, $(median "${reuse_wall[@]}") ms whole command |
 | capsa image pull + convert, cold (empty store) | $(median "${pull_cold[@]}") ms (download+verify $(median "${pull_cold_dl[@]}") ms, unpack $(median "${unpack[@]}") ms, mkfs.erofs $(median "${mkfs[@]}") ms) |
+| the same, staging tree on disk (CAPSA_STAGING=disk) | $(median "${disk_cold[@]}") ms (unpack $(median "${disk_unpack[@]}") ms) |
 | capsa image pull, cached, by tag (one HEAD) | $(median "${pull_tag[@]}") ms in-process, $(median "${pull_tag_wall[@]}") ms whole command |
 | capsa image pull, cached, by digest (no registry) | $(median "${pull_digest[@]}") ms in-process, $(median "${pull_digest_wall[@]}") ms whole command |
 | umoci raw unpack of the same layer | $(median "${umoci_ms[@]}") ms |

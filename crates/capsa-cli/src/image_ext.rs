@@ -68,6 +68,8 @@ pub async fn pull(req: capsa_api::types::PullRequest, json: bool) -> anyhow::Res
         Progress::new()
     };
     let mut bar: Option<capsa_image::Step> = None;
+    // Download + verify ends where the conversion starts (scripts compare them).
+    let mut pulled_at: Option<std::time::Duration> = None;
     let done = loop {
         let Some(ev) = events.recv().await else {
             anyhow::bail!("pulling {reference}: the pull ended without a result");
@@ -98,6 +100,7 @@ pub async fn pull(req: capsa_api::types::PullRequest, json: bool) -> anyhow::Res
                 }
             }
             E::Unpacking { index, count } => {
+                pulled_at.get_or_insert_with(|| start.elapsed());
                 let b = bar.get_or_insert_with(|| progress.spinner("converting"));
                 b.set_message(format!("unpacking layer {}/{count}", index + 1));
             }
@@ -128,6 +131,8 @@ pub async fn pull(req: capsa_api::types::PullRequest, json: bool) -> anyhow::Res
         v["digest"] = done.image.digest.clone().into();
         v["names"] = serde_json::to_value(&done.image.names)?;
         v["size_bytes"] = done.image.size_bytes.into();
+        let pulled = pulled_at.unwrap_or_else(|| start.elapsed());
+        v["pull_ms"] = (pulled.as_secs_f64() * 1e3).into();
         v["total_ms"] = (start.elapsed().as_secs_f64() * 1e3).into();
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
