@@ -121,6 +121,11 @@ impl ApiError {
         .fix("list sandboxes with `capsa ps` (GET /v1/sandboxes), or create it (`capsa create`, POST /v1/sandboxes)")
     }
 
+    /// 404 not_found for something other than a sandbox.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, message)
+    }
+
     /// 409 conflict.
     pub fn conflict(message: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, ErrorCode::Conflict, message)

@@ -16,8 +16,8 @@ use tokio::sync::mpsc;
 use crate::error::{ApiError, ApiResult};
 use crate::types::{
     AcquireRequest, CreatePoolRequest, CreateSandboxRequest, ExecRequest, Health, ImageInfo,
-    NetworkLog, NetworkPolicyBody, PoolInfo, PullEvent, PullRequest, SandboxInfo, ShareRequest,
-    SnapshotInfo,
+    NetworkLog, NetworkPolicyBody, PoolInfo, PortForwardBody, PortQuery, PullEvent, PullRequest,
+    SandboxInfo, ShareRequest, SnapshotInfo,
 };
 
 /// A sandbox's files: the same walk ([`capsa::copy`]) serves every face.
@@ -164,6 +164,13 @@ pub trait Service: Send + Sync {
     async fn set_network_policy(&self, name: &str, body: NetworkPolicyBody) -> ApiResult<()>;
     /// A running sandbox's latest network decisions, with their reasons.
     async fn network_log(&self, name: &str) -> ApiResult<NetworkLog>;
+    /// Forwards a host port into a running sandbox from now on (works on
+    /// restored and pooled sandboxes); answers the sandbox's forwards.
+    async fn port_add(&self, name: &str, port: PortForwardBody) -> ApiResult<Vec<PortForwardBody>>;
+    /// Stops forwarding a host port (connections already made go on).
+    async fn port_remove(&self, name: &str, port: PortQuery) -> ApiResult<()>;
+    /// The host ports forwarded into a running sandbox.
+    async fn port_list(&self, name: &str) -> ApiResult<Vec<PortForwardBody>>;
     /// Pulls an image from a registry into the store and converts it to a
     /// root filesystem: progress events, ending with `Done` or `Error`.
     /// Dropping the receiver abandons the pull.

@@ -956,3 +956,48 @@ pub struct NetworkLog {
     #[cfg_attr(feature = "openapi", schema(value_type = Vec<Object>))]
     pub decisions: Vec<capsa_core::NetDecision>,
 }
+
+/// A host port forwarded into a sandbox (`/v1/sandboxes/{name}/ports`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct PortForwardBody {
+    /// Host IPv4 address to listen on (default 127.0.0.1: only this host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_ip: Option<String>,
+    /// Host port (1-65535).
+    pub host_port: u16,
+    /// Guest port (1-65535).
+    pub guest_port: u16,
+}
+
+impl PortForwardBody {
+    /// The library's forward, checked (a bad address or port 0 is refused with the fix).
+    pub fn forward(&self) -> Result<capsa_core::PortForward, crate::ApiError> {
+        let ip = self.host_ip.as_deref().unwrap_or("127.0.0.1");
+        capsa_core::PortForward::parse(&format!("{ip}:{}:{}", self.host_port, self.guest_port))
+            .map_err(|e| crate::ApiError::bad_request(e.to_string()))
+    }
+
+    /// The wire form of a library forward.
+    pub fn of(f: &capsa_core::PortForward) -> Self {
+        Self {
+            host_ip: Some(f.host_ip.to_string()),
+            host_port: f.host_port,
+            guest_port: f.guest_port,
+        }
+    }
+}
+
+/// Which forward to remove (`DELETE /v1/sandboxes/{name}/ports`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
+pub struct PortQuery {
+    /// The forwarded host port.
+    pub host_port: u16,
+    /// Its host address (default 127.0.0.1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_ip: Option<String>,
+}

@@ -10,6 +10,7 @@ mod image_ext;
 mod named;
 mod network;
 mod pool;
+mod port;
 mod run;
 mod service;
 mod share;
@@ -88,6 +89,9 @@ enum Command {
     /// A sandbox's network: its decision log, its policy, and policy changes at run time.
     #[command(subcommand)]
     Network(network::NetworkCmd),
+    /// Host ports forwarded into a running sandbox: add, rm, ls.
+    #[command(subcommand)]
+    Port(port::PortCmd),
 }
 
 /// `run`, `boot`, `image`, `doctor` and `backends` work on this machine
@@ -188,6 +192,7 @@ fn main() -> ExitCode {
             Command::Pool(c) => pool::run(&cli.conn, c).await,
             Command::Share(c) => share::run(&cli.conn, c).await,
             Command::Network(c) => network::run(&cli.conn, c).await,
+            Command::Port(c) => port::run(&cli.conn, c).await,
         }
     });
     let code = match result {

@@ -264,4 +264,48 @@ fn network_flags_log_and_runtime_policy() {
         ],
     );
     assert_eq!(out, "hello", "the next connection follows the new policy");
+
+    // Ports forwarded at run time, both ways: add, ls, reach, rm.
+    for (via, name, port) in [(false, "n1", 18091u16), (true, "n2", 18092)] {
+        d.ok_on(via, &["port", "add", name, &format!("{port}:8000")]);
+        let ls = d.ok_on(via, &["port", "ls", name]);
+        assert!(ls.contains(&format!("127.0.0.1:{port}")), "{ls}");
+        let o = d.run_on(via, &["port", "add", name, &format!("{port}:8000")]);
+        assert!(!o.status.success(), "a duplicate forward was accepted");
+        d.ok_on(
+            via,
+            &[
+                "exec",
+                name,
+                "--",
+                "sh",
+                "-c",
+                "setsid sh -c 'echo fwd-ok | nc -l -p 8000' </dev/null >/dev/null 2>&1 &",
+            ],
+        );
+        let mut got = String::new();
+        for _ in 0..50 {
+            use std::io::Read;
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+                got.clear();
+                let _ = s.read_to_string(&mut got);
+                if !got.is_empty() {
+                    break;
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        assert_eq!(got, "fwd-ok\n", "via capsad: {via}");
+        d.ok_on(via, &["port", "rm", name, &port.to_string()]);
+        let json: serde_json::Value =
+            serde_json::from_str(&d.ok_on(via, &["port", "ls", name, "--json"])).unwrap();
+        assert_eq!(json, serde_json::json!([]));
+        let o = d.run_on(via, &["port", "rm", name, &port.to_string()]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains("not forwarded") && err.contains("port ls"),
+            "{err}"
+        );
+    }
 }

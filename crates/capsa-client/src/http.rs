@@ -523,6 +523,35 @@ impl Client {
         Ok(())
     }
 
+    /// `POST /v1/sandboxes/{name}/ports`: answers the sandbox's forwards.
+    pub async fn port_add(
+        &self,
+        name: &str,
+        port: &PortForwardBody,
+    ) -> Result<Vec<PortForwardBody>> {
+        let body = serde_json::to_vec(port).map_err(|e| ClientError::Decode(e.to_string()))?;
+        self.call(Method::POST, &sb_path(name, "/ports"), Some(body))
+            .await
+    }
+
+    /// `GET /v1/sandboxes/{name}/ports`.
+    pub async fn ports(&self, name: &str) -> Result<Vec<PortForwardBody>> {
+        self.call(Method::GET, &sb_path(name, "/ports"), None).await
+    }
+
+    /// `DELETE /v1/sandboxes/{name}/ports?host_port=PORT[&host_ip=IP]`.
+    pub async fn port_remove(&self, name: &str, port: &PortQuery) -> Result<()> {
+        let mut uri = format!("{}?host_port={}", sb_path(name, "/ports"), port.host_port);
+        if let Some(ip) = &port.host_ip {
+            uri.push_str(&format!("&host_ip={}", enc(ip)));
+        }
+        let resp = self
+            .send(self.request(Method::DELETE, &uri, None, empty()))
+            .await?;
+        check(resp).await?;
+        Ok(())
+    }
+
     /// `GET /v1/snapshots`.
     pub async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
         self.call(Method::GET, "/v1/snapshots", None).await

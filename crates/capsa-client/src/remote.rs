@@ -313,6 +313,18 @@ impl Service for RemoteService {
         Ok(self.client.network_log(name).await?)
     }
 
+    async fn port_add(&self, name: &str, port: PortForwardBody) -> ApiResult<Vec<PortForwardBody>> {
+        Ok(self.client.port_add(name, &port).await?)
+    }
+
+    async fn port_remove(&self, name: &str, port: PortQuery) -> ApiResult<()> {
+        Ok(self.client.port_remove(name, &port).await?)
+    }
+
+    async fn port_list(&self, name: &str) -> ApiResult<Vec<PortForwardBody>> {
+        Ok(self.client.ports(name).await?)
+    }
+
     async fn image_pull(&self, req: PullRequest) -> ApiResult<mpsc::Receiver<PullEvent>> {
         let mut stream = self.client.pull(&req).await?;
         let (tx, rx) = mpsc::channel(64);

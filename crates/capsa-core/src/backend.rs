@@ -290,6 +290,25 @@ pub trait VmInstance: Send + Sync {
     async fn network_log(&self) -> Result<Vec<NetDecision>> {
         Err(no_network())
     }
+    /// Forwards a host port into the running VM (e.g. on a pooled sandbox,
+    /// whose snapshot can hold no listening host socket).
+    async fn add_port_forward(&self, forward: crate::PortForward) -> Result<()> {
+        let _ = forward;
+        Err(no_network())
+    }
+    /// Stops forwarding `host_ip:host_port`; returns the forward removed.
+    async fn remove_port_forward(
+        &self,
+        host_ip: std::net::Ipv4Addr,
+        host_port: u16,
+    ) -> Result<crate::PortForward> {
+        let _ = (host_ip, host_port);
+        Err(no_network())
+    }
+    /// The host ports forwarded now (at start and since).
+    async fn port_forwards(&self) -> Result<Vec<crate::PortForward>> {
+        Err(no_network())
+    }
 }
 
 /// The error of a network call on a VM without a network.

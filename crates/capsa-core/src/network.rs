@@ -423,7 +423,7 @@ impl NetworkPolicy {
 }
 
 /// A host port forwarded to a guest port (TCP).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PortForward {
     /// Host address to listen on (127.0.0.1 unless told otherwise).

@@ -121,10 +121,17 @@ impl Shared {
     }
 }
 
+/// Most host ports forwarded into one sandbox.
+pub const MAX_FORWARDS: usize = 64;
+
 /// A running stack; dropping it stops the stack.
 pub struct NetHandle {
     shared: Arc<Shared>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Forwarded host ports, each with its listener task.
+    forwards: std::sync::Mutex<Vec<(capsa_core::PortForward, tokio::task::JoinHandle<()>)>>,
+    /// Where listeners hand accepted connections to the stack.
+    events: mpsc::Sender<stack::Event>,
 }
 
 impl std::fmt::Debug for NetHandle {
@@ -156,6 +163,77 @@ impl NetHandle {
     pub fn log(&self) -> Vec<NetDecision> {
         self.shared.log.snapshot()
     }
+
+    /// Forwards a host port into the guest from now on (needs a tokio
+    /// runtime). A host address and port already forwarded, or one the host
+    /// cannot listen on, is refused.
+    pub fn add_forward(&self, f: capsa_core::PortForward) -> capsa_core::Result<()> {
+        let mut fwds = self.forwards.lock().unwrap_or_else(|e| e.into_inner());
+        if fwds
+            .iter()
+            .any(|(g, _)| g.host_port == f.host_port && g.host_ip == f.host_ip)
+        {
+            return Err(capsa_core::Error::invalid(
+                "port forward",
+                format!("{}:{} is already forwarded", f.host_ip, f.host_port),
+                "remove it first (`capsa port rm`), or pick another host port",
+            ));
+        }
+        if fwds.len() >= MAX_FORWARDS {
+            return Err(capsa_core::Error::invalid(
+                "port forward",
+                format!("this sandbox already forwards {MAX_FORWARDS} ports"),
+                "remove one first (`capsa port rm`)",
+            ));
+        }
+        let l = listen(&f).map_err(|e| {
+            capsa_core::Error::invalid("port forward", e.to_string(), "pick a free host port")
+        })?;
+        let task = tokio::spawn(stack::run_forward(l, f.guest_port, self.events.clone()));
+        fwds.push((f, task));
+        self.shared.log.record(
+            "forward",
+            format!("{}:{} -> {}", f.host_ip, f.host_port, f.guest_port),
+            true,
+            "a port forward was added",
+        );
+        Ok(())
+    }
+
+    /// Stops forwarding `host_ip:host_port`; returns the forward removed.
+    /// Connections already made through it go on.
+    pub fn remove_forward(
+        &self,
+        host_ip: std::net::Ipv4Addr,
+        host_port: u16,
+    ) -> capsa_core::Result<capsa_core::PortForward> {
+        let mut fwds = self.forwards.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(i) = fwds
+            .iter()
+            .position(|(f, _)| f.host_port == host_port && f.host_ip == host_ip)
+        else {
+            return Err(capsa_core::Error::invalid(
+                "port forward",
+                format!("{host_ip}:{host_port} is not forwarded"),
+                "list the forwards with `capsa port ls`",
+            ));
+        };
+        let (f, task) = fwds.remove(i);
+        task.abort();
+        self.shared.log.record(
+            "forward",
+            format!("{}:{} -> {}", f.host_ip, f.host_port, f.guest_port),
+            true,
+            "a port forward was removed",
+        );
+        Ok(f)
+    }
+
+    /// The forwarded ports, in the order they were added.
+    pub fn forwards(&self) -> Vec<capsa_core::PortForward> {
+        let fwds = self.forwards.lock().unwrap_or_else(|e| e.into_inner());
+        fwds.iter().map(|(f, _)| *f).collect()
+    }
 }
 
 impl Drop for NetHandle {
@@ -163,7 +241,24 @@ impl Drop for NetHandle {
         for t in &self.tasks {
             t.abort();
         }
+        let fwds = self.forwards.lock().unwrap_or_else(|e| e.into_inner());
+        for (_, t) in fwds.iter() {
+            t.abort();
+        }
     }
+}
+
+/// A listener for `f`, ready for tokio.
+fn listen(f: &capsa_core::PortForward) -> Result<tokio::net::TcpListener, NetError> {
+    let addr = std::net::SocketAddrV4::new(f.host_ip, f.host_port);
+    let fwd_err = |source| NetError::Forward {
+        addr,
+        guest_port: f.guest_port,
+        source,
+    };
+    let l = std::net::TcpListener::bind(addr).map_err(fwd_err)?;
+    l.set_nonblocking(true).map_err(fwd_err)?;
+    tokio::net::TcpListener::from_std(l).map_err(fwd_err)
 }
 
 /// A connected stream socket pair: (capsa's end, QEMU's end), both close-on-exec
@@ -193,19 +288,8 @@ pub fn spawn(ours: OwnedFd, cfg: NetConfig) -> Result<NetHandle, NetError> {
         .map_err(|e| NetError::SocketPair(std::io::Error::other(e.to_string())))?;
     // Forwarded ports first: a busy one fails the start with nothing running.
     let mut listeners = Vec::new();
-    for f in &cfg.forwards {
-        let addr = std::net::SocketAddrV4::new(f.host_ip, f.host_port);
-        let fwd_err = |source| NetError::Forward {
-            addr,
-            guest_port: f.guest_port,
-            source,
-        };
-        let l = std::net::TcpListener::bind(addr).map_err(fwd_err)?;
-        l.set_nonblocking(true).map_err(fwd_err)?;
-        listeners.push((
-            tokio::net::TcpListener::from_std(l).map_err(fwd_err)?,
-            f.guest_port,
-        ));
+    for f in cfg.forwards.iter().take(MAX_FORWARDS) {
+        listeners.push((*f, listen(f)?));
     }
     let std_stream = std::os::unix::net::UnixStream::from(ours);
     std_stream
@@ -246,10 +330,19 @@ pub fn spawn(ours: OwnedFd, cfg: NetConfig) -> Result<NetHandle, NetError> {
         }
     });
     let st = stack::Stack::new(shared.clone(), out_tx);
-    let mut tasks = vec![reader, writer];
-    for (l, guest_port) in listeners {
-        tasks.push(tokio::spawn(stack::run_forward(l, guest_port, st.events())));
-    }
-    tasks.push(tokio::spawn(st.run(frames_rx)));
-    Ok(NetHandle { shared, tasks })
+    let events = st.events();
+    let forwards = listeners
+        .into_iter()
+        .map(|(f, l)| {
+            let task = tokio::spawn(stack::run_forward(l, f.guest_port, events.clone()));
+            (f, task)
+        })
+        .collect();
+    let tasks = vec![reader, writer, tokio::spawn(st.run(frames_rx))];
+    Ok(NetHandle {
+        shared,
+        tasks,
+        forwards: std::sync::Mutex::new(forwards),
+        events,
+    })
 }

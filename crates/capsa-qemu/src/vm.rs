@@ -223,6 +223,32 @@ impl VmInstance for QemuInstance {
         Ok(self.net.as_ref().ok_or_else(capsa_core::no_network)?.log())
     }
 
+    async fn add_port_forward(&self, forward: capsa_core::PortForward) -> Result<()> {
+        self.net
+            .as_ref()
+            .ok_or_else(capsa_core::no_network)?
+            .add_forward(forward)
+    }
+
+    async fn remove_port_forward(
+        &self,
+        host_ip: std::net::Ipv4Addr,
+        host_port: u16,
+    ) -> Result<capsa_core::PortForward> {
+        self.net
+            .as_ref()
+            .ok_or_else(capsa_core::no_network)?
+            .remove_forward(host_ip, host_port)
+    }
+
+    async fn port_forwards(&self) -> Result<Vec<capsa_core::PortForward>> {
+        Ok(self
+            .net
+            .as_ref()
+            .ok_or_else(capsa_core::no_network)?
+            .forwards())
+    }
+
     async fn wait(&self) -> Result<ExitReason> {
         let mut exit = self.exit.clone();
         let r = exit

@@ -598,6 +598,34 @@ impl VmInstance for MonitorHandle {
         Ok(r.map_err(|e| self.core_err("network_log", e))??)
     }
 
+    async fn add_port_forward(&self, forward: capsa_core::PortForward) -> capsa_core::Result<()> {
+        let r = self
+            .client
+            .add_port_forward(context_with_deadline(RPC_TIMEOUT), forward)
+            .await;
+        Ok(r.map_err(|e| self.core_err("add_port_forward", e))??)
+    }
+
+    async fn remove_port_forward(
+        &self,
+        host_ip: std::net::Ipv4Addr,
+        host_port: u16,
+    ) -> capsa_core::Result<capsa_core::PortForward> {
+        let r = self
+            .client
+            .remove_port_forward(context_with_deadline(RPC_TIMEOUT), host_ip, host_port)
+            .await;
+        Ok(r.map_err(|e| self.core_err("remove_port_forward", e))??)
+    }
+
+    async fn port_forwards(&self) -> capsa_core::Result<Vec<capsa_core::PortForward>> {
+        let r = self
+            .client
+            .port_forwards(context_with_deadline(RPC_TIMEOUT))
+            .await;
+        Ok(r.map_err(|e| self.core_err("port_forwards", e))??)
+    }
+
     async fn wait(&self) -> capsa_core::Result<ExitReason> {
         loop {
             if let Some(r) = self.exit.get() {

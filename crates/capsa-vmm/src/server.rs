@@ -231,6 +231,37 @@ impl Monitor for Server {
     ) -> std::result::Result<Vec<capsa_core::NetDecision>, RpcError> {
         Ok(self.0.instance()?.network_log().await?)
     }
+
+    async fn add_port_forward(
+        self,
+        _: tarpc::context::Context,
+        forward: capsa_core::PortForward,
+    ) -> std::result::Result<(), RpcError> {
+        tracing::info!(host_ip = %forward.host_ip, host_port = forward.host_port,
+            guest_port = forward.guest_port, "port forward added");
+        Ok(self.0.instance()?.add_port_forward(forward).await?)
+    }
+
+    async fn remove_port_forward(
+        self,
+        _: tarpc::context::Context,
+        host_ip: std::net::Ipv4Addr,
+        host_port: u16,
+    ) -> std::result::Result<capsa_core::PortForward, RpcError> {
+        tracing::info!(%host_ip, host_port, "port forward removed");
+        Ok(self
+            .0
+            .instance()?
+            .remove_port_forward(host_ip, host_port)
+            .await?)
+    }
+
+    async fn port_forwards(
+        self,
+        _: tarpc::context::Context,
+    ) -> std::result::Result<Vec<capsa_core::PortForward>, RpcError> {
+        Ok(self.0.instance()?.port_forwards().await?)
+    }
 }
 
 /// Starts the VM from the snapshot `req` names: checks it against this host

@@ -145,6 +145,15 @@ pub trait Monitor {
     async fn network_policy() -> Result<NetworkPolicy, RpcError>;
     /// The latest network decisions (bounded), oldest first.
     async fn network_log() -> Result<Vec<NetDecision>, RpcError>;
+    /// Forwards a host port into the VM; the listener belongs to the monitor.
+    async fn add_port_forward(forward: capsa_core::PortForward) -> Result<(), RpcError>;
+    /// Stops forwarding `host_ip:host_port`; returns the forward removed.
+    async fn remove_port_forward(
+        host_ip: std::net::Ipv4Addr,
+        host_port: u16,
+    ) -> Result<capsa_core::PortForward, RpcError>;
+    /// The host ports forwarded now.
+    async fn port_forwards() -> Result<Vec<capsa_core::PortForward>, RpcError>;
 }
 
 /// A tarpc context whose deadline is `after` from now.

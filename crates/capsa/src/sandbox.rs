@@ -649,6 +649,30 @@ impl Sandbox {
         Ok(self.vm.instance().network_policy().await?)
     }
 
+    /// Forwards a host port into this sandbox from now on (`capsa port add`);
+    /// a pooled sandbox gets its ports this way after `acquire`.
+    pub async fn port_add(&self, forward: capsa_core::PortForward) -> Result<()> {
+        Ok(self.vm.instance().add_port_forward(forward).await?)
+    }
+
+    /// Stops forwarding `host_ip:host_port`; returns the forward removed.
+    pub async fn port_remove(
+        &self,
+        host_ip: std::net::Ipv4Addr,
+        host_port: u16,
+    ) -> Result<capsa_core::PortForward> {
+        Ok(self
+            .vm
+            .instance()
+            .remove_port_forward(host_ip, host_port)
+            .await?)
+    }
+
+    /// The host ports forwarded into this sandbox now.
+    pub async fn ports(&self) -> Result<Vec<capsa_core::PortForward>> {
+        Ok(self.vm.instance().port_forwards().await?)
+    }
+
     /// The latest network decisions (bounded), oldest first.
     pub async fn network_log(&self) -> Result<Vec<NetDecision>> {
         Ok(self.vm.instance().network_log().await?)

@@ -432,6 +432,102 @@ fn no_network_means_no_nic() {
     });
 }
 
+/// Reads what a guest server sends to a connection on 127.0.0.1:`port`
+/// (retrying while the guest's listener starts); empty if nothing came.
+async fn read_forwarded(port: u16) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = String::new();
+    for _ in 0..50 {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+            got.clear();
+            let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut got)).await;
+            if !got.is_empty() {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    got
+}
+
+#[test]
+fn pool_member_gets_policy_and_ports_after_acquire() {
+    run(async {
+        let web = http_server(HTTP_PORT, "hello").await;
+        // The pool's snapshot holds a NIC but no host socket: policy and
+        // forwards are given to each member after acquire.
+        let pool = capsa::Capsa::pool(
+            common::sandbox()
+                .memory_mb(256)
+                .fast_start(false)
+                .network_mode(NetworkMode::Deny),
+        )
+        .size(1)
+        .build()
+        .await
+        .expect("a pool with a network");
+        let sb = pool.acquire().await.unwrap();
+        let url = format!("http://198.18.0.7:{HTTP_PORT}/");
+        let (code, _, _) = sh(&sb, &format!("wget -q -O - {url}")).await;
+        assert_ne!(code, 0, "deny mode with no rule");
+        assert_eq!(web.load(Ordering::SeqCst), 0);
+        sb.set_network_policy(NetworkPolicy {
+            mode: NetworkMode::Deny,
+            rules: vec![rule(Action::Allow, "198.18.0.0/15")],
+        })
+        .await
+        .unwrap();
+        let (code, out, _) = sh(&sb, &format!("wget -q -O - {url}")).await;
+        assert_eq!(
+            (code, out.as_str()),
+            (0, "hello"),
+            "the acquired member's policy"
+        );
+
+        // A port forwarded at run time, then removed.
+        let fwd = capsa::PortForward::parse("18081:8000").unwrap();
+        sb.port_add(fwd).await.unwrap();
+        assert_eq!(sb.ports().await.unwrap(), vec![fwd]);
+        let e = sb.port_add(fwd).await.unwrap_err().to_string();
+        assert!(
+            e.contains("already forwarded") && e.to_lowercase().contains("fix"),
+            "{e}"
+        );
+        let _server = sb
+            .spawn(&Command::new("sh").args(["-c", "echo from-pool-member | nc -l -p 8000"]))
+            .await
+            .unwrap();
+        assert_eq!(read_forwarded(18081).await, "from-pool-member\n");
+        let removed = sb.port_remove(Ipv4Addr::LOCALHOST, 18081).await.unwrap();
+        assert_eq!(removed, fwd);
+        assert!(sb.ports().await.unwrap().is_empty());
+        assert!(
+            tokio::net::TcpStream::connect("127.0.0.1:18081")
+                .await
+                .is_err(),
+            "the host port is closed once removed"
+        );
+        assert!(sb.port_remove(Ipv4Addr::LOCALHOST, 18081).await.is_err());
+        // A host port something else holds is refused with the fix.
+        let _busy = std::net::TcpListener::bind("127.0.0.1:18082").unwrap();
+        let e = sb
+            .port_add(capsa::PortForward::parse("18082:80").unwrap())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("18082") && e.to_lowercase().contains("fix"),
+            "{e}"
+        );
+        let log = sb.network_log().await.unwrap();
+        assert!(
+            log.iter()
+                .any(|d| d.kind == "forward" && d.reason.contains("added")),
+            "{log:#?}"
+        );
+    });
+}
+
 /// Serves `bytes` zero bytes on 127.0.0.1:`port` after any request line.
 async fn blob_server(port: u16, bytes: usize) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

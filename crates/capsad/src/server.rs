@@ -155,6 +155,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(events))
         .routes(routes!(snapshot_sandbox))
         .routes(routes!(list_shares, add_share, remove_share))
+        .routes(routes!(list_ports, add_port, remove_port))
         .routes(routes!(list_snapshots))
         .routes(routes!(delete_snapshot))
         .routes(routes!(list_pools, create_pool))
@@ -889,6 +890,65 @@ async fn remove_share(
     st.emit(Event::Action {
         name,
         action: "share_rm".into(),
+        ok: r.is_ok(),
+    });
+    r?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The host ports forwarded into a running sandbox.
+#[utoipa::path(get, path = "/v1/sandboxes/{name}/ports", tag = "network",
+    params(("name" = String, Path, description = "sandbox name")),
+    responses((status = 200, body = Vec<PortForwardBody>), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
+async fn list_ports(
+    State(st): State<AppState>,
+    p: NameParam,
+) -> ApiResult<Json<Vec<PortForwardBody>>> {
+    let name = name_of(p)?;
+    Ok(Json(st.service.port_list(&name).await?))
+}
+
+/// Forwards a host port (on 127.0.0.1 unless `host_ip` says otherwise) into a
+/// running sandbox from now on; works on restored and pooled sandboxes.
+/// Answers the sandbox's forwards.
+#[utoipa::path(post, path = "/v1/sandboxes/{name}/ports", tag = "network",
+    params(("name" = String, Path, description = "sandbox name")),
+    request_body = PortForwardBody,
+    responses((status = 201, body = Vec<PortForwardBody>), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn add_port(
+    State(st): State<AppState>,
+    p: NameParam,
+    body: Result<Json<PortForwardBody>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Vec<PortForwardBody>>)> {
+    let name = name_of(p)?;
+    let Json(req) = body?;
+    let r = st.service.port_add(&name, req).await;
+    st.emit(Event::Action {
+        name,
+        action: "port_add".into(),
+        ok: r.is_ok(),
+    });
+    Ok((StatusCode::CREATED, Json(r?)))
+}
+
+/// Stops forwarding a host port into a sandbox.
+#[utoipa::path(delete, path = "/v1/sandboxes/{name}/ports", tag = "network",
+    params(("name" = String, Path, description = "sandbox name"), PortQuery),
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
+async fn remove_port(
+    State(st): State<AppState>,
+    p: NameParam,
+    q: Result<Query<PortQuery>, QueryRejection>,
+) -> ApiResult<StatusCode> {
+    let name = name_of(p)?;
+    let Query(q) = q?;
+    let r = st.service.port_remove(&name, q).await;
+    st.emit(Event::Action {
+        name,
+        action: "port_rm".into(),
         ok: r.is_ok(),
     });
     r?;

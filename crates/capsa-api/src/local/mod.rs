@@ -933,6 +933,60 @@ impl Service for LocalService {
         Ok(NetworkLog { decisions })
     }
 
+    async fn port_add(&self, name: &str, port: PortForwardBody) -> ApiResult<Vec<PortForwardBody>> {
+        let f = port.forward()?;
+        self.has_network(name)?;
+        let _g = self.locks.try_lock(name)?;
+        let sb = self.running(name).await?;
+        sb.port_add(f).await.map_err(|e| {
+            ApiError::from_capsa(
+                &format!("forwarding {}:{} into {name:?}", f.host_ip, f.host_port),
+                &e,
+            )
+        })?;
+        self.port_list(name).await
+    }
+
+    async fn port_remove(&self, name: &str, port: PortQuery) -> ApiResult<()> {
+        let f = PortForwardBody {
+            host_ip: port.host_ip,
+            host_port: port.host_port,
+            guest_port: 1,
+        }
+        .forward()?;
+        self.has_network(name)?;
+        let _g = self.locks.try_lock(name)?;
+        let sb = self.running(name).await?;
+        let now = sb
+            .ports()
+            .await
+            .map_err(|e| ApiError::from_capsa(&format!("the forwards of {name:?}"), &e))?;
+        if !now
+            .iter()
+            .any(|g| g.host_ip == f.host_ip && g.host_port == f.host_port)
+        {
+            return Err(ApiError::not_found(format!(
+                "{}:{} is not forwarded into {name:?}",
+                f.host_ip, f.host_port
+            ))
+            .fix("list the forwards with `capsa port ls NAME` (GET /v1/sandboxes/NAME/ports)"));
+        }
+        sb.port_remove(f.host_ip, f.host_port)
+            .await
+            .map(|_| ())
+            .map_err(|e| ApiError::from_capsa(&format!("removing a forward of {name:?}"), &e))
+    }
+
+    async fn port_list(&self, name: &str) -> ApiResult<Vec<PortForwardBody>> {
+        self.has_network(name)?;
+        let sb = self.running(name).await?;
+        let l = sb
+            .ports()
+            .await
+            .map_err(|e| ApiError::from_capsa(&format!("the forwards of {name:?}"), &e))?;
+        Ok(l.iter().map(PortForwardBody::of).collect())
+    }
+
     async fn image_pull(&self, req: PullRequest) -> ApiResult<mpsc::Receiver<PullEvent>> {
         images::pull(req).await
     }
