@@ -388,8 +388,24 @@ pub async fn rm(conn: &Conn, a: RmArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn inspect(conn: &Conn, a: InspectArgs) -> anyhow::Result<ExitCode> {
-    let rec = connect(conn)?.get(&a.name).await?;
-    println!("{}", serde_json::to_string_pretty(&rec)?);
+    let svc = connect(conn)?;
+    let rec = svc.get(&a.name).await?;
+    let mut v = serde_json::to_value(&rec)?;
+    // The spec holds the network as created; a running sandbox's policy and
+    // forwards may have changed since (`capsa network set`, `capsa port`).
+    let has_net = rec
+        .spec
+        .as_ref()
+        .is_some_and(|s| s.get("network").is_some_and(|n| !n.is_null()));
+    if has_net {
+        if let (Ok(p), Ok(ports)) = (
+            svc.network_policy(&a.name).await,
+            svc.port_list(&a.name).await,
+        ) {
+            v["network"] = serde_json::json!({ "policy": p.policy, "ports": ports });
+        }
+    }
+    println!("{}", serde_json::to_string_pretty(&v)?);
     Ok(ExitCode::SUCCESS)
 }
 

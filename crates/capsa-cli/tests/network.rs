@@ -297,6 +297,13 @@ fn network_flags_log_and_runtime_policy() {
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
         assert_eq!(got, "fwd-ok\n", "via capsad: {via}");
+        let inspect: serde_json::Value =
+            serde_json::from_str(&d.ok_on(via, &["inspect", name])).unwrap();
+        assert_eq!(
+            inspect["network"]["ports"][0]["host_port"], port,
+            "inspect shows the live forwards: {inspect}"
+        );
+        assert_eq!(inspect["network"]["policy"]["mode"], "deny", "{inspect}");
         d.ok_on(via, &["port", "rm", name, &port.to_string()]);
         let json: serde_json::Value =
             serde_json::from_str(&d.ok_on(via, &["port", "ls", name, "--json"])).unwrap();
