@@ -25,6 +25,7 @@ pub mod agent;
 pub mod cmdline;
 #[cfg(target_os = "linux")]
 mod console;
+pub mod netbench;
 #[cfg(target_os = "linux")]
 pub mod pid1;
 #[cfg(target_os = "linux")]
@@ -77,6 +78,16 @@ pub fn not_pid1(mut args: impl Iterator<Item = String>) -> i32 {
             let rest: Vec<String> = args.collect();
             tools::run(tool, &rest)
         }
+        Some("net-bench") => {
+            let rest: Vec<String> = args.collect();
+            match netbench::run(&rest) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("capsa-init net-bench: {e}");
+                    2
+                }
+            }
+        }
         Some("--version") | Some("-V") => {
             println!("capsa-init {VERSION}");
             0
@@ -90,7 +101,8 @@ pub fn not_pid1(mut args: impl Iterator<Item = String>) -> i32 {
                  For development and tests, `capsa-init --agent-unix PATH` serves the\n\
                  agent protocol on a Unix socket as an ordinary process.\n\
                  Tools: `vsock-serve PORT -- CMD ARGS...` runs CMD per connection on vsock PORT;\n\
-                 `vsock-connect CID PORT` bridges stdin/stdout to CID:PORT (the host is CID 2)."
+                 `vsock-connect CID PORT` bridges stdin/stdout to CID:PORT (the host is CID 2);\n\
+                 `net-bench connect|send|recv ADDR:PORT ...` measures TCP from the guest."
             );
             0
         }
