@@ -1,0 +1,380 @@
+//! The shim under a real containerd (Debian's), started here on its own
+//! root, state and socket in a temp dir, with an OCI image built here from
+//! local files (the host's static busybox) and imported with `ctr`. Every
+//! task is a real capsa VM: run with `-j 1`.
+//!
+//! containerd must be installed (`apt-get install containerd`; CI does):
+//! without it these tests fail with that fix, they never skip.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::Digest as _;
+
+const NS: &str = "capsa-test";
+const IMAGE: &str = "docker.io/capsa-test/busybox:1";
+const RUNTIME: &str = "io.containerd.capsa.v2";
+
+fn hex(d: &[u8]) -> String {
+    sha2::Sha256::digest(d)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn tar_entry(
+    b: &mut tar::Builder<Vec<u8>>,
+    path: &str,
+    kind: tar::EntryType,
+    mode: u32,
+    data: &[u8],
+    link: Option<&str>,
+) {
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_size(data.len() as u64);
+    match link {
+        Some(l) => b.append_link(&mut h, path, l).unwrap(),
+        None => b.append_data(&mut h, path, data).unwrap(),
+    }
+}
+
+/// A `docker save` archive of a one-layer image: the host's static busybox
+/// and its applets under /bin.
+fn image_archive(out: &Path) {
+    let mut lb = tar::Builder::new(Vec::new());
+    for d in ["bin", "etc", "root", "tmp", "proc", "sys", "dev"] {
+        tar_entry(&mut lb, d, tar::EntryType::Directory, 0o755, b"", None);
+    }
+    let busybox = std::fs::read("/bin/busybox")
+        .expect("a static /bin/busybox on the host; fix: apt-get install busybox-static");
+    tar_entry(
+        &mut lb,
+        "bin/busybox",
+        tar::EntryType::Regular,
+        0o755,
+        &busybox,
+        None,
+    );
+    for a in [
+        "sh", "cat", "echo", "sleep", "true", "false", "stty", "ls", "id", "ps", "kill", "wc",
+    ] {
+        tar_entry(
+            &mut lb,
+            &format!("bin/{a}"),
+            tar::EntryType::Symlink,
+            0o777,
+            b"",
+            Some("busybox"),
+        );
+    }
+    tar_entry(
+        &mut lb,
+        "etc/passwd",
+        tar::EntryType::Regular,
+        0o644,
+        b"root:x:0:0:root:/root:/bin/sh\n",
+        None,
+    );
+    tar_entry(
+        &mut lb,
+        "etc/image-marker",
+        tar::EntryType::Regular,
+        0o644,
+        b"from-the-image\n",
+        None,
+    );
+    let layer = lb.into_inner().unwrap();
+    let cfg = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]},
+        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{}", hex(&layer))]}
+    }))
+    .unwrap();
+    let cfg_name = format!("{}.json", hex(&cfg));
+    let manifest = serde_json::to_vec(&serde_json::json!([
+        {"Config": cfg_name, "RepoTags": ["capsa-test/busybox:1"], "Layers": ["l0/layer.tar"]}
+    ]))
+    .unwrap();
+    let mut b = tar::Builder::new(std::fs::File::create(out).unwrap());
+    for (p, d) in [
+        ("manifest.json", &manifest),
+        (cfg_name.as_str(), &cfg),
+        ("l0/layer.tar", &layer),
+    ] {
+        let mut h = tar::Header::new_ustar();
+        h.set_size(d.len() as u64);
+        h.set_mode(0o644);
+        b.append_data(&mut h, p, &d[..]).unwrap();
+    }
+    b.finish().unwrap();
+}
+
+/// The directory holding the shim binary (cargo's target dir of this test).
+fn shim_dir() -> PathBuf {
+    let shim = PathBuf::from(env!("CARGO_BIN_EXE_containerd-shim-capsa-v2"));
+    shim.parent().unwrap().to_path_buf()
+}
+
+/// A containerd of the test's own.
+struct Containerd {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Containerd {
+    fn sock(&self) -> PathBuf {
+        self.dir.path().join("c.sock")
+    }
+    fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("capsa-state")
+    }
+
+    fn path_env() -> String {
+        format!(
+            "{}:{}",
+            shim_dir().display(),
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
+        )
+    }
+
+    fn start() -> Containerd {
+        for tool in ["containerd", "ctr"] {
+            let found = std::env::var("PATH")
+                .unwrap_or_default()
+                .split(':')
+                .chain(["/usr/bin", "/usr/sbin"])
+                .any(|d| Path::new(d).join(tool).is_file());
+            assert!(
+                found,
+                "{tool} is not installed; fix: apt-get install containerd (CI installs it)"
+            );
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("ctrd")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let d = dir.path();
+        let cfg = format!(
+            r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "{sock}"
+[debug]
+  level = "debug"
+"#,
+            root = d.join("root").display(),
+            state = d.join("state").display(),
+            sock = d.join("c.sock").display(),
+        );
+        std::fs::write(d.join("config.toml"), cfg).unwrap();
+        let mut c = Containerd { dir, child: None };
+        c.spawn();
+        let archive = c.dir.path().join("image.tar");
+        image_archive(&archive);
+        let out = c.ctr(&["image", "import", archive.to_str().unwrap()]);
+        assert!(out.status.success(), "ctr image import: {}", show(&out));
+        c
+    }
+
+    fn spawn(&mut self) {
+        let d = self.dir.path();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(d.join("containerd.log"))
+            .unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(d.join("config.toml"))
+            .env("PATH", Self::path_env())
+            .env("CAPSA_STATE_DIR", d.join("capsa-state"))
+            .env("CAPSA_SHIM_ROOTFS_CACHE", d.join("rootfs-cache"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting containerd");
+        self.child = Some(child);
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(30) {
+            if self.ctr(&["version"]).status.success() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("containerd did not answer; log:\n{}", self.log());
+    }
+
+    /// Kills containerd (its shims live on), then starts it again.
+    fn restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.spawn();
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
+    }
+
+    fn ctr_cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ctr");
+        c.arg("-a")
+            .arg(self.sock())
+            .args(["-n", NS])
+            .args(args)
+            .env("PATH", Self::path_env())
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn ctr(&self, args: &[&str]) -> Output {
+        self.ctr_cmd(args).output().expect("running ctr")
+    }
+
+    /// `ctr run --rm --runtime capsa IMAGE ID ARGS...`, bounded in time.
+    fn run(&self, id: &str, extra: &[&str], args: &[&str], stdin: Option<&[u8]>) -> Output {
+        let mut a = vec!["run", "--rm", "--runtime", RUNTIME];
+        a.extend_from_slice(extra);
+        a.extend_from_slice(&[IMAGE, id]);
+        a.extend_from_slice(args);
+        let mut cmd = self.ctr_cmd(&a);
+        if stdin.is_some() {
+            cmd.stdin(Stdio::piped());
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        if let Some(data) = stdin {
+            let mut s = child.stdin.take().unwrap();
+            s.write_all(data).unwrap();
+        }
+        wait_bounded(child, Duration::from_secs(180), &self.log())
+    }
+
+    /// Sandboxes of capsa's registry, as `capsa ps` sees them.
+    fn sandboxes(&self) -> Vec<capsa::SandboxRecord> {
+        capsa::Sandboxes::new(Some(self.state_dir()))
+            .list()
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        // Leave no VM behind, whatever the test did.
+        let reg = capsa::Sandboxes::new(Some(self.state_dir()));
+        if let Ok(list) = reg.list() {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            for r in list {
+                let _ = rt.block_on(reg.remove(&r.name, true));
+            }
+        }
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Shims of this containerd end once their VM is gone; unmount leftovers.
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "grep -o ' {}[^ ]*' /proc/mounts | sort -r | xargs -r -n1 umount -l",
+                self.dir.path().display()
+            ))
+            .status();
+    }
+}
+
+fn wait_bounded(mut child: Child, limit: Duration, log: &str) -> Output {
+    let t = Instant::now();
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            return child.wait_with_output().unwrap();
+        }
+        if t.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "ctr did not finish in {limit:?}: {}\ncontainerd log:\n{log}",
+                show(&out)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn show(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn qemu_running_under(dir: &Path) -> bool {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    let needle = dir.display().to_string();
+    rd.flatten().any(|e| {
+        std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
+            let c = String::from_utf8_lossy(&c);
+            c.contains("qemu-system") && c.contains(&needle)
+        })
+    })
+}
+
+#[test]
+fn run_rm_prints_output_and_passes_exit_codes() {
+    let c = Containerd::start();
+    let out = c.run("echo1", &[], &["echo", "hi"], None);
+    assert!(out.status.success(), "{}\n{}", show(&out), c.log());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hi\n",
+        "{}",
+        show(&out)
+    );
+
+    // The root is the image's, and writes go to the sandbox's own layer.
+    let out = c.run(
+        "cat1",
+        &[],
+        &[
+            "sh",
+            "-c",
+            "cat /etc/image-marker; echo w > /tmp/x && cat /tmp/x; exit 3",
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", show(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "from-the-image\nw\n");
+
+    // stderr is kept apart from stdout.
+    let out = c.run("err1", &[], &["sh", "-c", "echo out; echo err >&2"], None);
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+
+    // stdin through `cat` ends when ctr's stdin does (CloseIO).
+    let out = c.run("cat2", &[], &["cat"], Some(b"piped line\n"));
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "piped line\n");
+
+    // --rm left no sandbox and no QEMU behind.
+    assert!(c.sandboxes().is_empty(), "{:?}", c.sandboxes());
+    assert!(!qemu_running_under(&c.state_dir()));
+}
