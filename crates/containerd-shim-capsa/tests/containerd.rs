@@ -61,6 +61,7 @@ fn image_archive(out: &Path) {
     );
     for a in [
         "sh", "cat", "echo", "sleep", "true", "false", "stty", "ls", "id", "ps", "kill", "wc",
+        "grep", "tty",
     ] {
         tar_entry(
             &mut lb,
@@ -324,16 +325,18 @@ fn show(o: &Output) -> String {
     )
 }
 
+/// Whether a QEMU of this test's containerd runs (it inherits the
+/// `CAPSA_STATE_DIR` the test gave containerd, through shim and monitor).
 fn qemu_running_under(dir: &Path) -> bool {
     let Ok(rd) = std::fs::read_dir("/proc") else {
         return false;
     };
-    let needle = dir.display().to_string();
+    let needle = format!("CAPSA_STATE_DIR={}", dir.display());
     rd.flatten().any(|e| {
-        std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
-            let c = String::from_utf8_lossy(&c);
-            c.contains("qemu-system") && c.contains(&needle)
-        })
+        let qemu = std::fs::read(e.path().join("cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains("qemu-system"));
+        qemu && std::fs::read(e.path().join("environ"))
+            .is_ok_and(|env| env.split(|b| *b == 0).any(|v| v == needle.as_bytes()))
     })
 }
 
@@ -377,4 +380,201 @@ fn run_rm_prints_output_and_passes_exit_codes() {
     // --rm left no sandbox and no QEMU behind.
     assert!(c.sandboxes().is_empty(), "{:?}", c.sandboxes());
     assert!(!qemu_running_under(&c.state_dir()));
+}
+
+fn text(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The pids of this containerd's shims for container `id`.
+fn shim_pids(c: &Containerd, id: &str) -> Vec<i32> {
+    let sock = c.sock().display().to_string();
+    std::fs::read_dir("/proc")
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| {
+                    let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+                    let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+                    let args: Vec<String> = cmd
+                        .split(|b| *b == 0)
+                        .map(|a| String::from_utf8_lossy(a).into_owned())
+                        .collect();
+                    let is = args.first()?.ends_with("containerd-shim-capsa-v2")
+                        && args.windows(2).any(|w| w[0] == "-id" && w[1] == id)
+                        && args.iter().any(|a| a == &sock);
+                    is.then_some(pid)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn task_line(c: &Containerd, id: &str) -> String {
+    let out = c.ctr(&["task", "ls"]);
+    text(&out)
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(id))
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn detached_task_ls_ps_exec_kill_delete() {
+    let c = Containerd::start();
+    let out = c.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "d1",
+        "sleep",
+        "600",
+    ]);
+    assert!(out.status.success(), "{}\n{}", show(&out), c.log());
+    let line = task_line(&c, "d1");
+    assert!(line.contains("RUNNING"), "task ls: {line:?}");
+
+    // The VM is an ordinary capsa sandbox, marked as the shim's.
+    let recs = c.sandboxes();
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    assert_eq!(
+        capsa::Sandboxes::label(&recs[0], "owner"),
+        Some("containerd-shim")
+    );
+    assert_eq!(
+        capsa::Sandboxes::label(&recs[0], "containerd.id"),
+        Some("d1")
+    );
+
+    let ps = c.ctr(&["task", "ps", "d1"]);
+    assert!(ps.status.success(), "{}", show(&ps));
+    let pid = line.split_whitespace().nth(1).unwrap().to_string();
+    assert!(text(&ps).contains(&pid), "task ps {}: {}", pid, show(&ps));
+
+    let ex = c.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e1",
+        "d1",
+        "sh",
+        "-c",
+        "echo in-exec; ps | grep -c '[s]leep 600'; exit 4",
+    ]);
+    assert_eq!(ex.status.code(), Some(4), "{}", show(&ex));
+    assert_eq!(text(&ex), "in-exec\n1\n", "{}", show(&ex));
+    // An exec id can be used again once its process is gone.
+    let ex = c.ctr(&["task", "exec", "--exec-id", "e1", "d1", "true"]);
+    assert!(ex.status.success(), "{}", show(&ex));
+
+    // Unsupported RPCs say so.
+    let p = c.ctr(&["task", "pause", "d1"]);
+    assert!(!p.status.success());
+    assert!(
+        String::from_utf8_lossy(&p.stderr).contains("not implemented"),
+        "{}",
+        show(&p)
+    );
+
+    let k = c.ctr(&["task", "kill", "d1"]);
+    assert!(k.status.success(), "{}", show(&k));
+    wait_until("the task to stop", Duration::from_secs(30), || {
+        task_line(&c, "d1").contains("STOPPED")
+    });
+    let d = c.ctr(&["task", "delete", "d1"]);
+    assert!(d.status.success(), "{}", show(&d));
+    let r = c.ctr(&["container", "rm", "d1"]);
+    assert!(r.status.success(), "{}", show(&r));
+    assert!(c.sandboxes().is_empty(), "{:?}", c.sandboxes());
+    wait_until("the shim to exit", Duration::from_secs(30), || {
+        shim_pids(&c, "d1").is_empty()
+    });
+    assert!(!qemu_running_under(&c.state_dir()));
+}
+
+#[test]
+fn killed_shim_leaves_no_qemu_and_restarted_containerd_reconnects() {
+    let mut c = Containerd::start();
+    // containerd restarted while a task runs: the task is still controllable.
+    let out = c.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "r1",
+        "sleep",
+        "600",
+    ]);
+    assert!(out.status.success(), "{}\n{}", show(&out), c.log());
+    c.restart();
+    assert!(
+        task_line(&c, "r1").contains("RUNNING"),
+        "{}",
+        task_line(&c, "r1")
+    );
+    let ex = c.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "after",
+        "r1",
+        "echo",
+        "still-here",
+    ]);
+    assert_eq!(text(&ex), "still-here\n", "{}", show(&ex));
+
+    // kill -9 of the shim: containerd's cleanup (the `delete` subcommand)
+    // kills the VM; nothing of it stays.
+    let pids = shim_pids(&c, "r1");
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    assert!(qemu_running_under(&c.state_dir()));
+    // SAFETY: kill(2) on a pid read from /proc.
+    unsafe { libc::kill(pids[0], libc::SIGKILL) };
+    wait_until(
+        "the task to be seen stopped",
+        Duration::from_secs(60),
+        || !task_line(&c, "r1").contains("RUNNING"),
+    );
+    let _ = c.ctr(&["task", "delete", "r1"]);
+    let _ = c.ctr(&["container", "rm", "r1"]);
+    wait_until(
+        "QEMU and the sandbox to go",
+        Duration::from_secs(60),
+        || !qemu_running_under(&c.state_dir()) && c.sandboxes().is_empty(),
+    );
+}
+
+#[test]
+fn terminal_gets_the_window_size() {
+    let c = Containerd::start();
+    let cmd = format!(
+        "stty rows 33 cols 111; ctr -a {} -n {NS} run -t --rm --runtime {RUNTIME} {IMAGE} t1 sh -c 'sleep 2; tty; stty size'",
+        c.sock().display()
+    );
+    let child = Command::new("script")
+        .args(["-qfec", &cmd, "/dev/null"])
+        .env("PATH", Containerd::path_env())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("script(1) from util-linux");
+    let out = wait_bounded(child, Duration::from_secs(180), &c.log());
+    let s = text(&out);
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(s.contains("/dev/pts/"), "not a terminal: {s:?}");
+    assert!(
+        s.contains("33 111"),
+        "the window size did not arrive: {s:?}"
+    );
 }
