@@ -38,7 +38,7 @@ pub enum ShimError {
     },
     /// capsa (the VM, its agent) failed.
     #[error("capsa: {0}")]
-    Capsa(#[from] capsa::Error),
+    Capsa(Box<capsa::Error>),
     /// The agent client failed (an exec stream broke).
     #[error("capsa agent: {0}")]
     Agent(#[from] capsa::AgentClientError),
@@ -69,6 +69,12 @@ impl ShimError {
             ShimError::AlreadyExists(_) => Code::ALREADY_EXISTS,
             _ => Code::INTERNAL,
         }
+    }
+}
+
+impl From<capsa::Error> for ShimError {
+    fn from(e: capsa::Error) -> Self {
+        ShimError::Capsa(Box::new(e))
     }
 }
 

@@ -35,7 +35,7 @@ use crate::bundle::{clamp16, Process, Spec};
 use crate::error::{unimplemented, Result, ShimError};
 
 /// Label marking a sandbox as owned by this shim (`capsa ps` shows it).
-pub const LABEL_OWNER: &str = "owner";
+pub const LABEL_OWNER: &str = capsa::LABEL_OWNER;
 /// The owner label's value.
 pub const OWNER: &str = "containerd-shim";
 /// Label with the containerd namespace.

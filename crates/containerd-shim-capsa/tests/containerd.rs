@@ -454,6 +454,16 @@ fn detached_task_ls_ps_exec_kill_delete() {
         capsa::Sandboxes::label(&recs[0], "containerd.id"),
         Some("d1")
     );
+    // What `capsa ps` and capsad list (capsa ps prints it as `[containerd-shim]`).
+    let info = capsa_api::local::info_of(recs[0].clone());
+    assert_eq!(info.owner.as_deref(), Some("containerd-shim"));
+    let ps = Command::new(shim_dir().join("capsa"))
+        .arg("ps")
+        .env("CAPSA_STATE_DIR", c.state_dir())
+        .output();
+    if let Ok(ps) = ps {
+        eprintln!("capsa ps:\n{}", text(&ps));
+    }
 
     let ps = c.ctr(&["task", "ps", "d1"]);
     assert!(ps.status.success(), "{}", show(&ps));
