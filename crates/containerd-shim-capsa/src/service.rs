@@ -247,17 +247,22 @@ impl Service {
             );
             let _ = sandboxes.remove(&name, true).await;
         }
-        let builder = capsa::Capsa::sandbox()
+        let labels = [
+            (LABEL_OWNER, OWNER.to_string()),
+            (LABEL_NAMESPACE, self.inner.namespace.clone()),
+            (LABEL_ID, req.id.clone()),
+        ];
+        let mut builder = capsa::Capsa::sandbox()
             .name(name.clone())
             .memory_mb(memory_mib)
             .cpus(cpus)
-            .rootfs_spec(rootfs)
-            .label(LABEL_OWNER, OWNER)
-            .label(LABEL_NAMESPACE, self.inner.namespace.clone())
-            .label(LABEL_ID, req.id.clone());
+            .rootfs_spec(rootfs);
+        for (k, v) in &labels {
+            builder = builder.label(*k, v.clone());
+        }
         let started = std::time::Instant::now();
-        let sandbox = sandboxes.create(builder).await?;
-        tracing::info!(sandbox = name, elapsed = ?started.elapsed(), "sandbox ready");
+        let (sandbox, how) = start_sandbox(&sandboxes, builder, &name, &labels).await?;
+        tracing::info!(sandbox = name, how, elapsed = ?started.elapsed(), "sandbox ready");
         let init = Proc::new(
             String::new(),
             process,
@@ -606,6 +611,74 @@ impl Service {
         .await;
         Ok(())
     }
+}
+
+/// Environment variable: `0` makes every task boot its VM cold (no base
+/// snapshot is made or restored).
+pub const FAST_START_ENV: &str = "CAPSA_SHIM_FAST_START";
+
+/// Starts the task's sandbox: restored from the base snapshot of its spec
+/// (one per root filesystem image and VM size, keyed as capsa keys its base
+/// snapshots, under the shim's cache) when there is one, else booted cold and, the first time, saved as
+/// that base right after its agent answered (before any container process
+/// ran). Returns how it started.
+async fn start_sandbox(
+    sandboxes: &capsa::Sandboxes,
+    builder: capsa::SandboxBuilder,
+    name: &str,
+    labels: &[(&str, String)],
+) -> Result<(capsa::Sandbox, &'static str)> {
+    let fast = std::env::var(FAST_START_ENV).map_or(true, |v| v != "0");
+    // capsa's key for this spec, kept beside the shim's root filesystem
+    // images (so they share one lifetime and one cache directory).
+    let base = if fast {
+        capsa::base_snapshot::dir_for(&builder)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|d| {
+                d.file_name()
+                    .map(|n| crate::rootfs::cache_dir().join("base").join(n))
+            })
+    } else {
+        None
+    };
+    let Some(base) = base else {
+        return Ok((sandboxes.create(builder).await?, "cold boot"));
+    };
+    if base.join(capsa_core::SNAPSHOT_META_FILE).is_file() {
+        let mut r = capsa::Capsa::restore(&base).name(name);
+        for (k, v) in labels {
+            r = r.label(*k, v.clone());
+        }
+        match sandboxes.create_restored(r).await {
+            Ok(sb) => return Ok((sb, "restored")),
+            Err(e) => {
+                tracing::warn!(base = %base.display(), "the base snapshot did not restore ({e}); booting cold");
+                let _ = sandboxes.remove(name, true).await;
+            }
+        }
+        return Ok((sandboxes.create(builder).await?, "cold boot"));
+    }
+    let sb = sandboxes.create(builder).await?;
+    if let Err(e) = save_base(&sb, &base).await {
+        tracing::warn!(base = %base.display(), "could not save a base snapshot: {e}");
+    }
+    Ok((sb, "cold boot (base snapshot saved)"))
+}
+
+/// Snapshots `sb` into a temp sibling of `dir`, then renames it into place
+/// (a concurrent shim never sees half a snapshot; the first one wins).
+async fn save_base(sb: &capsa::Sandbox, dir: &std::path::Path) -> Result<()> {
+    let parent = dir.parent().unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(parent)
+        .map_err(|e| ShimError::io(format!("creating {}", parent.display()), e))?;
+    let tmp = parent.join(format!(".tmp-base-shim-{}", std::process::id()));
+    sb.vm().snapshot(&tmp).await?;
+    if std::fs::rename(&tmp, dir).is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    Ok(())
 }
 
 /// Kills and removes the sandbox `name`, unmounts `<bundle>/rootfs` and

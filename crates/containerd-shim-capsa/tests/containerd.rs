@@ -377,6 +377,11 @@ fn run_rm_prints_output_and_passes_exit_codes() {
     assert!(out.status.success(), "{}", show(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "piped line\n");
 
+    // The first task booted cold and saved a base snapshot; later ones restored it.
+    let log = c.log();
+    assert!(log.contains("how=\"cold boot (base snapshot saved)\""), "{log}");
+    assert!(log.contains("how=\"restored\""), "{log}");
+
     // --rm left no sandbox and no QEMU behind.
     assert!(c.sandboxes().is_empty(), "{:?}", c.sandboxes());
     assert!(!qemu_running_under(&c.state_dir()));
