@@ -30,7 +30,7 @@ with tarfile.open(fileobj=lb, mode="w", format=tarfile.USTAR_FORMAT) as t:
     for d in ["bin", "etc", "tmp", "proc", "sys", "dev"]:
         add(t, d, mode=0o755, kind=tarfile.DIRTYPE)
     add(t, "bin/busybox", open("/bin/busybox", "rb").read(), 0o755)
-    for a in ["sh", "true", "echo"]:
+    for a in ["sh", "true", "echo", "sleep"]:
         add(t, "bin/" + a, kind=tarfile.SYMTYPE, link="busybox")
 layer = lb.getvalue()
 cfg = json.dumps({"architecture": "amd64", "os": "linux", "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]},
