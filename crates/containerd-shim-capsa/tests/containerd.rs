@@ -379,7 +379,10 @@ fn run_rm_prints_output_and_passes_exit_codes() {
 
     // The first task booted cold and saved a base snapshot; later ones restored it.
     let log = c.log();
-    assert!(log.contains("how=\"cold boot (base snapshot saved)\""), "{log}");
+    assert!(
+        log.contains("how=\"cold boot (base snapshot saved)\""),
+        "{log}"
+    );
     assert!(log.contains("how=\"restored\""), "{log}");
 
     // --rm left no sandbox and no QEMU behind.
