@@ -596,3 +596,48 @@ fn terminal_gets_the_window_size() {
         "the window size did not arrive: {s:?}"
     );
 }
+
+#[test]
+fn terminal_follows_a_live_resize() {
+    let c = Containerd::start();
+    let session = format!("capsa-shim-{}", std::process::id());
+    let cmd = format!(
+        "ctr -a {} -n {NS} run -t --rm --runtime {RUNTIME} {IMAGE} t2 sh -c 'sleep 3; stty size; sleep 4; stty size'; sleep 30",
+        c.sock().display()
+    );
+    let tmux = |args: &[&str]| {
+        Command::new("tmux")
+            .args(args)
+            .env("PATH", Containerd::path_env())
+            .output()
+            .expect("tmux (apt-get install tmux)")
+    };
+    let st = tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "100",
+        "-y",
+        "30",
+        &cmd,
+    ]);
+    assert!(st.status.success(), "{}", show(&st));
+    let pane = || {
+        let o = tmux(&["capture-pane", "-p", "-t", &session]);
+        text(&o)
+    };
+    // The task sees the window's size, then a resize while it runs.
+    wait_until("the first size", Duration::from_secs(120), || {
+        pane().contains("30 100")
+    });
+    let r = tmux(&["resize-window", "-t", &session, "-x", "120", "-y", "40"]);
+    assert!(r.status.success(), "{}", show(&r));
+    wait_until(
+        "the new size inside the task",
+        Duration::from_secs(60),
+        || pane().contains("40 120"),
+    );
+    let _ = tmux(&["kill-session", "-t", &session]);
+}
