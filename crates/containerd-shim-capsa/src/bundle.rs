@@ -267,4 +267,38 @@ mod tests {
         assert!(s.vm_size().unwrap_err().contains("128 to 65536"));
         assert!(Process::parse(br#"{"args":["ls"],"cwd":"/tmp"}"#).is_ok());
     }
+
+    #[test]
+    fn config_json_stays_in_the_bundle_and_is_bounded() {
+        let b = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(
+            outside.path().join("config.json"),
+            br#"{"process":{"args":["x"]}}"#,
+        )
+        .unwrap();
+        // A symlink out of the bundle is not followed.
+        std::os::unix::fs::symlink(
+            outside.path().join("config.json"),
+            b.path().join("config.json"),
+        )
+        .unwrap();
+        let e = Spec::read(b.path()).unwrap_err().to_string();
+        assert!(e.contains("cannot open") && e.contains("fix:"), "{e}");
+        std::fs::remove_file(b.path().join("config.json")).unwrap();
+        // Too large.
+        let big = vec![b' '; MAX_CONFIG_BYTES as usize + 1];
+        std::fs::write(b.path().join("config.json"), big).unwrap();
+        let e = Spec::read(b.path()).unwrap_err().to_string();
+        assert!(e.contains("larger than"), "{e}");
+        // Missing.
+        let e = Spec::read(&b.path().join("nope")).unwrap_err().to_string();
+        assert!(e.contains("fix:"), "{e}");
+        std::fs::write(
+            b.path().join("config.json"),
+            br#"{"process":{"args":["x"]}}"#,
+        )
+        .unwrap();
+        assert!(Spec::read(b.path()).is_ok());
+    }
 }
