@@ -33,6 +33,34 @@ pub struct Spec {
     /// Annotations (capsa's VM sizing).
     #[serde(default)]
     pub annotations: BTreeMap<String, String>,
+    /// The container's mounts (only reported: the guest makes its own
+    /// `/proc`, `/sys` and `/dev`; host binds are not passed in, v1).
+    #[serde(default)]
+    pub mounts: Vec<OciMount>,
+}
+
+/// An OCI mount.
+#[derive(Debug, Deserialize, Default, Clone)]
+pub struct OciMount {
+    /// Where it goes in the container.
+    #[serde(default)]
+    pub destination: String,
+    /// Filesystem type.
+    #[serde(default, rename = "type")]
+    pub kind: String,
+    /// Host source.
+    #[serde(default)]
+    pub source: String,
+    /// Mount options.
+    #[serde(default)]
+    pub options: Vec<String>,
+}
+
+impl OciMount {
+    /// Whether this brings a host path into the container (a bind mount).
+    pub fn is_host_bind(&self) -> bool {
+        self.kind == "bind" || self.options.iter().any(|o| o == "bind" || o == "rbind")
+    }
 }
 
 /// An OCI process (`config.json`'s `process`, or an exec's spec).
@@ -266,6 +294,15 @@ mod tests {
         .unwrap();
         assert!(s.vm_size().unwrap_err().contains("128 to 65536"));
         assert!(Process::parse(br#"{"args":["ls"],"cwd":"/tmp"}"#).is_ok());
+        let s = Spec::parse(
+            br#"{"process":{"args":["x"]},"mounts":[
+            {"destination":"/proc","type":"proc","source":"proc"},
+            {"destination":"/data","type":"bind","source":"/srv","options":["rbind","ro"]},
+            {"destination":"/v","source":"/x","options":["rbind"]}]}"#,
+        )
+        .unwrap();
+        let binds: Vec<bool> = s.mounts.iter().map(OciMount::is_host_bind).collect();
+        assert_eq!(binds, [false, true, true]);
     }
 
     #[test]

@@ -120,13 +120,14 @@ fn check_mounts(mounts: &[Mount]) -> Result<()> {
 /// Builds (or finds) the read-only image of the container root described by
 /// `mounts` (mounted on `<bundle>/rootfs` meanwhile; empty: that directory
 /// already holds the root) and returns the root filesystem spec of a
-/// sandbox named `sandbox` with `memory_mib` of RAM.
+/// sandbox named `sandbox` with `memory_mib` of RAM, and whether the image
+/// is shared by its layer chain (worth a base snapshot) or this container's.
 pub fn prepare(
     bundle: &Path,
     mounts: &[Mount],
     sandbox: &str,
     memory_mib: u64,
-) -> Result<RootfsSpec> {
+) -> Result<(RootfsSpec, bool)> {
     check_mounts(mounts)?;
     let key = cache_key(mounts);
     let (out, digest_src) = match &key {
@@ -167,7 +168,8 @@ pub fn prepare(
         h.update(digest_src.as_bytes());
         format!("sha256:{}", hex(&h.finalize()))
     };
-    Ok(RootfsSpec {
+    let shared = matches!(key, CacheKey::Chain(_));
+    let spec = RootfsSpec {
         image: out,
         format: RootfsFormat::Erofs,
         digest,
@@ -175,7 +177,8 @@ pub fn prepare(
             size_mib: RootfsSpec::default_tmpfs_mib(memory_mib),
         },
         config: ImageRunConfig::default(),
-    })
+    };
+    Ok((spec, shared))
 }
 
 /// Converts `tree` into `out` through a temp file (concurrent shims never

@@ -228,12 +228,19 @@ impl Service {
             message: m,
             fix: "fix the annotation's value",
         })?;
+        for m in spec.mounts.iter().filter(|m| m.is_host_bind()).take(64) {
+            tracing::warn!(
+                source = m.source,
+                destination = m.destination,
+                "a host bind mount is not passed into the VM (capsa shim v1); the container sees the image's own path"
+            );
+        }
         let mut process = spec.process.clone().unwrap_or_default();
         // containerd's request decides the terminal (ctr -t), as for runc.
         process.terminal = req.terminal;
         let name = sandbox_name(&self.inner.namespace, &req.id);
         let (b, mounts, n) = (bundle.clone(), req.rootfs.clone(), name.clone());
-        let rootfs = tokio::task::spawn_blocking(move || {
+        let (rootfs, shared) = tokio::task::spawn_blocking(move || {
             crate::rootfs::prepare(&b, &mounts, &n, memory_mib)
         })
         .await
@@ -261,7 +268,7 @@ impl Service {
             builder = builder.label(*k, v.clone());
         }
         let started = std::time::Instant::now();
-        let (sandbox, how) = start_sandbox(&sandboxes, builder, &name, &labels).await?;
+        let (sandbox, how) = start_sandbox(&sandboxes, builder, &name, &labels, shared).await?;
         tracing::info!(sandbox = name, how, elapsed = ?started.elapsed(), "sandbox ready");
         let init = Proc::new(
             String::new(),
@@ -627,8 +634,10 @@ async fn start_sandbox(
     builder: capsa::SandboxBuilder,
     name: &str,
     labels: &[(&str, String)],
+    shared_image: bool,
 ) -> Result<(capsa::Sandbox, &'static str)> {
-    let fast = std::env::var(FAST_START_ENV).map_or(true, |v| v != "0");
+    // A per-container image would make a base snapshot nobody restores.
+    let fast = shared_image && std::env::var(FAST_START_ENV).map_or(true, |v| v != "0");
     // capsa's key for this spec, kept beside the shim's root filesystem
     // images (so they share one lifetime and one cache directory).
     let base = if fast {

@@ -385,6 +385,22 @@ fn run_rm_prints_output_and_passes_exit_codes() {
     );
     assert!(log.contains("how=\"restored\""), "{log}");
 
+    // The native snapshotter (a bind mount of a full copy): an image of the
+    // container's own, removed with it.
+    let out = c.run(
+        "native1",
+        &["--snapshotter", "native"],
+        &["cat", "/etc/image-marker"],
+        None,
+    );
+    assert!(out.status.success(), "{}\n{}", show(&out), c.log());
+    assert_eq!(text(&out), "from-the-image\n");
+    let private = c.dir.path().join("rootfs-cache/containers");
+    let left: Vec<_> = std::fs::read_dir(&private)
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "per-container images left: {left:?}");
+
     // --rm left no sandbox and no QEMU behind.
     assert!(c.sandboxes().is_empty(), "{:?}", c.sandboxes());
     assert!(!qemu_running_under(&c.state_dir()));
