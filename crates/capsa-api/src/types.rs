@@ -73,6 +73,10 @@ pub struct SandboxInfo {
     /// `ready` (idle in its pool) or `acquired` (handed out), for pool members.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool_state: Option<String>,
+    /// Who manages it besides capsa (its `owner` label), e.g.
+    /// `containerd-shim` for a containerd task's VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 /// Accelerator choice.

@@ -248,9 +248,11 @@ pub async fn ps(conn: &Conn, a: PsArgs) -> anyhow::Result<ExitCode> {
             r.cpus.map_or("-".into(), |c| c.to_string()),
             r.memory_mib.map_or("-".into(), |m| format!("{m}M")),
             r.monitor_pid.map_or("-".into(), |p| p.to_string()),
-            match (&r.pool, &r.pool_state) {
-                (Some(p), Some(s)) => format!("{p} ({s})"),
-                (Some(p), None) => p.clone(),
+            match (&r.pool, &r.pool_state, &r.owner) {
+                (Some(p), Some(s), _) => format!("{p} ({s})"),
+                (Some(p), None, _) => p.clone(),
+                // Not a pool's: say who else manages it (the containerd shim).
+                (None, _, Some(o)) => format!("[{o}]"),
                 _ => "-".into(),
             },
             ago(r.created_at)

@@ -65,6 +65,9 @@ pub struct View {
     /// `ready` (idle in its pool) or `acquired`, for pool members.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool_state: Option<String>,
+    /// Who manages it besides capsa (e.g. `containerd-shim`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 impl From<SandboxInfo> for View {
@@ -86,6 +89,7 @@ impl From<SandboxInfo> for View {
             vmm_pid: i.vmm_pid,
             pool: i.pool,
             pool_state: i.pool_state,
+            owner: i.owner,
             created_at: i.created_at.unwrap_or(0),
             exit: i.exit,
             name: i.name,

@@ -15,6 +15,10 @@ const ATTACH_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long `open` waits for a sandbox that is still starting.
 const STARTING_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// The label naming who manages a sandbox besides capsa (the containerd
+/// shim writes `containerd-shim`); `capsa ps` and capsad show it.
+pub const LABEL_OWNER: &str = "owner";
+
 /// The sandboxes under one state root.
 #[derive(Debug, Clone)]
 pub struct Sandboxes {

@@ -44,6 +44,10 @@ pub struct SandboxBuilder {
     /// An OCI image (name or digest) to run commands in.
     pub(crate) image: Option<String>,
     pub(crate) upper: Option<crate::rootfs::Upper>,
+    /// A root filesystem built by the caller (e.g. the containerd shim from a snapshot).
+    pub(crate) rootfs: Option<capsa_core::RootfsSpec>,
+    /// Labels written into `sandbox.json` (who manages the sandbox).
+    pub(crate) labels: std::collections::BTreeMap<String, String>,
     /// The network (`None`: no NIC, the default).
     pub(crate) network: Option<NetworkSpec>,
 }
@@ -89,6 +93,8 @@ impl Capsa {
             shares: Vec::new(),
             image: None,
             upper: None,
+            rootfs: None,
+            labels: Default::default(),
             network: None,
         }
     }
@@ -200,6 +206,22 @@ impl SandboxBuilder {
         self
     }
 
+    /// Runs commands inside a root filesystem image the caller built (a
+    /// read-only filesystem file plus the upper layer choice), instead of an
+    /// image from the store ([`SandboxBuilder::image`]; setting both is
+    /// refused). The containerd shim uses it for snapshot chains.
+    pub fn rootfs_spec(mut self, rootfs: capsa_core::RootfsSpec) -> Self {
+        self.rootfs = Some(rootfs);
+        self
+    }
+
+    /// Adds a label to the sandbox's record (read back with
+    /// [`crate::Sandboxes::label`]; `capsa ps` shows who owns the sandbox).
+    pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.labels.insert(key.into(), value.into());
+        self
+    }
+
     /// The writable layer over the image (see [`SandboxBuilder::image`]).
     pub fn upper(mut self, upper: crate::rootfs::Upper) -> Self {
         self.upper = Some(upper);
@@ -299,7 +321,7 @@ impl SandboxBuilder {
             env: self.env.clone(),
             workdir: self.workdir.clone(),
             op_timeout_ms: Some(self.op_timeout.as_millis().min(u128::from(u64::MAX)) as u64),
-            labels: Default::default(),
+            labels: self.labels.clone(),
         };
         vm.keep_alive = self.keep_running;
         vm.extra = serde_json::to_value(&extra).ok();

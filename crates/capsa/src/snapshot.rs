@@ -593,7 +593,15 @@ impl SandboxBuilder {
         for a in &self.cmdline {
             vm = vm.cmdline_arg(a);
         }
-        if let Some(reference) = &self.image {
+        if let Some(rootfs) = &self.rootfs {
+            if self.image.is_some() || self.upper.is_some() {
+                return Err(Error::InvalidArgument(
+                    "both a root filesystem spec and an image/upper; fix: set only one of rootfs_spec() and image()/upper()"
+                        .into(),
+                ));
+            }
+            vm = vm.rootfs(rootfs.clone());
+        } else if let Some(reference) = &self.image {
             let rootfs =
                 crate::rootfs::resolve(reference, self.memory_mib, self.upper.as_ref()).await?;
             vm = vm.rootfs(rootfs);

@@ -82,6 +82,7 @@ pub fn info_of(r: SandboxRecord) -> SandboxInfo {
     SandboxInfo {
         pool,
         pool_state,
+        owner: Sandboxes::label(&r, capsa::LABEL_OWNER).map(str::to_string),
         state: match r.state {
             capsa::SandboxState::Starting => SandboxState::Starting,
             capsa::SandboxState::Running => SandboxState::Running,

@@ -274,7 +274,15 @@ pub(super) fn run<S: Read + Write + AsRawFd>(
         // SAFETY: the closure only makes async-signal-safe system calls on
         // data prepared before the fork.
         unsafe {
-            cmd.pre_exec(move || enter.enter());
+            cmd.pre_exec(move || {
+                // std's fork path leaves the agent's blocked signals (TERM,
+                // INT, HUP, CHLD...) to the child: a container's process
+                // could then not be stopped with SIGTERM.
+                let mut empty: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut empty);
+                libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+                enter.enter()
+            });
         }
     }
     if with_pty {

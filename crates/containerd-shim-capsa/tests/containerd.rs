@@ -1,0 +1,659 @@
+//! The shim under a real containerd (Debian's), started here on its own
+//! root, state and socket in a temp dir, with an OCI image built here from
+//! local files (the host's static busybox) and imported with `ctr`. Every
+//! task is a real capsa VM: run with `-j 1`.
+//!
+//! containerd must be installed (`apt-get install containerd`; CI does):
+//! without it these tests fail with that fix, they never skip.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::Digest as _;
+
+const NS: &str = "capsa-test";
+const IMAGE: &str = "docker.io/capsa-test/busybox:1";
+const RUNTIME: &str = "io.containerd.capsa.v2";
+
+fn hex(d: &[u8]) -> String {
+    sha2::Sha256::digest(d)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn tar_entry(
+    b: &mut tar::Builder<Vec<u8>>,
+    path: &str,
+    kind: tar::EntryType,
+    mode: u32,
+    data: &[u8],
+    link: Option<&str>,
+) {
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_size(data.len() as u64);
+    match link {
+        Some(l) => b.append_link(&mut h, path, l).unwrap(),
+        None => b.append_data(&mut h, path, data).unwrap(),
+    }
+}
+
+/// A `docker save` archive of a one-layer image: the host's static busybox
+/// and its applets under /bin.
+fn image_archive(out: &Path) {
+    let mut lb = tar::Builder::new(Vec::new());
+    for d in ["bin", "etc", "root", "tmp", "proc", "sys", "dev"] {
+        tar_entry(&mut lb, d, tar::EntryType::Directory, 0o755, b"", None);
+    }
+    let busybox = std::fs::read("/bin/busybox")
+        .expect("a static /bin/busybox on the host; fix: apt-get install busybox-static");
+    tar_entry(
+        &mut lb,
+        "bin/busybox",
+        tar::EntryType::Regular,
+        0o755,
+        &busybox,
+        None,
+    );
+    for a in [
+        "sh", "cat", "echo", "sleep", "true", "false", "stty", "ls", "id", "ps", "kill", "wc",
+        "grep", "tty",
+    ] {
+        tar_entry(
+            &mut lb,
+            &format!("bin/{a}"),
+            tar::EntryType::Symlink,
+            0o777,
+            b"",
+            Some("busybox"),
+        );
+    }
+    tar_entry(
+        &mut lb,
+        "etc/passwd",
+        tar::EntryType::Regular,
+        0o644,
+        b"root:x:0:0:root:/root:/bin/sh\n",
+        None,
+    );
+    tar_entry(
+        &mut lb,
+        "etc/image-marker",
+        tar::EntryType::Regular,
+        0o644,
+        b"from-the-image\n",
+        None,
+    );
+    let layer = lb.into_inner().unwrap();
+    let cfg = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]},
+        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{}", hex(&layer))]}
+    }))
+    .unwrap();
+    let cfg_name = format!("{}.json", hex(&cfg));
+    let manifest = serde_json::to_vec(&serde_json::json!([
+        {"Config": cfg_name, "RepoTags": ["capsa-test/busybox:1"], "Layers": ["l0/layer.tar"]}
+    ]))
+    .unwrap();
+    let mut b = tar::Builder::new(std::fs::File::create(out).unwrap());
+    for (p, d) in [
+        ("manifest.json", &manifest),
+        (cfg_name.as_str(), &cfg),
+        ("l0/layer.tar", &layer),
+    ] {
+        let mut h = tar::Header::new_ustar();
+        h.set_size(d.len() as u64);
+        h.set_mode(0o644);
+        b.append_data(&mut h, p, &d[..]).unwrap();
+    }
+    b.finish().unwrap();
+}
+
+/// The directory holding the shim binary (cargo's target dir of this test).
+fn shim_dir() -> PathBuf {
+    let shim = PathBuf::from(env!("CARGO_BIN_EXE_containerd-shim-capsa-v2"));
+    shim.parent().unwrap().to_path_buf()
+}
+
+/// A containerd of the test's own.
+struct Containerd {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Containerd {
+    fn sock(&self) -> PathBuf {
+        self.dir.path().join("c.sock")
+    }
+    fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("capsa-state")
+    }
+
+    fn path_env() -> String {
+        format!(
+            "{}:{}",
+            shim_dir().display(),
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
+        )
+    }
+
+    fn start() -> Containerd {
+        for tool in ["containerd", "ctr"] {
+            let found = std::env::var("PATH")
+                .unwrap_or_default()
+                .split(':')
+                .chain(["/usr/bin", "/usr/sbin"])
+                .any(|d| Path::new(d).join(tool).is_file());
+            assert!(
+                found,
+                "{tool} is not installed; fix: apt-get install containerd (CI installs it)"
+            );
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("ctrd")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let d = dir.path();
+        let cfg = format!(
+            r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "{sock}"
+[debug]
+  level = "debug"
+"#,
+            root = d.join("root").display(),
+            state = d.join("state").display(),
+            sock = d.join("c.sock").display(),
+        );
+        std::fs::write(d.join("config.toml"), cfg).unwrap();
+        let mut c = Containerd { dir, child: None };
+        c.spawn();
+        let archive = c.dir.path().join("image.tar");
+        image_archive(&archive);
+        let out = c.ctr(&["image", "import", archive.to_str().unwrap()]);
+        assert!(out.status.success(), "ctr image import: {}", show(&out));
+        c
+    }
+
+    fn spawn(&mut self) {
+        let d = self.dir.path();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(d.join("containerd.log"))
+            .unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(d.join("config.toml"))
+            .env("PATH", Self::path_env())
+            .env("CAPSA_STATE_DIR", d.join("capsa-state"))
+            .env("CAPSA_SHIM_ROOTFS_CACHE", d.join("rootfs-cache"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting containerd");
+        self.child = Some(child);
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(30) {
+            if self.ctr(&["version"]).status.success() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("containerd did not answer; log:\n{}", self.log());
+    }
+
+    /// Kills containerd (its shims live on), then starts it again.
+    fn restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.spawn();
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
+    }
+
+    fn ctr_cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ctr");
+        c.arg("-a")
+            .arg(self.sock())
+            .args(["-n", NS])
+            .args(args)
+            .env("PATH", Self::path_env())
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn ctr(&self, args: &[&str]) -> Output {
+        self.ctr_cmd(args).output().expect("running ctr")
+    }
+
+    /// `ctr run --rm --runtime capsa IMAGE ID ARGS...`, bounded in time.
+    fn run(&self, id: &str, extra: &[&str], args: &[&str], stdin: Option<&[u8]>) -> Output {
+        let mut a = vec!["run", "--rm", "--runtime", RUNTIME];
+        a.extend_from_slice(extra);
+        a.extend_from_slice(&[IMAGE, id]);
+        a.extend_from_slice(args);
+        let mut cmd = self.ctr_cmd(&a);
+        if stdin.is_some() {
+            cmd.stdin(Stdio::piped());
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        if let Some(data) = stdin {
+            let mut s = child.stdin.take().unwrap();
+            s.write_all(data).unwrap();
+        }
+        wait_bounded(child, Duration::from_secs(180), &self.log())
+    }
+
+    /// Sandboxes of capsa's registry, as `capsa ps` sees them.
+    fn sandboxes(&self) -> Vec<capsa::SandboxRecord> {
+        capsa::Sandboxes::new(Some(self.state_dir()))
+            .list()
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        // Leave no VM behind, whatever the test did.
+        let reg = capsa::Sandboxes::new(Some(self.state_dir()));
+        if let Ok(list) = reg.list() {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            for r in list {
+                let _ = rt.block_on(reg.remove(&r.name, true));
+            }
+        }
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Shims of this containerd end once their VM is gone; unmount leftovers.
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "grep -o ' {}[^ ]*' /proc/mounts | sort -r | xargs -r -n1 umount -l",
+                self.dir.path().display()
+            ))
+            .status();
+    }
+}
+
+fn wait_bounded(mut child: Child, limit: Duration, log: &str) -> Output {
+    let t = Instant::now();
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            return child.wait_with_output().unwrap();
+        }
+        if t.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "ctr did not finish in {limit:?}: {}\ncontainerd log:\n{log}",
+                show(&out)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn show(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Whether a QEMU of this test's containerd runs (it inherits the
+/// `CAPSA_STATE_DIR` the test gave containerd, through shim and monitor).
+fn qemu_running_under(dir: &Path) -> bool {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    let needle = format!("CAPSA_STATE_DIR={}", dir.display());
+    rd.flatten().any(|e| {
+        let qemu = std::fs::read(e.path().join("cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains("qemu-system"));
+        qemu && std::fs::read(e.path().join("environ"))
+            .is_ok_and(|env| env.split(|b| *b == 0).any(|v| v == needle.as_bytes()))
+    })
+}
+
+#[test]
+fn run_rm_prints_output_and_passes_exit_codes() {
+    let c = Containerd::start();
+    let out = c.run("echo1", &[], &["echo", "hi"], None);
+    assert!(out.status.success(), "{}\n{}", show(&out), c.log());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hi\n",
+        "{}",
+        show(&out)
+    );
+
+    // The root is the image's, and writes go to the sandbox's own layer.
+    let out = c.run(
+        "cat1",
+        &[],
+        &[
+            "sh",
+            "-c",
+            "cat /etc/image-marker; echo w > /tmp/x && cat /tmp/x; exit 3",
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", show(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "from-the-image\nw\n");
+
+    // stderr is kept apart from stdout.
+    let out = c.run("err1", &[], &["sh", "-c", "echo out; echo err >&2"], None);
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+
+    // stdin through `cat` ends when ctr's stdin does (CloseIO).
+    let out = c.run("cat2", &[], &["cat"], Some(b"piped line\n"));
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "piped line\n");
+
+    // The first task booted cold and saved a base snapshot; later ones restored it.
+    let log = c.log();
+    assert!(
+        log.contains("how=\"cold boot (base snapshot saved)\""),
+        "{log}"
+    );
+    assert!(log.contains("how=\"restored\""), "{log}");
+
+    // The native snapshotter (a bind mount of a full copy): an image of the
+    // container's own, removed with it.
+    let out = c.run(
+        "native1",
+        &["--snapshotter", "native"],
+        &["cat", "/etc/image-marker"],
+        None,
+    );
+    assert!(out.status.success(), "{}\n{}", show(&out), c.log());
+    assert_eq!(text(&out), "from-the-image\n");
+    let private = c.dir.path().join("rootfs-cache/containers");
+    let left: Vec<_> = std::fs::read_dir(&private)
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "per-container images left: {left:?}");
+
+    // --rm left no sandbox and no QEMU behind.
+    assert!(c.sandboxes().is_empty(), "{:?}", c.sandboxes());
+    assert!(!qemu_running_under(&c.state_dir()));
+}
+
+fn text(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The pids of this containerd's shims for container `id`.
+fn shim_pids(c: &Containerd, id: &str) -> Vec<i32> {
+    let sock = c.sock().display().to_string();
+    std::fs::read_dir("/proc")
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| {
+                    let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+                    let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+                    let args: Vec<String> = cmd
+                        .split(|b| *b == 0)
+                        .map(|a| String::from_utf8_lossy(a).into_owned())
+                        .collect();
+                    let is = args.first()?.ends_with("containerd-shim-capsa-v2")
+                        && args.windows(2).any(|w| w[0] == "-id" && w[1] == id)
+                        && args.iter().any(|a| a == &sock);
+                    is.then_some(pid)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn task_line(c: &Containerd, id: &str) -> String {
+    let out = c.ctr(&["task", "ls"]);
+    text(&out)
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(id))
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn detached_task_ls_ps_exec_kill_delete() {
+    let c = Containerd::start();
+    let out = c.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "d1",
+        "sleep",
+        "600",
+    ]);
+    assert!(out.status.success(), "{}\n{}", show(&out), c.log());
+    let line = task_line(&c, "d1");
+    assert!(line.contains("RUNNING"), "task ls: {line:?}");
+
+    // The VM is an ordinary capsa sandbox, marked as the shim's.
+    let recs = c.sandboxes();
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    assert_eq!(
+        capsa::Sandboxes::label(&recs[0], "owner"),
+        Some("containerd-shim")
+    );
+    assert_eq!(
+        capsa::Sandboxes::label(&recs[0], "containerd.id"),
+        Some("d1")
+    );
+    // What `capsa ps` and capsad list (capsa ps prints it as `[containerd-shim]`).
+    let info = capsa_api::local::info_of(recs[0].clone());
+    assert_eq!(info.owner.as_deref(), Some("containerd-shim"));
+    let ps = Command::new(shim_dir().join("capsa"))
+        .arg("ps")
+        .env("CAPSA_STATE_DIR", c.state_dir())
+        .output();
+    if let Ok(ps) = ps {
+        eprintln!("capsa ps:\n{}", text(&ps));
+    }
+
+    let ps = c.ctr(&["task", "ps", "d1"]);
+    assert!(ps.status.success(), "{}", show(&ps));
+    let pid = line.split_whitespace().nth(1).unwrap().to_string();
+    assert!(text(&ps).contains(&pid), "task ps {}: {}", pid, show(&ps));
+
+    let ex = c.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e1",
+        "d1",
+        "sh",
+        "-c",
+        "echo in-exec; ps | grep -c '[s]leep 600'; exit 4",
+    ]);
+    assert_eq!(ex.status.code(), Some(4), "{}", show(&ex));
+    assert_eq!(text(&ex), "in-exec\n1\n", "{}", show(&ex));
+    // An exec id can be used again once its process is gone.
+    let ex = c.ctr(&["task", "exec", "--exec-id", "e1", "d1", "true"]);
+    assert!(ex.status.success(), "{}", show(&ex));
+
+    // Unsupported RPCs say so.
+    let p = c.ctr(&["task", "pause", "d1"]);
+    assert!(!p.status.success());
+    assert!(
+        String::from_utf8_lossy(&p.stderr).contains("not implemented"),
+        "{}",
+        show(&p)
+    );
+
+    let k = c.ctr(&["task", "kill", "d1"]);
+    assert!(k.status.success(), "{}", show(&k));
+    wait_until("the task to stop", Duration::from_secs(30), || {
+        task_line(&c, "d1").contains("STOPPED")
+    });
+    let d = c.ctr(&["task", "delete", "d1"]);
+    assert!(d.status.success(), "{}", show(&d));
+    let r = c.ctr(&["container", "rm", "d1"]);
+    assert!(r.status.success(), "{}", show(&r));
+    assert!(c.sandboxes().is_empty(), "{:?}", c.sandboxes());
+    wait_until("the shim to exit", Duration::from_secs(30), || {
+        shim_pids(&c, "d1").is_empty()
+    });
+    assert!(!qemu_running_under(&c.state_dir()));
+}
+
+#[test]
+fn killed_shim_leaves_no_qemu_and_restarted_containerd_reconnects() {
+    let mut c = Containerd::start();
+    // containerd restarted while a task runs: the task is still controllable.
+    let out = c.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "r1",
+        "sleep",
+        "600",
+    ]);
+    assert!(out.status.success(), "{}\n{}", show(&out), c.log());
+    c.restart();
+    assert!(
+        task_line(&c, "r1").contains("RUNNING"),
+        "{}",
+        task_line(&c, "r1")
+    );
+    let ex = c.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "after",
+        "r1",
+        "echo",
+        "still-here",
+    ]);
+    assert_eq!(text(&ex), "still-here\n", "{}", show(&ex));
+
+    // kill -9 of the shim: containerd's cleanup (the `delete` subcommand)
+    // kills the VM; nothing of it stays.
+    let pids = shim_pids(&c, "r1");
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    assert!(qemu_running_under(&c.state_dir()));
+    // SAFETY: kill(2) on a pid read from /proc.
+    unsafe { libc::kill(pids[0], libc::SIGKILL) };
+    wait_until(
+        "the task to be seen stopped",
+        Duration::from_secs(60),
+        || !task_line(&c, "r1").contains("RUNNING"),
+    );
+    let _ = c.ctr(&["task", "delete", "r1"]);
+    let _ = c.ctr(&["container", "rm", "r1"]);
+    wait_until(
+        "QEMU and the sandbox to go",
+        Duration::from_secs(60),
+        || !qemu_running_under(&c.state_dir()) && c.sandboxes().is_empty(),
+    );
+}
+
+#[test]
+fn terminal_gets_the_window_size() {
+    let c = Containerd::start();
+    let cmd = format!(
+        "stty rows 33 cols 111; ctr -a {} -n {NS} run -t --rm --runtime {RUNTIME} {IMAGE} t1 sh -c 'sleep 2; tty; stty size'",
+        c.sock().display()
+    );
+    let child = Command::new("script")
+        .args(["-qfec", &cmd, "/dev/null"])
+        .env("PATH", Containerd::path_env())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("script(1) from util-linux");
+    let out = wait_bounded(child, Duration::from_secs(180), &c.log());
+    let s = text(&out);
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(s.contains("/dev/pts/"), "not a terminal: {s:?}");
+    assert!(
+        s.contains("33 111"),
+        "the window size did not arrive: {s:?}"
+    );
+}
+
+#[test]
+fn terminal_follows_a_live_resize() {
+    let c = Containerd::start();
+    let session = format!("capsa-shim-{}", std::process::id());
+    let cmd = format!(
+        "ctr -a {} -n {NS} run -t --rm --runtime {RUNTIME} {IMAGE} t2 sh -c 'sleep 3; stty size; sleep 4; stty size'; sleep 30",
+        c.sock().display()
+    );
+    let tmux = |args: &[&str]| {
+        Command::new("tmux")
+            .args(args)
+            .env("PATH", Containerd::path_env())
+            .output()
+            .expect("tmux (apt-get install tmux)")
+    };
+    let st = tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "100",
+        "-y",
+        "30",
+        &cmd,
+    ]);
+    assert!(st.status.success(), "{}", show(&st));
+    let pane = || {
+        let o = tmux(&["capture-pane", "-p", "-t", &session]);
+        text(&o)
+    };
+    // The task sees the window's size, then a resize while it runs.
+    wait_until("the first size", Duration::from_secs(120), || {
+        pane().contains("30 100")
+    });
+    let r = tmux(&["resize-window", "-t", &session, "-x", "120", "-y", "40"]);
+    assert!(r.status.success(), "{}", show(&r));
+    wait_until(
+        "the new size inside the task",
+        Duration::from_secs(60),
+        || pane().contains("40 120"),
+    );
+    let _ = tmux(&["kill-session", "-t", &session]);
+}
