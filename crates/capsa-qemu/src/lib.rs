@@ -382,6 +382,7 @@ impl Hypervisor for QemuBackend {
             snapshot: true,
             shares: share::running_as_root(),
             network: true,
+            display: true,
         }
     }
 

@@ -27,6 +27,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{broadcast, mpsc, watch, OnceCell};
 
+use std::os::unix::fs::DirBuilderExt;
+
 use crate::service::{Monitor, MonitorInfo, RpcError};
 use crate::state::{self, files, RecordedState, RestoreRequest, StateFile};
 use crate::{Result, VmmError};
@@ -230,6 +232,37 @@ impl Monitor for Server {
         _: tarpc::context::Context,
     ) -> std::result::Result<Vec<capsa_core::NetDecision>, RpcError> {
         Ok(self.0.instance()?.network_log().await?)
+    }
+
+    async fn screendump(
+        self,
+        _: tarpc::context::Context,
+    ) -> std::result::Result<PathBuf, RpcError> {
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let instance = self.0.instance()?.clone();
+        let dir = self.0.dir.join(crate::service::SCREENS_DIR);
+        if let Err(e) = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+        {
+            return Err(RpcError::new(
+                "backend",
+                format!("cannot create {}: {e}", dir.display()),
+            ));
+        }
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let out = dir.join(format!("shot-{n}.ppm"));
+        instance.screendump(&out).await?;
+        Ok(out)
+    }
+
+    async fn send_input(
+        self,
+        _: tarpc::context::Context,
+        events: Vec<capsa_core::InputEvent>,
+    ) -> std::result::Result<(), RpcError> {
+        Ok(self.0.instance()?.send_input(events).await?)
     }
 }
 

@@ -1,0 +1,352 @@
+//! The guest's screen on real VMs: the busybox guest draws a known pattern
+//! into /dev/fb0 and the host's screenshot matches it pixel for pixel (also
+//! cropped and downscaled); input sent from the host is read back inside the
+//! guest from evdev (`/init input-events`) and must be exactly what was sent.
+
+mod common;
+
+#[allow(dead_code)]
+const FORCE_MONITOR: bool = false;
+
+use std::time::{Duration, Instant};
+
+use capsa::screen::{Region, ScrollDirection};
+use capsa::{Capsa, Command, Sandbox, ScreenAction, ShotOptions, Strategy};
+
+/// The test pattern: every pixel differs from its neighbours.
+fn pattern(x: u32, y: u32) -> [u8; 3] {
+    [
+        (x & 0xff) as u8,
+        (y & 0xff) as u8,
+        (((x >> 8) & 0xf) | (((y >> 8) & 0xf) << 4)) as u8 ^ 0x5a,
+    ]
+}
+
+async fn sh(sb: &Sandbox, script: &str) -> String {
+    let out = sb
+        .exec(&Command::new("sh").args(["-c", script]))
+        .await
+        .expect("exec");
+    assert_eq!(
+        out.status.code,
+        Some(0),
+        "{script}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Draws the pattern into /dev/fb0 (XRGB8888, honouring the stride) after
+/// unbinding the framebuffer console so its cursor cannot draw over it.
+async fn draw_pattern(sb: &Sandbox, w: u32, h: u32) {
+    let info = sh(
+        sb,
+        "cat /sys/class/graphics/fb0/virtual_size /sys/class/graphics/fb0/bits_per_pixel \
+         /sys/class/graphics/fb0/stride",
+    )
+    .await;
+    let v: Vec<&str> = info.split_whitespace().collect();
+    assert_eq!(
+        v[0],
+        format!("{w},{h}"),
+        "fb0 has the requested size: {info}"
+    );
+    assert_eq!(v[1], "32", "{info}");
+    let stride: usize = v[2].parse().unwrap();
+    assert!(stride >= w as usize * 4);
+    let mut raw = vec![0u8; stride * h as usize];
+    for y in 0..h {
+        for x in 0..w {
+            let [r, g, b] = pattern(x, y);
+            let i = y as usize * stride + x as usize * 4;
+            raw[i..i + 4].copy_from_slice(&[b, g, r, 0]);
+        }
+    }
+    sb.write_file("/tmp/pattern.raw", &raw).await.unwrap();
+    sh(
+        sb,
+        "for v in /sys/class/vtconsole/vtcon*; do \
+           grep -q 'frame buffer' $v/name && echo 0 > $v/bind; done; \
+         cat /tmp/pattern.raw > /dev/fb0",
+    )
+    .await;
+}
+
+fn decode_png(png: &[u8]) -> (u32, u32, Vec<u8>) {
+    let dec = png::Decoder::new(std::io::Cursor::new(png));
+    let mut r = dec.read_info().unwrap();
+    let mut buf = vec![0; r.output_buffer_size().unwrap()];
+    let info = r.next_frame(&mut buf).unwrap();
+    assert_eq!(info.color_type, png::ColorType::Rgb);
+    buf.truncate(info.buffer_size());
+    (info.width, info.height, buf)
+}
+
+async fn check_screenshots(sb: &Sandbox, w: u32, h: u32) {
+    let screen = sb.screen().unwrap();
+    let frame = screen.frame().await.unwrap();
+    assert_eq!((frame.width, frame.height), (w, h));
+    let mut wrong = 0;
+    for y in 0..h {
+        for x in 0..w {
+            if frame.pixel(x, y) != Some(pattern(x, y)) {
+                wrong += 1;
+            }
+        }
+    }
+    assert_eq!(wrong, 0, "every pixel of the dump matches the pattern");
+
+    let full = screen.screenshot().await.unwrap();
+    assert_eq!((full.width, full.height, full.scale), (w, h, 1.0));
+    let (pw, ph, px) = decode_png(&full.png);
+    assert_eq!((pw, ph), (w, h));
+    assert_eq!(px, frame.rgb, "the PNG holds the same pixels");
+
+    let region = Region {
+        x: 101,
+        y: 37,
+        width: 300,
+        height: 120,
+    };
+    let crop = screen
+        .screenshot_with(&ShotOptions {
+            region: Some(region),
+            max_width: None,
+        })
+        .await
+        .unwrap();
+    let (cw, ch, cpx) = decode_png(&crop.png);
+    assert_eq!((cw, ch, crop.x, crop.y), (300, 120, 101, 37));
+    for y in 0..ch {
+        for x in 0..cw {
+            let i = ((y * cw + x) * 3) as usize;
+            assert_eq!(&cpx[i..i + 3], &pattern(101 + x, 37 + y), "crop at {x},{y}");
+        }
+    }
+
+    let small = screen
+        .screenshot_with(&ShotOptions {
+            region: None,
+            max_width: Some(w / 4),
+        })
+        .await
+        .unwrap();
+    let (sw, shh, spx) = decode_png(&small.png);
+    assert_eq!((sw, shh), (w / 4, h / 4));
+    assert!((small.scale - 0.25).abs() < 1e-9);
+    for y in 0..shh {
+        for x in 0..sw {
+            // Each image pixel maps back to the screen pixel at its centre.
+            let (ox, oy) = (
+                ((2 * x + 1) as f64 / (2.0 * small.scale)) as u32,
+                ((2 * y + 1) as f64 / (2.0 * small.scale)) as u32,
+            );
+            let i = ((y * sw + x) * 3) as usize;
+            assert_eq!(&spx[i..i + 3], &pattern(ox, oy), "scaled at {x},{y}");
+        }
+    }
+}
+
+/// Runs the guest's evdev reader in the background and returns once its
+/// devices are open.
+async fn start_reader(sb: &Sandbox) {
+    sh(
+        sb,
+        "rm -f /tmp/ev; (/init input-events 2000 60000 > /tmp/ev 2>&1 &) ; true",
+    )
+    .await;
+    let t = Instant::now();
+    loop {
+        let ev = sb.read_file("/tmp/ev").await.unwrap_or_default();
+        let s = String::from_utf8_lossy(&ev);
+        if let Some(line) = s.lines().next() {
+            assert!(line.starts_with("ready "), "{s}");
+            let n: usize = line[6..].trim().parse().unwrap();
+            assert!(n >= 2, "tablet and keyboard are evdev devices: {s}");
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "reader never started"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The reader's events (type, code, value) once `want` of them arrived.
+async fn events(sb: &Sandbox, want: usize) -> Vec<(u16, u16, i32)> {
+    let t = Instant::now();
+    loop {
+        let ev = sb.read_file("/tmp/ev").await.unwrap();
+        let v: Vec<(u16, u16, i32)> = String::from_utf8_lossy(&ev)
+            .lines()
+            .filter_map(|l| {
+                let mut p = l.strip_prefix("EV ")?.split(' ');
+                Some((
+                    p.next()?.parse().ok()?,
+                    p.next()?.parse().ok()?,
+                    p.next()?.parse().ok()?,
+                ))
+            })
+            .collect();
+        if v.len() >= want || t.elapsed() > Duration::from_secs(30) {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+const EV_KEY: u16 = 1;
+const EV_REL: u16 = 2;
+const EV_ABS: u16 = 3;
+const BTN_LEFT: u16 = 272;
+
+async fn check_input(sb: &Sandbox, w: u32, h: u32) {
+    let screen = sb.screen().unwrap();
+    start_reader(sb).await;
+    let points = [(0, 0), (w - 1, h - 1), (w / 3, h / 2 + 7)];
+    for (x, y) in points {
+        screen.click(x, y).await.unwrap();
+    }
+    let got = events(sb, points.len() * 4).await;
+    let mut abs = got.iter().filter(|e| e.0 == EV_ABS);
+    let mut pos = (None, None);
+    let mut landed = Vec::new();
+    // Positions are reported as they change; a click lands where the last
+    // X and Y put the pointer.
+    for e in &got {
+        match *e {
+            (EV_ABS, 0, v) => pos.0 = Some(v),
+            (EV_ABS, 1, v) => pos.1 = Some(v),
+            (EV_KEY, BTN_LEFT, 1) => {
+                let (ax, ay) = (pos.0.unwrap() as u64, pos.1.unwrap() as u64);
+                landed.push((
+                    (ax * w as u64 / 32768) as u32,
+                    (ay * h as u64 / 32768) as u32,
+                ));
+            }
+            _ => {}
+        }
+    }
+    assert!(abs.next().is_some());
+    assert_eq!(landed, points.to_vec(), "clicks land on the pixel: {got:?}");
+    let clicks: Vec<i32> = got
+        .iter()
+        .filter(|e| e.0 == EV_KEY && e.1 == BTN_LEFT)
+        .map(|e| e.2)
+        .collect();
+    assert_eq!(clicks, [1, 0, 1, 0, 1, 0]);
+
+    // Keys: typed text with shifted characters, then a combination.
+    start_reader(sb).await;
+    screen.type_text("aB!").await.unwrap();
+    screen.key("ctrl+c").await.unwrap();
+    screen.scroll(ScrollDirection::Down, 2).await.unwrap();
+    let keys = events(sb, 16).await;
+    let key_events: Vec<(u16, i32)> = keys
+        .iter()
+        .filter(|e| e.0 == EV_KEY)
+        .map(|e| (e.1, e.2))
+        .collect();
+    // Linux key codes: A=30, B=48, 1=2, LEFTSHIFT=42, LEFTCTRL=29, C=46.
+    assert_eq!(
+        key_events,
+        [
+            (30, 1),
+            (30, 0),
+            (42, 1),
+            (48, 1),
+            (48, 0),
+            (42, 0),
+            (42, 1),
+            (2, 1),
+            (2, 0),
+            (42, 0),
+            (29, 1),
+            (46, 1),
+            (46, 0),
+            (29, 0),
+        ],
+        "{keys:?}"
+    );
+    let wheel: Vec<i32> = keys
+        .iter()
+        .filter(|e| e.0 == EV_REL && e.1 == 8)
+        .map(|e| e.2)
+        .collect();
+    assert_eq!(wheel, [-1, -1], "two notches down: {keys:?}");
+
+    // Refused before anything is sent.
+    let e = screen.type_text("naïve").await.unwrap_err().to_string();
+    assert!(e.contains('ï') && e.contains("Fix"), "{e}");
+    let e = screen.click(w, 0).await.unwrap_err().to_string();
+    assert!(e.contains("outside"), "{e}");
+    let e = screen
+        .perform(&[ScreenAction::Key {
+            keys: "ctrl+nokey".into(),
+        }])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("nokey"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn framebuffer_and_input_on_a_booted_sandbox() {
+    let sb = common::sandbox()
+        .memory_mb(256)
+        .display(640, 480)
+        .build()
+        .await
+        .expect("sandbox with a display boots");
+    draw_pattern(&sb, 640, 480).await;
+    check_screenshots(&sb, 640, 480).await;
+    check_input(&sb, 640, 480).await;
+    let _ = sb.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_sandbox_has_a_working_screen_through_the_monitor() {
+    common::init_tracing();
+    let nonce = format!(
+        "capsa.test_nonce=screen-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let spec = || {
+        Capsa::sandbox()
+            .memory_mb(256)
+            .display(1280, 800)
+            .cmdline_arg(&nonce)
+            .strategy(Strategy::Monitor)
+            .state_root(dir.path())
+    };
+    let base = capsa::base_snapshot::dir_for(&spec())
+        .await
+        .unwrap()
+        .unwrap();
+    let first = spec().build().await.expect("first build");
+    let sb = spec().build().await.expect("second build");
+    assert!(sb.restored(), "the second build restores the base");
+    let _ = first.kill().await;
+    draw_pattern(&sb, 1280, 800).await;
+    check_screenshots(&sb, 1280, 800).await;
+    check_input(&sb, 1280, 800).await;
+
+    // A sandbox without a display says how to get one.
+    let _ = sb.kill().await;
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_headless_sandbox_refuses_screen_calls() {
+    let sb = common::sandbox().memory_mb(256).build().await.unwrap();
+    let e = sb.screen().unwrap_err().to_string();
+    assert!(e.contains("--display"), "{e}");
+    let _ = sb.kill().await;
+}
