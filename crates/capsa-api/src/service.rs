@@ -16,8 +16,9 @@ use tokio::sync::mpsc;
 use crate::error::{ApiError, ApiResult};
 use crate::types::{
     AcquireRequest, CreatePoolRequest, CreateSandboxRequest, ExecRequest, Health, ImageInfo,
-    NetworkLog, NetworkPolicyBody, PoolInfo, PullEvent, PullRequest, SandboxInfo, ShareRequest,
-    SnapshotInfo,
+    NetworkLog, NetworkPolicyBody, PoolInfo, PullEvent, PullRequest, SandboxInfo,
+    ScreenActionsRequest, ScreenActionsResponse, ScreenInfo, ScreenshotBody, ScreenshotRequest,
+    ShareRequest, SnapshotInfo,
 };
 
 /// A sandbox's files: the same walk ([`capsa::copy`]) serves every face.
@@ -164,6 +165,17 @@ pub trait Service: Send + Sync {
     async fn set_network_policy(&self, name: &str, body: NetworkPolicyBody) -> ApiResult<()>;
     /// A running sandbox's latest network decisions, with their reasons.
     async fn network_log(&self, name: &str) -> ApiResult<NetworkLog>;
+    /// The display of a sandbox (refused for a headless one, with the fix).
+    async fn screen_info(&self, name: &str) -> ApiResult<ScreenInfo>;
+    /// A screenshot of a running sandbox (PNG).
+    async fn screenshot(&self, name: &str, req: ScreenshotRequest) -> ApiResult<ScreenshotBody>;
+    /// Performs a batch of pointer and keyboard actions, optionally followed
+    /// by a screenshot after a settle time.
+    async fn screen_actions(
+        &self,
+        name: &str,
+        req: ScreenActionsRequest,
+    ) -> ApiResult<ScreenActionsResponse>;
     /// Pulls an image from a registry into the store and converts it to a
     /// root filesystem: progress events, ending with `Done` or `Error`.
     /// Dropping the receiver abandons the pull.

@@ -11,6 +11,7 @@ mod named;
 mod network;
 mod pool;
 mod run;
+mod screen;
 mod service;
 mod share;
 mod snapshot;
@@ -88,6 +89,9 @@ enum Command {
     /// A sandbox's network: its decision log, its policy, and policy changes at run time.
     #[command(subcommand)]
     Network(network::NetworkCmd),
+    /// A sandbox's screen (created with --display): screenshots and input.
+    #[command(subcommand)]
+    Screen(screen::ScreenCmd),
 }
 
 /// `run`, `boot`, `image`, `doctor` and `backends` work on this machine
@@ -188,6 +192,7 @@ fn main() -> ExitCode {
             Command::Pool(c) => pool::run(&cli.conn, c).await,
             Command::Share(c) => share::run(&cli.conn, c).await,
             Command::Network(c) => network::run(&cli.conn, c).await,
+            Command::Screen(c) => screen::run(&cli.conn, c).await,
         }
     });
     let code = match result {

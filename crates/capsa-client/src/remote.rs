@@ -313,6 +313,22 @@ impl Service for RemoteService {
         Ok(self.client.network_log(name).await?)
     }
 
+    async fn screen_info(&self, name: &str) -> ApiResult<ScreenInfo> {
+        Ok(self.client.screen_info(name).await?)
+    }
+
+    async fn screenshot(&self, name: &str, req: ScreenshotRequest) -> ApiResult<ScreenshotBody> {
+        Ok(self.client.screenshot(name, &req).await?)
+    }
+
+    async fn screen_actions(
+        &self,
+        name: &str,
+        req: ScreenActionsRequest,
+    ) -> ApiResult<ScreenActionsResponse> {
+        Ok(self.client.screen_actions(name, &req).await?)
+    }
+
     async fn image_pull(&self, req: PullRequest) -> ApiResult<mpsc::Receiver<PullEvent>> {
         let mut stream = self.client.pull(&req).await?;
         let (tx, rx) = mpsc::channel(64);
