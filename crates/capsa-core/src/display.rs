@@ -38,7 +38,7 @@ impl DisplaySpec {
         let (maxw, maxh) = MAX_DISPLAY;
         if !(minw..=maxw).contains(&self.width)
             || !(minh..=maxh).contains(&self.height)
-            || self.width % 2 != 0
+            || !self.width.is_multiple_of(2)
         {
             return Err(Error::invalid(
                 "display",

@@ -224,7 +224,9 @@ impl Frame {
         let mut enc = png::Encoder::new(&mut out, self.width, self.height);
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
-        enc.set_compression(png::Compression::Fast);
+        // fdeflate's ultra-fast mode with the Up filter: screens are mostly
+        // runs and repeated rows; adaptive filtering doubled the encode time.
+        enc.set_compression(png::Compression::Fastest);
         let mut w = enc
             .write_header()
             .map_err(|e| ScreenError::Encode(e.to_string()))?;
