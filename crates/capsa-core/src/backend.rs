@@ -310,6 +310,17 @@ pub trait VmInstance: Send + Sync {
         Err(crate::no_display())
     }
 
+    /// Hands a connected stream socket to the VM's VNC server as a new viewer
+    /// (the display has no listening socket of its own).
+    async fn vnc_add_client(&self, client: std::os::fd::OwnedFd, view_only: bool) -> Result<()> {
+        let _ = (client, view_only);
+        Err(Error::Unsupported {
+            backend: "this".into(),
+            what: "VNC viewers through this handle".into(),
+            fix: "connect to the sandbox's vnc.sock (monitor sandboxes) instead".into(),
+        })
+    }
+
     /// Sends input events to the VM's tablet and keyboard, in order, as one
     /// batch (the guest sees them together).
     async fn send_input(&self, events: Vec<InputEvent>) -> Result<()> {

@@ -367,6 +367,16 @@ pub fn build_args_with(
             ),
             "-vnc",
             "none",
+            // A second QMP monitor, for handing viewers' sockets to the VNC
+            // server (fd passing, which capsa's QMP client does not do).
+            "-chardev",
+            &format!(
+                "socket,id={},path={},server=on,wait=off",
+                crate::vnc::FD_QMP_CHARDEV,
+                escape_path(&paths.qmp.with_file_name(crate::vnc::FD_QMP_SOCK))
+            ),
+            "-mon",
+            &format!("chardev={},mode=control", crate::vnc::FD_QMP_CHARDEV),
             "-device",
             &format!("virtio-tablet-pci,id={TABLET_ID}"),
             "-device",

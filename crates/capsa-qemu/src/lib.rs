@@ -16,6 +16,7 @@ pub mod ram;
 pub mod share;
 pub mod snapshot;
 mod vm;
+pub mod vnc;
 
 use std::path::{Path, PathBuf};
 

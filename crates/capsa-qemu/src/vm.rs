@@ -266,6 +266,26 @@ impl VmInstance for QemuInstance {
         })
     }
 
+    async fn vnc_add_client(&self, client: std::os::fd::OwnedFd, view_only: bool) -> Result<()> {
+        if self.info.spec.display.is_none() {
+            return Err(capsa_core::no_display());
+        }
+        let sock = self.qemu_dir.join(crate::vnc::FD_QMP_SOCK);
+        tokio::task::spawn_blocking(move || crate::vnc::add_client(&sock, client, view_only))
+            .await
+            .map_err(|e| QemuError::Command {
+                command: "add_client",
+                reason: e.to_string(),
+            })?
+            .map_err(|reason| {
+                QemuError::Command {
+                    command: "add_client",
+                    reason,
+                }
+                .into()
+            })
+    }
+
     async fn send_input(&self, events: Vec<capsa_core::InputEvent>) -> Result<()> {
         if self.info.spec.display.is_none() {
             return Err(capsa_core::no_display());

@@ -356,8 +356,95 @@ async fn restored_sandboxes_have_a_working_screen() {
         .expect("monitor restore");
     assert!(clone.vm().monitor_pid().is_some(), "runs under a monitor");
     check_screenshots(&clone, 1280, 800).await;
+    check_vnc(&clone, 1280, 800).await;
     check_input(&clone, 1280, 800).await;
     let _ = clone.kill().await;
+}
+
+/// A viewer on the monitor's vnc.sock speaks RFB with QEMU's VNC server and
+/// receives the screen: the pattern, pixel for pixel, in a raw update.
+async fn check_vnc(sb: &Sandbox, w: u32, h: u32) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let path = sb.vm().state_dir().unwrap().join("vnc.sock");
+    let mut s = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut s = tokio::net::UnixStream::connect(&path)
+            .await
+            .expect("vnc.sock");
+        let mut version = [0u8; 12];
+        s.read_exact(&mut version).await.unwrap();
+        assert_eq!(&version, b"RFB 003.008\n");
+        s.write_all(b"RFB 003.008\n").await.unwrap();
+        let n = s.read_u8().await.unwrap() as usize;
+        let mut types = vec![0u8; n];
+        s.read_exact(&mut types).await.unwrap();
+        assert!(
+            types.contains(&1),
+            "no authentication on a private socket: {types:?}"
+        );
+        s.write_u8(1).await.unwrap();
+        assert_eq!(s.read_u32().await.unwrap(), 0, "security result");
+        s.write_u8(1).await.unwrap(); // shared
+        s
+    })
+    .await
+    .expect("RFB handshake in time");
+    let (fw, fh) = (s.read_u16().await.unwrap(), s.read_u16().await.unwrap());
+    assert_eq!(
+        (u32::from(fw), u32::from(fh)),
+        (w, h),
+        "the viewer sees the display size"
+    );
+    let mut pf = [0u8; 16];
+    s.read_exact(&mut pf).await.unwrap();
+    let (bpp, big_endian, true_colour) = (pf[0], pf[2], pf[3]);
+    assert_eq!((bpp, big_endian, true_colour), (32, 0, 1), "{pf:?}");
+    let (rs, gs, bs) = (pf[10], pf[11], pf[12]);
+    let name_len = s.read_u32().await.unwrap() as usize;
+    assert!(name_len < 4096);
+    let mut name = vec![0u8; name_len];
+    s.read_exact(&mut name).await.unwrap();
+    // FramebufferUpdateRequest for the top-left 64x32, not incremental.
+    s.write_all(&[3, 0, 0, 0, 0, 0, 0, 64, 0, 32])
+        .await
+        .unwrap();
+    let mut got = std::collections::HashMap::new();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while got.len() < 64 * 32 {
+            let ty = s.read_u8().await.unwrap();
+            assert_eq!(ty, 0, "a framebuffer update");
+            s.read_u8().await.unwrap();
+            let rects = s.read_u16().await.unwrap();
+            for _ in 0..rects {
+                let (x, y, rw, rh) = (
+                    s.read_u16().await.unwrap(),
+                    s.read_u16().await.unwrap(),
+                    s.read_u16().await.unwrap(),
+                    s.read_u16().await.unwrap(),
+                );
+                assert_eq!(s.read_i32().await.unwrap(), 0, "raw encoding");
+                let mut data = vec![0u8; rw as usize * rh as usize * 4];
+                s.read_exact(&mut data).await.unwrap();
+                for (i, px) in data.chunks_exact(4).enumerate() {
+                    let v = u32::from_le_bytes([px[0], px[1], px[2], px[3]]);
+                    let (px_x, px_y) = (
+                        x as u32 + (i % rw as usize) as u32,
+                        y as u32 + (i / rw as usize) as u32,
+                    );
+                    got.insert(
+                        (px_x, px_y),
+                        [(v >> rs) as u8, (v >> gs) as u8, (v >> bs) as u8],
+                    );
+                }
+            }
+        }
+    })
+    .await
+    .expect("a framebuffer update in time");
+    for y in 0..32 {
+        for x in 0..64 {
+            assert_eq!(got.get(&(x, y)), Some(&pattern(x, y)), "VNC pixel {x},{y}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

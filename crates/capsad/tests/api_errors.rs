@@ -353,7 +353,12 @@ async fn openapi_document_parses_and_covers_the_routes() {
     ] {
         assert!(paths.contains_key(p), "{p} missing");
     }
-    for schema in ["ScreenshotBody", "ScreenshotRequest", "ScreenActionsRequest", "ScreenInfo"] {
+    for schema in [
+        "ScreenshotBody",
+        "ScreenshotRequest",
+        "ScreenActionsRequest",
+        "ScreenInfo",
+    ] {
         assert!(
             doc["components"]["schemas"][schema].is_object(),
             "{schema} schema missing"
