@@ -176,6 +176,9 @@ pub trait Service: Send + Sync {
         name: &str,
         req: ScreenActionsRequest,
     ) -> ApiResult<ScreenActionsResponse>;
+    /// A viewer of the sandbox's screen: the raw RFB (VNC) byte stream of
+    /// QEMU's VNC server, both ways (a [`ConsoleSession`]-shaped pipe).
+    async fn screen_vnc(&self, name: &str) -> ApiResult<ConsoleSession>;
     /// Pulls an image from a registry into the store and converts it to a
     /// root filesystem: progress events, ending with `Done` or `Error`.
     /// Dropping the receiver abandons the pull.

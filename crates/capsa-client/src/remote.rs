@@ -257,6 +257,31 @@ impl Service for RemoteService {
         })
     }
 
+    async fn screen_vnc(&self, name: &str) -> ApiResult<ConsoleSession> {
+        let (mut input, mut output) = self.client.screen_vnc(name).await?;
+        let (out_tx, out_rx) = mpsc::channel::<Bytes>(16);
+        let (in_tx, mut in_rx) = mpsc::channel::<Bytes>(16);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    b = output.next() => match b {
+                        Some(Ok(b)) => if out_tx.send(b).await.is_err() { break },
+                        _ => break,
+                    },
+                    b = in_rx.recv() => match b {
+                        Some(b) => if input.send(&b).await.is_err() { break },
+                        None => break,
+                    },
+                }
+            }
+            input.close().await;
+        });
+        Ok(ConsoleSession {
+            output: out_rx,
+            input: in_tx,
+        })
+    }
+
     async fn snapshot_create(&self, name: &str, snapshot: &str) -> ApiResult<SnapshotInfo> {
         Ok(self.client.snapshot(name, snapshot).await?)
     }

@@ -165,6 +165,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(screen_info))
         .routes(routes!(screenshot))
         .routes(routes!(screen_actions))
+        .routes(routes!(screen_vnc))
         .routes(routes!(list_images))
         .routes(routes!(pull_image))
         .routes(routes!(get_image, delete_image))
@@ -1141,6 +1142,25 @@ async fn screen_actions(
     let name = name_of(p)?;
     let Json(body) = body?;
     Ok(Json(st.service.screen_actions(&name, body).await?))
+}
+
+/// A VNC viewer of the sandbox's screen over a WebSocket: binary frames
+/// carry the RFB stream of QEMU's VNC server both ways (noVNC speaks it;
+/// the `binary` subprotocol is accepted).
+#[utoipa::path(get, path = "/v1/sandboxes/{name}/screen/vnc", tag = "screen",
+    params(("name" = String, Path, description = "sandbox name")),
+    responses((status = 101, description = "WebSocket upgrade"), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
+async fn screen_vnc(
+    State(st): State<AppState>,
+    p: NameParam,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> ApiResult<Response> {
+    let name = name_of(p)?;
+    let ws = ws?.protocols(["binary"]);
+    let session = st.service.screen_vnc(&name).await?;
+    Ok(ws.on_upgrade(move |socket| console_bridge(socket, session)))
 }
 
 /// A running sandbox's latest network decisions (allowed and denied, each

@@ -192,6 +192,42 @@ async fn screenshots_and_actions_over_the_api() {
         "{ev}"
     );
 
+    // A VNC viewer over the WebSocket: QEMU's RFB server, the display's size.
+    let (mut input, mut output) = c.screen_vnc("scr").await.expect("VNC WebSocket");
+    let mut buf: Vec<u8> = Vec::new();
+    async fn need(
+        buf: &mut Vec<u8>,
+        out: &mut capsa_client::BoxStream<bytes::Bytes>,
+        n: usize,
+    ) -> Vec<u8> {
+        use futures::StreamExt;
+        while buf.len() < n {
+            let b = tokio::time::timeout(Duration::from_secs(20), out.next())
+                .await
+                .expect("RFB bytes in time")
+                .expect("stream open")
+                .expect("no error");
+            buf.extend_from_slice(&b);
+        }
+        buf.drain(..n).collect()
+    }
+    assert_eq!(need(&mut buf, &mut output, 12).await, b"RFB 003.008\n");
+    input.send(b"RFB 003.008\n").await.unwrap();
+    let n = need(&mut buf, &mut output, 1).await[0] as usize;
+    assert!(need(&mut buf, &mut output, n).await.contains(&1));
+    input.send(&[1]).await.unwrap();
+    assert_eq!(need(&mut buf, &mut output, 4).await, [0, 0, 0, 0]);
+    input.send(&[1]).await.unwrap();
+    let init = need(&mut buf, &mut output, 4).await;
+    assert_eq!(
+        (
+            u16::from_be_bytes([init[0], init[1]]),
+            u16::from_be_bytes([init[2], init[3]])
+        ),
+        (800, 600)
+    );
+    input.close().await;
+
     // Bad input is refused before anything is sent, naming the fix.
     let bad = c
         .screen_actions(

@@ -1005,6 +1005,40 @@ impl Service for LocalService {
         })
     }
 
+    async fn screen_vnc(&self, name: &str) -> ApiResult<ConsoleSession> {
+        self.has_display(name)?;
+        let rec = self.record(name)?;
+        let sock = rec.dir.join(capsa_vmm::state::files::VNC_SOCK);
+        let stream = tokio::net::UnixStream::connect(&sock).await.map_err(|e| {
+            ApiError::unavailable(format!("the screen of {name:?} ({}): {e}", sock.display()))
+                .fix(format!(
+                "is it running under a monitor? see `capsa ps`; start it with `capsa start {name}`"
+            ))
+        })?;
+        let (mut r, mut w) = stream.into_split();
+        let (out_tx, out_rx) = mpsc::channel::<Bytes>(16);
+        let (in_tx, mut in_rx) = mpsc::channel::<Bytes>(16);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; CHUNK];
+            loop {
+                tokio::select! {
+                    n = r.read(&mut buf) => match n {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => if out_tx.send(Bytes::copy_from_slice(&buf[..n])).await.is_err() { break },
+                    },
+                    b = in_rx.recv() => match b {
+                        Some(b) => if w.write_all(&b).await.is_err() { break },
+                        None => break,
+                    },
+                }
+            }
+        });
+        Ok(ConsoleSession {
+            output: out_rx,
+            input: in_tx,
+        })
+    }
+
     async fn image_pull(&self, req: PullRequest) -> ApiResult<mpsc::Receiver<PullEvent>> {
         images::pull(req).await
     }
