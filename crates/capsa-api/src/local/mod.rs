@@ -1010,10 +1010,11 @@ impl Service for LocalService {
         let rec = self.record(name)?;
         let sock = rec.dir.join(capsa_vmm::state::files::VNC_SOCK);
         let stream = tokio::net::UnixStream::connect(&sock).await.map_err(|e| {
-            ApiError::unavailable(format!("the screen of {name:?} ({}): {e}", sock.display()))
-                .fix(format!(
+            ApiError::unavailable(format!("the screen of {name:?} ({}): {e}", sock.display())).fix(
+                format!(
                 "is it running under a monitor? see `capsa ps`; start it with `capsa start {name}`"
-            ))
+            ),
+            )
         })?;
         let (mut r, mut w) = stream.into_split();
         let (out_tx, out_rx) = mpsc::channel::<Bytes>(16);
