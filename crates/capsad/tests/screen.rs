@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use capsa_client::{Client, ClientError};
 use capsad::api::{
-    CreateSandboxRequest, ExecRequest, ScreenActionsRequest, ScreenInfo, ScreenRegion,
-    ScreenshotRequest,
+    CreatePoolRequest, CreateSandboxRequest, ExecRequest, ScreenActionsRequest, ScreenInfo,
+    ScreenRegion, ScreenshotRequest,
 };
 
 async fn sh(c: &Client, name: &str, script: &str) -> String {
@@ -260,6 +260,43 @@ async fn screenshots_and_actions_over_the_api() {
         .unwrap_err(),
     );
     assert_eq!(code, 400, "{msg}");
+
+    // A pool restored from a snapshot of this sandbox: its members have the
+    // screen, framebuffer included.
+    c.snapshot("scr", "scr-snap").await.expect("snapshot");
+    c.create_pool(&CreatePoolRequest {
+        name: "sp".into(),
+        size: 1,
+        snapshot: Some("scr-snap".into()),
+        ..Default::default()
+    })
+    .await
+    .expect("pool from the snapshot");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while c.pool("sp").await.unwrap().ready < 1 {
+        assert!(Instant::now() < deadline, "the pool never filled");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let member = c.acquire("sp", None).await.expect("acquire");
+    let shot = c
+        .screenshot(&member.name, &ScreenshotRequest::default())
+        .await
+        .expect("a pooled sandbox's screenshot");
+    let (w, h, px) = decode(&shot.bytes().unwrap());
+    assert_eq!((w, h), (800, 600));
+    assert_eq!(&px[..3], &[255; 3], "the snapshot's framebuffer");
+    assert_eq!(&px[(799 * 3)..][..3], &[0; 3]);
+    c.screen_actions(
+        &member.name,
+        &ScreenActionsRequest {
+            actions: vec!["click:1,1".parse().unwrap()],
+            screenshot_after_ms: None,
+            screenshot: None,
+        },
+    )
+    .await
+    .expect("input on a pooled sandbox");
+    c.delete(&member.name, true).await.unwrap();
 
     // A headless sandbox says how to get a display.
     let headless = CreateSandboxRequest {
