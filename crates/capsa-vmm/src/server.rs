@@ -251,6 +251,20 @@ impl Monitor for Server {
                 format!("cannot create {}: {e}", dir.display()),
             ));
         }
+        // Dumps a crashed caller never moved away would pile up: drop old ones.
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            for e in rd.flatten().take(1024) {
+                let stale = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > Duration::from_secs(60));
+                if stale {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         let n = SEQ.fetch_add(1, Ordering::Relaxed);
         let out = dir.join(format!("shot-{n}.ppm"));
         instance.screendump(&out).await?;
