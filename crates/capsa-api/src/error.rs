@@ -211,6 +211,11 @@ impl ApiError {
             | E::Core(capsa_core::Error::Cmdline(_))
             | E::InvalidArgument(_) => ApiError::bad_request(message),
             E::Core(capsa_core::Error::Unsupported { .. }) => ApiError::unsupported(message),
+            E::Screen(capsa::ScreenError::NoDisplay) => ApiError::conflict(message),
+            E::Screen(capsa::ScreenError::BadFrame(_) | capsa::ScreenError::Encode(_)) => {
+                ApiError::new(StatusCode::BAD_GATEWAY, ErrorCode::GuestError, message)
+            }
+            E::Screen(_) => ApiError::bad_request(message),
             E::Agent(AgentClientError::InvalidRequest(_)) => ApiError::bad_request(message),
             E::GuestInput(_) => {
                 ApiError::new(StatusCode::BAD_GATEWAY, ErrorCode::GuestError, message)

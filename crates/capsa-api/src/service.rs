@@ -17,7 +17,8 @@ use crate::error::{ApiError, ApiResult};
 use crate::types::{
     AcquireRequest, CreatePoolRequest, CreateSandboxRequest, ExecRequest, Health, ImageInfo,
     NetworkLog, NetworkPolicyBody, PoolInfo, PortForwardBody, PortQuery, PullEvent, PullRequest,
-    SandboxInfo, ShareRequest, SnapshotInfo,
+    SandboxInfo, ScreenActionsRequest, ScreenActionsResponse, ScreenInfo, ScreenshotBody,
+    ScreenshotRequest, ShareRequest, SnapshotInfo,
 };
 
 /// A sandbox's files: the same walk ([`capsa::copy`]) serves every face.
@@ -171,6 +172,20 @@ pub trait Service: Send + Sync {
     async fn port_remove(&self, name: &str, port: PortQuery) -> ApiResult<()>;
     /// The host ports forwarded into a running sandbox.
     async fn port_list(&self, name: &str) -> ApiResult<Vec<PortForwardBody>>;
+    /// The display of a sandbox (refused for a headless one, with the fix).
+    async fn screen_info(&self, name: &str) -> ApiResult<ScreenInfo>;
+    /// A screenshot of a running sandbox (PNG).
+    async fn screenshot(&self, name: &str, req: ScreenshotRequest) -> ApiResult<ScreenshotBody>;
+    /// Performs a batch of pointer and keyboard actions, optionally followed
+    /// by a screenshot after a settle time.
+    async fn screen_actions(
+        &self,
+        name: &str,
+        req: ScreenActionsRequest,
+    ) -> ApiResult<ScreenActionsResponse>;
+    /// A viewer of the sandbox's screen: the raw RFB (VNC) byte stream of
+    /// QEMU's VNC server, both ways (a [`ConsoleSession`]-shaped pipe).
+    async fn screen_vnc(&self, name: &str) -> ApiResult<ConsoleSession>;
     /// Pulls an image from a registry into the store and converts it to a
     /// root filesystem: progress events, ending with `Done` or `Error`.
     /// Dropping the receiver abandons the pull.

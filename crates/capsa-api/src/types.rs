@@ -194,6 +194,10 @@ pub struct CreateSandboxRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub network: Option<capsa_core::NetworkSpec>,
+    /// A framebuffer display with a tablet and a keyboard (even width
+    /// 320-3840, height 200-2160), for the screen endpoints; absent is headless.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display: Option<ScreenInfo>,
     /// Boot it now (default true); `false` only records it, stopped.
     #[serde(default = "yes")]
     pub start: bool,
@@ -246,6 +250,14 @@ impl CreateSandboxRequest {
             });
         }
         b.network(self.network.clone())
+            .display_spec(self.display_spec())
+    }
+
+    /// The display as a core spec.
+    pub fn display_spec(&self) -> Option<capsa_core::DisplaySpec> {
+        self.display
+            .as_ref()
+            .map(|d| capsa_core::DisplaySpec::new(d.width, d.height))
     }
 
     /// The shares as library specs.
@@ -1004,4 +1016,151 @@ pub struct PortQuery {
     /// Its host address (default 127.0.0.1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_ip: Option<String>,
+}
+
+/// A sandbox's display (`GET /v1/sandboxes/{name}/screen`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ScreenInfo {
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+}
+
+/// A rectangle of the screen, in screen pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ScreenRegion {
+    /// Left edge.
+    pub x: u32,
+    /// Top edge.
+    pub y: u32,
+    /// Width (at least 1).
+    pub width: u32,
+    /// Height (at least 1).
+    pub height: u32,
+}
+
+/// How to take a screenshot (all optional).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ScreenshotRequest {
+    /// Only this part of the screen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<ScreenRegion>,
+    /// Downscale (keeping the aspect ratio) to at most this width.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
+    pub max_width: Option<u32>,
+}
+
+impl ScreenshotRequest {
+    /// The library's options.
+    pub fn options(&self) -> capsa::ShotOptions {
+        capsa::ShotOptions {
+            region: self.region.map(|r| capsa::screen::Region {
+                x: r.x,
+                y: r.y,
+                width: r.width,
+                height: r.height,
+            }),
+            max_width: self.max_width,
+        }
+    }
+}
+
+/// A screenshot: a PNG (base64 in JSON) and how its pixels map back to the
+/// screen: screen x = `x + image_x / scale`, screen y = `y + image_y / scale`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ScreenshotBody {
+    /// Image format: `png`.
+    pub format: String,
+    /// The image, base64 (standard alphabet, padded).
+    pub data: String,
+    /// Image width.
+    pub width: u32,
+    /// Image height.
+    pub height: u32,
+    /// Image pixels per screen pixel (1 unless downscaled).
+    pub scale: f64,
+    /// Left edge of the captured region on the screen.
+    pub x: u32,
+    /// Top edge of the captured region on the screen.
+    pub y: u32,
+    /// The screen's width.
+    pub screen_width: u32,
+    /// The screen's height.
+    pub screen_height: u32,
+}
+
+impl ScreenshotBody {
+    /// The wire form of a library screenshot.
+    pub fn of(s: &capsa::Screenshot) -> Self {
+        use base64::Engine as _;
+        Self {
+            format: "png".into(),
+            data: base64::engine::general_purpose::STANDARD.encode(&s.png),
+            width: s.width,
+            height: s.height,
+            scale: s.scale,
+            x: s.x,
+            y: s.y,
+            screen_width: s.screen_width,
+            screen_height: s.screen_height,
+        }
+    }
+
+    /// The decoded image bytes.
+    pub fn bytes(&self) -> Result<Vec<u8>, ApiError> {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD
+            .decode(&self.data)
+            .map_err(|e| ApiError::bad_request(format!("screenshot data is not base64: {e}")))
+    }
+}
+
+/// A batch of screen actions (`POST /v1/sandboxes/{name}/screen/actions`),
+/// performed in order; the whole batch is checked before anything is sent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ScreenActionsRequest {
+    /// At most 256 actions, each an object tagged by `action`:
+    /// `{"action":"move","x":..,"y":..}`,
+    /// `{"action":"click","x":..,"y":..,"button":"left|middle|right","count":1-3}`,
+    /// `{"action":"button_down"|"button_up","button":..}`,
+    /// `{"action":"drag","path":[[x,y],...]}`,
+    /// `{"action":"scroll","direction":"up|down|left|right","amount":1-100,"x":..,"y":..}`,
+    /// `{"action":"key","keys":"ctrl+c"}` (X keysym or CUA names),
+    /// `{"action":"type","text":"..."}` (US layout; untypable characters are refused),
+    /// `{"action":"wait","ms":..}` (at most 10000, 30000 per batch).
+    /// Coordinates are screen pixels.
+    #[cfg_attr(feature = "openapi", schema(value_type = Vec<Object>))]
+    pub actions: Vec<capsa::ScreenAction>,
+    /// Take a screenshot this many milliseconds (at most 10000) after the
+    /// last action and return it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(maximum = 10000))]
+    pub screenshot_after_ms: Option<u64>,
+    /// How to take that screenshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub screenshot: Option<ScreenshotRequest>,
+}
+
+/// What a batch of actions answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ScreenActionsResponse {
+    /// Actions performed.
+    pub performed: usize,
+    /// The screenshot asked for with `screenshot_after_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub screenshot: Option<ScreenshotBody>,
 }

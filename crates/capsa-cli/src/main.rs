@@ -12,6 +12,7 @@ mod network;
 mod pool;
 mod port;
 mod run;
+mod screen;
 mod service;
 mod share;
 mod snapshot;
@@ -92,6 +93,9 @@ enum Command {
     /// Host ports forwarded into a running sandbox: add, rm, ls.
     #[command(subcommand)]
     Port(port::PortCmd),
+    /// A sandbox's screen (created with --display): screenshots and input.
+    #[command(subcommand)]
+    Screen(screen::ScreenCmd),
 }
 
 /// `run`, `boot`, `image`, `doctor` and `backends` work on this machine
@@ -193,6 +197,7 @@ fn main() -> ExitCode {
             Command::Share(c) => share::run(&cli.conn, c).await,
             Command::Network(c) => network::run(&cli.conn, c).await,
             Command::Port(c) => port::run(&cli.conn, c).await,
+            Command::Screen(c) => screen::run(&cli.conn, c).await,
         }
     });
     let code = match result {

@@ -68,6 +68,10 @@ pub struct CreateArgs {
     pub disk_upper: Option<String>,
     #[command(flatten)]
     pub net: crate::network::NetArgs,
+    /// A framebuffer display of this size, with a tablet and a keyboard
+    /// (see `capsa screen`), e.g. 1280x800.
+    #[arg(long, value_name = "WxH", value_parser = crate::screen::parse_display, conflicts_with = "from_snapshot")]
+    pub display: Option<capsa_core::DisplaySpec>,
 }
 
 /// Flags of `capsa exec`.
@@ -214,6 +218,7 @@ fn create_request(a: &CreateArgs) -> anyhow::Result<CreateSandboxRequest> {
         tmpfs_upper_mib,
         disk_upper,
         network: a.net.spec()?,
+        display: crate::screen::display_request(a.display),
         start: true,
         from_snapshot: None,
     })

@@ -76,6 +76,9 @@ pub struct RunArgs {
     disk_upper: Option<String>,
     #[command(flatten)]
     pub net: crate::network::NetArgs,
+    /// A framebuffer display of this size with a tablet and a keyboard, e.g. 1280x800.
+    #[arg(long, value_name = "WxH", value_parser = crate::screen::parse_display)]
+    display: Option<capsa_core::DisplaySpec>,
     /// The command and its arguments (with --image: arguments after the
     /// image's Entrypoint, replacing its Cmd, as in Docker).
     #[arg(last = true, required_unless_present = "image", value_name = "CMD")]
@@ -205,7 +208,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         args.tmpfs_upper,
         args.disk_upper.as_deref(),
     )?;
-    b = b.network(args.net.spec()?);
+    b = b.network(args.net.spec()?).display_spec(args.display);
     // Ctrl-C, SIGHUP or SIGTERM while booting tears the VM down too:
     // dropping the future drops the VM.
     let mut signals = crate::term::Hangup::catch()?;

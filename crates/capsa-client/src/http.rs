@@ -630,6 +630,34 @@ impl Client {
             .await
     }
 
+    /// `GET /v1/sandboxes/{name}/screen`.
+    pub async fn screen_info(&self, name: &str) -> Result<ScreenInfo> {
+        self.call(Method::GET, &sb_path(name, "/screen"), None)
+            .await
+    }
+
+    /// `POST /v1/sandboxes/{name}/screen/screenshot`.
+    pub async fn screenshot(&self, name: &str, req: &ScreenshotRequest) -> Result<ScreenshotBody> {
+        let body = serde_json::to_vec(req).map_err(|e| ClientError::Decode(e.to_string()))?;
+        self.call(
+            Method::POST,
+            &sb_path(name, "/screen/screenshot"),
+            Some(body),
+        )
+        .await
+    }
+
+    /// `POST /v1/sandboxes/{name}/screen/actions`.
+    pub async fn screen_actions(
+        &self,
+        name: &str,
+        req: &ScreenActionsRequest,
+    ) -> Result<ScreenActionsResponse> {
+        let body = serde_json::to_vec(req).map_err(|e| ClientError::Decode(e.to_string()))?;
+        self.call(Method::POST, &sb_path(name, "/screen/actions"), Some(body))
+            .await
+    }
+
     /// `GET /v1/images`.
     pub async fn images(&self) -> Result<Vec<ImageInfo>> {
         self.call(Method::GET, "/v1/images", None).await

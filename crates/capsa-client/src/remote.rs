@@ -257,6 +257,31 @@ impl Service for RemoteService {
         })
     }
 
+    async fn screen_vnc(&self, name: &str) -> ApiResult<ConsoleSession> {
+        let (mut input, mut output) = self.client.screen_vnc(name).await?;
+        let (out_tx, out_rx) = mpsc::channel::<Bytes>(16);
+        let (in_tx, mut in_rx) = mpsc::channel::<Bytes>(16);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    b = output.next() => match b {
+                        Some(Ok(b)) => if out_tx.send(b).await.is_err() { break },
+                        _ => break,
+                    },
+                    b = in_rx.recv() => match b {
+                        Some(b) => if input.send(&b).await.is_err() { break },
+                        None => break,
+                    },
+                }
+            }
+            input.close().await;
+        });
+        Ok(ConsoleSession {
+            output: out_rx,
+            input: in_tx,
+        })
+    }
+
     async fn snapshot_create(&self, name: &str, snapshot: &str) -> ApiResult<SnapshotInfo> {
         Ok(self.client.snapshot(name, snapshot).await?)
     }
@@ -323,6 +348,22 @@ impl Service for RemoteService {
 
     async fn port_list(&self, name: &str) -> ApiResult<Vec<PortForwardBody>> {
         Ok(self.client.ports(name).await?)
+    }
+
+    async fn screen_info(&self, name: &str) -> ApiResult<ScreenInfo> {
+        Ok(self.client.screen_info(name).await?)
+    }
+
+    async fn screenshot(&self, name: &str, req: ScreenshotRequest) -> ApiResult<ScreenshotBody> {
+        Ok(self.client.screenshot(name, &req).await?)
+    }
+
+    async fn screen_actions(
+        &self,
+        name: &str,
+        req: ScreenActionsRequest,
+    ) -> ApiResult<ScreenActionsResponse> {
+        Ok(self.client.screen_actions(name, &req).await?)
     }
 
     async fn image_pull(&self, req: PullRequest) -> ApiResult<mpsc::Receiver<PullEvent>> {

@@ -172,7 +172,16 @@ impl Client {
         &self,
         name: &str,
     ) -> Result<(ConsoleInput, BoxStream<Bytes>)> {
-        let ws = self.websocket(&sb_path(name, "/console/ws")).await?;
+        self.byte_pipe(&sb_path(name, "/console/ws")).await
+    }
+
+    /// `GET /v1/sandboxes/{name}/screen/vnc`: a VNC viewer's RFB stream.
+    pub async fn screen_vnc(&self, name: &str) -> Result<(ConsoleInput, BoxStream<Bytes>)> {
+        self.byte_pipe(&sb_path(name, "/screen/vnc")).await
+    }
+
+    async fn byte_pipe(&self, path: &str) -> Result<(ConsoleInput, BoxStream<Bytes>)> {
+        let ws = self.websocket(path).await?;
         let (sink, stream) = ws.split();
         let out = stream.filter_map(|m| async move {
             match m {

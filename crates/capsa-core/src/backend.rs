@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::{
-    Accel, DiskFormat, Error, NetDecision, NetworkPolicy, Result, ShareSpec, SnapshotMeta, VmSpec,
+    Accel, DiskFormat, Error, InputEvent, NetDecision, NetworkPolicy, Result, ShareSpec,
+    SnapshotMeta, VmSpec,
 };
 
 /// What a backend can do, as declared by the backend itself.
@@ -45,6 +46,10 @@ pub struct Capabilities {
     /// A virtio-net NIC behind capsa's userspace network stack.
     #[serde(default)]
     pub network: bool,
+    /// A framebuffer display driven from the host ([`VmInstance::screendump`],
+    /// [`VmInstance::send_input`]).
+    #[serde(default)]
+    pub display: bool,
 }
 
 impl Capabilities {
@@ -96,6 +101,12 @@ impl Capabilities {
             return Err(unsupported(
                 "networking".into(),
                 "use the qemu backend, or --network none",
+            ));
+        }
+        if spec.display.is_some() && !self.display {
+            return Err(unsupported(
+                "displays".into(),
+                "use the qemu backend, or drop --display",
             ));
         }
         if spec.console.enabled && !self.console {
@@ -308,6 +319,32 @@ pub trait VmInstance: Send + Sync {
     /// The host ports forwarded now (at start and since).
     async fn port_forwards(&self) -> Result<Vec<crate::PortForward>> {
         Err(no_network())
+    }
+
+    /// Writes the screen as it is now into `out` as a binary PPM (P6), a
+    /// file path in a directory private to the caller. The file is untrusted
+    /// input to its reader (the guest chose the pixels and the mode).
+    async fn screendump(&self, out: &Path) -> Result<()> {
+        let _ = out;
+        Err(crate::no_display())
+    }
+
+    /// Hands a connected stream socket to the VM's VNC server as a new viewer
+    /// (the display has no listening socket of its own).
+    async fn vnc_add_client(&self, client: std::os::fd::OwnedFd, view_only: bool) -> Result<()> {
+        let _ = (client, view_only);
+        Err(Error::Unsupported {
+            backend: "this".into(),
+            what: "VNC viewers through this handle".into(),
+            fix: "connect to the sandbox's vnc.sock (monitor sandboxes) instead".into(),
+        })
+    }
+
+    /// Sends input events to the VM's tablet and keyboard, in order, as one
+    /// batch (the guest sees them together).
+    async fn send_input(&self, events: Vec<InputEvent>) -> Result<()> {
+        let _ = events;
+        Err(crate::no_display())
     }
 }
 

@@ -11,6 +11,7 @@ mod backend;
 mod cmdline;
 mod confine;
 mod disk;
+mod display;
 mod error;
 mod hostpath;
 mod names;
@@ -30,6 +31,10 @@ pub use confine::{
     JAIL_UIDS_ENV,
 };
 pub use disk::{probe_disk_format, DiskProbeError};
+pub use display::{
+    check_input, no_display, DisplaySpec, InputEvent, MouseButton, ABS_MAX, MAX_DISPLAY,
+    MAX_INPUT_EVENTS, MIN_DISPLAY,
+};
 pub use error::{Error, Result};
 pub use hostpath::{check_private_dir, HostPathPolicy, PathRefusal};
 pub use names::{check_name, MAX_NAME_LEN, NAME_RULE};

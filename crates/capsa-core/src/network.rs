@@ -590,7 +590,7 @@ mod tests {
                 mode: NetworkMode::Deny,
                 rules: vec![NetRule::parse(Action::Allow, "a.com").unwrap()],
             },
-            forwards: vec![f.clone(), f],
+            forwards: vec![f, f],
         };
         assert!(spec.validate().is_err());
         let j = serde_json::to_string(&spec).unwrap();

@@ -51,6 +51,9 @@ pub struct VmSpec {
     /// A virtio-net NIC served by capsa's userspace stack; `None` is no NIC.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkSpec>,
+    /// A framebuffer display with a tablet and a keyboard; `None` is headless.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display: Option<crate::DisplaySpec>,
 }
 
 /// A virtio-vsock device. The host side is a Unix socket in the hybrid-vsock
@@ -274,6 +277,7 @@ impl VmSpec {
             shares: Vec::new(),
             rootfs: None,
             network: None,
+            display: None,
         }
     }
 
@@ -351,6 +355,9 @@ impl VmSpec {
         self.validate_rootfs()?;
         if let Some(n) = &self.network {
             n.validate()?;
+        }
+        if let Some(d) = &self.display {
+            d.validate()?;
         }
         for disk in &mut self.disks {
             let format = probe_disk_format(&disk.path, disk.read_only, disk.allow_device).map_err(

@@ -49,6 +49,8 @@ pub struct Config {
     pub term: String,
     /// Log every step with timings (`capsa.debug=1`).
     pub debug: bool,
+    /// Load the display and input drivers (`capsa.display=1`).
+    pub display: bool,
     /// A root filesystem image to mount for user commands
     /// (`capsa.rootfs=erofs|ext4` with `capsa.upper=tmpfs:MIB|disk`).
     pub rootfs: Option<RootfsBoot>,
@@ -63,6 +65,7 @@ impl Default for Config {
             hostname: DEFAULT_HOSTNAME.to_string(),
             term: DEFAULT_TERM.to_string(),
             debug: false,
+            display: false,
             rootfs: None,
             warnings: Vec::new(),
         }
@@ -237,6 +240,13 @@ pub fn parse(line: &str) -> Result<Config, CmdlineError> {
                     truncate(value)
                 )),
             },
+            "display" => match parse_bool(value) {
+                Some(b) => cfg.display = b,
+                None => cfg.warnings.push(format!(
+                    "ignoring capsa.display={:?}; expected 0 or 1",
+                    truncate(value)
+                )),
+            },
             other => cfg
                 .warnings
                 .push(format!("ignoring unknown option capsa.{}", truncate(other))),
@@ -346,6 +356,8 @@ mod tests {
         assert_eq!(c.hostname, "box-1");
         assert_eq!(c.term, "xterm-256color");
         assert!(c.debug);
+        assert!(!c.display);
+        assert!(parse("capsa.display=1").unwrap().display);
         assert!(c.warnings.is_empty());
     }
 

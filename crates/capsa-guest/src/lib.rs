@@ -52,6 +52,9 @@ pub const EXIT_MARKER_PREFIX: &str = "capsa-init: exit ";
 /// A line is a path relative to `/lib/modules/<kernel release>/` or an absolute
 /// path; empty lines and lines starting with `#` are skipped.
 pub const MODULES_LOAD_PATH: &str = "/etc/capsa/modules.load";
+/// Modules only a display needs (DRM, fbdev, virtio input, evdev), loaded
+/// after [`MODULES_LOAD_PATH`] when the kernel command line has `capsa.display=1`.
+pub const DISPLAY_MODULES_LOAD_PATH: &str = "/etc/capsa/modules-display.load";
 
 /// `PATH` given to the workload.
 pub const GUEST_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -74,7 +77,7 @@ pub fn not_pid1(mut args: impl Iterator<Item = String>) -> i32 {
             }
         },
         #[cfg(target_os = "linux")]
-        Some(tool @ ("vsock-serve" | "vsock-connect")) => {
+        Some(tool @ ("vsock-serve" | "vsock-connect" | "input-events")) => {
             let rest: Vec<String> = args.collect();
             tools::run(tool, &rest)
         }

@@ -61,7 +61,7 @@ fn boot() -> Result<Config, BootError> {
     }
     setup::dev_links();
     let t = Instant::now();
-    setup::load_modules();
+    setup::load_modules(cfg.display);
     debug!("modules done in {:?}", t.elapsed());
     if let Err(e) = setup::set_hostname(&cfg.hostname) {
         warning!("cannot set hostname {:?}: {e}", cfg.hostname);

@@ -191,14 +191,22 @@ pub fn kernel_release() -> io::Result<String> {
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
-/// Loads the modules listed in [`MODULES_LOAD_PATH`], in order; failures are
+/// Loads the modules listed in [`MODULES_LOAD_PATH`] (and with `display`
+/// those of [`crate::DISPLAY_MODULES_LOAD_PATH`]), in order; failures are
 /// logged and skipped so that one bad module does not stop the boot.
-pub fn load_modules() {
-    let list = match std::fs::read_to_string(MODULES_LOAD_PATH) {
+pub fn load_modules(display: bool) {
+    load_module_list(MODULES_LOAD_PATH);
+    if display {
+        load_module_list(crate::DISPLAY_MODULES_LOAD_PATH);
+    }
+}
+
+fn load_module_list(list_path: &str) {
+    let list = match std::fs::read_to_string(list_path) {
         Ok(l) => l,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return,
         Err(e) => {
-            warning!("cannot read {MODULES_LOAD_PATH}: {e}");
+            warning!("cannot read {list_path}: {e}");
             return;
         }
     };

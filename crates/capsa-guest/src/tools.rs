@@ -17,6 +17,7 @@ pub fn run(tool: &str, args: &[String]) -> i32 {
     let r = match tool {
         "vsock-serve" => serve(args),
         "vsock-connect" => connect(args),
+        "input-events" => input_events(args),
         _ => Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("unknown tool {tool}"),
@@ -126,5 +127,86 @@ fn connect(args: &[String]) -> io::Result<i32> {
     }
     stdout.flush()?;
     drop(up);
+    Ok(0)
+}
+
+/// Most events `input-events` prints before it stops.
+const MAX_INPUT_EVENTS: usize = 100_000;
+/// Most input devices `input-events` watches.
+const MAX_INPUT_DEVICES: usize = 32;
+
+/// `input-events COUNT TIMEOUT_MS`: prints the events of every
+/// `/dev/input/event*` device as `EV <type> <code> <value>` lines (sync
+/// events left out), after a `ready` line once the devices are open; stops
+/// after COUNT events or TIMEOUT_MS milliseconds. Tests use it to see what
+/// the host's tablet and keyboard deliver.
+fn input_events(args: &[String]) -> io::Result<i32> {
+    let count: usize = args
+        .first()
+        .and_then(|a| a.parse().ok())
+        .filter(|n| *n <= MAX_INPUT_EVENTS)
+        .ok_or_else(|| usage("usage: input-events COUNT TIMEOUT_MS (COUNT <= 100000)"))?;
+    let timeout_ms: u64 = args
+        .get(1)
+        .and_then(|a| a.parse().ok())
+        .ok_or_else(|| usage("usage: input-events COUNT TIMEOUT_MS"))?;
+    let mut devices = Vec::new();
+    for entry in std::fs::read_dir("/dev/input")?.flatten().take(1024) {
+        let name = entry.file_name();
+        if !name.to_string_lossy().starts_with("event") || devices.len() >= MAX_INPUT_DEVICES {
+            continue;
+        }
+        devices.push(std::fs::File::open(entry.path())?);
+    }
+    let mut out = io::stdout().lock();
+    writeln!(out, "ready {}", devices.len())?;
+    out.flush()?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(timeout_ms);
+    let mut printed = 0usize;
+    // struct input_event on 64-bit: timeval (16), type u16, code u16, value i32.
+    const EV_SIZE: usize = 24;
+    let mut buf = [0u8; EV_SIZE * 64];
+    while printed < count {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let mut fds: Vec<libc::pollfd> = devices
+            .iter()
+            .map(|f| libc::pollfd {
+                fd: f.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        let ms = left.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: fds is a valid array of fds.len() pollfds.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        for (i, p) in fds.iter().enumerate() {
+            if p.revents & libc::POLLIN == 0 {
+                continue;
+            }
+            // evdev reads return whole events.
+            let got = (&devices[i]).read(&mut buf)?;
+            for ev in buf[..got - got % EV_SIZE].chunks_exact(EV_SIZE) {
+                let ty = u16::from_ne_bytes([ev[16], ev[17]]);
+                let code = u16::from_ne_bytes([ev[18], ev[19]]);
+                let value = i32::from_ne_bytes([ev[20], ev[21], ev[22], ev[23]]);
+                if ty == 0 {
+                    continue;
+                }
+                writeln!(out, "EV {ty} {code} {value}")?;
+                printed += 1;
+            }
+        }
+        out.flush()?;
+    }
     Ok(0)
 }

@@ -133,6 +133,44 @@ pub(crate) struct GuestModule {
     pub depends: Vec<String>,
 }
 
+/// The `rel` of every module only a display needs: those reached from
+/// [`crate::DISPLAY_MODULES`] that no other module needs.
+fn display_only<'a>(modules: &'a [GuestModule]) -> std::collections::BTreeSet<&'a str> {
+    use std::collections::{BTreeMap, BTreeSet};
+    let by_rel: BTreeMap<&str, &GuestModule> =
+        modules.iter().map(|m| (m.rel.as_str(), m)).collect();
+    let closure = |roots: Vec<&'a str>| -> BTreeSet<&'a str> {
+        let mut seen: BTreeSet<&str> = BTreeSet::new();
+        let mut todo = roots;
+        while let Some(rel) = todo.pop() {
+            if seen.insert(rel) {
+                if let Some(m) = by_rel.get(rel) {
+                    todo.extend(m.depends.iter().map(String::as_str));
+                }
+            }
+        }
+        seen
+    };
+    let roots: Vec<&str> = modules
+        .iter()
+        .filter(|m| {
+            crate::DISPLAY_MODULES
+                .iter()
+                .any(|d| crate::modules::normalize(d) == m.name)
+        })
+        .map(|m| m.rel.as_str())
+        .collect();
+    let display = closure(roots);
+    let base = closure(
+        modules
+            .iter()
+            .map(|m| m.rel.as_str())
+            .filter(|r| !display.contains(r))
+            .collect(),
+    );
+    display.into_iter().filter(|r| !base.contains(r)).collect()
+}
+
 /// An extra file as it goes into the initramfs.
 #[derive(Debug, Clone)]
 pub(crate) struct GuestFile {
@@ -229,6 +267,10 @@ pub(crate) fn tree(c: &Contents<'_>) -> Result<Tree, ImageError> {
 
     let mod_root = format!("lib/modules/{}", c.release);
     let mut load = String::from("# Written by capsa-image; loaded in order by capsa-init.\n");
+    let mut load_display = String::from(
+        "# Written by capsa-image; loaded in order by capsa-init with capsa.display=1.\n",
+    );
+    let display_only = display_only(c.modules);
     let mut dep = String::new();
     for m in c.modules {
         t.file(&format!("{mod_root}/{}", m.rel), 0o644, m.data.clone())
@@ -236,8 +278,13 @@ pub(crate) fn tree(c: &Contents<'_>) -> Result<Tree, ImageError> {
                 path: PathBuf::from(&m.rel),
                 reason: format!("cannot place it in the initramfs: {e}"),
             })?;
-        load.push_str(&m.rel);
-        load.push('\n');
+        let list = if display_only.contains(m.rel.as_str()) {
+            &mut load_display
+        } else {
+            &mut load
+        };
+        list.push_str(&m.rel);
+        list.push('\n');
         dep.push_str(&format!(
             "{}:{}\n",
             m.rel,
@@ -254,6 +301,14 @@ pub(crate) fn tree(c: &Contents<'_>) -> Result<Tree, ImageError> {
     }
     t.file("etc/capsa/modules.load", 0o644, load.into_bytes())
         .map_err(internal)?;
+    if !display_only.is_empty() {
+        t.file(
+            "etc/capsa/modules-display.load",
+            0o644,
+            load_display.into_bytes(),
+        )
+        .map_err(internal)?;
+    }
 
     for f in c.extra_files {
         let err = |reason: String| ImageError::ExtraFile {
@@ -309,6 +364,32 @@ mod tests {
                 "bin/busybox".into(),
             ],
         }
+    }
+
+    #[test]
+    fn display_modules_load_apart() {
+        let m = |name: &str, deps: &[&str]| GuestModule {
+            name: name.into(),
+            rel: format!("k/{name}.ko"),
+            data: Vec::new(),
+            depends: deps.iter().map(|d| format!("k/{d}.ko")).collect(),
+        };
+        // i2c is shared by a display module and a base one: it stays in the base.
+        let mods = vec![
+            m("i2c", &[]),
+            m("drm", &["i2c"]),
+            m("bochs", &["drm"]),
+            m("virtio", &[]),
+            m("virtio_pci", &["virtio"]),
+            m("virtio_input", &["virtio"]),
+            m("evdev", &[]),
+            m("sensor", &["i2c"]),
+        ];
+        let only: Vec<&str> = display_only(&mods).into_iter().collect();
+        assert_eq!(
+            only,
+            vec!["k/bochs.ko", "k/drm.ko", "k/evdev.ko", "k/virtio_input.ko"]
+        );
     }
 
     #[test]

@@ -191,6 +191,7 @@ pub(crate) fn wanted_modules(extra: &[String]) -> Vec<String> {
     let mut seen = BTreeSet::new();
     DEFAULT_MODULES
         .iter()
+        .chain(modules::DISPLAY_MODULES)
         .map(|s| s.to_string())
         .chain(extra.iter().cloned())
         .map(|m| modules::normalize(&m))

@@ -43,6 +43,6 @@ pub use kernel::{
     resolve_kernel, resolve_kernel_in, KernelSource, ResolvedKernel, DEBIAN_KERNEL_METAPACKAGE,
     KERNEL_ENV, MODULES_ENV,
 };
-pub use modules::DEFAULT_MODULES;
+pub use modules::{DEFAULT_MODULES, DISPLAY_MODULES};
 pub use progress::{Progress, Step};
 pub use vmlinux::KernelFormat;

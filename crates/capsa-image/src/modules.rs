@@ -37,6 +37,12 @@ pub const DEFAULT_MODULES: &[&str] = &[
     "erofs",
 ];
 
+/// Modules a display needs (DRM + fbdev for QEMU's bochs-display, virtio
+/// tablet and keyboard, evdev for `/dev/input/event*`). They go into every
+/// bundle but into a list of their own, `modules-display.load`, which the
+/// guest init loads only with `capsa.display=1`: headless boots skip them.
+pub const DISPLAY_MODULES: &[&str] = &["bochs", "virtio_input", "evdev"];
+
 /// Largest decompressed module accepted.
 const MAX_MODULE_BYTES: u64 = 64 << 20;
 /// Most modules in one load order (a whole distribution kernel has ~6000).

@@ -349,11 +349,52 @@ pub fn build_args_with(
             ),
         ]);
     }
+    if let Some(d) = &spec.display {
+        // bochs-display: a linear framebuffer in a PCI BAR and no VGA legacy;
+        // the guest's tiny `bochs` DRM driver sets the size from the EDID
+        // (xres/yres) and gives /dev/fb0 through fbdev emulation. QEMU's
+        // screendump reads that memory directly (no virtqueue round trip, as
+        // virtio-gpu would need). `-vnc none`: a VNC server without any
+        // listening socket; viewers are handed in over QMP (`add_client`).
+        // virtio input devices are absolute (tablet) and need no USB stack.
+        push(&[
+            "-device",
+            &format!(
+                "bochs-display,id={DISPLAY_ID},xres={},yres={},vgamem={}",
+                d.width,
+                d.height,
+                d.vram_bytes()
+            ),
+            "-vnc",
+            "none",
+            // A second QMP monitor, for handing viewers' sockets to the VNC
+            // server (fd passing, which capsa's QMP client does not do).
+            "-chardev",
+            &format!(
+                "socket,id={},path={},server=on,wait=off",
+                crate::vnc::FD_QMP_CHARDEV,
+                escape_path(&paths.qmp.with_file_name(crate::vnc::FD_QMP_SOCK))
+            ),
+            "-mon",
+            &format!("chardev={},mode=control", crate::vnc::FD_QMP_CHARDEV),
+            "-device",
+            &format!("virtio-tablet-pci,id={TABLET_ID}"),
+            "-device",
+            &format!("virtio-keyboard-pci,id={KEYBOARD_ID}"),
+        ]);
+    }
     if launch.incoming {
         push(&["-incoming", "defer"]);
     }
     Ok(a)
 }
+
+/// QEMU id of the display device.
+pub const DISPLAY_ID: &str = "capsa-display";
+/// QEMU id of the absolute pointer.
+pub const TABLET_ID: &str = "capsa-tablet";
+/// QEMU id of the keyboard.
+pub const KEYBOARD_ID: &str = "capsa-kbd";
 
 /// QEMU option values escape `,` as `,,`.
 fn escape(s: &str) -> String {
@@ -408,6 +449,37 @@ mod tests {
         assert_eq!(v["file"]["filename"], "/d/a.qcow2");
         assert!(joined.contains("virtio-blk-pci,drive=disk0"));
         assert!(!joined.contains("serial="));
+    }
+
+    #[test]
+    fn display_adds_framebuffer_and_input_only_when_asked() {
+        let paths = RunPaths {
+            qmp: "/q".into(),
+            vhost_vsock: None,
+        };
+        let headless = build_args(&spec(), Accel::Tcg, &paths, "t")
+            .unwrap()
+            .join(" ");
+        for absent in ["bochs", "-vnc", "virtio-tablet", "virtio-keyboard", "-vga"] {
+            assert!(!headless.contains(absent), "{absent}: {headless}");
+        }
+        let mut s = spec();
+        s.display = Some(capsa_core::DisplaySpec::new(1280, 800));
+        let a = build_args(&s, Accel::Tcg, &paths, "t").unwrap();
+        let joined = a.join(" ");
+        assert!(
+            joined.contains(
+                "-device bochs-display,id=capsa-display,xres=1280,yres=800,vgamem=16777216"
+            ),
+            "{joined}"
+        );
+        assert!(joined.contains("-device virtio-tablet-pci,id=capsa-tablet"));
+        assert!(joined.contains("-device virtio-keyboard-pci,id=capsa-kbd"));
+        // Never a listening VNC socket (unix:...,websocket=on also opens TCP).
+        let vnc = &a[a.iter().position(|x| x == "-vnc").unwrap() + 1];
+        assert_eq!(vnc, "none");
+        assert_eq!(a.iter().filter(|x| *x == "-vnc").count(), 1);
+        assert!(!joined.contains("websocket"));
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod ram;
 pub mod share;
 pub mod snapshot;
 mod vm;
+pub mod vnc;
 
 use std::path::{Path, PathBuf};
 
@@ -382,6 +383,7 @@ impl Hypervisor for QemuBackend {
             snapshot: true,
             shares: share::running_as_root(),
             network: true,
+            display: true,
         }
     }
 

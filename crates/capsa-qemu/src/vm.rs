@@ -249,6 +249,100 @@ impl VmInstance for QemuInstance {
             .forwards())
     }
 
+    async fn screendump(&self, out: &Path) -> Result<()> {
+        if self.info.spec.display.is_none() {
+            return Err(capsa_core::no_display());
+        }
+        // QEMU writes where it can (its jail directory when confined); the
+        // file then moves to the caller's private path. A unique name per
+        // call, so concurrent screenshots do not share a file.
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let tmp = self.qemu_dir.join(format!("screendump-{n}.ppm"));
+        let dumped = self
+            .exec(
+                "screendump",
+                qmp::screendump {
+                    device: Some(crate::args::DISPLAY_ID.into()),
+                    head: None,
+                    // PNG encoding inside QEMU stalls its main loop (~200 ms at
+                    // 1280x800); PPM is a plain copy and capsa encodes.
+                    format: Some(qmp::ImageFormat::ppm),
+                    filename: tmp.to_string_lossy().into_owned(),
+                },
+            )
+            .await;
+        let moved = match dumped {
+            Ok(_) => match std::fs::rename(&tmp, out) {
+                Ok(()) => Ok(()),
+                Err(_) => std::fs::copy(&tmp, out).map(|_| ()),
+            },
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        let _ = std::fs::remove_file(&tmp);
+        moved.map_err(|e| {
+            QemuError::Command {
+                command: "screendump",
+                reason: format!("cannot move the dump to {}: {e}", out.display()),
+            }
+            .into()
+        })
+    }
+
+    async fn vnc_add_client(&self, client: std::os::fd::OwnedFd, view_only: bool) -> Result<()> {
+        if self.info.spec.display.is_none() {
+            return Err(capsa_core::no_display());
+        }
+        let sock = self.qemu_dir.join(crate::vnc::FD_QMP_SOCK);
+        tokio::task::spawn_blocking(move || crate::vnc::add_client(&sock, client, view_only))
+            .await
+            .map_err(|e| QemuError::Command {
+                command: "add_client",
+                reason: e.to_string(),
+            })?
+            .map_err(|reason| {
+                QemuError::Command {
+                    command: "add_client",
+                    reason,
+                }
+                .into()
+            })
+    }
+
+    async fn send_input(&self, events: Vec<capsa_core::InputEvent>) -> Result<()> {
+        if self.info.spec.display.is_none() {
+            return Err(capsa_core::no_display());
+        }
+        capsa_core::check_input(&events)?;
+        // One input-send-event per frame: QEMU syncs after each command.
+        let mut frame = Vec::new();
+        for e in events
+            .iter()
+            .chain(std::iter::once(&capsa_core::InputEvent::Sync))
+        {
+            if *e != capsa_core::InputEvent::Sync {
+                qmp_events(e, &mut frame)?;
+                continue;
+            }
+            if frame.is_empty() {
+                continue;
+            }
+            self.exec(
+                "input-send-event",
+                qmp::input_send_event {
+                    device: None,
+                    head: None,
+                    events: std::mem::take(&mut frame),
+                },
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
     async fn wait(&self) -> Result<ExitReason> {
         let mut exit = self.exit.clone();
         let r = exit
@@ -258,4 +352,58 @@ impl VmInstance for QemuInstance {
             .clone();
         Ok(r.unwrap_or(ExitReason::PoweredOff))
     }
+}
+
+/// One capsa input event as QMP's (a move is one event per axis).
+fn qmp_events(e: &capsa_core::InputEvent, out: &mut Vec<qmp::InputEvent>) -> Result<()> {
+    use capsa_core::{InputEvent as E, MouseButton as B};
+    let abs = |axis, value: u32| {
+        qmp::InputEvent::abs(qmp::InputMoveEventWrapper {
+            data: qmp::InputMoveEvent {
+                axis,
+                value: i64::from(value),
+            },
+        })
+    };
+    let last = match e {
+        E::Key { qcode, down } => {
+            let code: qmp::QKeyCode = qcode.parse().map_err(|()| {
+                capsa_core::Error::invalid(
+                    "input",
+                    format!("{qcode:?} is not a QEMU key code"),
+                    "use a QKeyCode name such as a, shift, ret, ctrl",
+                )
+            })?;
+            qmp::InputEvent::key(qmp::InputKeyEventWrapper {
+                data: qmp::InputKeyEvent {
+                    down: *down,
+                    key: qmp::KeyValue::qcode(qmp::QKeyCodeWrapper { data: code }),
+                },
+            })
+        }
+        E::Button { button, down } => {
+            let button = match button {
+                B::Left => qmp::InputButton::left,
+                B::Middle => qmp::InputButton::middle,
+                B::Right => qmp::InputButton::right,
+                B::WheelUp => qmp::InputButton::wheel_up,
+                B::WheelDown => qmp::InputButton::wheel_down,
+                B::WheelLeft => qmp::InputButton::wheel_left,
+                B::WheelRight => qmp::InputButton::wheel_right,
+            };
+            qmp::InputEvent::btn(qmp::InputBtnEventWrapper {
+                data: qmp::InputBtnEvent {
+                    button,
+                    down: *down,
+                },
+            })
+        }
+        E::Move { x, y } => {
+            out.push(abs(qmp::InputAxis::x, *x));
+            abs(qmp::InputAxis::y, *y)
+        }
+        E::Sync => return Ok(()),
+    };
+    out.push(last);
+    Ok(())
 }

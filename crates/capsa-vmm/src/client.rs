@@ -590,6 +590,45 @@ impl VmInstance for MonitorHandle {
         Ok(r.map_err(|e| self.core_err("network_policy", e))??)
     }
 
+    async fn screendump(&self, out: &Path) -> capsa_core::Result<()> {
+        let r = self
+            .client
+            .screendump(context_with_deadline(RPC_TIMEOUT))
+            .await;
+        let dumped = r.map_err(|e| self.core_err("screendump", e))??;
+        // The monitor names a file it made in this sandbox's directory;
+        // anything else is refused rather than moved.
+        let screens = self.dir.join(crate::service::SCREENS_DIR);
+        if dumped.parent() != Some(screens.as_path()) {
+            return Err(capsa_core::Error::Backend {
+                backend: "capsa-vmm",
+                message: format!("the monitor dumped the screen to {}", dumped.display()),
+                fix: Some("upgrade capsa-vmm to match this capsa".into()),
+                source: None,
+            });
+        }
+        let moved = match std::fs::rename(&dumped, out) {
+            Ok(()) => Ok(()),
+            Err(_) => std::fs::copy(&dumped, out).map(|_| ()),
+        };
+        let _ = std::fs::remove_file(&dumped);
+        moved.map_err(|e| capsa_core::Error::Backend {
+            backend: "capsa-vmm",
+            message: format!("cannot move the screen dump to {}: {e}", out.display()),
+            fix: None,
+            source: None,
+        })
+    }
+
+    async fn send_input(&self, events: Vec<capsa_core::InputEvent>) -> capsa_core::Result<()> {
+        capsa_core::check_input(&events)?;
+        let r = self
+            .client
+            .send_input(context_with_deadline(RPC_TIMEOUT), events)
+            .await;
+        Ok(r.map_err(|e| self.core_err("send_input", e))??)
+    }
+
     async fn network_log(&self) -> capsa_core::Result<Vec<capsa_core::NetDecision>> {
         let r = self
             .client

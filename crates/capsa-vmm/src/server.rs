@@ -27,6 +27,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{broadcast, mpsc, watch, OnceCell};
 
+use std::os::unix::fs::DirBuilderExt;
+
 use crate::service::{Monitor, MonitorInfo, RpcError};
 use crate::state::{self, files, RecordedState, RestoreRequest, StateFile};
 use crate::{Result, VmmError};
@@ -261,6 +263,51 @@ impl Monitor for Server {
         _: tarpc::context::Context,
     ) -> std::result::Result<Vec<capsa_core::PortForward>, RpcError> {
         Ok(self.0.instance()?.port_forwards().await?)
+    }
+
+    async fn screendump(
+        self,
+        _: tarpc::context::Context,
+    ) -> std::result::Result<PathBuf, RpcError> {
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let instance = self.0.instance()?.clone();
+        let dir = self.0.dir.join(crate::service::SCREENS_DIR);
+        if let Err(e) = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+        {
+            return Err(RpcError::new(
+                "backend",
+                format!("cannot create {}: {e}", dir.display()),
+            ));
+        }
+        // Dumps a crashed caller never moved away would pile up: drop old ones.
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            for e in rd.flatten().take(1024) {
+                let stale = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > Duration::from_secs(60));
+                if stale {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let out = dir.join(format!("shot-{n}.ppm"));
+        instance.screendump(&out).await?;
+        Ok(out)
+    }
+
+    async fn send_input(
+        self,
+        _: tarpc::context::Context,
+        events: Vec<capsa_core::InputEvent>,
+    ) -> std::result::Result<(), RpcError> {
+        Ok(self.0.instance()?.send_input(events).await?)
     }
 }
 
@@ -523,6 +570,9 @@ async fn serve(opts: ServeOptions) -> Result<()> {
     }
     Inner::lock(&inner.info).vmm_pid = vmm_pid;
     let _ = inner.instance.set(instance.clone());
+    if Inner::lock(&inner.info).spec.display.is_some() {
+        serve_vnc(&dir, instance.clone());
+    }
     inner.set_state(RecordedState::Running, None);
     tracing::info!(?vmm_pid, "the VM runs");
     // The VM's end goes to the main loop first, not straight to `wait()`
@@ -620,12 +670,87 @@ fn spawn_graceful_stop(i: Arc<dyn VmInstance>) {
 /// listeners stay usable for connections already made (in-flight replies);
 /// nothing of this monitor touches the paths afterwards (the vsock device
 /// removes only the socket files it bound itself).
+/// Most VNC viewers handed to QEMU per second (a local, owner-only
+/// socket, but each viewer costs QEMU a client).
+const VNC_ACCEPTS_PER_SEC: u32 = 20;
+
+/// Listens on `<dir>/vnc.sock` (owner only) and hands each connection to
+/// QEMU's VNC server, which has no listening socket of its own.
+fn serve_vnc(dir: &Path, instance: Arc<dyn VmInstance>) {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(files::VNC_SOCK);
+    let _ = std::fs::remove_file(&path);
+    let listener = match tokio::net::UnixListener::bind(&path) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!("cannot listen on {}: {e}; no VNC viewers", path.display());
+            return;
+        }
+    };
+    if let Err(e) = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)) {
+        tracing::warn!("cannot restrict {}: {e}; no VNC viewers", path.display());
+        let _ = std::fs::remove_file(&path);
+        return;
+    }
+    tokio::spawn(async move {
+        let mut window = std::time::Instant::now();
+        let mut in_window = 0u32;
+        loop {
+            let stream = match listener.accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!("vnc.sock accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            if window.elapsed() >= Duration::from_secs(1) {
+                window = std::time::Instant::now();
+                in_window = 0;
+            }
+            in_window += 1;
+            if in_window > VNC_ACCEPTS_PER_SEC {
+                tracing::warn!("too many VNC viewers at once; refusing one");
+                continue;
+            }
+            let fd = match stream.into_std() {
+                Ok(s) => std::os::fd::OwnedFd::from(s),
+                Err(e) => {
+                    tracing::warn!("vnc.sock: {e}");
+                    continue;
+                }
+            };
+            // QEMU drives the socket itself; it must block like any it accepts.
+            let _ = set_blocking(&fd);
+            match instance.vnc_add_client(fd, false).await {
+                Ok(()) => tracing::info!("VNC viewer added"),
+                Err(e) => tracing::warn!("cannot add a VNC viewer: {e}"),
+            }
+        }
+    });
+}
+
+fn set_blocking(fd: &std::os::fd::OwnedFd) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fcntl on a valid fd.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn release_sockets(dir: &Path) {
     for f in [
         files::VSOCK_SOCK,
         files::VHOST_VSOCK_SOCK,
         files::QMP_SOCK,
         files::CONSOLE_SOCK,
+        files::VNC_SOCK,
         files::MONITOR_SOCK,
         files::PID,
     ] {

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use capsa_core::{
-    ExitReason, NetDecision, NetworkPolicy, ShareSpec, SnapshotMeta, VmSpec, VmStatus,
+    ExitReason, InputEvent, NetDecision, NetworkPolicy, ShareSpec, SnapshotMeta, VmSpec, VmStatus,
 };
 use serde::{Deserialize, Serialize};
 use tarpc::tokio_serde::formats::Json;
@@ -154,7 +154,15 @@ pub trait Monitor {
     ) -> Result<capsa_core::PortForward, RpcError>;
     /// The host ports forwarded now.
     async fn port_forwards() -> Result<Vec<capsa_core::PortForward>, RpcError>;
+    /// Dumps the screen as a binary PPM into a new file under the sandbox
+    /// directory's `screens/` and returns its path; the caller moves it away.
+    async fn screendump() -> Result<PathBuf, RpcError>;
+    /// Sends input events to the VM's tablet and keyboard, as one batch.
+    async fn send_input(events: Vec<InputEvent>) -> Result<(), RpcError>;
 }
+
+/// Directory of the sandbox directory that screen dumps pass through.
+pub const SCREENS_DIR: &str = "screens";
 
 /// A tarpc context whose deadline is `after` from now.
 pub fn context_with_deadline(after: Duration) -> tarpc::context::Context {

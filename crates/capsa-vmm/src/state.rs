@@ -53,6 +53,9 @@ pub mod files {
     pub const CONSOLE_LOG: &str = "console.log";
     /// The console socket.
     pub const CONSOLE_SOCK: &str = "console.sock";
+    /// The VNC viewer socket (VMs with a display): each connection becomes
+    /// a viewer of QEMU's VNC server (RFB over this stream).
+    pub const VNC_SOCK: &str = "vnc.sock";
     /// The hybrid-vsock socket.
     pub const VSOCK_SOCK: &str = "vsock.sock";
     /// The vhost-user vsock socket (the longest socket name in the directory).

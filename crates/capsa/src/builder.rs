@@ -213,6 +213,15 @@ impl VmBuilder {
         self
     }
 
+    /// Gives the VM a `width` x `height` framebuffer display, a tablet and a
+    /// keyboard (see [`crate::Screen`]); checked at build time. Also tells
+    /// capsa's guest init to load the display and input drivers
+    /// (`capsa.display=1`), which headless VMs skip.
+    pub fn display(mut self, width: u32, height: u32) -> Self {
+        self.spec.display = Some(capsa_core::DisplaySpec::new(width, height));
+        self.cmdline_arg("capsa.display=1")
+    }
+
     /// Names the VM (for logs and process titles).
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());

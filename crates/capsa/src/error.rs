@@ -38,6 +38,9 @@ pub enum Error {
         /// The newest console output.
         tail: String,
     },
+    /// A screen call failed (no display, bad coordinates or keys, a bad dump).
+    #[error(transparent)]
+    Screen(#[from] crate::screen::ScreenError),
     /// The VM was built without a console.
     #[error("this VM has no console; fix: call .console() on the builder")]
     NoConsole,

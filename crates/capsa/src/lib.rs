@@ -33,6 +33,7 @@ mod pool;
 mod registry;
 pub mod rootfs;
 mod sandbox;
+pub mod screen;
 mod share;
 mod snapshot;
 mod snapshot_store;
@@ -40,6 +41,7 @@ mod vsock;
 
 pub use builder::{Capsa, LinuxDirectBoot, Strategy, VmBuilder};
 pub use capsa_agent_client::{AgentClientError, ExecChild, ExecOutput, ExecStdin, Output};
+pub use capsa_core::DisplaySpec;
 pub use capsa_core::{
     Accel, DiskFormat, DiskSpec, ExitReason, KernelCmdline, ShareMode, ShareSpec, VmSpec, VmStatus,
     GUEST_READY_MARKER,
@@ -60,6 +62,7 @@ pub use handle::{VmHandle, DEFAULT_STOP_TIMEOUT};
 pub use pool::{Pool, PoolBuilder, PoolStats, DEFAULT_POOL_SIZE};
 pub use registry::{Sandboxes, LABEL_OWNER};
 pub use sandbox::{Command, Sandbox, SandboxBuilder, DEFAULT_OP_TIMEOUT, DEFAULT_READY_TIMEOUT};
+pub use screen::{Screen, ScreenAction, ScreenError, Screenshot, ShotOptions};
 pub use snapshot::{RestoreBuilder, Snapshot};
 pub use snapshot_store::{SnapshotEntry, Snapshots, SpecSummary};
 

@@ -50,6 +50,8 @@ pub struct SandboxBuilder {
     pub(crate) labels: std::collections::BTreeMap<String, String>,
     /// The network (`None`: no NIC, the default).
     pub(crate) network: Option<NetworkSpec>,
+    /// A framebuffer display (`None`: headless, the default).
+    pub(crate) display: Option<capsa_core::DisplaySpec>,
 }
 
 /// What `sandbox.json` holds for a sandbox, so a reattach restores the
@@ -96,6 +98,7 @@ impl Capsa {
             rootfs: None,
             labels: Default::default(),
             network: None,
+            display: None,
         }
     }
 }
@@ -288,6 +291,19 @@ impl SandboxBuilder {
     /// The whole network spec at once (`None`: no NIC).
     pub fn network(mut self, network: Option<NetworkSpec>) -> Self {
         self.network = network;
+        self
+    }
+
+    /// Gives the sandbox a `width` x `height` screen with a tablet and a
+    /// keyboard, driven from the host through [`Sandbox::screen`].
+    pub fn display(mut self, width: u32, height: u32) -> Self {
+        self.display = Some(capsa_core::DisplaySpec::new(width, height));
+        self
+    }
+
+    /// [`SandboxBuilder::display`] from an optional spec (`None`: headless).
+    pub fn display_spec(mut self, display: Option<capsa_core::DisplaySpec>) -> Self {
+        self.display = display;
         self
     }
 

@@ -587,6 +587,9 @@ impl SandboxBuilder {
             .vsock()
             .network(self.network.clone())
             .cmdline_arg("capsa.mode=agent");
+        if let Some(d) = self.display {
+            vm = vm.display(d.width, d.height);
+        }
         for d in &self.disks {
             vm = vm.disk_spec(d.clone());
         }

@@ -163,6 +163,10 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(acquire))
         .routes(routes!(get_network, set_network))
         .routes(routes!(network_log))
+        .routes(routes!(screen_info))
+        .routes(routes!(screenshot))
+        .routes(routes!(screen_actions))
+        .routes(routes!(screen_vnc))
         .routes(routes!(list_images))
         .routes(routes!(pull_image))
         .routes(routes!(get_image, delete_image))
@@ -1151,6 +1155,72 @@ async fn set_network(
     let Json(body) = body?;
     st.service.set_network_policy(&name, body).await?;
     Ok(Json(st.service.network_policy(&name).await?))
+}
+
+/// The display of a sandbox (409 for a headless one).
+#[utoipa::path(get, path = "/v1/sandboxes/{name}/screen", tag = "screen",
+    params(("name" = String, Path, description = "sandbox name")),
+    responses((status = 200, body = ScreenInfo), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn screen_info(State(st): State<AppState>, p: NameParam) -> ApiResult<Json<ScreenInfo>> {
+    let name = name_of(p)?;
+    Ok(Json(st.service.screen_info(&name).await?))
+}
+
+/// A screenshot of a running sandbox: JSON with the PNG in base64 (`data`),
+/// its size, and the `scale` and region origin that map image pixels back to
+/// screen pixels (for the actions endpoint).
+#[utoipa::path(post, path = "/v1/sandboxes/{name}/screen/screenshot", tag = "screen",
+    params(("name" = String, Path, description = "sandbox name")),
+    request_body = ScreenshotRequest,
+    responses((status = 200, body = ScreenshotBody), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 502, body = ErrorBody)))]
+async fn screenshot(
+    State(st): State<AppState>,
+    p: NameParam,
+    body: Result<Json<ScreenshotRequest>, JsonRejection>,
+) -> ApiResult<Json<ScreenshotBody>> {
+    let name = name_of(p)?;
+    let Json(body) = body?;
+    Ok(Json(st.service.screenshot(&name, body).await?))
+}
+
+/// Performs a batch of pointer and keyboard actions on a running sandbox's
+/// screen (checked as a whole before anything is sent), optionally returning
+/// a screenshot taken `screenshot_after_ms` after the last one.
+#[utoipa::path(post, path = "/v1/sandboxes/{name}/screen/actions", tag = "screen",
+    params(("name" = String, Path, description = "sandbox name")),
+    request_body = ScreenActionsRequest,
+    responses((status = 200, body = ScreenActionsResponse), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn screen_actions(
+    State(st): State<AppState>,
+    p: NameParam,
+    body: Result<Json<ScreenActionsRequest>, JsonRejection>,
+) -> ApiResult<Json<ScreenActionsResponse>> {
+    let name = name_of(p)?;
+    let Json(body) = body?;
+    Ok(Json(st.service.screen_actions(&name, body).await?))
+}
+
+/// A VNC viewer of the sandbox's screen over a WebSocket: binary frames
+/// carry the RFB stream of QEMU's VNC server both ways (noVNC speaks it;
+/// the `binary` subprotocol is accepted).
+#[utoipa::path(get, path = "/v1/sandboxes/{name}/screen/vnc", tag = "screen",
+    params(("name" = String, Path, description = "sandbox name")),
+    responses((status = 101, description = "WebSocket upgrade"), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
+async fn screen_vnc(
+    State(st): State<AppState>,
+    p: NameParam,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> ApiResult<Response> {
+    let name = name_of(p)?;
+    let ws = ws?.protocols(["binary"]);
+    let session = st.service.screen_vnc(&name).await?;
+    Ok(ws.on_upgrade(move |socket| console_bridge(socket, session)))
 }
 
 /// A running sandbox's latest network decisions (allowed and denied, each

@@ -347,8 +347,23 @@ async fn openapi_document_parses_and_covers_the_routes() {
         "/v1/sandboxes/{name}/files",
         "/v1/sandboxes/{name}/console",
         "/v1/events",
+        "/v1/sandboxes/{name}/screen",
+        "/v1/sandboxes/{name}/screen/screenshot",
+        "/v1/sandboxes/{name}/screen/actions",
+        "/v1/sandboxes/{name}/screen/vnc",
     ] {
         assert!(paths.contains_key(p), "{p} missing");
+    }
+    for schema in [
+        "ScreenshotBody",
+        "ScreenshotRequest",
+        "ScreenActionsRequest",
+        "ScreenInfo",
+    ] {
+        assert!(
+            doc["components"]["schemas"][schema].is_object(),
+            "{schema} schema missing"
+        );
     }
     assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
     // Structural validation with a typed OpenAPI model. `openapiv3` models

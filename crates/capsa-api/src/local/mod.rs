@@ -130,11 +130,12 @@ fn validate_create(req: &CreateSandboxRequest) -> ApiResult<()> {
             || !req.disks.is_empty()
             || req.accel.is_some()
             || req.network.is_some()
+            || req.display.is_some()
         {
             return Err(ApiError::bad_request(
-                "from_snapshot conflicts with cpus, memory_mib, disks, accel and network: the snapshot fixes them",
+                "from_snapshot conflicts with cpus, memory_mib, disks, accel, network and display: the snapshot fixes them",
             )
-            .fix("drop cpus/memory_mib/disks/accel/network, or drop from_snapshot to boot a new spec"));
+            .fix("drop cpus/memory_mib/disks/accel/network/display, or drop from_snapshot to boot a new spec"));
         }
         if !req.start {
             return Err(ApiError::bad_request("from_snapshot with start: false")
@@ -143,6 +144,9 @@ fn validate_create(req: &CreateSandboxRequest) -> ApiResult<()> {
     }
     if let Some(c) = req.cpus {
         capsa_core::check_cpus(c).map_err(core_err)?;
+    }
+    if let Some(d) = req.display_spec() {
+        d.validate().map_err(core_err)?;
     }
     if let Some(m) = req.memory_mib {
         capsa_core::check_memory_mib(m).map_err(core_err)?;
@@ -490,6 +494,15 @@ impl LocalService {
 
     /// Refuses the network verbs on a sandbox made without a NIC (a NIC
     /// cannot be added to a running VM).
+    fn has_display(&self, name: &str) -> ApiResult<capsa_core::DisplaySpec> {
+        let rec = self.record(name)?;
+        rec.spec.as_ref().and_then(|s| s.display).ok_or_else(|| {
+            ApiError::conflict(format!("sandbox {name:?} has no display")).fix(
+                "create the sandbox with a display (--display 1280x800; `display` in the create request)",
+            )
+        })
+    }
+
     fn has_network(&self, name: &str) -> ApiResult<()> {
         let rec = self.record(name)?;
         if rec.spec.as_ref().is_some_and(|s| s.network.is_none()) {
@@ -986,6 +999,100 @@ impl Service for LocalService {
             .await
             .map_err(|e| ApiError::from_capsa(&format!("the forwards of {name:?}"), &e))?;
         Ok(l.iter().map(PortForwardBody::of).collect())
+    }
+
+    async fn screen_info(&self, name: &str) -> ApiResult<ScreenInfo> {
+        let d = self.has_display(name)?;
+        Ok(ScreenInfo {
+            width: d.width,
+            height: d.height,
+        })
+    }
+
+    async fn screenshot(&self, name: &str, req: ScreenshotRequest) -> ApiResult<ScreenshotBody> {
+        self.has_display(name)?;
+        let sb = self.running(name).await?;
+        let screen = sb.screen().map_err(|e| ApiError::from_capsa(name, &e))?;
+        let shot = screen
+            .screenshot_with(&req.options())
+            .await
+            .map_err(|e| ApiError::from_capsa(&format!("a screenshot of {name:?}"), &e))?;
+        Ok(ScreenshotBody::of(&shot))
+    }
+
+    async fn screen_actions(
+        &self,
+        name: &str,
+        req: ScreenActionsRequest,
+    ) -> ApiResult<ScreenActionsResponse> {
+        if req
+            .screenshot_after_ms
+            .is_some_and(|ms| ms > capsa::screen::MAX_WAIT_MS)
+        {
+            return Err(ApiError::bad_request(format!(
+                "screenshot_after_ms {} is too long",
+                req.screenshot_after_ms.unwrap_or_default()
+            ))
+            .fix(format!("settle at most {} ms", capsa::screen::MAX_WAIT_MS)));
+        }
+        self.has_display(name)?;
+        let sb = self.running(name).await?;
+        let screen = sb.screen().map_err(|e| ApiError::from_capsa(name, &e))?;
+        screen
+            .perform(&req.actions)
+            .await
+            .map_err(|e| ApiError::from_capsa(&format!("screen actions on {name:?}"), &e))?;
+        let screenshot = match req.screenshot_after_ms {
+            Some(ms) => {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                let opts = req.screenshot.unwrap_or_default().options();
+                let shot = screen
+                    .screenshot_with(&opts)
+                    .await
+                    .map_err(|e| ApiError::from_capsa(&format!("a screenshot of {name:?}"), &e))?;
+                Some(ScreenshotBody::of(&shot))
+            }
+            None => None,
+        };
+        Ok(ScreenActionsResponse {
+            performed: req.actions.len(),
+            screenshot,
+        })
+    }
+
+    async fn screen_vnc(&self, name: &str) -> ApiResult<ConsoleSession> {
+        self.has_display(name)?;
+        let rec = self.record(name)?;
+        let sock = rec.dir.join(capsa_vmm::state::files::VNC_SOCK);
+        let stream = tokio::net::UnixStream::connect(&sock).await.map_err(|e| {
+            ApiError::unavailable(format!("the screen of {name:?} ({}): {e}", sock.display())).fix(
+                format!(
+                "is it running under a monitor? see `capsa ps`; start it with `capsa start {name}`"
+            ),
+            )
+        })?;
+        let (mut r, mut w) = stream.into_split();
+        let (out_tx, out_rx) = mpsc::channel::<Bytes>(16);
+        let (in_tx, mut in_rx) = mpsc::channel::<Bytes>(16);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; CHUNK];
+            loop {
+                tokio::select! {
+                    n = r.read(&mut buf) => match n {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => if out_tx.send(Bytes::copy_from_slice(&buf[..n])).await.is_err() { break },
+                    },
+                    b = in_rx.recv() => match b {
+                        Some(b) => if w.write_all(&b).await.is_err() { break },
+                        None => break,
+                    },
+                }
+            }
+        });
+        Ok(ConsoleSession {
+            output: out_rx,
+            input: in_tx,
+        })
     }
 
     async fn image_pull(&self, req: PullRequest) -> ApiResult<mpsc::Receiver<PullEvent>> {
