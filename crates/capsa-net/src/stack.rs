@@ -111,6 +111,10 @@ struct Flow {
 struct Dev {
     rx: VecDeque<Vec<u8>>,
     tx: Vec<Vec<u8>>,
+    /// QEMU is not keeping up: smoltcp sends nothing (its sockets keep the
+    /// data) until the frames already made are handed over. Dropping them
+    /// instead costs a retransmission timeout per loss.
+    blocked: bool,
 }
 
 struct RxT(Vec<u8>);
@@ -139,7 +143,7 @@ impl Device for Dev {
         &mut self,
         _: smoltcp::time::Instant,
     ) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
-        if self.tx.len() >= MAX_TX_QUEUE {
+        if self.blocked || self.tx.len() >= MAX_TX_QUEUE {
             return None;
         }
         let f = self.rx.pop_front()?;
@@ -147,7 +151,7 @@ impl Device for Dev {
     }
 
     fn transmit(&mut self, _: smoltcp::time::Instant) -> Option<Self::TxToken<'_>> {
-        (self.tx.len() < MAX_TX_QUEUE).then_some(TxT(&mut self.tx))
+        (!self.blocked && self.tx.len() < MAX_TX_QUEUE).then_some(TxT(&mut self.tx))
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -175,7 +179,8 @@ pub(crate) struct Stack {
     out_tx: mpsc::Sender<Vec<u8>>,
     start: std::time::Instant,
     dns_inflight: usize,
-    dropped_out: u64,
+    /// Frames encoded for QEMU that found the output channel full.
+    out_pending: Option<Vec<u8>>,
     next_port: u16,
 }
 
@@ -193,6 +198,7 @@ impl Stack {
         let mut dev = Dev {
             rx: VecDeque::new(),
             tx: Vec::new(),
+            blocked: false,
         };
         let start = std::time::Instant::now();
         let cfg = Config::new(HardwareAddress::Ethernet(EthernetAddress(GATEWAY_MAC)));
@@ -234,7 +240,7 @@ impl Stack {
             out_tx,
             start,
             dns_inflight: 0,
-            dropped_out: 0,
+            out_pending: None,
             next_port: EPHEMERAL_FIRST,
         }
     }
@@ -250,7 +256,16 @@ impl Stack {
                 .map(|d| Duration::from_micros(d.total_micros()))
                 .unwrap_or(Duration::from_secs(3600));
             let notify = self.notify.clone();
+            let out = self.out_tx.clone();
+            let blocked = self.out_pending.is_some();
             tokio::select! {
+                permit = out.reserve(), if blocked => {
+                    let Ok(permit) = permit else { break };
+                    if let Some(b) = self.out_pending.take() {
+                        permit.send(b);
+                    }
+                    self.dev.blocked = false;
+                }
                 f = frames.recv() => {
                     let Some(f) = f else { break };
                     self.on_frame(f);
@@ -296,13 +311,20 @@ impl Stack {
         if self.dev.tx.is_empty() {
             return;
         }
-        let mut buf = Vec::new();
+        let mut buf = self.out_pending.take().unwrap_or_default();
         for f in self.dev.tx.drain(..) {
             crate::frame::encode(&f, &mut buf);
         }
-        if self.out_tx.try_send(buf).is_err() {
-            // QEMU is not reading: TCP retransmits what is dropped here.
-            self.dropped_out += 1;
+        match self.out_tx.try_send(buf) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(buf)) => {
+                // Held (bounded: smoltcp makes no more frames while blocked)
+                // until the channel has room; see `Dev::blocked`.
+                self.out_pending = Some(buf);
+                self.dev.blocked = true;
+            }
+            // The writer is gone: QEMU closed its end, the stack stops soon.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
     }
 
@@ -588,7 +610,11 @@ impl Stack {
         let h = self.sockets.add(s);
         self.dev.rx.push_back(syn);
         let now = self.now();
+        // The SYN must meet its listener now, even while output waits for
+        // QEMU (one SYN-ACK more in the held batch).
+        let blocked = std::mem::replace(&mut self.dev.blocked, false);
         self.iface.poll(now, &mut self.dev, &mut self.sockets);
+        self.dev.blocked = blocked;
         self.flush();
         let s = self.sockets.get_mut::<tcp::Socket>(h);
         let took = s.state() == tcp::State::SynReceived
