@@ -513,6 +513,15 @@ pub enum Event {
         /// Whether it succeeded.
         ok: bool,
     },
+    /// A sandbox's network decided a flow or a DNS question (polled from its
+    /// decision log while anyone listens; see `GET .../network/log`).
+    Network {
+        /// Sandbox name.
+        name: String,
+        /// The decision, with its reason (capsa-core's `NetDecision`).
+        #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+        decision: capsa_core::NetDecision,
+    },
 }
 
 /// Query of `DELETE /v1/sandboxes/{name}`.

@@ -62,26 +62,79 @@ impl AppState {
         let _ = self.events.send(ev);
     }
 
+    /// Emits the network decisions made since the last poll by each running
+    /// sandbox with a network (a sandbox first seen only sets the mark: its
+    /// backlog is in its log). Bounded by the log's own size.
+    async fn emit_network_decisions(
+        &self,
+        list: &[SandboxInfo],
+        seen: &mut HashMap<String, (u64, usize)>,
+    ) {
+        for s in list {
+            let networked = s.state == SandboxState::Running
+                && s.spec
+                    .as_ref()
+                    .is_some_and(|v| v.get("network").is_some_and(|n| !n.is_null()));
+            if !networked {
+                continue;
+            }
+            let Ok(log) = self.service.network_log(&s.name).await else {
+                continue;
+            };
+            let newest = log.decisions.iter().map(|d| d.at_ms).max().unwrap_or(0);
+            let at_newest = log.decisions.iter().filter(|d| d.at_ms == newest).count();
+            let Some(&(mark, at_mark)) = seen.get(&s.name) else {
+                seen.insert(s.name.clone(), (newest, at_newest));
+                continue;
+            };
+            let mut skip = at_mark;
+            for d in log.decisions {
+                let fresh = d.at_ms > mark
+                    || (d.at_ms == mark && {
+                        // Decisions at the mark's millisecond: the first
+                        // `at_mark` were emitted already.
+                        let done = skip > 0;
+                        skip = skip.saturating_sub(1);
+                        !done
+                    });
+                if fresh {
+                    self.emit(Event::Network {
+                        name: s.name.clone(),
+                        decision: d,
+                    });
+                }
+            }
+            seen.insert(s.name.clone(), (newest.max(mark), at_newest));
+        }
+    }
+
     /// Polls the service every [`EVENT_POLL`] and emits state diffs, until the
     /// runtime shuts down.
     pub fn spawn_event_poller(&self) -> tokio::task::JoinHandle<()> {
         let st = self.clone();
         tokio::spawn(async move {
             let mut prev: HashMap<String, SandboxState> = HashMap::new();
+            // Per sandbox: the newest decision time emitted, and how many at it.
+            let mut seen: HashMap<String, (u64, usize)> = HashMap::new();
             let mut tick = tokio::time::interval(EVENT_POLL);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                let now = match st.service.list().await {
-                    Ok(l) => l
-                        .into_iter()
-                        .map(|s| (s.name, s.state))
-                        .collect::<HashMap<_, _>>(),
+                let list = match st.service.list().await {
+                    Ok(l) => l,
                     Err(e) => {
                         tracing::debug!("event poll: {e}");
                         continue;
                     }
                 };
+                if st.events.receiver_count() > 0 {
+                    st.emit_network_decisions(&list, &mut seen).await;
+                }
+                seen.retain(|name, _| list.iter().any(|s| &s.name == name));
+                let now = list
+                    .into_iter()
+                    .map(|s| (s.name, s.state))
+                    .collect::<HashMap<_, _>>();
                 for (name, state) in &now {
                     if prev.get(name) != Some(state) {
                         st.emit(Event::State {

@@ -237,3 +237,84 @@ async fn websockets_and_events() {
         }
     }
 }
+
+/// Network decisions reach `/v1/events`. The daemon (and so the sandbox's
+/// stack) runs in a fresh network namespace holding only `lo`, entered
+/// before any thread or process starts; the denied flows never dial anyway.
+#[test]
+fn network_decisions_are_events() {
+    // SAFETY: unshare has no memory preconditions; no other thread exists yet.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        panic!(
+            "unshare(CLONE_NEWNET): {} (this test needs root)",
+            std::io::Error::last_os_error()
+        );
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let d = common::Daemon::start();
+            let c = d.client();
+            let mut events = c.events().await.unwrap();
+            let network: capsa_core::NetworkSpec =
+                serde_json::from_value(serde_json::json!({"policy": {"mode": "deny"}})).unwrap();
+            c.create(&CreateSandboxRequest {
+                name: Some("netev".into()),
+                memory_mib: Some(256),
+                start: true,
+                network: Some(network),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            // Let the poller mark the sandbox before the decision is made.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match tokio::time::timeout(left, events.next()).await {
+                    Ok(Some(Ok(Event::State { name, state })))
+                        if name == "netev" && state == SandboxState::Running =>
+                    {
+                        break
+                    }
+                    Ok(Some(Ok(_))) => {}
+                    other => panic!("no running event: {other:?}"),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+            let out = c
+                .exec_output(
+                    "netev",
+                    &capsad::api::ExecRequest {
+                        argv: vec![
+                            "sh".into(),
+                            "-c".into(),
+                            "nc 198.18.0.9 81 </dev/null".into(),
+                        ],
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap();
+            assert_ne!(out.code, Some(0), "a denied connect succeeded");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match tokio::time::timeout(left, events.next()).await {
+                    Ok(Some(Ok(Event::Network { name, decision })))
+                        if name == "netev" && decision.what == "198.18.0.9:81" =>
+                    {
+                        assert!(!decision.allowed);
+                        assert!(!decision.reason.is_empty());
+                        break;
+                    }
+                    Ok(Some(Ok(_))) => {}
+                    other => panic!("no network event for the denied flow: {other:?}"),
+                }
+            }
+            c.delete("netev", true).await.unwrap();
+        });
+}
