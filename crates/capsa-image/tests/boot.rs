@@ -273,7 +273,9 @@ fn default_bundle_builds_boots_and_stops() {
     // Run mode: the probe's output, its exit code, a clean power-off.
     let run = boot(
         &bundle,
-        "capsa.run=/usr/local/bin/capsa-probe capsa.hostname=probe-vm",
+        // capsa.display=1: the display drivers (a list of their own, skipped
+        // by headless boots) load too, so every module of the bundle is checked.
+        "capsa.run=/usr/local/bin/capsa-probe capsa.hostname=probe-vm capsa.display=1",
         |_| {},
     );
     assert_clean_poweroff(&run, "run mode");
