@@ -233,53 +233,13 @@ impl Service for RemoteService {
     }
 
     async fn console_attach(&self, name: &str) -> ApiResult<ConsoleSession> {
-        let (mut input, mut output) = self.client.console_interactive(name).await?;
-        let (out_tx, out_rx) = mpsc::channel::<Bytes>(16);
-        let (in_tx, mut in_rx) = mpsc::channel::<Bytes>(16);
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    b = output.next() => match b {
-                        Some(Ok(b)) => if out_tx.send(b).await.is_err() { break },
-                        _ => break,
-                    },
-                    b = in_rx.recv() => match b {
-                        Some(b) => if input.send(&b).await.is_err() { break },
-                        None => break,
-                    },
-                }
-            }
-            input.close().await;
-        });
-        Ok(ConsoleSession {
-            output: out_rx,
-            input: in_tx,
-        })
+        let (input, output) = self.client.console_interactive(name).await?;
+        Ok(pipe_session(input, output))
     }
 
     async fn screen_vnc(&self, name: &str) -> ApiResult<ConsoleSession> {
-        let (mut input, mut output) = self.client.screen_vnc(name).await?;
-        let (out_tx, out_rx) = mpsc::channel::<Bytes>(16);
-        let (in_tx, mut in_rx) = mpsc::channel::<Bytes>(16);
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    b = output.next() => match b {
-                        Some(Ok(b)) => if out_tx.send(b).await.is_err() { break },
-                        _ => break,
-                    },
-                    b = in_rx.recv() => match b {
-                        Some(b) => if input.send(&b).await.is_err() { break },
-                        None => break,
-                    },
-                }
-            }
-            input.close().await;
-        });
-        Ok(ConsoleSession {
-            output: out_rx,
-            input: in_tx,
-        })
+        let (input, output) = self.client.screen_vnc(name).await?;
+        Ok(pipe_session(input, output))
     }
 
     async fn snapshot_create(&self, name: &str, snapshot: &str) -> ApiResult<SnapshotInfo> {
@@ -549,5 +509,34 @@ impl tokio::io::AsyncWrite for Capped<'_> {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A byte session over a WebSocket pipe (console attach, VNC), as the
+/// service's channel pair.
+fn pipe_session(
+    mut input: crate::ws::ConsoleInput,
+    mut output: BoxStream<'static, crate::Result<Bytes>>,
+) -> ConsoleSession {
+    let (out_tx, out_rx) = mpsc::channel::<Bytes>(16);
+    let (in_tx, mut in_rx) = mpsc::channel::<Bytes>(16);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                b = output.next() => match b {
+                    Some(Ok(b)) => if out_tx.send(b).await.is_err() { break },
+                    _ => break,
+                },
+                b = in_rx.recv() => match b {
+                    Some(b) => if input.send(&b).await.is_err() { break },
+                    None => break,
+                },
+            }
+        }
+        input.close().await;
+    });
+    ConsoleSession {
+        output: out_rx,
+        input: in_tx,
     }
 }

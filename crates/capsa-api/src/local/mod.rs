@@ -779,28 +779,7 @@ impl Service for LocalService {
                 format!("is it running? see `capsa ps`; start it with `capsa start {name}`"),
             )
         })?;
-        let (mut r, mut w) = stream.into_split();
-        let (out_tx, out_rx) = mpsc::channel::<Bytes>(16);
-        let (in_tx, mut in_rx) = mpsc::channel::<Bytes>(16);
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; CHUNK];
-            loop {
-                tokio::select! {
-                    n = r.read(&mut buf) => match n {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => if out_tx.send(Bytes::copy_from_slice(&buf[..n])).await.is_err() { break },
-                    },
-                    b = in_rx.recv() => match b {
-                        Some(b) => if w.write_all(&b).await.is_err() { break },
-                        None => break,
-                    },
-                }
-            }
-        });
-        Ok(ConsoleSession {
-            output: out_rx,
-            input: in_tx,
-        })
+        Ok(socket_session(stream))
     }
 
     async fn snapshot_create(&self, name: &str, snapshot: &str) -> ApiResult<SnapshotInfo> {
@@ -1071,28 +1050,7 @@ impl Service for LocalService {
             ),
             )
         })?;
-        let (mut r, mut w) = stream.into_split();
-        let (out_tx, out_rx) = mpsc::channel::<Bytes>(16);
-        let (in_tx, mut in_rx) = mpsc::channel::<Bytes>(16);
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; CHUNK];
-            loop {
-                tokio::select! {
-                    n = r.read(&mut buf) => match n {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => if out_tx.send(Bytes::copy_from_slice(&buf[..n])).await.is_err() { break },
-                    },
-                    b = in_rx.recv() => match b {
-                        Some(b) => if w.write_all(&b).await.is_err() { break },
-                        None => break,
-                    },
-                }
-            }
-        });
-        Ok(ConsoleSession {
-            output: out_rx,
-            input: in_tx,
-        })
+        Ok(socket_session(stream))
     }
 
     async fn image_pull(&self, req: PullRequest) -> ApiResult<mpsc::Receiver<PullEvent>> {
@@ -1251,5 +1209,32 @@ async fn pump(out: Option<capsa::ExecOutput>, tx: mpsc::Sender<ExecChunk>, stder
                 return;
             }
         }
+    }
+}
+
+/// A byte session over a monitor's Unix socket (console, VNC), as the
+/// service's channel pair; it ends when either side does.
+fn socket_session(stream: tokio::net::UnixStream) -> ConsoleSession {
+    let (mut r, mut w) = stream.into_split();
+    let (out_tx, out_rx) = mpsc::channel::<Bytes>(16);
+    let (in_tx, mut in_rx) = mpsc::channel::<Bytes>(16);
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            tokio::select! {
+                n = r.read(&mut buf) => match n {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => if out_tx.send(Bytes::copy_from_slice(&buf[..n])).await.is_err() { break },
+                },
+                b = in_rx.recv() => match b {
+                    Some(b) => if w.write_all(&b).await.is_err() { break },
+                    None => break,
+                },
+            }
+        }
+    });
+    ConsoleSession {
+        output: out_rx,
+        input: in_tx,
     }
 }
