@@ -200,13 +200,31 @@ impl NetHandle {
         Ok(())
     }
 
-    /// Stops forwarding `host_ip:host_port`; returns the forward removed.
-    /// Connections already made through it go on.
-    pub fn remove_forward(
+    /// Stops forwarding `host_ip:host_port`; returns the forward removed,
+    /// once the host port is closed. Connections already made through it go on.
+    pub async fn remove_forward(
         &self,
         host_ip: std::net::Ipv4Addr,
         host_port: u16,
     ) -> capsa_core::Result<capsa_core::PortForward> {
+        let (f, task) = self.take_forward(host_ip, host_port)?;
+        task.abort();
+        // The listener closes when the cancelled task is dropped: wait for it.
+        let _ = task.await;
+        self.shared.log.record(
+            "forward",
+            format!("{}:{} -> {}", f.host_ip, f.host_port, f.guest_port),
+            true,
+            "a port forward was removed",
+        );
+        Ok(f)
+    }
+
+    fn take_forward(
+        &self,
+        host_ip: std::net::Ipv4Addr,
+        host_port: u16,
+    ) -> capsa_core::Result<(capsa_core::PortForward, tokio::task::JoinHandle<()>)> {
         let mut fwds = self.forwards.lock().unwrap_or_else(|e| e.into_inner());
         let Some(i) = fwds
             .iter()
@@ -218,15 +236,7 @@ impl NetHandle {
                 "list the forwards with `capsa port ls`",
             ));
         };
-        let (f, task) = fwds.remove(i);
-        task.abort();
-        self.shared.log.record(
-            "forward",
-            format!("{}:{} -> {}", f.host_ip, f.host_port, f.guest_port),
-            true,
-            "a port forward was removed",
-        );
-        Ok(f)
+        Ok(fwds.remove(i))
     }
 
     /// The forwarded ports, in the order they were added.

@@ -239,6 +239,7 @@ impl VmInstance for QemuInstance {
             .as_ref()
             .ok_or_else(capsa_core::no_network)?
             .remove_forward(host_ip, host_port)
+            .await
     }
 
     async fn port_forwards(&self) -> Result<Vec<capsa_core::PortForward>> {
