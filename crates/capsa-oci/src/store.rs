@@ -1136,9 +1136,10 @@ fn spool_archive(path: &Path, spool: &Path) -> Result<SpoolSource, OciError> {
     Ok(SpoolSource { files })
 }
 
-/// Where a staging tree fits in memory: `/dev/shm` when it is a tmpfs with
-/// room for twice the image's layers (uncompressed sizes are unknown until
-/// unpacked; gzip rarely exceeds 4x) and at most a quarter of its free space.
+/// Where a staging tree fits in memory: `/dev/shm` when it is a tmpfs and
+/// the tree's estimate (4x the layers' compressed size: uncompressed sizes
+/// are unknown until unpacked, and gzip rarely exceeds 4x) is at most a
+/// quarter of its free space.
 /// `CAPSA_STAGING=disk` keeps staging in the store (to compare, or on hosts
 /// whose `/dev/shm` is small).
 fn staging_on_tmpfs(rec: &ImageRecord) -> Option<tempfile::TempDir> {

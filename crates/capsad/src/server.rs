@@ -87,16 +87,18 @@ impl AppState {
                 seen.insert(s.name.clone(), (newest, at_newest));
                 continue;
             };
-            let mut skip = at_mark;
+            // Of the decisions at the mark's millisecond, the first `at_mark`
+            // were emitted already.
+            let mut at_mark_seen = 0;
             for d in log.decisions {
-                let fresh = d.at_ms > mark
-                    || (d.at_ms == mark && {
-                        // Decisions at the mark's millisecond: the first
-                        // `at_mark` were emitted already.
-                        let done = skip > 0;
-                        skip = skip.saturating_sub(1);
-                        !done
-                    });
+                let fresh = match d.at_ms.cmp(&mark) {
+                    std::cmp::Ordering::Greater => true,
+                    std::cmp::Ordering::Equal => {
+                        at_mark_seen += 1;
+                        at_mark_seen > at_mark
+                    }
+                    std::cmp::Ordering::Less => false,
+                };
                 if fresh {
                     self.emit(Event::Network {
                         name: s.name.clone(),
