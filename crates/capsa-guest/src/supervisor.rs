@@ -317,9 +317,7 @@ fn spawn(cfg: &Config) -> io::Result<libc::pid_t> {
     unsafe {
         cmd.pre_exec(|| {
             // PID 1 keeps its signals blocked; the workload must not inherit that.
-            let mut empty: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut empty);
-            libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+            crate::agent::sys::unblock_all_signals();
             if libc::setsid() < 0 {
                 return Err(io::Error::last_os_error());
             }

@@ -540,3 +540,39 @@ async fn stdout_throughput() {
         total as f64 / (1 << 20) as f64 / secs
     );
 }
+
+/// The agent keeps SIGCHLD/TERM/INT/HUP blocked for its own signal loop; no
+/// exec'd process may inherit that mask, or `timeout 1 sleep 5` and a
+/// container's SIGTERM would never take effect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_children_start_with_no_blocked_signals() {
+    let agent = ProcessAgent::start();
+    let c = agent.client();
+    let script = "grep SigBlk /proc/self/status";
+    let mut with_cwd = sh(script);
+    with_cwd.cwd = Some("/tmp".into());
+    let mut with_pty = sh(script);
+    with_pty.pty = Some(PtySize { rows: 24, cols: 80 });
+    for (what, req) in [("plain", sh(script)), ("cwd", with_cwd), ("pty", with_pty)] {
+        let text = stdout_of(&c, req).await;
+        let mask = text
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or_else(|| panic!("{what}: no SigBlk line in {text:?}"));
+        assert!(
+            mask.chars().all(|c| c == '0'),
+            "{what}: the child starts with blocked signals {mask}"
+        );
+    }
+    // And the effect a user sees: timeout's SIGTERM ends sleep at once.
+    let started = Instant::now();
+    let text = stdout_of(&c, sh("timeout 1 sleep 20; echo rc=$?")).await;
+    // coreutils says 124 for a timeout, busybox the signal's 128+15.
+    assert!(matches!(text.trim(), "rc=124" | "rc=143"), "{text:?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+async fn stdout_of(c: &capsa_agent_client::AgentClient, req: ExecRequest) -> String {
+    let out = c.exec_output(req, T).await.unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -76,6 +76,36 @@ async fn exit_codes_signals_and_missing_programs() {
         .await
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n/tmp\n");
+
+    // PID 1 keeps its signals blocked for its own loop; a command must start
+    // with none blocked, whichever way the agent spawned it.
+    let status = "grep SigBlk /proc/self/status";
+    for (what, cmd) in [
+        ("plain", Command::new("sh").args(["-c", status])),
+        (
+            "cwd",
+            Command::new("sh").args(["-c", status]).current_dir("/tmp"),
+        ),
+        ("pty", Command::new("sh").args(["-c", status]).pty(24, 80)),
+    ] {
+        let out = sb.exec(&cmd).await.unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mask = text.split_whitespace().nth(1).unwrap_or("missing");
+        assert_eq!(
+            mask, "0000000000000000",
+            "{what}: blocked signals in {text:?}"
+        );
+    }
+    let started = std::time::Instant::now();
+    let out = sb
+        .exec(&Command::new("sh").args(["-c", "timeout 1 sleep 30; echo rc=$?"]))
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "rc=143\n");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "timeout's SIGTERM was ignored"
+    );
 }
 
 #[tokio::test]

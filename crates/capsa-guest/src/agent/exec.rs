@@ -270,30 +270,29 @@ pub(super) fn run<S: Read + Write + AsRawFd>(
         }
     };
     let with_pty = pty.is_some();
+    // The agent keeps PID 1's TERM/INT/HUP/CHLD blocked for its signal loop.
+    // Only std's posix_spawn path resets the mask, and the static guest build
+    // forks (measured: children came up with the mask), so a command would
+    // inherit it: `timeout 1 sleep 5` would wait the full 5 s and a
+    // container's process could not be stopped with SIGTERM.
+    // SAFETY: the closure only makes async-signal-safe system calls.
+    unsafe {
+        cmd.pre_exec(|| {
+            sys::unblock_all_signals();
+            Ok(())
+        });
+    }
     if let Some(enter) = enter {
         // SAFETY: the closure only makes async-signal-safe system calls on
         // data prepared before the fork.
         unsafe {
-            cmd.pre_exec(move || {
-                // std's fork path leaves the agent's blocked signals (TERM,
-                // INT, HUP, CHLD...) to the child: a container's process
-                // could then not be stopped with SIGTERM.
-                let mut empty: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut empty);
-                libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-                enter.enter()
-            });
+            cmd.pre_exec(move || enter.enter());
         }
     }
     if with_pty {
         // SAFETY: the closure only makes async-signal-safe system calls.
         unsafe {
             cmd.pre_exec(move || {
-                // The agent's threads keep PID 1's signals blocked; the child
-                // must not inherit that mask.
-                let mut empty: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut empty);
-                libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
                 // Own session (hence process group) with the PTY as its
                 // controlling terminal, so job control and ^C work.
                 if libc::setsid() < 0 {
@@ -307,9 +306,7 @@ pub(super) fn run<S: Read + Write + AsRawFd>(
         }
     } else {
         // Own process group so signals and the timeout kill reach the whole
-        // tree. No pre_exec closure: std then spawns with posix_spawn
-        // (vfork-style, no page-table copy), which under TCG is measurably
-        // cheaper than fork; std resets the signal mask in the child itself.
+        // tree.
         cmd.process_group(0);
     }
     let (mut child, watch) = agent

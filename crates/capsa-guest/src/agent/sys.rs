@@ -173,6 +173,19 @@ pub(crate) fn block_signals(signals: &[libc::c_int]) -> io::Result<()> {
     Ok(())
 }
 
+/// Clears the calling thread's signal mask. Async-signal-safe: meant for a
+/// forked child before exec, so the command does not inherit the blocked
+/// signals of PID 1's signal loop.
+pub(crate) fn unblock_all_signals() {
+    // SAFETY: sigset_t is plain data; sigemptyset and pthread_sigmask are
+    // async-signal-safe and only touch the local set and this thread's mask.
+    unsafe {
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+    }
+}
+
 /// A signal set holding `signals`.
 pub(crate) fn sigset(signals: &[libc::c_int]) -> libc::sigset_t {
     // SAFETY: sigset_t is plain data initialised by sigemptyset.
