@@ -151,6 +151,12 @@ impl Cgroup {
     pub fn procs_fds(&self) -> Vec<RawFd> {
         self.procs.iter().map(|f| f.as_raw_fd()).collect()
     }
+
+    /// Copies of the `cgroup.procs` handles, kept by the running VM so the
+    /// helpers it starts later (a share's virtiofsd) join the same cgroup.
+    pub fn join_handles(&self) -> std::io::Result<Vec<File>> {
+        self.procs.iter().map(File::try_clone).collect()
+    }
 }
 
 impl Drop for Cgroup {

@@ -44,6 +44,9 @@ pub struct QemuInstance {
     pub(crate) qemu_dir: PathBuf,
     /// Who QEMU runs as, when not as capsa's user.
     pub(crate) creds: Option<Creds>,
+    /// The VM cgroup's `cgroup.procs` handles (empty without one): a share's
+    /// virtiofsd started later joins QEMU there, under the same limits.
+    pub(crate) cgroup_procs: Vec<std::fs::File>,
     /// The shares plugged in, by slot (see [`crate::args::share_bus`]).
     pub(crate) shares: tokio::sync::Mutex<Vec<Option<crate::share::ActiveShare>>>,
     /// capsa's network stack for the VM's NIC; stopped with the instance.
@@ -115,6 +118,20 @@ impl QemuInstance {
             .map(|c| c.procs_fds())
             .unwrap_or_default();
         let creds = jail.creds;
+        let cgroup_procs = match jail.cgroup.as_ref().map(|c| c.join_handles()) {
+            Some(Ok(files)) => files,
+            Some(Err(e)) => {
+                // Without them a later share would run outside the VM's limits.
+                return Err(QemuError::Spawn {
+                    binary: binary.to_path_buf(),
+                    source: std::io::Error::new(
+                        e.kind(),
+                        format!("keeping the VM cgroup's handles: {e}"),
+                    ),
+                });
+            }
+            None => Vec::new(),
+        };
         // SAFETY: getpid has no preconditions.
         let parent = unsafe { libc::getpid() };
         // SAFETY: only async-signal-safe calls (setpgid, write, fcntl, dup2,
@@ -282,6 +299,7 @@ impl QemuInstance {
             snapshot_lock: tokio::sync::Mutex::new(()),
             qemu_dir,
             creds,
+            cgroup_procs,
             shares: tokio::sync::Mutex::new((0..capsa_core::MAX_SHARES).map(|_| None).collect()),
             net: None,
         })

@@ -407,10 +407,16 @@ impl Hypervisor for QemuBackend {
         let ram = ram::create_memfd(spec.memory_mib << 20)
             .map_err(|e| Error::io("creating guest RAM (memfd)", e))?;
         // Each share's virtiofsd listens before QEMU starts and connects to it.
+        let boot_procs = match jail.cgroup.as_ref() {
+            Some(c) if !spec.shares.is_empty() => c
+                .join_handles()
+                .map_err(|e| Error::io("keeping the VM cgroup's handles", e))?,
+            _ => Vec::new(),
+        };
         let mut started = Vec::new();
         for (i, s) in spec.shares.iter().enumerate() {
             let socket = jail.dir.join(format!("virtiofs{i}.sock"));
-            match share::spawn(s, &socket, jail.creds) {
+            match share::spawn(s, &socket, jail.creds, &boot_procs) {
                 Ok(daemon) => started.push(share::ActiveShare {
                     spec: s.clone(),
                     daemon,

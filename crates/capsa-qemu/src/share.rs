@@ -149,8 +149,14 @@ pub(crate) struct ActiveShare {
 }
 
 /// Starts a confined virtiofsd for `share` listening at `socket` (which is
-/// handed to QEMU's user `qemu`). The share must have been validated.
-pub(crate) fn spawn(share: &ShareSpec, socket: &Path, qemu: Option<Creds>) -> Result<Virtiofsd> {
+/// handed to QEMU's user `qemu`), in the VM's cgroup when `cgroup_procs`
+/// holds its `cgroup.procs` handles. The share must have been validated.
+pub(crate) fn spawn(
+    share: &ShareSpec,
+    socket: &Path,
+    qemu: Option<Creds>,
+    cgroup_procs: &[std::fs::File],
+) -> Result<Virtiofsd> {
     let binary = find_virtiofsd()?;
     let meta = std::fs::metadata(&share.host)
         .map_err(|e| share_error(share, format!("cannot inspect the host directory: {e}")))?;
@@ -194,6 +200,7 @@ pub(crate) fn spawn(share: &ShareSpec, socket: &Path, qemu: Option<Creds>) -> Re
         .unwrap_or(1 << 20)
         .min(1_000_000);
     let src_fd = listen_fd.as_raw_fd();
+    let procs: Vec<std::os::fd::RawFd> = cgroup_procs.iter().map(|f| f.as_raw_fd()).collect();
     // SAFETY: getpid has no preconditions.
     let parent = unsafe { libc::getpid() };
 
@@ -210,7 +217,7 @@ pub(crate) fn spawn(share: &ShareSpec, socket: &Path, qemu: Option<Creds>) -> Re
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    // SAFETY: only async-signal-safe calls (setpgid, setrlimit, unshare, mount,
+    // SAFETY: only async-signal-safe calls (setpgid, write, setrlimit, unshare, mount,
     // set*id, prctl, open/write/close, dup2) between fork and exec, on data
     // prepared before the fork.
     unsafe {
@@ -273,6 +280,13 @@ pub(crate) fn spawn(share: &ShareSpec, socket: &Path, qemu: Option<Creds>) -> Re
             };
             // Own process group: a Ctrl-C on the terminal goes to capsa, not here.
             libc::setpgid(0, 0);
+            // Into the VM's cgroup while still privileged: the share's work
+            // (and its page cache) counts against the VM, as QEMU's does.
+            for fd in &procs {
+                if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             check(libc::dup2(src_fd, 3))?;
             // One fd per inode the guest looks up: the default 1024 would not
             // survive a `find` over a source tree.

@@ -121,7 +121,7 @@ impl VmInstance for QemuInstance {
             });
         }
         let socket = self.qemu_dir.join(format!("virtiofs{i}.sock"));
-        let daemon = crate::share::spawn(&share, &socket, self.creds)?;
+        let daemon = crate::share::spawn(&share, &socket, self.creds, &self.cgroup_procs)?;
         let t = std::time::Instant::now();
         let plugged = async {
             crate::share::add_chardev(self, &share_chardev_id(i), &socket).await?;

@@ -110,6 +110,24 @@ fn descends_from_me(mut pid: u32) -> bool {
     false
 }
 
+/// Each virtiofsd of this process runs in a VM cgroup (where QEMU is),
+/// when this machine gives capsa cgroups.
+fn assert_virtiofsd_in_vm_cgroup() {
+    if capsa_qemu::cgroup::status().is_err() {
+        eprintln!("no VM cgroups here: virtiofsd's cgroup not checked");
+        return;
+    }
+    let pids = virtiofsds();
+    assert!(!pids.is_empty(), "a virtiofsd runs");
+    for pid in pids {
+        let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        assert!(
+            cg.lines().any(|l| l.contains("/capsa-")),
+            "virtiofsd {pid} runs outside the VM's cgroup: {cg}"
+        );
+    }
+}
+
 async fn wait_no_virtiofsd() {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !virtiofsds().is_empty() {
@@ -136,6 +154,9 @@ async fn fifty_mib_both_ways_and_guest_files_belong_to_the_owner() {
         .expect("sandbox with a share boots");
     assert_eq!(sb.shares().await.unwrap().len(), 1);
     assert!(!virtiofsds().is_empty() || common::strategy() == capsa::Strategy::Monitor);
+    if common::strategy() == capsa::Strategy::InProcess {
+        assert_virtiofsd_in_vm_cgroup();
+    }
 
     let (code, out, err) = sh(&sb, "sha256sum /work/from-host.bin").await;
     assert_eq!(code, Some(0), "{err}");
@@ -269,6 +290,9 @@ async fn share_on_a_pooled_sandbox_then_snapshot_is_refused_until_detached() {
         .await
         .expect("share on a restored sandbox");
     eprintln!("share_add on a pooled sandbox: {:?}", t.elapsed());
+    if common::strategy() == capsa::Strategy::InProcess {
+        assert_virtiofsd_in_vm_cgroup();
+    }
     let (code, out, err) = sh(&sb, "cat /data/hello.txt && echo back > /data/back.txt").await;
     assert_eq!((code, out.as_str()), (Some(0), "from the host"), "{err}");
     assert_eq!(std::fs::read(dir.join("back.txt")).unwrap(), b"back\n");
