@@ -196,7 +196,7 @@ async fn screenshots_and_actions_over_the_api() {
     );
 
     // A VNC viewer over the WebSocket: QEMU's RFB server, the display's size.
-    let (mut input, mut output) = c.screen_vnc("scr").await.expect("VNC WebSocket");
+    let (mut input, mut output) = c.screen_vnc("scr", false).await.expect("VNC WebSocket");
     let mut buf: Vec<u8> = Vec::new();
     async fn need(
         buf: &mut Vec<u8>,
