@@ -138,11 +138,7 @@ async fn view(svc: Box<dyn capsa_api::Service>, args: ViewArgs) -> anyhow::Resul
     eprintln!(
         "capsa: viewing {} ({}) at the URL above; it works once, in one browser. Ctrl-C stops.",
         args.name,
-        if args.input {
-            "input on"
-        } else {
-            "view only"
-        }
+        if args.input { "input on" } else { "view only" }
     );
     axum::serve(listener, app)
         .with_graceful_shutdown(async {

@@ -144,7 +144,8 @@ impl Browser {
         let mut bytes = serde_json::to_vec(&msg).unwrap();
         bytes.push(0);
         if let Err(e) = self.to.write_all(&bytes) {
-            let log = std::fs::read_to_string(self._dir.path().join("chromium.log")).unwrap_or_default();
+            let log =
+                std::fs::read_to_string(self._dir.path().join("chromium.log")).unwrap_or_default();
             panic!("writing to chromium: {e}\n{log}");
         }
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -203,7 +204,9 @@ impl Browser {
                         .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
                         .unwrap_or_default()
                 };
-                let near = |p: Vec<u64>, want: u64| p.len() == 3 && p.iter().all(|c| c.abs_diff(want) <= 8);
+                let near = |p: Vec<u64>, want: u64| {
+                    p.len() == 3 && p.iter().all(|c| c.abs_diff(want) <= 8)
+                };
                 if near(px("left"), 0x80) && near(px("right"), 0xff) {
                     return t;
                 }
@@ -275,7 +278,10 @@ impl Viewer {
             .expect("capsa screen view prints its URL")
             .trim()
             .to_string();
-        assert!(url.starts_with("http://127.0.0.1:") && url.contains("/?token="), "{url:?}");
+        assert!(
+            url.starts_with("http://127.0.0.1:") && url.contains("/?token="),
+            "{url:?}"
+        );
         Viewer { child, url }
     }
 
@@ -321,7 +327,10 @@ fn start_reader(d: &Daemon, file: &str) {
     );
     let t = Instant::now();
     while !sh(d, &format!("cat {file} 2>/dev/null; true")).starts_with("ready") {
-        assert!(t.elapsed() < Duration::from_secs(30), "input reader not ready");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "input reader not ready"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -338,7 +347,9 @@ fn screen_view_in_a_real_browser() {
             std::env::var_os("CI").is_none(),
             "chromium is missing in CI: .ci/run installs it (apt-get install chromium)"
         );
-        eprintln!("SKIPPED: chromium is not installed (apt-get install chromium, or scripts/setup.sh)");
+        eprintln!(
+            "SKIPPED: chromium is not installed (apt-get install chromium, or scripts/setup.sh)"
+        );
         return;
     };
     common::ensure_binaries();
@@ -375,14 +386,22 @@ fn screen_view_in_a_real_browser() {
     assert_eq!(status_of(port, "/?token=00", ""), 403);
     b.navigate(&v.url);
     let first = b.wait_pattern("view-only");
-    assert_eq!(b.eval("location.href").as_str(), Some(&*format!("{}/", v.base())), "the token left the address bar");
+    assert_eq!(
+        b.eval("location.href").as_str(),
+        Some(&*format!("{}/", v.base())),
+        "the token left the address bar"
+    );
     assert_eq!(
         b.eval("document.body.dataset.viewOnly").as_str(),
         Some("true")
     );
     // The used link is refused now, and so is a WebSocket without the cookie.
     let token_path = &v.url[v.base().len()..];
-    assert_eq!(status_of(port, token_path, ""), 403, "a used link must not work again");
+    assert_eq!(
+        status_of(port, token_path, ""),
+        403,
+        "a used link must not work again"
+    );
     let ws = format!(
         "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nOrigin: {}\r\n",
@@ -410,8 +429,15 @@ fn screen_view_in_a_real_browser() {
     b.eval("window.capsaViewer.rfb.sendKey(0x61, 'KeyA'); true");
     std::thread::sleep(Duration::from_millis(1500));
     let ev = sh(&d, "cat /tmp/ev0");
-    assert!(!ev.contains("EV "), "a view-only session let input through:\n{ev}");
-    assert_eq!(connection_state(&mut b), "connected", "dropping input keeps the view");
+    assert!(
+        !ev.contains("EV "),
+        "a view-only session let input through:\n{ev}"
+    );
+    assert_eq!(
+        connection_state(&mut b),
+        "connected",
+        "dropping input keeps the view"
+    );
     drop(v);
 
     // With --input, directly (this process's service enforces nothing): a

@@ -1280,12 +1280,14 @@ async fn screen_view(
     st.service.screen_info(&name).await?;
     let input = q.input.unwrap_or(false);
     let ws = format!("/v1/sandboxes/{name}/screen/vnc?input={input}");
-    Ok(capsa_api::viewer::web::page(&capsa_api::viewer::web::Page {
-        name: &name,
-        assets: "/v1/viewer/",
-        ws: &ws,
-        view_only: !input,
-    }))
+    Ok(capsa_api::viewer::web::page(
+        &capsa_api::viewer::web::Page {
+            name: &name,
+            assets: "/v1/viewer/",
+            ws: &ws,
+            view_only: !input,
+        },
+    ))
 }
 
 /// The viewer page's assets (vendored noVNC, MPL-2.0, and its script);

@@ -404,10 +404,7 @@ mod tests {
             (with(&[251, 0, 0, 1, 0, 1, 200, 0]), "SetDesktopSize"),
         ] {
             let e = run(&[&bad]).unwrap_err();
-            assert!(
-                e.to_string().contains(err),
-                "{bad:?}: {e} (wanted {err:?})"
-            );
+            assert!(e.to_string().contains(err), "{bad:?}: {e} (wanted {err:?})");
         }
         // Once failed, nothing more passes.
         let mut f = ViewOnlyFilter::new();

@@ -298,7 +298,10 @@ struct LocalState {
 fn forbidden(why: &str) -> Response {
     (
         StatusCode::FORBIDDEN,
-        [(header::CONTENT_TYPE, TEXT), (header::CACHE_CONTROL, "no-store")],
+        [
+            (header::CONTENT_TYPE, TEXT),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
         format!("403 forbidden: {why}\n"),
     )
         .into_response()
@@ -368,7 +371,8 @@ async fn local_asset(
     if !st.auth.host_ok(&headers) || !st.auth.has_cookie(&headers) {
         return forbidden(NO_ACCESS);
     }
-    asset_response(&path).unwrap_or_else(|| (StatusCode::NOT_FOUND, "no such asset\n").into_response())
+    asset_response(&path)
+        .unwrap_or_else(|| (StatusCode::NOT_FOUND, "no such asset\n").into_response())
 }
 
 async fn local_vnc(
@@ -430,7 +434,12 @@ mod tests {
     fn host_and_origin_are_the_listener() {
         let (a, _) = LocalAuth::new(5000).unwrap();
         assert!(a.host_ok(&headers(&[(header::HOST, "127.0.0.1:5000")])));
-        for bad in ["localhost:5000", "evil.example:5000", "127.0.0.1:5001", "127.0.0.1"] {
+        for bad in [
+            "localhost:5000",
+            "evil.example:5000",
+            "127.0.0.1:5001",
+            "127.0.0.1",
+        ] {
             assert!(!a.host_ok(&headers(&[(header::HOST, bad)])), "{bad}");
         }
         assert!(!a.host_ok(&HeaderMap::new()));
@@ -446,7 +455,13 @@ mod tests {
         assert!(asset("novnc/vendor/pako/lib/zlib/inflate.js").is_some());
         assert!(asset("novnc/LICENSE.txt").is_some());
         assert!(asset("viewer.js").is_some());
-        for bad in ["novnc/../Cargo.toml", "novnc//core/rfb.js", "novnc/core/./rfb.js", "x", "novnc/nope.js"] {
+        for bad in [
+            "novnc/../Cargo.toml",
+            "novnc//core/rfb.js",
+            "novnc/core/./rfb.js",
+            "x",
+            "novnc/nope.js",
+        ] {
             assert!(asset(bad).is_none(), "{bad}");
         }
         let html = page_html(&Page {
