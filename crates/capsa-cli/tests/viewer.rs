@@ -465,9 +465,9 @@ fn screen_view_in_a_real_browser() {
     // The tablet's last x and y: pixel 200,300 of 1280x800 on 0..32767.
     let last_abs = |code: &str| -> i64 {
         ev.lines()
+            .rev()
             .filter_map(|l| l.strip_prefix(&format!("EV 3 {code} ")))
-            .filter_map(|v| v.trim().parse().ok())
-            .last()
+            .find_map(|v| v.trim().parse().ok())
             .unwrap_or_else(|| panic!("no ABS {code} event:\n{ev}"))
     };
     let (ax, ay) = (last_abs("0"), last_abs("1"));
