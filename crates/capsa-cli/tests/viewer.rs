@@ -449,6 +449,20 @@ fn screen_view_in_a_real_browser() {
         b.eval("document.body.dataset.viewOnly").as_str(),
         Some("false")
     );
+    assert_eq!(
+        b.eval("document.getElementById('status').textContent")
+            .as_str(),
+        Some("connected")
+    );
+    // To look at the page: CAPSA_VIEWER_SHOT=/tmp/viewer.png.
+    if let Some(path) = std::env::var_os("CAPSA_VIEWER_SHOT") {
+        use base64::Engine as _;
+        let shot = b.page("Page.captureScreenshot", json!({"format": "png"}));
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(shot["data"].as_str().unwrap())
+            .unwrap();
+        std::fs::write(path, png).unwrap();
+    }
     start_reader(&d, "/tmp/ev1");
     let (x, y) = canvas_point(&mut b, 200, 300);
     b.click(x, y);

@@ -407,6 +407,7 @@ async fn openapi_document_parses_and_covers_the_routes() {
         "/v1/sandboxes/{name}/screen/screenshot",
         "/v1/sandboxes/{name}/screen/actions",
         "/v1/sandboxes/{name}/screen/vnc",
+        "/v1/sandboxes/{name}/screen/view",
     ] {
         assert!(paths.contains_key(p), "{p} missing");
     }
