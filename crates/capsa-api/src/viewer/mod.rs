@@ -16,6 +16,17 @@ use tokio::sync::mpsc;
 
 use crate::service::ConsoleSession;
 
+/// Compares secrets without an early exit, so timing does not reveal a
+/// matching prefix (capsad's bearer token, the viewer's token and cookie).
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    // black_box keeps the optimiser from turning the fold into an early exit.
+    std::hint::black_box(diff) == 0
+}
+
 /// Wraps a VNC session so only a view-only viewer's allowed messages reach
 /// QEMU (see [`rfb::ViewOnlyFilter`]); a refused stream ends the session.
 pub fn view_only(session: ConsoleSession) -> ConsoleSession {

@@ -184,14 +184,7 @@ pub async fn bridge(ws: WebSocket, session: ConsoleSession) {
     }
 }
 
-/// Compares without an early exit, so timing does not reveal a prefix.
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
-    std::hint::black_box(diff) == 0
-}
+use super::constant_time_eq as ct_eq;
 
 fn random_hex() -> std::io::Result<String> {
     use std::io::Read;
