@@ -16,6 +16,7 @@ pub mod error;
 pub mod local;
 pub mod service;
 pub mod types;
+pub mod viewer;
 
 pub use error::{ApiError, ApiResult, ErrorBody, ErrorCode, ErrorDetail, StatusCode};
 pub use service::{ConsoleSession, ExecChunk, ExecControl, ExecSession, Files, Service};

@@ -185,7 +185,10 @@ pub trait Service: Send + Sync {
     ) -> ApiResult<ScreenActionsResponse>;
     /// A viewer of the sandbox's screen: the raw RFB (VNC) byte stream of
     /// QEMU's VNC server, both ways (a [`ConsoleSession`]-shaped pipe).
-    async fn screen_vnc(&self, name: &str) -> ApiResult<ConsoleSession>;
+    /// Without `input` the session is view-only, enforced here: the
+    /// viewer's key, pointer and clipboard messages never reach QEMU
+    /// ([`crate::viewer::rfb`]).
+    async fn screen_vnc(&self, name: &str, input: bool) -> ApiResult<ConsoleSession>;
     /// Pulls an image from a registry into the store and converts it to a
     /// root filesystem: progress events, ending with `Done` or `Error`.
     /// Dropping the receiver abandons the pull.

@@ -1027,6 +1027,20 @@ pub struct PortQuery {
     pub host_ip: Option<String>,
 }
 
+/// Whether a viewer may send input (`GET /v1/sandboxes/{name}/screen/vnc`
+/// and `.../screen/view`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
+pub struct ScreenViewQuery {
+    /// Pass the viewer's keyboard and pointer to the guest (default false:
+    /// view only, enforced by the server, which drops the viewer's input
+    /// messages).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<bool>,
+}
+
 /// A sandbox's display (`GET /v1/sandboxes/{name}/screen`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

@@ -57,6 +57,23 @@ pub enum ScreenCmd {
         #[arg(long, value_name = "PNG")]
         shot: Option<PathBuf>,
     },
+    /// Watch the screen live in a browser (noVNC): serves a viewer on
+    /// 127.0.0.1 and prints its one-time URL; view-only unless --input.
+    View(ViewArgs),
+}
+
+/// `capsa screen view`.
+#[derive(clap::Args, Debug)]
+pub struct ViewArgs {
+    /// The sandbox.
+    pub name: String,
+    /// Let the browser's keyboard and pointer reach the guest (default:
+    /// view only, enforced on the host, not just in the page).
+    #[arg(long)]
+    pub input: bool,
+    /// Port to listen on at 127.0.0.1 (default: any free one).
+    #[arg(long, value_name = "P", default_value_t = 0)]
+    pub port: u16,
 }
 
 fn parse_region(s: &str) -> Result<ScreenRegion, String> {
@@ -84,10 +101,58 @@ fn write_png(out: &std::path::Path, png: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Serves the viewer of `args.name` on 127.0.0.1 until interrupted. A
+/// browser can neither reach a Unix socket nor put a bearer token on a
+/// WebSocket: this listener bridges to the service's `screen_vnc`, guarded
+/// by a one-time token (see `capsa_api::viewer::web`).
+async fn view(svc: Box<dyn capsa_api::Service>, args: ViewArgs) -> anyhow::Result<ExitCode> {
+    use capsa_api::viewer::web::{local_app, LocalAuth, Opener};
+    // Fail here, with the fix, rather than in the browser.
+    svc.screen_info(&args.name).await?;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", args.port))
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen on 127.0.0.1:{}: {e}. Fix: pick another --port, or leave it out for any free one",
+                args.port
+            )
+        })?;
+    let port = listener.local_addr()?.port();
+    let (auth, token) = LocalAuth::new(port)?;
+    let url = auth.url(&token);
+    let svc: std::sync::Arc<dyn capsa_api::Service> = std::sync::Arc::from(svc);
+    let name = args.name.clone();
+    let input = args.input;
+    let open: Opener = std::sync::Arc::new(move || {
+        let svc = svc.clone();
+        let name = name.clone();
+        Box::pin(async move { svc.screen_vnc(&name, input).await })
+    });
+    let app = local_app(std::sync::Arc::new(auth), open, &args.name, !args.input);
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{url}")?;
+        out.flush()?;
+    }
+    eprintln!(
+        "capsa: viewing {} ({}) at the URL above; it works once, in one browser. Ctrl-C stops.",
+        args.name,
+        if args.input { "input on" } else { "view only" }
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Runs `capsa screen ...`.
 pub async fn run(conn: &crate::service::Conn, cmd: ScreenCmd) -> anyhow::Result<ExitCode> {
     let svc = crate::service::connect(conn)?;
     match cmd {
+        ScreenCmd::View(args) => return view(svc, args).await,
         ScreenCmd::Info { name } => {
             let i = svc.screen_info(&name).await?;
             println!("{}x{}", i.width, i.height);

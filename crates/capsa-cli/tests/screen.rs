@@ -70,6 +70,8 @@ fn screen_commands_directly_and_through_capsad() {
             (vec!["screen", "do", "d", "key:ctrl+nokey"], "nokey"),
             (vec!["screen", "do", "d", "click:640,0"], "outside"),
             (vec!["screen", "info", "h"], "--display"),
+            (vec!["screen", "view", "h"], "--display"),
+            (vec!["screen", "view", "nope"], "nope"),
         ] {
             let o = d.run_on(host, &args);
             assert!(!o.status.success(), "{args:?}");

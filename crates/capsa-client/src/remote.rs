@@ -237,8 +237,8 @@ impl Service for RemoteService {
         Ok(pipe_session(input, output))
     }
 
-    async fn screen_vnc(&self, name: &str) -> ApiResult<ConsoleSession> {
-        let (input, output) = self.client.screen_vnc(name).await?;
+    async fn screen_vnc(&self, name: &str, input: bool) -> ApiResult<ConsoleSession> {
+        let (input, output) = self.client.screen_vnc(name, input).await?;
         Ok(pipe_session(input, output))
     }
 

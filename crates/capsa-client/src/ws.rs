@@ -175,9 +175,15 @@ impl Client {
         self.byte_pipe(&sb_path(name, "/console/ws")).await
     }
 
-    /// `GET /v1/sandboxes/{name}/screen/vnc`: a VNC viewer's RFB stream.
-    pub async fn screen_vnc(&self, name: &str) -> Result<(ConsoleInput, BoxStream<Bytes>)> {
-        self.byte_pipe(&sb_path(name, "/screen/vnc")).await
+    /// `GET /v1/sandboxes/{name}/screen/vnc`: a VNC viewer's RFB stream;
+    /// without `input`, view-only (the daemon drops the viewer's input).
+    pub async fn screen_vnc(
+        &self,
+        name: &str,
+        input: bool,
+    ) -> Result<(ConsoleInput, BoxStream<Bytes>)> {
+        self.byte_pipe(&sb_path(name, &format!("/screen/vnc?input={input}")))
+            .await
     }
 
     async fn byte_pipe(&self, path: &str) -> Result<(ConsoleInput, BoxStream<Bytes>)> {

@@ -109,14 +109,7 @@ fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
 }
 
 /// Compares without an early exit, so timing does not reveal a prefix match.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
-    // black_box keeps the optimiser from turning the fold into an early exit.
-    std::hint::black_box(diff) == 0
-}
+pub use capsa_api::viewer::constant_time_eq;
 
 /// The expected token, shared by the middleware.
 #[derive(Clone)]

@@ -21,7 +21,7 @@ use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use base64::Engine as _;
-use futures::{SinkExt, StreamExt, TryStreamExt};
+use futures::{StreamExt, TryStreamExt};
 use tokio::io::AsyncReadExt;
 use tokio::sync::{broadcast, oneshot};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -222,6 +222,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(screenshot))
         .routes(routes!(screen_actions))
         .routes(routes!(screen_vnc))
+        .routes(routes!(screen_view))
         .routes(routes!(list_images))
         .routes(routes!(pull_image))
         .routes(routes!(get_image, delete_image))
@@ -245,6 +246,7 @@ pub fn app(state: AppState, token: String) -> Router {
                 async move { ([(header::CONTENT_TYPE, "application/json")], (*doc).clone()) }
             }),
         )
+        .route("/v1/viewer/{*path}", axum::routing::get(viewer_asset))
         .fallback(|uri: Uri| async move { ApiError::no_route(uri.path()) })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT))
@@ -801,33 +803,7 @@ async fn console_ws(
 }
 
 async fn console_bridge(ws: WebSocket, console: capsa_api::ConsoleSession) {
-    let (mut wtx, mut wrx) = ws.split();
-    let capsa_api::ConsoleSession { mut output, input } = console;
-    let to_ws = async {
-        while let Some(b) = output.recv().await {
-            if wtx.send(Message::Binary(b)).await.is_err() {
-                return;
-            }
-        }
-        let _ = wtx.send(Message::Close(None)).await;
-    };
-    let from_ws = async {
-        while let Some(Ok(msg)) = wrx.next().await {
-            let data = match msg {
-                Message::Binary(b) => b,
-                Message::Text(t) => Bytes::copy_from_slice(t.as_bytes()),
-                Message::Close(_) => break,
-                _ => continue,
-            };
-            if input.send(data).await.is_err() {
-                break;
-            }
-        }
-    };
-    tokio::select! {
-        _ = to_ws => {}
-        _ = from_ws => {}
-    }
+    capsa_api::viewer::web::bridge(ws, console).await
 }
 
 /// Server-sent events: first the current state of every sandbox, then state
@@ -1261,21 +1237,64 @@ async fn screen_actions(
 
 /// A VNC viewer of the sandbox's screen over a WebSocket: binary frames
 /// carry the RFB stream of QEMU's VNC server both ways (noVNC speaks it;
-/// the `binary` subprotocol is accepted).
+/// the `binary` subprotocol is accepted). View-only unless `input=true`:
+/// the daemon then drops the viewer's key, pointer and clipboard messages.
 #[utoipa::path(get, path = "/v1/sandboxes/{name}/screen/vnc", tag = "screen",
-    params(("name" = String, Path, description = "sandbox name")),
+    params(("name" = String, Path, description = "sandbox name"), ScreenViewQuery),
     responses((status = 101, description = "WebSocket upgrade"), (status = 400, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
         (status = 503, body = ErrorBody)))]
 async fn screen_vnc(
     State(st): State<AppState>,
     p: NameParam,
+    q: Result<Query<ScreenViewQuery>, QueryRejection>,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
     let name = name_of(p)?;
+    let Query(q) = q?;
     let ws = ws?.protocols(["binary"]);
-    let session = st.service.screen_vnc(&name).await?;
+    let session = st
+        .service
+        .screen_vnc(&name, q.input.unwrap_or(false))
+        .await?;
     Ok(ws.on_upgrade(move |socket| console_bridge(socket, session)))
+}
+
+/// A browser viewer (noVNC) of the sandbox's screen: an HTML page whose
+/// script connects to `screen/vnc` (with the same `input`). Its assets are
+/// under `/v1/viewer/`. Like every route it needs the bearer token, which a
+/// browser does not send by itself: put an authenticating proxy in front,
+/// or use `capsa screen view`, which serves the same page on 127.0.0.1.
+#[utoipa::path(get, path = "/v1/sandboxes/{name}/screen/view", tag = "screen",
+    params(("name" = String, Path, description = "sandbox name"), ScreenViewQuery),
+    responses((status = 200, description = "the viewer page", content_type = "text/html", body = String),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
+async fn screen_view(
+    State(st): State<AppState>,
+    p: NameParam,
+    q: Result<Query<ScreenViewQuery>, QueryRejection>,
+) -> ApiResult<Response> {
+    let name = name_of(p)?;
+    let Query(q) = q?;
+    st.service.screen_info(&name).await?;
+    let input = q.input.unwrap_or(false);
+    let ws = format!("/v1/sandboxes/{name}/screen/vnc?input={input}");
+    Ok(capsa_api::viewer::web::page(
+        &capsa_api::viewer::web::Page {
+            name: &name,
+            assets: "/v1/viewer/",
+            ws: &ws,
+            view_only: !input,
+        },
+    ))
+}
+
+/// The viewer page's assets (vendored noVNC, MPL-2.0, and its script);
+/// static files, so outside the OpenAPI document like `/openapi.json`.
+async fn viewer_asset(Path(path): Path<String>) -> Response {
+    capsa_api::viewer::web::asset_response(&path)
+        .unwrap_or_else(|| ApiError::no_route(&format!("/v1/viewer/{path}")).into_response())
 }
 
 /// A running sandbox's latest network decisions (allowed and denied, each

@@ -335,6 +335,62 @@ async fn bad_requests_get_json_errors_and_the_daemon_keeps_serving() {
 }
 
 #[tokio::test]
+async fn the_viewer_assets_are_served_behind_the_token() {
+    let d = common::Daemon::start();
+    let c = d.client();
+    let (st, js) = c
+        .raw(Method::GET, "/v1/viewer/novnc/core/rfb.js", None, vec![])
+        .await
+        .unwrap();
+    assert_eq!(st, StatusCode::OK);
+    assert!(String::from_utf8_lossy(&js).contains("export default class RFB"));
+    let (st, _) = c
+        .raw(Method::GET, "/v1/viewer/viewer.js", None, vec![])
+        .await
+        .unwrap();
+    assert_eq!(st, StatusCode::OK);
+    let (st, lic) = c
+        .raw(Method::GET, "/v1/viewer/novnc/LICENSE.txt", None, vec![])
+        .await
+        .unwrap();
+    assert_eq!(st, StatusCode::OK);
+    assert!(String::from_utf8_lossy(&lic).contains("MPL"));
+    for bad in ["/v1/viewer/novnc/../Cargo.toml", "/v1/viewer/nope.js"] {
+        expect_err(
+            &c,
+            Method::GET,
+            bad,
+            None,
+            vec![],
+            StatusCode::NOT_FOUND,
+            "not_found",
+        )
+        .await;
+    }
+    expect_err(
+        &c,
+        Method::GET,
+        "/v1/sandboxes/nope/screen/view",
+        None,
+        vec![],
+        StatusCode::NOT_FOUND,
+        "not_found",
+    )
+    .await;
+    let wrong = Client::connect(&d.socket, "nope").unwrap();
+    expect_err(
+        &wrong,
+        Method::GET,
+        "/v1/viewer/viewer.js",
+        None,
+        vec![],
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn openapi_document_parses_and_covers_the_routes() {
     let d = common::Daemon::start();
     let doc = d.client().openapi().await.expect("openapi");
@@ -351,6 +407,7 @@ async fn openapi_document_parses_and_covers_the_routes() {
         "/v1/sandboxes/{name}/screen/screenshot",
         "/v1/sandboxes/{name}/screen/actions",
         "/v1/sandboxes/{name}/screen/vnc",
+        "/v1/sandboxes/{name}/screen/view",
     ] {
         assert!(paths.contains_key(p), "{p} missing");
     }

@@ -196,7 +196,7 @@ async fn screenshots_and_actions_over_the_api() {
     );
 
     // A VNC viewer over the WebSocket: QEMU's RFB server, the display's size.
-    let (mut input, mut output) = c.screen_vnc("scr").await.expect("VNC WebSocket");
+    let (mut input, mut output) = c.screen_vnc("scr", false).await.expect("VNC WebSocket");
     let mut buf: Vec<u8> = Vec::new();
     async fn need(
         buf: &mut Vec<u8>,
@@ -229,7 +229,54 @@ async fn screenshots_and_actions_over_the_api() {
         ),
         (800, 600)
     );
+    // View-only is enforced by the daemon: input is dropped (the view goes
+    // on), and an RFB message it does not know ends the session.
+    let name_len = u32::from_be_bytes(
+        need(&mut buf, &mut output, 20).await[16..20]
+            .try_into()
+            .unwrap(),
+    );
+    need(&mut buf, &mut output, name_len as usize).await;
+    input.send(&[5, 1, 0, 10, 0, 20]).await.unwrap();
+    input.send(&[3, 0, 0, 0, 0, 0, 0, 16, 0, 16]).await.unwrap();
+    let update = need(&mut buf, &mut output, 1).await;
+    assert_eq!(
+        update,
+        [0],
+        "a FramebufferUpdate after the pointer event was dropped"
+    );
+    input.send(&[7]).await.unwrap();
+    let t = Instant::now();
+    loop {
+        use futures::StreamExt;
+        match tokio::time::timeout(Duration::from_secs(20), output.next()).await {
+            Ok(None) | Ok(Some(Err(_))) => break,
+            Ok(Some(Ok(_))) => assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "the session stayed open"
+            ),
+            Err(_) => panic!("the session stayed open after an unknown RFB message"),
+        }
+    }
     input.close().await;
+
+    // The viewer page, behind the token like every route.
+    let (st, html) = c
+        .raw(
+            hyper::Method::GET,
+            "/v1/sandboxes/scr/screen/view?input=true",
+            None,
+            vec![],
+        )
+        .await
+        .unwrap();
+    let html = String::from_utf8_lossy(&html);
+    assert_eq!(st.as_u16(), 200, "{html}");
+    assert!(
+        html.contains(r#"data-ws="/v1/sandboxes/scr/screen/vnc?input=true""#)
+            && html.contains(r#"data-view-only="false""#),
+        "{html}"
+    );
 
     // Bad input is refused before anything is sent, naming the fix.
     let bad = c

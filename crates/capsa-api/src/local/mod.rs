@@ -1039,7 +1039,7 @@ impl Service for LocalService {
         })
     }
 
-    async fn screen_vnc(&self, name: &str) -> ApiResult<ConsoleSession> {
+    async fn screen_vnc(&self, name: &str, input: bool) -> ApiResult<ConsoleSession> {
         self.has_display(name)?;
         let rec = self.record(name)?;
         let sock = rec.dir.join(capsa_vmm::state::files::VNC_SOCK);
@@ -1050,7 +1050,12 @@ impl Service for LocalService {
             ),
             )
         })?;
-        Ok(socket_session(stream))
+        let session = socket_session(stream);
+        Ok(if input {
+            session
+        } else {
+            crate::viewer::view_only(session)
+        })
     }
 
     async fn image_pull(&self, req: PullRequest) -> ApiResult<mpsc::Receiver<PullEvent>> {
