@@ -168,6 +168,8 @@ struct Inner {
     publisher: RemotePublisher,
     exit: Arc<ExitSignal>,
     container: tokio::sync::Mutex<Option<Container>>,
+    /// The warm pool's refill this shim started (Shutdown waits for it).
+    refill: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Service {
@@ -179,6 +181,7 @@ impl Service {
                 publisher,
                 exit,
                 container: tokio::sync::Mutex::new(None),
+                refill: Mutex::new(None),
             }),
         }
     }
@@ -268,8 +271,21 @@ impl Service {
             builder = builder.label(*k, v.clone());
         }
         let started = std::time::Instant::now();
-        let (sandbox, how) = start_sandbox(&sandboxes, builder, &name, &labels, shared).await?;
+        let Started {
+            sandbox,
+            name,
+            how,
+            pool,
+        } = start_sandbox(&sandboxes, builder, &name, &labels, shared).await?;
         tracing::info!(sandbox = name, how, elapsed = ?started.elapsed(), "sandbox ready");
+        if let Some(key) = pool {
+            let size = crate::pool::size();
+            *lock(&self.inner.refill) = Some(tokio::spawn(crate::pool::refill(
+                sandboxes.clone(),
+                key,
+                size,
+            )));
+        }
         let init = Proc::new(
             String::new(),
             process,
@@ -624,18 +640,35 @@ impl Service {
 /// snapshot is made or restored).
 pub const FAST_START_ENV: &str = "CAPSA_SHIM_FAST_START";
 
-/// Starts the task's sandbox: restored from the base snapshot of its spec
-/// (one per root filesystem image and VM size, keyed as capsa keys its base
-/// snapshots, under the shim's cache) when there is one, else booted cold and, the first time, saved as
-/// that base right after its agent answered (before any container process
-/// ran). Returns how it started.
+/// How a task's sandbox started, for the log and the pool.
+struct Started {
+    sandbox: capsa::Sandbox,
+    /// Its registry name (a pool member keeps its own).
+    name: String,
+    how: &'static str,
+    /// The pool to refill afterwards, when one is configured.
+    pool: Option<crate::pool::Key>,
+}
+
+/// Starts the task's sandbox: a ready member of the warm pool when one is
+/// configured and has one ([`crate::pool`]), else restored from the base
+/// snapshot of its spec (one per root filesystem image and VM size, keyed as
+/// capsa keys its base snapshots, under the shim's cache) when there is one,
+/// else booted cold and, the first time, saved as that base right after its
+/// agent answered (before any container process ran).
 async fn start_sandbox(
     sandboxes: &capsa::Sandboxes,
     builder: capsa::SandboxBuilder,
     name: &str,
     labels: &[(&str, String)],
     shared_image: bool,
-) -> Result<(capsa::Sandbox, &'static str)> {
+) -> Result<Started> {
+    let done = |sandbox, how, pool| Started {
+        sandbox,
+        name: name.to_string(),
+        how,
+        pool,
+    };
     // A per-container image would make a base snapshot nobody restores.
     let fast = shared_image && std::env::var(FAST_START_ENV).map_or(true, |v| v != "0");
     // capsa's key for this spec, kept beside the shim's root filesystem
@@ -653,27 +686,50 @@ async fn start_sandbox(
         None
     };
     let Some(base) = base else {
-        return Ok((sandboxes.create(builder).await?, "cold boot"));
+        return Ok(done(sandboxes.create(builder).await?, "cold boot", None));
     };
+    let pool = (crate::pool::size() > 0)
+        .then(|| crate::pool::Key::of(&base))
+        .flatten();
     if base.join(capsa_core::SNAPSHOT_META_FILE).is_file() {
+        if let Some(key) = &pool {
+            let label = |k: &str| {
+                labels
+                    .iter()
+                    .find(|(l, _)| *l == k)
+                    .map(|(_, v)| v.as_str())
+                    .unwrap_or_default()
+            };
+            let claimed =
+                crate::pool::claim(sandboxes, key, label(LABEL_NAMESPACE), label(LABEL_ID)).await;
+            if let Some((member, sb)) = claimed {
+                return Ok(Started {
+                    sandbox: sb,
+                    name: member,
+                    how: "pooled",
+                    pool,
+                });
+            }
+        }
         let mut r = capsa::Capsa::restore(&base).name(name);
         for (k, v) in labels {
             r = r.label(*k, v.clone());
         }
         match sandboxes.create_restored(r).await {
-            Ok(sb) => return Ok((sb, "restored")),
+            Ok(sb) => return Ok(done(sb, "restored", pool)),
             Err(e) => {
                 tracing::warn!(base = %base.display(), "the base snapshot did not restore ({e}); booting cold");
                 let _ = sandboxes.remove(name, true).await;
             }
         }
-        return Ok((sandboxes.create(builder).await?, "cold boot"));
+        return Ok(done(sandboxes.create(builder).await?, "cold boot", None));
     }
     let sb = sandboxes.create(builder).await?;
     if let Err(e) = save_base(&sb, &base).await {
         tracing::warn!(base = %base.display(), "could not save a base snapshot: {e}");
+        return Ok(done(sb, "cold boot", None));
     }
-    Ok((sb, "cold boot (base snapshot saved)"))
+    Ok(done(sb, "cold boot (base snapshot saved)", pool))
 }
 
 /// Snapshots `sb` into a temp sibling of `dir`, then renames it into place
@@ -706,6 +762,28 @@ pub async fn cleanup(name: &str, bundle: &std::path::Path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => tracing::warn!(path = %private.display(), "removing the image: {e}"),
+    }
+}
+
+/// What the `delete` subcommand does after a dead shim: [`cleanup`] of the
+/// container's own sandbox name, and of any sandbox labelled as this
+/// container's (a claimed pool member keeps its member name).
+pub async fn cleanup_container(namespace: &str, id: &str, bundle: &std::path::Path) {
+    cleanup(&sandbox_name(namespace, id), bundle).await;
+    let labelled: Vec<String> = registry()
+        .list()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| {
+            capsa::Sandboxes::label(r, LABEL_OWNER) == Some(OWNER)
+                && capsa::Sandboxes::label(r, LABEL_NAMESPACE) == Some(namespace)
+                && capsa::Sandboxes::label(r, LABEL_ID) == Some(id)
+        })
+        .map(|r| r.name)
+        .collect();
+    for name in labelled {
+        tracing::info!(sandbox = name, "removing the dead shim's pool member");
+        cleanup(&name, bundle).await;
     }
 }
 
@@ -978,7 +1056,21 @@ impl Task for Service {
         let empty = self.inner.container.lock().await.is_none();
         if empty {
             tracing::info!("shutdown");
-            self.inner.exit.signal();
+            // A refill cut short would leave a half-restored member: the
+            // shim exits once it is done (containerd does not wait for that).
+            let refill = lock(&self.inner.refill).take();
+            let exit = self.inner.exit.clone();
+            tokio::spawn(async move {
+                if let Some(r) = refill {
+                    if tokio::time::timeout(crate::pool::REFILL_WAIT, r)
+                        .await
+                        .is_err()
+                    {
+                        tracing::warn!("the pool refill did not finish in time; exiting");
+                    }
+                }
+                exit.signal();
+            });
         }
         Ok(api::Empty::default())
     }

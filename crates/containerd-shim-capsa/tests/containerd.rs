@@ -124,6 +124,7 @@ fn shim_dir() -> PathBuf {
 struct Containerd {
     dir: tempfile::TempDir,
     child: Option<Child>,
+    env: Vec<(String, String)>,
 }
 
 impl Containerd {
@@ -143,6 +144,12 @@ impl Containerd {
     }
 
     fn start() -> Containerd {
+        Self::start_with(&[])
+    }
+
+    /// [`Containerd::start`] with extra environment for containerd (and so
+    /// for its shims).
+    fn start_with(env: &[(&str, &str)]) -> Containerd {
         for tool in ["containerd", "ctr"] {
             let found = std::env::var("PATH")
                 .unwrap_or_default()
@@ -174,7 +181,14 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             sock = d.join("c.sock").display(),
         );
         std::fs::write(d.join("config.toml"), cfg).unwrap();
-        let mut c = Containerd { dir, child: None };
+        let mut c = Containerd {
+            dir,
+            child: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
         c.spawn();
         let archive = c.dir.path().join("image.tar");
         image_archive(&archive);
@@ -196,6 +210,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             .env("PATH", Self::path_env())
             .env("CAPSA_STATE_DIR", d.join("capsa-state"))
             .env("CAPSA_SHIM_ROOTFS_CACHE", d.join("rootfs-cache"))
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -656,4 +671,104 @@ fn terminal_follows_a_live_resize() {
         || pane().contains("40 120"),
     );
     let _ = tmux(&["kill-session", "-t", &session]);
+}
+
+/// Sandboxes of the shim's warm pool in `state` (`containerd.pool_state`).
+fn pool_members(c: &Containerd, state: &str) -> Vec<capsa::SandboxRecord> {
+    c.sandboxes()
+        .into_iter()
+        .filter(|r| capsa::Sandboxes::label(r, "containerd.pool_state") == Some(state))
+        .collect()
+}
+
+#[test]
+fn warm_pool_serves_tasks_and_dead_shims_leave_no_member() {
+    let c = Containerd::start_with(&[("CAPSA_SHIM_POOL_SIZE", "1")]);
+    // The first task boots cold and saves the base; its shim then restores
+    // one pool member from it.
+    let out = c.run("p0", &[], &["echo", "first"], None);
+    assert!(out.status.success(), "{}\n{}", show(&out), c.log());
+    let ready = || pool_members(&c, "ready").len() == 1;
+    wait_until("a ready pool member", Duration::from_secs(240), ready);
+    let member = pool_members(&c, "ready").remove(0).name;
+    assert!(member.starts_with("ctrdpool-"), "{member}");
+
+    // The next task is served by that member: right output and exit code.
+    let out = c.run(
+        "p1",
+        &[],
+        &[
+            "sh",
+            "-c",
+            "cat /etc/image-marker; echo w > /tmp/x && cat /tmp/x; exit 5",
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(5), "{}\n{}", show(&out), c.log());
+    assert_eq!(text(&out), "from-the-image\nw\n");
+    let log = c.log();
+    assert!(
+        log.contains(&format!("sandbox=\"{member}\" how=\"pooled\"")),
+        "the task did not get the pool member {member}:\n{log}"
+    );
+    // --rm removed the claimed member; its shim restored a replacement.
+    wait_until("the replacement member", Duration::from_secs(240), ready);
+    assert!(c.sandboxes().iter().all(|r| r.name != member));
+
+    // A detached pooled task is the container's (labels), and a shim killed
+    // with -9 takes its member with it (containerd's dead-shim cleanup
+    // finds the member by label, not by name).
+    let member = pool_members(&c, "ready").remove(0).name;
+    let out = c.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "p2",
+        "sleep",
+        "600",
+    ]);
+    assert!(out.status.success(), "{}\n{}", show(&out), c.log());
+    let claimed = pool_members(&c, "claimed");
+    assert_eq!(claimed.len(), 1, "{claimed:?}");
+    assert_eq!(claimed[0].name, member);
+    assert_eq!(
+        capsa::Sandboxes::label(&claimed[0], "containerd.id"),
+        Some("p2")
+    );
+    assert_eq!(
+        capsa::Sandboxes::label(&claimed[0], "owner"),
+        Some("containerd-shim")
+    );
+    let ex = c.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e",
+        "p2",
+        "cat",
+        "/etc/image-marker",
+    ]);
+    assert_eq!(text(&ex), "from-the-image\n", "{}", show(&ex));
+    // Let its refill finish first: the kill is about the claimed member.
+    wait_until("the replacement member", Duration::from_secs(240), ready);
+    let pids = shim_pids(&c, "p2");
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    // SAFETY: kill(2) on a pid read from /proc.
+    unsafe { libc::kill(pids[0], libc::SIGKILL) };
+    wait_until(
+        "the task to be seen stopped",
+        Duration::from_secs(60),
+        || !task_line(&c, "p2").contains("RUNNING"),
+    );
+    let _ = c.ctr(&["task", "delete", "p2"]);
+    let _ = c.ctr(&["container", "rm", "p2"]);
+    wait_until("the claimed member to go", Duration::from_secs(60), || {
+        c.sandboxes().iter().all(|r| r.name != member)
+    });
+    // What stays is the pool: one ready member, nothing claimed.
+    let left = c.sandboxes();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(pool_members(&c, "claimed").is_empty());
 }
