@@ -171,10 +171,13 @@ pub async fn claim(
         })?;
         // The container's labels first: a shim dying before the state flip
         // leaves a ready member that the next claim simply relabels.
-        let labelled = reg
-            .set_label(&rec.name, LABEL_NAMESPACE, Some(namespace))
-            .and_then(|()| reg.set_label(&rec.name, LABEL_ID, Some(id)))
-            .and_then(|()| reg.set_label(&rec.name, LABEL_POOL_STATE, Some(CLAIMED)));
+        let labelled = [
+            (LABEL_NAMESPACE, namespace),
+            (LABEL_ID, id),
+            (LABEL_POOL_STATE, CLAIMED),
+        ]
+        .into_iter()
+        .try_for_each(|(k, v)| reg.set_label(&rec.name, k, Some(v)));
         if let Err(e) = labelled {
             tracing::warn!(sandbox = rec.name, "claiming a pool member: {e}");
             let _ = reg.remove(&rec.name, true).await;
