@@ -171,13 +171,17 @@ pub async fn claim(
         })?;
         // The container's labels first: a shim dying before the state flip
         // leaves a ready member that the next claim simply relabels.
-        let labelled = [
+        let mut labelled = Ok(());
+        for (k, v) in [
             (LABEL_NAMESPACE, namespace),
             (LABEL_ID, id),
             (LABEL_POOL_STATE, CLAIMED),
-        ]
-        .into_iter()
-        .try_for_each(|(k, v)| reg.set_label(&rec.name, k, Some(v)));
+        ] {
+            labelled = reg.set_label(&rec.name, k, Some(v));
+            if labelled.is_err() {
+                break;
+            }
+        }
         if let Err(e) = labelled {
             tracing::warn!(sandbox = rec.name, "claiming a pool member: {e}");
             let _ = reg.remove(&rec.name, true).await;
