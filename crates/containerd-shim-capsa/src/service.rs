@@ -153,7 +153,9 @@ struct Container {
     id: String,
     bundle: String,
     sandbox_name: String,
-    sandbox: Arc<capsa::Sandbox>,
+    /// The VM; `None` for a pod's sandbox (pause) container, which gets
+    /// none (see [`is_pod_sandbox`]).
+    sandbox: Option<Arc<capsa::Sandbox>>,
     procs: HashMap<String, Arc<Proc>>,
 }
 
@@ -197,7 +199,11 @@ impl Service {
         }
     }
 
-    async fn proc_of(&self, id: &str, exec_id: &str) -> Result<(Arc<Proc>, Arc<capsa::Sandbox>)> {
+    async fn proc_of(
+        &self,
+        id: &str,
+        exec_id: &str,
+    ) -> Result<(Arc<Proc>, Option<Arc<capsa::Sandbox>>)> {
         let guard = self.inner.container.lock().await;
         let c = guard
             .as_ref()
@@ -226,6 +232,9 @@ impl Service {
         }
         let bundle = PathBuf::from(&req.bundle);
         let spec = Spec::read(&bundle)?;
+        if is_pod_sandbox(&spec) {
+            return self.create_placeholder(req, guard).await;
+        }
         let (memory_mib, cpus) = spec.vm_size().map_err(|m| ShimError::Bundle {
             path: bundle.join("config.json").display().to_string(),
             message: m,
@@ -297,7 +306,7 @@ impl Service {
             id: req.id.clone(),
             bundle: req.bundle.clone(),
             sandbox_name: name,
-            sandbox: Arc::new(sandbox),
+            sandbox: Some(Arc::new(sandbox)),
             procs,
         });
         drop(guard);
@@ -325,6 +334,74 @@ impl Service {
         })
     }
 
+    /// Creates the pod's sandbox (pause) container without a VM: nothing of
+    /// it runs in a guest (each container of the pod has its own VM), so a
+    /// VM for `pause` would only cost memory and a boot.
+    async fn create_placeholder(
+        &self,
+        req: api::CreateTaskRequest,
+        mut guard: tokio::sync::MutexGuard<'_, Option<Container>>,
+    ) -> Result<api::CreateTaskResponse> {
+        tracing::info!(
+            id = req.id,
+            "a pod's sandbox container: no VM (placeholder task)"
+        );
+        let process = Process::default();
+        let init = Proc::new(
+            String::new(),
+            process,
+            [req.stdin.clone(), req.stdout.clone(), req.stderr.clone()],
+        );
+        let mut procs = HashMap::new();
+        procs.insert(String::new(), init);
+        *guard = Some(Container {
+            id: req.id.clone(),
+            bundle: req.bundle.clone(),
+            sandbox_name: String::new(),
+            sandbox: None,
+            procs,
+        });
+        drop(guard);
+        self.publish(
+            containerd_shim::protos::topics::TASK_CREATE_EVENT_TOPIC,
+            Box::new(TaskCreate {
+                container_id: req.id.clone(),
+                bundle: req.bundle.clone(),
+                rootfs: req.rootfs.clone(),
+                pid: 0,
+                ..Default::default()
+            }),
+        )
+        .await;
+        Ok(api::CreateTaskResponse::default())
+    }
+
+    /// "Runs" the placeholder: its pid is the shim's own (the process that
+    /// stands for it); it ends on SIGKILL, SIGTERM, SIGINT, SIGHUP or
+    /// SIGQUIT, as `pause` does, with 128 + the signal.
+    fn start_placeholder(&self, container_id: String, p: Arc<Proc>) -> u32 {
+        let pid = std::process::id();
+        let (tx, mut rx) = mpsc::channel(16);
+        *lock(&p.ctl) = Some(tx);
+        {
+            let mut st = lock(&p.state);
+            st.pid = pid;
+            st.started = true;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let sig = loop {
+                match rx.recv().await {
+                    Some(Ctl::Signal(s)) if matches!(s, 1 | 2 | 3 | 9 | 15) => break s,
+                    Some(_) => {}
+                    None => break 9,
+                }
+            };
+            this.exited(&container_id, &p, 128 + sig as u32).await;
+        });
+        pid
+    }
+
     async fn do_start(&self, req: api::StartRequest) -> Result<api::StartResponse> {
         let (p, sandbox) = self.proc_of(&req.id, &req.exec_id).await?;
         {
@@ -336,7 +413,16 @@ impl Service {
                 )));
             }
         }
-        let pid = self.spawn(req.id.clone(), p.clone(), sandbox).await?;
+        let pid = match sandbox {
+            Some(sb) => self.spawn(req.id.clone(), p.clone(), sb).await?,
+            None if req.exec_id.is_empty() => self.start_placeholder(req.id.clone(), p.clone()),
+            None => {
+                return Err(ShimError::FailedPrecondition(format!(
+                    "{:?} is a pod's sandbox container, which has no VM in the capsa shim; fix: exec into one of the pod's containers",
+                    req.id
+                )))
+            }
+        };
         if req.exec_id.is_empty() {
             self.publish(
                 containerd_shim::protos::topics::TASK_START_EVENT_TOPIC,
@@ -634,6 +720,17 @@ impl Service {
         .await;
         Ok(())
     }
+}
+
+/// Whether `spec` is a Kubernetes pod's sandbox (pause) container, as
+/// containerd's CRI plugin (and CRI-O) annotate it.
+pub fn is_pod_sandbox(spec: &Spec) -> bool {
+    [
+        "io.kubernetes.cri.container-type",
+        "io.kubernetes.cri-o.ContainerType",
+    ]
+    .iter()
+    .any(|k| spec.annotations.get(*k).map(String::as_str) == Some("sandbox"))
 }
 
 /// Environment variable: `0` makes every task boot its VM cold (no base
@@ -1073,5 +1170,25 @@ impl Task for Service {
             });
         }
         Ok(api::Empty::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_sandbox_containers_are_recognised() {
+        let spec = |a: &str| serde_json::from_str::<Spec>(a).unwrap();
+        assert!(is_pod_sandbox(&spec(
+            r#"{"annotations":{"io.kubernetes.cri.container-type":"sandbox"}}"#
+        )));
+        assert!(is_pod_sandbox(&spec(
+            r#"{"annotations":{"io.kubernetes.cri-o.ContainerType":"sandbox"}}"#
+        )));
+        assert!(!is_pod_sandbox(&spec(
+            r#"{"annotations":{"io.kubernetes.cri.container-type":"container"}}"#
+        )));
+        assert!(!is_pod_sandbox(&spec("{}")));
     }
 }

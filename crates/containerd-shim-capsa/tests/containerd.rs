@@ -16,6 +16,11 @@ use sha2::Digest as _;
 const NS: &str = "capsa-test";
 const IMAGE: &str = "docker.io/capsa-test/busybox:1";
 const RUNTIME: &str = "io.containerd.capsa.v2";
+/// containerd's namespace of the CRI plugin.
+const CRI_NS: &str = "k8s.io";
+const PAUSE_TAG: &str = "capsa-test/pause:1";
+/// The pods' sandbox image: built here (no registry is reached).
+const PAUSE_IMAGE: &str = "docker.io/capsa-test/pause:1";
 
 fn hex(d: &[u8]) -> String {
     sha2::Sha256::digest(d)
@@ -45,6 +50,11 @@ fn tar_entry(
 /// A `docker save` archive of a one-layer image: the host's static busybox
 /// and its applets under /bin.
 fn image_archive(out: &Path) {
+    image_archive_as(out, "capsa-test/busybox:1", &["/bin/sh"]);
+}
+
+/// [`image_archive`] tagged `tag`, with `cmd` as its `Cmd`.
+fn image_archive_as(out: &Path, tag: &str, cmd: &[&str]) {
     let mut lb = tar::Builder::new(Vec::new());
     for d in ["bin", "etc", "root", "tmp", "proc", "sys", "dev"] {
         tar_entry(&mut lb, d, tar::EntryType::Directory, 0o755, b"", None);
@@ -91,13 +101,13 @@ fn image_archive(out: &Path) {
     let layer = lb.into_inner().unwrap();
     let cfg = serde_json::to_vec(&serde_json::json!({
         "architecture": "amd64", "os": "linux",
-        "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]},
+        "config": {"Env": ["PATH=/bin"], "Cmd": cmd},
         "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{}", hex(&layer))]}
     }))
     .unwrap();
     let cfg_name = format!("{}.json", hex(&cfg));
     let manifest = serde_json::to_vec(&serde_json::json!([
-        {"Config": cfg_name, "RepoTags": ["capsa-test/busybox:1"], "Layers": ["l0/layer.tar"]}
+        {"Config": cfg_name, "RepoTags": [tag], "Layers": ["l0/layer.tar"]}
     ]))
     .unwrap();
     let mut b = tar::Builder::new(std::fs::File::create(out).unwrap());
@@ -150,6 +160,13 @@ impl Containerd {
     /// [`Containerd::start`] with extra environment for containerd (and so
     /// for its shims).
     fn start_with(env: &[(&str, &str)]) -> Containerd {
+        Self::start_full(env, false)
+    }
+
+    /// [`Containerd::start_with`], with containerd's CRI plugin on when
+    /// `cri` (runtime handler `capsa`, the sandbox image imported here,
+    /// no CNI: host-network pods only).
+    fn start_full(env: &[(&str, &str)], cri: bool) -> Containerd {
         for tool in ["containerd", "ctr"] {
             let found = std::env::var("PATH")
                 .unwrap_or_default()
@@ -166,12 +183,31 @@ impl Containerd {
             .tempdir_in("/tmp")
             .unwrap();
         let d = dir.path();
+        let plugins = if cri {
+            format!(
+                r#"[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{PAUSE_IMAGE}"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{cni}/bin"
+    conf_dir = "{cni}/conf"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "capsa"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.capsa]
+      runtime_type = "{RUNTIME}"
+"#,
+                cni = d.join("cni").display()
+            )
+        } else {
+            r#"disabled_plugins = ["io.containerd.grpc.v1.cri"]
+"#
+            .to_string()
+        };
         let cfg = format!(
             r#"version = 2
 root = "{root}"
 state = "{state}"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
+{plugins}[grpc]
   address = "{sock}"
 [debug]
   level = "debug"
@@ -194,6 +230,19 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         image_archive(&archive);
         let out = c.ctr(&["image", "import", archive.to_str().unwrap()]);
         assert!(out.status.success(), "ctr image import: {}", show(&out));
+        if cri {
+            let pause = c.dir.path().join("pause.tar");
+            image_archive_as(&pause, PAUSE_TAG, &["/bin/sleep", "2147483647"]);
+            for a in [&archive, &pause] {
+                let out = Command::new("ctr")
+                    .arg("-a")
+                    .arg(c.sock())
+                    .args(["-n", CRI_NS, "image", "import", a.to_str().unwrap()])
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "ctr image import: {}", show(&out));
+            }
+        }
         c
     }
 
@@ -771,4 +820,221 @@ fn warm_pool_serves_tasks_and_dead_shims_leave_no_member() {
     let left = c.sandboxes();
     assert_eq!(left.len(), 1, "{left:?}");
     assert!(pool_members(&c, "claimed").is_empty());
+}
+
+mod cri {
+    //! containerd's own CRI plugin (what a kubelet talks to), driven over its
+    //! socket by a small gRPC client (the `k8s-cri` protos), with the runtime
+    //! handler `capsa` and host-network pods (no CNI).
+
+    use super::*;
+    use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+    use k8s_cri::v1::*;
+    use tonic::transport::{Channel, Endpoint, Uri};
+
+    async fn client(sock: PathBuf) -> RuntimeServiceClient<Channel> {
+        let ch = Endpoint::try_from("http://[::]:50051")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let sock = sock.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(sock).await?,
+                    ))
+                }
+            }))
+            .await
+            .expect("connecting to containerd's CRI socket");
+        RuntimeServiceClient::new(ch)
+    }
+
+    fn pod_config(logs: &Path) -> PodSandboxConfig {
+        PodSandboxConfig {
+            metadata: Some(PodSandboxMetadata {
+                name: "pod1".into(),
+                uid: "uid-pod1".into(),
+                namespace: "default".into(),
+                attempt: 0,
+            }),
+            hostname: "pod1".into(),
+            log_directory: logs.display().to_string(),
+            linux: Some(LinuxPodSandboxConfig {
+                security_context: Some(LinuxSandboxSecurityContext {
+                    namespace_options: Some(NamespaceOption {
+                        network: NamespaceMode::Node as i32,
+                        pid: NamespaceMode::Container as i32,
+                        ipc: NamespaceMode::Pod as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn container(name: &str, cmd: &[&str]) -> ContainerConfig {
+        ContainerConfig {
+            metadata: Some(ContainerMetadata {
+                name: name.into(),
+                attempt: 0,
+            }),
+            image: Some(ImageSpec {
+                image: IMAGE.into(),
+                ..Default::default()
+            }),
+            command: cmd.iter().map(|s| s.to_string()).collect(),
+            log_path: format!("{name}.log"),
+            ..Default::default()
+        }
+    }
+
+    async fn wait_exited(rt: &mut RuntimeServiceClient<Channel>, id: &str) -> ContainerStatus {
+        let t = Instant::now();
+        loop {
+            let st = rt
+                .container_status(ContainerStatusRequest {
+                    container_id: id.into(),
+                    verbose: false,
+                })
+                .await
+                .expect("ContainerStatus")
+                .into_inner()
+                .status
+                .expect("a status");
+            if st.state == ContainerState::ContainerExited as i32 {
+                return st;
+            }
+            assert!(t.elapsed() < Duration::from_secs(180), "{st:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    #[test]
+    fn cri_pod_with_the_capsa_handler() {
+        let c = Containerd::start_full(&[], true);
+        // Its own runtime, dropped before `c` (whose Drop runs one too).
+        let tokio = tokio::runtime::Runtime::new().unwrap();
+        tokio.block_on(pod(&c));
+    }
+
+    async fn pod(c: &Containerd) {
+        let logs = c.dir.path().join("pod-logs");
+        std::fs::create_dir_all(&logs).unwrap();
+        let mut rt = client(c.sock()).await;
+        let v = rt
+            .version(VersionRequest::default())
+            .await
+            .unwrap_or_else(|e| panic!("CRI Version: {e}\n{}", c.log()))
+            .into_inner();
+        eprintln!(
+            "CRI: {} {} (API {})",
+            v.runtime_name, v.runtime_version, v.runtime_api_version
+        );
+
+        let cfg = pod_config(&logs);
+        let pod = rt
+            .run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(cfg.clone()),
+                runtime_handler: "capsa".into(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", c.log()))
+            .into_inner()
+            .pod_sandbox_id;
+
+        // A container that prints and fails: exit code and CRI log file.
+        let id = rt
+            .create_container(CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(container(
+                    "c1",
+                    &[
+                        "sh",
+                        "-c",
+                        "cat /etc/image-marker; echo to-stderr >&2; exit 3",
+                    ],
+                )),
+                sandbox_config: Some(cfg.clone()),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", c.log()))
+            .into_inner()
+            .container_id;
+        rt.start_container(StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", c.log()));
+        let st = wait_exited(&mut rt, &id).await;
+        assert_eq!(st.exit_code, 3, "{st:?}");
+        let log = std::fs::read_to_string(logs.join("c1.log")).unwrap_or_default();
+        assert!(log.contains(" stdout F from-the-image"), "CRI log: {log:?}");
+        assert!(log.contains(" stderr F to-stderr"), "CRI log: {log:?}");
+
+        // A long-running container: ExecSync into it.
+        let id2 = rt
+            .create_container(CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(container("c2", &["sleep", "600"])),
+                sandbox_config: Some(cfg.clone()),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", c.log()))
+            .into_inner()
+            .container_id;
+        rt.start_container(StartContainerRequest {
+            container_id: id2.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", c.log()));
+        let ex = rt
+            .exec_sync(ExecSyncRequest {
+                container_id: id2.clone(),
+                cmd: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "cat /etc/image-marker; exit 7".into(),
+                ],
+                timeout: 60,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("ExecSync: {e}\n{}", c.log()))
+            .into_inner();
+        assert_eq!(ex.exit_code, 7, "{ex:?}");
+        assert_eq!(String::from_utf8_lossy(&ex.stdout), "from-the-image\n");
+
+        // The pod's sandbox (pause) container gets no VM: the running
+        // container's is the only one.
+        let vms = c.sandboxes();
+        assert_eq!(vms.len(), 1, "{vms:?}");
+        assert_eq!(
+            capsa::Sandboxes::label(&vms[0], "containerd.id"),
+            Some(id2.as_str())
+        );
+
+        rt.stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("StopPodSandbox: {e}\n{}", c.log()));
+        rt.remove_pod_sandbox(RemovePodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("RemovePodSandbox: {e}\n{}", c.log()));
+        let left = rt
+            .list_pod_sandbox(ListPodSandboxRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .items;
+        assert!(left.is_empty(), "{left:?}");
+        let t = Instant::now();
+        while !c.sandboxes().is_empty() || qemu_running_under(&c.state_dir()) {
+            assert!(t.elapsed() < Duration::from_secs(60), "{:?}", c.sandboxes());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
 }
