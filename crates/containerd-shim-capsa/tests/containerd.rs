@@ -351,7 +351,12 @@ impl Drop for Containerd {
             let _ = c.kill();
             let _ = c.wait();
         }
-        // Shims of this containerd end once their VM is gone; unmount leftovers.
+        // A failed test may leave shims that nobody will Delete or Shut down.
+        for pid in shims_of(&self.sock()) {
+            // SAFETY: kill(2) on a pid read from /proc.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        // Unmount leftovers.
         let _ = Command::new("sh")
             .arg("-c")
             .arg(format!(
@@ -472,6 +477,28 @@ fn run_rm_prints_output_and_passes_exit_codes() {
 
 fn text(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The pids of the capsa shims of the containerd at `sock`.
+fn shims_of(sock: &Path) -> Vec<i32> {
+    let sock = sock.display().to_string();
+    std::fs::read_dir("/proc")
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| {
+                    let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+                    let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+                    let args: Vec<String> = cmd
+                        .split(|b| *b == 0)
+                        .map(|a| String::from_utf8_lossy(a).into_owned())
+                        .collect();
+                    let is = args.first()?.ends_with("containerd-shim-capsa-v2")
+                        && args.iter().any(|a| a == &sock);
+                    is.then_some(pid)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The pids of this containerd's shims for container `id`.
