@@ -48,6 +48,7 @@ pub const LABEL_POOL_STATE: &str = "containerd.pool_state";
 const WARMING: &str = "warming";
 const READY: &str = "ready";
 const CLAIMED: &str = "claimed";
+const RETIRED: &str = "retired";
 /// How long Shutdown waits for a refill before the shim exits anyway.
 pub const REFILL_WAIT: Duration = Duration::from_secs(120);
 
@@ -214,19 +215,54 @@ pub async fn refill(reg: capsa::Sandboxes, key: Key, size: usize) {
         }
     };
     let Ok(list) = reg.list() else { return };
-    let mut ready = 0;
-    for rec in list.iter().filter(|r| is(r, LABEL_POOL, &key.label)) {
+    let mut ready = Vec::new();
+    for rec in &list {
+        let Some(pool) = capsa::Sandboxes::label(rec, LABEL_POOL) else {
+            continue;
+        };
         let state = capsa::Sandboxes::label(rec, LABEL_POOL_STATE).unwrap_or_default();
         if state == CLAIMED {
             continue;
         }
-        if rec.is_live() && state == READY {
-            ready += 1;
+        if pool != key.label {
+            // Another key's idle member whose base snapshot is gone (a new
+            // capsa or kernel, a cleared cache) will never be claimed.
+            if rec.is_live() && base_exists(&key.base, pool) {
+                continue;
+            }
+        } else if rec.is_live() && state == READY {
+            ready.push(rec.name.clone());
             continue;
         }
-        tracing::info!(sandbox = rec.name, state, vm = %rec.state, "removing a dead or abandoned pool member");
+        tracing::info!(sandbox = rec.name, state, vm = %rec.state, "removing a dead, abandoned or unusable pool member");
         let _ = reg.remove(&rec.name, true).await;
     }
+    // The size went down: retire the surplus where no claim can race it.
+    if ready.len() > size {
+        let surplus: Vec<String> = ready.split_off(size);
+        if let Ok(_claim) = flock_async(key.lock_path("claim")).await {
+            for name in &surplus {
+                let still = reg.get(name).is_ok_and(|r| is(&r, LABEL_POOL_STATE, READY));
+                if still {
+                    let _ = reg.set_label(name, LABEL_POOL_STATE, Some(RETIRED));
+                }
+            }
+        }
+        for name in surplus {
+            let retired = reg
+                .get(&name)
+                .is_ok_and(|r| is(&r, LABEL_POOL_STATE, RETIRED));
+            if retired {
+                tracing::info!(
+                    sandbox = name,
+                    size,
+                    "removing a pool member above the pool size"
+                );
+                let _ = reg.remove(&name, true).await;
+            }
+        }
+    }
+    let mut ready = ready.len();
     while ready < size {
         let name = key.member_name();
         let started = std::time::Instant::now();
@@ -242,6 +278,20 @@ pub async fn refill(reg: capsa::Sandboxes, key: Key, size: usize) {
             }
         }
     }
+}
+
+/// Whether the base snapshot of pool `label` (a sibling of `base`) exists;
+/// a label that is not a plain directory name never names one.
+fn base_exists(base: &Path, label: &str) -> bool {
+    let plain = !label.is_empty()
+        && label.len() <= 128
+        && label
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    plain
+        && base
+            .parent()
+            .is_some_and(|d| d.join(label).join(capsa_core::SNAPSHOT_META_FILE).is_file())
 }
 
 async fn restore_member(reg: &capsa::Sandboxes, key: &Key, name: &str) -> capsa::Result<()> {
@@ -272,6 +322,22 @@ mod tests {
         assert!(n.starts_with("ctrdpool-") && n.len() <= 40, "{n}");
         assert!(n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
         assert!(Key::of(Path::new("/")).is_none());
+    }
+
+    #[test]
+    fn only_plain_labels_name_a_base() {
+        let d = tempfile::tempdir().unwrap();
+        let base = d.path().join("base-a");
+        std::fs::create_dir_all(d.path().join("base-b")).unwrap();
+        std::fs::write(
+            d.path().join("base-b").join(capsa_core::SNAPSHOT_META_FILE),
+            b"{}",
+        )
+        .unwrap();
+        assert!(base_exists(&base, "base-b"));
+        assert!(!base_exists(&base, "base-c"));
+        assert!(!base_exists(&base, "../base-b"));
+        assert!(!base_exists(&base, ""));
     }
 
     #[test]

@@ -63,6 +63,20 @@ pub fn registry() -> capsa::Sandboxes {
     capsa::Sandboxes::new(None)
 }
 
+/// How long after Create the pool refill starts, unless the task's init
+/// process ended (or the shim shuts down) before.
+const REFILL_DELAY: Duration = Duration::from_secs(2);
+
+/// This shim's part in refilling the warm pool.
+enum Refill {
+    /// Nothing to do.
+    Idle,
+    /// To start (the task's sandbox came from or made the pool's base).
+    Pending(capsa::Sandboxes, crate::pool::Key),
+    /// Started.
+    Running(tokio::task::JoinHandle<()>),
+}
+
 #[derive(Debug)]
 enum Ctl {
     Signal(i32),
@@ -170,8 +184,8 @@ struct Inner {
     publisher: RemotePublisher,
     exit: Arc<ExitSignal>,
     container: tokio::sync::Mutex<Option<Container>>,
-    /// The warm pool's refill this shim started (Shutdown waits for it).
-    refill: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The warm pool's refill of this shim (Shutdown waits for it).
+    refill: Mutex<Refill>,
 }
 
 impl Service {
@@ -183,9 +197,21 @@ impl Service {
                 publisher,
                 exit,
                 container: tokio::sync::Mutex::new(None),
-                refill: Mutex::new(None),
+                refill: Mutex::new(Refill::Idle),
             }),
         }
+    }
+
+    /// Starts the pending pool refill, if any (once).
+    fn kick_refill(&self) {
+        let mut r = lock(&self.inner.refill);
+        *r = match std::mem::replace(&mut *r, Refill::Idle) {
+            Refill::Pending(reg, key) => {
+                let size = crate::pool::size();
+                Refill::Running(tokio::spawn(crate::pool::refill(reg, key, size)))
+            }
+            other => other,
+        };
     }
 
     async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
@@ -288,12 +314,14 @@ impl Service {
         } = start_sandbox(&sandboxes, builder, &name, &labels, shared).await?;
         tracing::info!(sandbox = name, how, elapsed = ?started.elapsed(), "sandbox ready");
         if let Some(key) = pool {
-            let size = crate::pool::size();
-            *lock(&self.inner.refill) = Some(tokio::spawn(crate::pool::refill(
-                sandboxes.clone(),
-                key,
-                size,
-            )));
+            *lock(&self.inner.refill) = Refill::Pending(sandboxes.clone(), key);
+            // Not at once: a restore now would compete with the task's own
+            // start for the cores; a short task's end starts it sooner.
+            let this = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(REFILL_DELAY).await;
+                this.kick_refill();
+            });
         }
         let init = Proc::new(
             String::new(),
@@ -533,6 +561,9 @@ impl Service {
         };
         *lock(&p.ctl) = None;
         tracing::info!(exec = p.exec_id, status, "process exited");
+        if p.exec_id.is_empty() {
+            self.kick_refill();
+        }
         // As with runc, the container's execs end with its init.
         if p.exec_id.is_empty() {
             let others: Vec<Arc<Proc>> = self
@@ -1155,15 +1186,18 @@ impl Task for Service {
             tracing::info!("shutdown");
             // A refill cut short would leave a half-restored member: the
             // shim exits once it is done (containerd does not wait for that).
-            let refill = lock(&self.inner.refill).take();
+            self.kick_refill();
+            let refill = match std::mem::replace(&mut *lock(&self.inner.refill), Refill::Idle) {
+                Refill::Running(h) => Some(h),
+                _ => None,
+            };
             let exit = self.inner.exit.clone();
             tokio::spawn(async move {
                 if let Some(r) = refill {
-                    if tokio::time::timeout(crate::pool::REFILL_WAIT, r)
-                        .await
-                        .is_err()
-                    {
-                        tracing::warn!("the pool refill did not finish in time; exiting");
+                    match tokio::time::timeout(crate::pool::REFILL_WAIT, r).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::warn!("the pool refill failed: {e}"),
+                        Err(_) => tracing::warn!("the pool refill did not finish in time; exiting"),
                     }
                 }
                 exit.signal();

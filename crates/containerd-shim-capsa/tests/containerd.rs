@@ -765,7 +765,16 @@ fn warm_pool_serves_tasks_and_dead_shims_leave_no_member() {
     let out = c.run("p0", &[], &["echo", "first"], None);
     assert!(out.status.success(), "{}\n{}", show(&out), c.log());
     let ready = || pool_members(&c, "ready").len() == 1;
-    wait_until("a ready pool member", Duration::from_secs(240), ready);
+    let t = Instant::now();
+    while !ready() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "no ready pool member: {:?}\n{}",
+            c.sandboxes(),
+            c.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let member = pool_members(&c, "ready").remove(0).name;
     assert!(member.starts_with("ctrdpool-"), "{member}");
 
