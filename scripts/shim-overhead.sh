@@ -62,37 +62,9 @@ stop_containerd() {
   [ -n "${cpid:-}" ] || return 0
   kill "$cpid" 2>/dev/null || true; wait "$cpid" 2>/dev/null || true; cpid=
 }
-# Idle pool members are VMs of their own: removed when a variant ends.
-remove_pool() {
-  local s
-  for s in "$CAPSA_STATE_DIR"/sandboxes/ctrdpool-*; do
-    [ -d "$s" ] && "$bin/capsa" rm -f "$(basename "$s")" >/dev/null 2>&1 || true
-  done
-}
-pool_ready() {
-  grep -ls '"containerd.pool_state": "ready"' "$CAPSA_STATE_DIR"/sandboxes/*/sandbox.json >/dev/null 2>&1
-}
 start_containerd
 ctr -a "$d/c.sock" -n bench image import "$d/image.tar" >/dev/null
 img=docker.io/capsa-bench/busybox:1
-median() { sort -n | awk '{a[NR]=$1} END {m=(NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2; printf "%.3f", m}'; }
-bench() { # label runtime [wait-for-pool]
-  local label="$1" rt="$2" pool="${3:-}" i t0 t1
-  # One untimed run first (the capsa shim converts the snapshot to EROFS once
-  # per layer chain and saves the base snapshot).
-  ctr -a "$d/c.sock" -n bench run --rm --runtime "$rt" "$img" "warm-$RANDOM" true </dev/null >/dev/null
-  for i in $(seq "$runs"); do
-    if [ -n "$pool" ]; then
-      for _ in $(seq 600); do pool_ready && break; sleep 0.2; done
-      pool_ready || { echo "no ready pool member after 120 s; see $d/containerd.log" >&2; exit 1; }
-    fi
-    t0=$(date +%s.%N)
-    ctr -a "$d/c.sock" -n bench run --rm --runtime "$rt" "$img" "b$i-$RANDOM" true </dev/null >/dev/null
-    t1=$(date +%s.%N)
-    awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f\n", b - a }'
-  done > "$d/$label.times"
-  echo "$label $(median < "$d/$label.times")  (all: $(tr '\n' ' ' < "$d/$label.times"))"
-}
 
 mem() { # pid -> "rss_kib pss_kib"
   awk '/^Rss:/ {r=$2} /^Pss:/ {p=$2} END {print r, p}' "/proc/$1/smaps_rollup"
