@@ -8,6 +8,7 @@
 
 mod bundle;
 mod error;
+mod pool;
 mod rootfs;
 mod service;
 
@@ -64,7 +65,7 @@ impl Shim for CapsaShim {
         };
         let name = service::sandbox_name(&self.namespace, &self.id);
         tracing::info!(id = self.id, sandbox = name, "delete after a dead shim");
-        service::cleanup(&name, &bundle).await;
+        service::cleanup_container(&self.namespace, &self.id, &bundle).await;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();

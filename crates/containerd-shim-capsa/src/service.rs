@@ -63,6 +63,20 @@ pub fn registry() -> capsa::Sandboxes {
     capsa::Sandboxes::new(None)
 }
 
+/// How long after Create the pool refill starts, unless the task's init
+/// process ended (or the shim shuts down) before.
+const REFILL_DELAY: Duration = Duration::from_secs(2);
+
+/// This shim's part in refilling the warm pool.
+enum Refill {
+    /// Nothing to do.
+    Idle,
+    /// To start (the task's sandbox came from or made the pool's base).
+    Pending(capsa::Sandboxes, crate::pool::Key),
+    /// Started.
+    Running(tokio::task::JoinHandle<()>),
+}
+
 #[derive(Debug)]
 enum Ctl {
     Signal(i32),
@@ -153,7 +167,9 @@ struct Container {
     id: String,
     bundle: String,
     sandbox_name: String,
-    sandbox: Arc<capsa::Sandbox>,
+    /// The VM; `None` for a pod's sandbox (pause) container, which gets
+    /// none (see [`is_pod_sandbox`]).
+    sandbox: Option<Arc<capsa::Sandbox>>,
     procs: HashMap<String, Arc<Proc>>,
 }
 
@@ -168,6 +184,8 @@ struct Inner {
     publisher: RemotePublisher,
     exit: Arc<ExitSignal>,
     container: tokio::sync::Mutex<Option<Container>>,
+    /// The warm pool's refill of this shim (Shutdown waits for it).
+    refill: Mutex<Refill>,
 }
 
 impl Service {
@@ -179,8 +197,21 @@ impl Service {
                 publisher,
                 exit,
                 container: tokio::sync::Mutex::new(None),
+                refill: Mutex::new(Refill::Idle),
             }),
         }
+    }
+
+    /// Starts the pending pool refill, if any (once).
+    fn kick_refill(&self) {
+        let mut r = lock(&self.inner.refill);
+        *r = match std::mem::replace(&mut *r, Refill::Idle) {
+            Refill::Pending(reg, key) => {
+                let size = crate::pool::size();
+                Refill::Running(tokio::spawn(crate::pool::refill(reg, key, size)))
+            }
+            other => other,
+        };
     }
 
     async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
@@ -194,7 +225,11 @@ impl Service {
         }
     }
 
-    async fn proc_of(&self, id: &str, exec_id: &str) -> Result<(Arc<Proc>, Arc<capsa::Sandbox>)> {
+    async fn proc_of(
+        &self,
+        id: &str,
+        exec_id: &str,
+    ) -> Result<(Arc<Proc>, Option<Arc<capsa::Sandbox>>)> {
         let guard = self.inner.container.lock().await;
         let c = guard
             .as_ref()
@@ -223,6 +258,9 @@ impl Service {
         }
         let bundle = PathBuf::from(&req.bundle);
         let spec = Spec::read(&bundle)?;
+        if is_pod_sandbox(&spec) {
+            return self.create_placeholder(req, guard).await;
+        }
         let (memory_mib, cpus) = spec.vm_size().map_err(|m| ShimError::Bundle {
             path: bundle.join("config.json").display().to_string(),
             message: m,
@@ -268,8 +306,23 @@ impl Service {
             builder = builder.label(*k, v.clone());
         }
         let started = std::time::Instant::now();
-        let (sandbox, how) = start_sandbox(&sandboxes, builder, &name, &labels, shared).await?;
+        let Started {
+            sandbox,
+            name,
+            how,
+            pool,
+        } = start_sandbox(&sandboxes, builder, &name, &labels, shared).await?;
         tracing::info!(sandbox = name, how, elapsed = ?started.elapsed(), "sandbox ready");
+        if let Some(key) = pool {
+            *lock(&self.inner.refill) = Refill::Pending(sandboxes.clone(), key);
+            // Not at once: a restore now would compete with the task's own
+            // start for the cores; a short task's end starts it sooner.
+            let this = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(REFILL_DELAY).await;
+                this.kick_refill();
+            });
+        }
         let init = Proc::new(
             String::new(),
             process,
@@ -281,7 +334,7 @@ impl Service {
             id: req.id.clone(),
             bundle: req.bundle.clone(),
             sandbox_name: name,
-            sandbox: Arc::new(sandbox),
+            sandbox: Some(Arc::new(sandbox)),
             procs,
         });
         drop(guard);
@@ -309,6 +362,74 @@ impl Service {
         })
     }
 
+    /// Creates the pod's sandbox (pause) container without a VM: nothing of
+    /// it runs in a guest (each container of the pod has its own VM), so a
+    /// VM for `pause` would only cost memory and a boot.
+    async fn create_placeholder(
+        &self,
+        req: api::CreateTaskRequest,
+        mut guard: tokio::sync::MutexGuard<'_, Option<Container>>,
+    ) -> Result<api::CreateTaskResponse> {
+        tracing::info!(
+            id = req.id,
+            "a pod's sandbox container: no VM (placeholder task)"
+        );
+        let process = Process::default();
+        let init = Proc::new(
+            String::new(),
+            process,
+            [req.stdin.clone(), req.stdout.clone(), req.stderr.clone()],
+        );
+        let mut procs = HashMap::new();
+        procs.insert(String::new(), init);
+        *guard = Some(Container {
+            id: req.id.clone(),
+            bundle: req.bundle.clone(),
+            sandbox_name: String::new(),
+            sandbox: None,
+            procs,
+        });
+        drop(guard);
+        self.publish(
+            containerd_shim::protos::topics::TASK_CREATE_EVENT_TOPIC,
+            Box::new(TaskCreate {
+                container_id: req.id.clone(),
+                bundle: req.bundle.clone(),
+                rootfs: req.rootfs.clone(),
+                pid: 0,
+                ..Default::default()
+            }),
+        )
+        .await;
+        Ok(api::CreateTaskResponse::default())
+    }
+
+    /// "Runs" the placeholder: its pid is the shim's own (the process that
+    /// stands for it); it ends on SIGKILL, SIGTERM, SIGINT, SIGHUP or
+    /// SIGQUIT, as `pause` does, with 128 + the signal.
+    fn start_placeholder(&self, container_id: String, p: Arc<Proc>) -> u32 {
+        let pid = std::process::id();
+        let (tx, mut rx) = mpsc::channel(16);
+        *lock(&p.ctl) = Some(tx);
+        {
+            let mut st = lock(&p.state);
+            st.pid = pid;
+            st.started = true;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let sig = loop {
+                match rx.recv().await {
+                    Some(Ctl::Signal(s)) if matches!(s, 1 | 2 | 3 | 9 | 15) => break s,
+                    Some(_) => {}
+                    None => break 9,
+                }
+            };
+            this.exited(&container_id, &p, 128 + sig as u32).await;
+        });
+        pid
+    }
+
     async fn do_start(&self, req: api::StartRequest) -> Result<api::StartResponse> {
         let (p, sandbox) = self.proc_of(&req.id, &req.exec_id).await?;
         {
@@ -320,7 +441,16 @@ impl Service {
                 )));
             }
         }
-        let pid = self.spawn(req.id.clone(), p.clone(), sandbox).await?;
+        let pid = match sandbox {
+            Some(sb) => self.spawn(req.id.clone(), p.clone(), sb).await?,
+            None if req.exec_id.is_empty() => self.start_placeholder(req.id.clone(), p.clone()),
+            None => {
+                return Err(ShimError::FailedPrecondition(format!(
+                    "{:?} is a pod's sandbox container, which has no VM in the capsa shim; fix: exec into one of the pod's containers",
+                    req.id
+                )))
+            }
+        };
         if req.exec_id.is_empty() {
             self.publish(
                 containerd_shim::protos::topics::TASK_START_EVENT_TOPIC,
@@ -431,6 +561,9 @@ impl Service {
         };
         *lock(&p.ctl) = None;
         tracing::info!(exec = p.exec_id, status, "process exited");
+        if p.exec_id.is_empty() {
+            self.kick_refill();
+        }
         // As with runc, the container's execs end with its init.
         if p.exec_id.is_empty() {
             let others: Vec<Arc<Proc>> = self
@@ -620,22 +753,50 @@ impl Service {
     }
 }
 
+/// Whether `spec` is a Kubernetes pod's sandbox (pause) container, as
+/// containerd's CRI plugin (and CRI-O) annotate it.
+pub fn is_pod_sandbox(spec: &Spec) -> bool {
+    [
+        "io.kubernetes.cri.container-type",
+        "io.kubernetes.cri-o.ContainerType",
+    ]
+    .iter()
+    .any(|k| spec.annotations.get(*k).map(String::as_str) == Some("sandbox"))
+}
+
 /// Environment variable: `0` makes every task boot its VM cold (no base
 /// snapshot is made or restored).
 pub const FAST_START_ENV: &str = "CAPSA_SHIM_FAST_START";
 
-/// Starts the task's sandbox: restored from the base snapshot of its spec
-/// (one per root filesystem image and VM size, keyed as capsa keys its base
-/// snapshots, under the shim's cache) when there is one, else booted cold and, the first time, saved as
-/// that base right after its agent answered (before any container process
-/// ran). Returns how it started.
+/// How a task's sandbox started, for the log and the pool.
+struct Started {
+    sandbox: capsa::Sandbox,
+    /// Its registry name (a pool member keeps its own).
+    name: String,
+    how: &'static str,
+    /// The pool to refill afterwards, when one is configured.
+    pool: Option<crate::pool::Key>,
+}
+
+/// Starts the task's sandbox: a ready member of the warm pool when one is
+/// configured and has one ([`crate::pool`]), else restored from the base
+/// snapshot of its spec (one per root filesystem image and VM size, keyed as
+/// capsa keys its base snapshots, under the shim's cache) when there is one,
+/// else booted cold and, the first time, saved as that base right after its
+/// agent answered (before any container process ran).
 async fn start_sandbox(
     sandboxes: &capsa::Sandboxes,
     builder: capsa::SandboxBuilder,
     name: &str,
     labels: &[(&str, String)],
     shared_image: bool,
-) -> Result<(capsa::Sandbox, &'static str)> {
+) -> Result<Started> {
+    let done = |sandbox, how, pool| Started {
+        sandbox,
+        name: name.to_string(),
+        how,
+        pool,
+    };
     // A per-container image would make a base snapshot nobody restores.
     let fast = shared_image && std::env::var(FAST_START_ENV).map_or(true, |v| v != "0");
     // capsa's key for this spec, kept beside the shim's root filesystem
@@ -653,27 +814,50 @@ async fn start_sandbox(
         None
     };
     let Some(base) = base else {
-        return Ok((sandboxes.create(builder).await?, "cold boot"));
+        return Ok(done(sandboxes.create(builder).await?, "cold boot", None));
     };
+    let pool = (crate::pool::size() > 0)
+        .then(|| crate::pool::Key::of(&base))
+        .flatten();
     if base.join(capsa_core::SNAPSHOT_META_FILE).is_file() {
+        if let Some(key) = &pool {
+            let label = |k: &str| {
+                labels
+                    .iter()
+                    .find(|(l, _)| *l == k)
+                    .map(|(_, v)| v.as_str())
+                    .unwrap_or_default()
+            };
+            let claimed =
+                crate::pool::claim(sandboxes, key, label(LABEL_NAMESPACE), label(LABEL_ID)).await;
+            if let Some((member, sb)) = claimed {
+                return Ok(Started {
+                    sandbox: sb,
+                    name: member,
+                    how: "pooled",
+                    pool,
+                });
+            }
+        }
         let mut r = capsa::Capsa::restore(&base).name(name);
         for (k, v) in labels {
             r = r.label(*k, v.clone());
         }
         match sandboxes.create_restored(r).await {
-            Ok(sb) => return Ok((sb, "restored")),
+            Ok(sb) => return Ok(done(sb, "restored", pool)),
             Err(e) => {
                 tracing::warn!(base = %base.display(), "the base snapshot did not restore ({e}); booting cold");
                 let _ = sandboxes.remove(name, true).await;
             }
         }
-        return Ok((sandboxes.create(builder).await?, "cold boot"));
+        return Ok(done(sandboxes.create(builder).await?, "cold boot", None));
     }
     let sb = sandboxes.create(builder).await?;
     if let Err(e) = save_base(&sb, &base).await {
         tracing::warn!(base = %base.display(), "could not save a base snapshot: {e}");
+        return Ok(done(sb, "cold boot", None));
     }
-    Ok((sb, "cold boot (base snapshot saved)"))
+    Ok(done(sb, "cold boot (base snapshot saved)", pool))
 }
 
 /// Snapshots `sb` into a temp sibling of `dir`, then renames it into place
@@ -706,6 +890,28 @@ pub async fn cleanup(name: &str, bundle: &std::path::Path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => tracing::warn!(path = %private.display(), "removing the image: {e}"),
+    }
+}
+
+/// What the `delete` subcommand does after a dead shim: [`cleanup`] of the
+/// container's own sandbox name, and of any sandbox labelled as this
+/// container's (a claimed pool member keeps its member name).
+pub async fn cleanup_container(namespace: &str, id: &str, bundle: &std::path::Path) {
+    cleanup(&sandbox_name(namespace, id), bundle).await;
+    let labelled: Vec<String> = registry()
+        .list()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| {
+            capsa::Sandboxes::label(r, LABEL_OWNER) == Some(OWNER)
+                && capsa::Sandboxes::label(r, LABEL_NAMESPACE) == Some(namespace)
+                && capsa::Sandboxes::label(r, LABEL_ID) == Some(id)
+        })
+        .map(|r| r.name)
+        .collect();
+    for name in labelled {
+        tracing::info!(sandbox = name, "removing the dead shim's pool member");
+        cleanup(&name, bundle).await;
     }
 }
 
@@ -978,8 +1184,45 @@ impl Task for Service {
         let empty = self.inner.container.lock().await.is_none();
         if empty {
             tracing::info!("shutdown");
-            self.inner.exit.signal();
+            // A refill cut short would leave a half-restored member: the
+            // shim exits once it is done (containerd does not wait for that).
+            self.kick_refill();
+            let refill = match std::mem::replace(&mut *lock(&self.inner.refill), Refill::Idle) {
+                Refill::Running(h) => Some(h),
+                _ => None,
+            };
+            let exit = self.inner.exit.clone();
+            tokio::spawn(async move {
+                if let Some(r) = refill {
+                    match tokio::time::timeout(crate::pool::REFILL_WAIT, r).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::warn!("the pool refill failed: {e}"),
+                        Err(_) => tracing::warn!("the pool refill did not finish in time; exiting"),
+                    }
+                }
+                exit.signal();
+            });
         }
         Ok(api::Empty::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_sandbox_containers_are_recognised() {
+        let spec = |a: &str| serde_json::from_str::<Spec>(a).unwrap();
+        assert!(is_pod_sandbox(&spec(
+            r#"{"annotations":{"io.kubernetes.cri.container-type":"sandbox"}}"#
+        )));
+        assert!(is_pod_sandbox(&spec(
+            r#"{"annotations":{"io.kubernetes.cri-o.ContainerType":"sandbox"}}"#
+        )));
+        assert!(!is_pod_sandbox(&spec(
+            r#"{"annotations":{"io.kubernetes.cri.container-type":"container"}}"#
+        )));
+        assert!(!is_pod_sandbox(&spec("{}")));
     }
 }

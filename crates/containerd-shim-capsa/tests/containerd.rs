@@ -16,6 +16,11 @@ use sha2::Digest as _;
 const NS: &str = "capsa-test";
 const IMAGE: &str = "docker.io/capsa-test/busybox:1";
 const RUNTIME: &str = "io.containerd.capsa.v2";
+/// containerd's namespace of the CRI plugin.
+const CRI_NS: &str = "k8s.io";
+const PAUSE_TAG: &str = "capsa-test/pause:1";
+/// The pods' sandbox image: built here (no registry is reached).
+const PAUSE_IMAGE: &str = "docker.io/capsa-test/pause:1";
 
 fn hex(d: &[u8]) -> String {
     sha2::Sha256::digest(d)
@@ -45,6 +50,11 @@ fn tar_entry(
 /// A `docker save` archive of a one-layer image: the host's static busybox
 /// and its applets under /bin.
 fn image_archive(out: &Path) {
+    image_archive_as(out, "capsa-test/busybox:1", &["/bin/sh"]);
+}
+
+/// [`image_archive`] tagged `tag`, with `cmd` as its `Cmd`.
+fn image_archive_as(out: &Path, tag: &str, cmd: &[&str]) {
     let mut lb = tar::Builder::new(Vec::new());
     for d in ["bin", "etc", "root", "tmp", "proc", "sys", "dev"] {
         tar_entry(&mut lb, d, tar::EntryType::Directory, 0o755, b"", None);
@@ -91,13 +101,13 @@ fn image_archive(out: &Path) {
     let layer = lb.into_inner().unwrap();
     let cfg = serde_json::to_vec(&serde_json::json!({
         "architecture": "amd64", "os": "linux",
-        "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]},
+        "config": {"Env": ["PATH=/bin"], "Cmd": cmd},
         "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{}", hex(&layer))]}
     }))
     .unwrap();
     let cfg_name = format!("{}.json", hex(&cfg));
     let manifest = serde_json::to_vec(&serde_json::json!([
-        {"Config": cfg_name, "RepoTags": ["capsa-test/busybox:1"], "Layers": ["l0/layer.tar"]}
+        {"Config": cfg_name, "RepoTags": [tag], "Layers": ["l0/layer.tar"]}
     ]))
     .unwrap();
     let mut b = tar::Builder::new(std::fs::File::create(out).unwrap());
@@ -124,6 +134,7 @@ fn shim_dir() -> PathBuf {
 struct Containerd {
     dir: tempfile::TempDir,
     child: Option<Child>,
+    env: Vec<(String, String)>,
 }
 
 impl Containerd {
@@ -143,6 +154,19 @@ impl Containerd {
     }
 
     fn start() -> Containerd {
+        Self::start_with(&[])
+    }
+
+    /// [`Containerd::start`] with extra environment for containerd (and so
+    /// for its shims).
+    fn start_with(env: &[(&str, &str)]) -> Containerd {
+        Self::start_full(env, false)
+    }
+
+    /// [`Containerd::start_with`], with containerd's CRI plugin on when
+    /// `cri` (runtime handler `capsa`, the sandbox image imported here,
+    /// no CNI: host-network pods only).
+    fn start_full(env: &[(&str, &str)], cri: bool) -> Containerd {
         for tool in ["containerd", "ctr"] {
             let found = std::env::var("PATH")
                 .unwrap_or_default()
@@ -159,12 +183,31 @@ impl Containerd {
             .tempdir_in("/tmp")
             .unwrap();
         let d = dir.path();
+        let plugins = if cri {
+            format!(
+                r#"[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{PAUSE_IMAGE}"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{cni}/bin"
+    conf_dir = "{cni}/conf"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "capsa"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.capsa]
+      runtime_type = "{RUNTIME}"
+"#,
+                cni = d.join("cni").display()
+            )
+        } else {
+            r#"disabled_plugins = ["io.containerd.grpc.v1.cri"]
+"#
+            .to_string()
+        };
         let cfg = format!(
             r#"version = 2
 root = "{root}"
 state = "{state}"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
+{plugins}[grpc]
   address = "{sock}"
 [debug]
   level = "debug"
@@ -174,12 +217,32 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             sock = d.join("c.sock").display(),
         );
         std::fs::write(d.join("config.toml"), cfg).unwrap();
-        let mut c = Containerd { dir, child: None };
+        let mut c = Containerd {
+            dir,
+            child: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
         c.spawn();
         let archive = c.dir.path().join("image.tar");
         image_archive(&archive);
         let out = c.ctr(&["image", "import", archive.to_str().unwrap()]);
         assert!(out.status.success(), "ctr image import: {}", show(&out));
+        if cri {
+            let pause = c.dir.path().join("pause.tar");
+            image_archive_as(&pause, PAUSE_TAG, &["/bin/sleep", "2147483647"]);
+            for a in [&archive, &pause] {
+                let out = Command::new("ctr")
+                    .arg("-a")
+                    .arg(c.sock())
+                    .args(["-n", CRI_NS, "image", "import", a.to_str().unwrap()])
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "ctr image import: {}", show(&out));
+            }
+        }
         c
     }
 
@@ -196,6 +259,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             .env("PATH", Self::path_env())
             .env("CAPSA_STATE_DIR", d.join("capsa-state"))
             .env("CAPSA_SHIM_ROOTFS_CACHE", d.join("rootfs-cache"))
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -287,7 +351,12 @@ impl Drop for Containerd {
             let _ = c.kill();
             let _ = c.wait();
         }
-        // Shims of this containerd end once their VM is gone; unmount leftovers.
+        // A failed test may leave shims that nobody will Delete or Shut down.
+        for pid in shims_of(&self.sock()) {
+            // SAFETY: kill(2) on a pid read from /proc.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        // Unmount leftovers.
         let _ = Command::new("sh")
             .arg("-c")
             .arg(format!(
@@ -408,6 +477,28 @@ fn run_rm_prints_output_and_passes_exit_codes() {
 
 fn text(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The pids of the capsa shims of the containerd at `sock`.
+fn shims_of(sock: &Path) -> Vec<i32> {
+    let sock = sock.display().to_string();
+    std::fs::read_dir("/proc")
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| {
+                    let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+                    let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+                    let args: Vec<String> = cmd
+                        .split(|b| *b == 0)
+                        .map(|a| String::from_utf8_lossy(a).into_owned())
+                        .collect();
+                    let is = args.first()?.ends_with("containerd-shim-capsa-v2")
+                        && args.iter().any(|a| a == &sock);
+                    is.then_some(pid)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The pids of this containerd's shims for container `id`.
@@ -656,4 +747,330 @@ fn terminal_follows_a_live_resize() {
         || pane().contains("40 120"),
     );
     let _ = tmux(&["kill-session", "-t", &session]);
+}
+
+/// Sandboxes of the shim's warm pool in `state` (`containerd.pool_state`).
+fn pool_members(c: &Containerd, state: &str) -> Vec<capsa::SandboxRecord> {
+    c.sandboxes()
+        .into_iter()
+        .filter(|r| capsa::Sandboxes::label(r, "containerd.pool_state") == Some(state))
+        .collect()
+}
+
+#[test]
+fn warm_pool_serves_tasks_and_dead_shims_leave_no_member() {
+    let c = Containerd::start_with(&[("CAPSA_SHIM_POOL_SIZE", "1")]);
+    // The first task boots cold and saves the base; its shim then restores
+    // one pool member from it.
+    let out = c.run("p0", &[], &["echo", "first"], None);
+    assert!(out.status.success(), "{}\n{}", show(&out), c.log());
+    let ready = || pool_members(&c, "ready").len() == 1;
+    let t = Instant::now();
+    while !ready() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "no ready pool member: {:?}\n{}",
+            c.sandboxes(),
+            c.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let member = pool_members(&c, "ready").remove(0).name;
+    assert!(member.starts_with("ctrdpool-"), "{member}");
+
+    // The next task is served by that member: right output and exit code.
+    let out = c.run(
+        "p1",
+        &[],
+        &[
+            "sh",
+            "-c",
+            "cat /etc/image-marker; echo w > /tmp/x && cat /tmp/x; exit 5",
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(5), "{}\n{}", show(&out), c.log());
+    assert_eq!(text(&out), "from-the-image\nw\n");
+    let log = c.log();
+    assert!(
+        log.contains(&format!("sandbox=\"{member}\" how=\"pooled\"")),
+        "the task did not get the pool member {member}:\n{log}"
+    );
+    // --rm removed the claimed member; its shim restored a replacement.
+    wait_until("the replacement member", Duration::from_secs(240), ready);
+    assert!(c.sandboxes().iter().all(|r| r.name != member));
+
+    // A detached pooled task is the container's (labels), and a shim killed
+    // with -9 takes its member with it (containerd's dead-shim cleanup
+    // finds the member by label, not by name).
+    let member = pool_members(&c, "ready").remove(0).name;
+    let out = c.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "p2",
+        "sleep",
+        "600",
+    ]);
+    assert!(out.status.success(), "{}\n{}", show(&out), c.log());
+    let claimed = pool_members(&c, "claimed");
+    assert_eq!(claimed.len(), 1, "{claimed:?}");
+    assert_eq!(claimed[0].name, member);
+    assert_eq!(
+        capsa::Sandboxes::label(&claimed[0], "containerd.id"),
+        Some("p2")
+    );
+    assert_eq!(
+        capsa::Sandboxes::label(&claimed[0], "owner"),
+        Some("containerd-shim")
+    );
+    let ex = c.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e",
+        "p2",
+        "cat",
+        "/etc/image-marker",
+    ]);
+    assert_eq!(text(&ex), "from-the-image\n", "{}", show(&ex));
+    // Let its refill finish first: the kill is about the claimed member.
+    wait_until("the replacement member", Duration::from_secs(240), ready);
+    let pids = shim_pids(&c, "p2");
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    // SAFETY: kill(2) on a pid read from /proc.
+    unsafe { libc::kill(pids[0], libc::SIGKILL) };
+    wait_until(
+        "the task to be seen stopped",
+        Duration::from_secs(60),
+        || !task_line(&c, "p2").contains("RUNNING"),
+    );
+    let _ = c.ctr(&["task", "delete", "p2"]);
+    let _ = c.ctr(&["container", "rm", "p2"]);
+    wait_until("the claimed member to go", Duration::from_secs(60), || {
+        c.sandboxes().iter().all(|r| r.name != member)
+    });
+    // What stays is the pool: one ready member, nothing claimed.
+    let left = c.sandboxes();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(pool_members(&c, "claimed").is_empty());
+}
+
+mod cri {
+    //! containerd's own CRI plugin (what a kubelet talks to), driven over its
+    //! socket by a small gRPC client (the `k8s-cri` protos), with the runtime
+    //! handler `capsa` and host-network pods (no CNI).
+
+    use super::*;
+    use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+    use k8s_cri::v1::*;
+    use tonic::transport::{Channel, Endpoint, Uri};
+
+    async fn client(sock: PathBuf) -> RuntimeServiceClient<Channel> {
+        let ch = Endpoint::try_from("http://[::]:50051")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let sock = sock.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(sock).await?,
+                    ))
+                }
+            }))
+            .await
+            .expect("connecting to containerd's CRI socket");
+        RuntimeServiceClient::new(ch)
+    }
+
+    fn pod_config(logs: &Path) -> PodSandboxConfig {
+        PodSandboxConfig {
+            metadata: Some(PodSandboxMetadata {
+                name: "pod1".into(),
+                uid: "uid-pod1".into(),
+                namespace: "default".into(),
+                attempt: 0,
+            }),
+            hostname: "pod1".into(),
+            log_directory: logs.display().to_string(),
+            linux: Some(LinuxPodSandboxConfig {
+                security_context: Some(LinuxSandboxSecurityContext {
+                    namespace_options: Some(NamespaceOption {
+                        network: NamespaceMode::Node as i32,
+                        pid: NamespaceMode::Container as i32,
+                        ipc: NamespaceMode::Pod as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn container(name: &str, cmd: &[&str]) -> ContainerConfig {
+        ContainerConfig {
+            metadata: Some(ContainerMetadata {
+                name: name.into(),
+                attempt: 0,
+            }),
+            image: Some(ImageSpec {
+                image: IMAGE.into(),
+                ..Default::default()
+            }),
+            command: cmd.iter().map(|s| s.to_string()).collect(),
+            log_path: format!("{name}.log"),
+            ..Default::default()
+        }
+    }
+
+    async fn wait_exited(rt: &mut RuntimeServiceClient<Channel>, id: &str) -> ContainerStatus {
+        let t = Instant::now();
+        loop {
+            let st = rt
+                .container_status(ContainerStatusRequest {
+                    container_id: id.into(),
+                    verbose: false,
+                })
+                .await
+                .expect("ContainerStatus")
+                .into_inner()
+                .status
+                .expect("a status");
+            if st.state == ContainerState::ContainerExited as i32 {
+                return st;
+            }
+            assert!(t.elapsed() < Duration::from_secs(180), "{st:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    #[test]
+    fn cri_pod_with_the_capsa_handler() {
+        let c = Containerd::start_full(&[], true);
+        // Its own runtime, dropped before `c` (whose Drop runs one too).
+        let tokio = tokio::runtime::Runtime::new().unwrap();
+        tokio.block_on(pod(&c));
+    }
+
+    async fn pod(c: &Containerd) {
+        let logs = c.dir.path().join("pod-logs");
+        std::fs::create_dir_all(&logs).unwrap();
+        let mut rt = client(c.sock()).await;
+        let v = rt
+            .version(VersionRequest::default())
+            .await
+            .unwrap_or_else(|e| panic!("CRI Version: {e}\n{}", c.log()))
+            .into_inner();
+        eprintln!(
+            "CRI: {} {} (API {})",
+            v.runtime_name, v.runtime_version, v.runtime_api_version
+        );
+
+        let cfg = pod_config(&logs);
+        let pod = rt
+            .run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(cfg.clone()),
+                runtime_handler: "capsa".into(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", c.log()))
+            .into_inner()
+            .pod_sandbox_id;
+
+        // A container that prints and fails: exit code and CRI log file.
+        let id = rt
+            .create_container(CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(container(
+                    "c1",
+                    &[
+                        "sh",
+                        "-c",
+                        "cat /etc/image-marker; echo to-stderr >&2; exit 3",
+                    ],
+                )),
+                sandbox_config: Some(cfg.clone()),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", c.log()))
+            .into_inner()
+            .container_id;
+        rt.start_container(StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", c.log()));
+        let st = wait_exited(&mut rt, &id).await;
+        assert_eq!(st.exit_code, 3, "{st:?}");
+        let log = std::fs::read_to_string(logs.join("c1.log")).unwrap_or_default();
+        assert!(log.contains(" stdout F from-the-image"), "CRI log: {log:?}");
+        assert!(log.contains(" stderr F to-stderr"), "CRI log: {log:?}");
+
+        // A long-running container: ExecSync into it.
+        let id2 = rt
+            .create_container(CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(container("c2", &["sleep", "600"])),
+                sandbox_config: Some(cfg.clone()),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", c.log()))
+            .into_inner()
+            .container_id;
+        rt.start_container(StartContainerRequest {
+            container_id: id2.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", c.log()));
+        let ex = rt
+            .exec_sync(ExecSyncRequest {
+                container_id: id2.clone(),
+                cmd: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "cat /etc/image-marker; exit 7".into(),
+                ],
+                timeout: 60,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("ExecSync: {e}\n{}", c.log()))
+            .into_inner();
+        assert_eq!(ex.exit_code, 7, "{ex:?}");
+        assert_eq!(String::from_utf8_lossy(&ex.stdout), "from-the-image\n");
+
+        // The pod's sandbox (pause) container gets no VM: the running
+        // container's is the only one.
+        let vms = c.sandboxes();
+        assert_eq!(vms.len(), 1, "{vms:?}");
+        assert_eq!(
+            capsa::Sandboxes::label(&vms[0], "containerd.id"),
+            Some(id2.as_str())
+        );
+
+        rt.stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("StopPodSandbox: {e}\n{}", c.log()));
+        rt.remove_pod_sandbox(RemovePodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("RemovePodSandbox: {e}\n{}", c.log()));
+        let left = rt
+            .list_pod_sandbox(ListPodSandboxRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .items;
+        assert!(left.is_empty(), "{left:?}");
+        let t = Instant::now();
+        while !c.sandboxes().is_empty() || qemu_running_under(&c.state_dir()) {
+            assert!(t.elapsed() < Duration::from_secs(60), "{:?}", c.sandboxes());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
 }
