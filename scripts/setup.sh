@@ -30,6 +30,7 @@ command -v mmdebstrap >/dev/null 2>&1 || need_pkgs+=(mmdebstrap)
 command -v umoci >/dev/null 2>&1 || need_pkgs+=(umoci)
 command -v containerd >/dev/null 2>&1 || need_pkgs+=(containerd)   # the containerd shim tests (containerd-shim-capsa)
 command -v chromium >/dev/null 2>&1 || need_pkgs+=(chromium)   # the screen viewer's browser test (capsa screen view)
+command -v protoc >/dev/null 2>&1 || need_pkgs+=(protobuf-compiler)   # the shim's CRI test client compiles its protos (k8s-cri)
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
   need_pkgs+=(python3 python3-venv)
 fi
