@@ -443,7 +443,11 @@ fn add_recipe(cmd: &mut Command, recipe: Recipe, work: &Path) -> Result<(), OciE
             .map(|p| p.to_string_lossy().into_owned())
             .unwrap_or_else(|| "/".into());
         cmd.arg(format!("--customize-hook=mkdir -p \"$1{parent}\""))
-            .arg(format!("--customize-hook=upload {} {}", host.display(), f.path))
+            .arg(format!(
+                "--customize-hook=upload {} {}",
+                host.display(),
+                f.path
+            ))
             .arg(format!(
                 "--customize-hook=chmod {:o} \"$1{}\"",
                 f.mode, f.path

@@ -982,7 +982,7 @@ impl Screen<'_> {
     }
 
     /// Performs `actions` in order (checked as a whole first). Typed text goes one character
-/// every [`TYPE_GAP`].
+    /// every [`TYPE_GAP`].
     pub async fn perform(&self, actions: &[ScreenAction]) -> crate::Result<()> {
         check_actions(self.display, actions)?;
         for a in actions {

@@ -96,7 +96,12 @@ fn diff(a: &Frame, b: &Frame, r: (u32, u32, u32, u32)) -> (usize, usize, [u32; 4
                     inside += 1;
                 } else {
                     outside += 1;
-                    bbox = [bbox[0].min(x), bbox[1].min(y), bbox[2].max(x), bbox[3].max(y)];
+                    bbox = [
+                        bbox[0].min(x),
+                        bbox[1].min(y),
+                        bbox[2].max(x),
+                        bbox[3].max(y),
+                    ];
                 }
             }
         }
@@ -136,7 +141,9 @@ async fn desktop_image_xterm_takes_typed_commands() {
 
     // The image's Env carries DISPLAY, so plain execs find the desktop.
     assert_eq!(
-        sh(&sb, "echo $DISPLAY", Duration::from_secs(30)).await.trim(),
+        sh(&sb, "echo $DISPLAY", Duration::from_secs(30))
+            .await
+            .trim(),
         ":0"
     );
     let t = Instant::now();
