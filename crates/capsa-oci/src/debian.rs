@@ -411,11 +411,14 @@ fn lists_fingerprint(dir: &Path) -> Option<String> {
 
 /// The build cache key: everything that decides the image's content.
 fn build_key(opts: &DebianOptions, packages: &[String], mirror: &str, lists: &str) -> String {
-    let k = serde_json::json!({
+    let mut k = serde_json::json!({
         "suite": opts.suite, "variant": opts.variant, "packages": packages,
         "mirror": mirror, "lists": lists, "v": 1,
-        "recipe": opts.recipe.map(|r| r.fingerprint()),
     });
+    // Only with a recipe, so the keys of earlier builds without one stay valid.
+    if let Some(r) = opts.recipe {
+        k["recipe"] = r.fingerprint().into();
+    }
     Digest::of(k.to_string().as_bytes()).hex().to_string()
 }
 
@@ -736,6 +739,20 @@ mod tests {
         let script = d.files()[0].contents;
         assert!(script.starts_with("#!/bin/sh\n") && script.contains("Xorg"));
         assert_eq!(d.fingerprint(), d.fingerprint());
+        let mut o = DebianOptions {
+            suite: "bookworm".into(),
+            packages: Vec::new(),
+            variant: "apt".into(),
+            mirror: None,
+            cache_dir: PathBuf::from("/tmp/c"),
+            lists_max_age: Duration::from_secs(1),
+            refresh: false,
+            rebuild: false,
+            recipe: None,
+        };
+        let plain = build_key(&o, &[], "http://m/debian", "l");
+        o.recipe = Some(d);
+        assert_ne!(plain, build_key(&o, &[], "http://m/debian", "l"));
         let mut cmd = Command::new("true");
         let tmp = tempfile::tempdir().unwrap();
         add_recipe(&mut cmd, d, tmp.path()).unwrap();
