@@ -22,6 +22,10 @@ cargo build --workspace --locked
 # (a dead proxy for every request), reading only this cache.
 ./target/debug/capsa image build capsa-test-debs --debian bookworm --packages python3,git \
   --convert none >/dev/null
+# The desktop recipe's image (Xorg, openbox, xterm; no browser) for tests/desktop.rs: built
+# here from the mirror into the shared store, the test finds it there (or rebuilds it offline).
+./target/debug/capsa image build capsa-test-desktop:bookworm --debian bookworm --recipe desktop \
+  >/dev/null
 cargo nextest run --workspace --locked "$@"
 if [ "${CAPSA_SKIP_API_FUZZ:-0}" != 1 ] && [ $# -eq 0 ]; then
   echo "capsa test: fuzzing capsad's API against its OpenAPI document (scripts/api-fuzz.sh)" >&2

@@ -26,6 +26,10 @@ pub enum ImageCmd {
         /// Packages to install, comma-separated (e.g. python3,git).
         #[arg(long, value_delimiter = ',', requires = "debian")]
         packages: Vec<String>,
+        /// A preset adding packages and files: `desktop` (Xorg on the display, openbox, xterm,
+        /// started by `capsa exec NAME -- capsa-desktop`; add a browser with --packages chromium).
+        #[arg(long, requires = "debian")]
+        recipe: Option<String>,
         /// mmdebstrap variant: apt (default), minbase, ...
         #[arg(long, default_value = "apt", requires = "debian")]
         variant: String,
@@ -192,6 +196,7 @@ pub async fn run(cmd: ImageCmd) -> anyhow::Result<ExitCode> {
             name: Some(name),
             debian,
             packages,
+            recipe,
             variant,
             mirror,
             refresh,
@@ -213,6 +218,10 @@ pub async fn run(cmd: ImageCmd) -> anyhow::Result<ExitCode> {
             opts.mirror = mirror;
             opts.refresh = refresh;
             opts.rebuild = rebuild;
+            opts.recipe = recipe
+                .as_deref()
+                .map(capsa_oci::debian::Recipe::parse)
+                .transpose()?;
             return crate::image_ext::build_debian(name, opts, format, json).await;
         }
         ImageCmd::Pull {

@@ -45,6 +45,131 @@ pub struct DebianOptions {
     /// Run mmdebstrap even if an image from the same inputs (suite, variant, packages, mirror,
     /// package lists) is in the store.
     pub rebuild: bool,
+    /// A preset adding its packages, files and environment (e.g. [`Recipe::Desktop`]).
+    pub recipe: Option<Recipe>,
+}
+
+/// A file a recipe puts into the image.
+#[derive(Debug, Clone, Copy)]
+pub struct RecipeFile {
+    /// Absolute path in the image.
+    pub path: &'static str,
+    /// Permission bits.
+    pub mode: u32,
+    /// The contents.
+    pub contents: &'static str,
+}
+
+/// A preset for `capsa image build --recipe`: packages, files and environment that make a
+/// Debian image do one job, on top of the `--packages` given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recipe {
+    /// A desktop for a sandbox with a display: Xorg (modesetting on the bochs DRM
+    /// framebuffer), udev + libinput for the virtio tablet and keyboard, openbox, xterm,
+    /// x11-utils, xdotool and scrot, and `/usr/local/bin/capsa-desktop` to start it.
+    Desktop,
+}
+
+const DESKTOP_PACKAGES: &[&str] = &[
+    "openbox",
+    "procps",
+    "scrot",
+    "udev",
+    "x11-utils",
+    "xdotool",
+    "xfonts-base",
+    "xserver-xorg-core",
+    "xserver-xorg-input-libinput",
+    "xterm",
+];
+
+const DESKTOP_FILES: &[RecipeFile] = &[
+    RecipeFile {
+        path: "/usr/local/bin/capsa-desktop",
+        mode: 0o755,
+        contents: include_str!("../recipes/desktop/capsa-desktop"),
+    },
+    RecipeFile {
+        path: "/etc/X11/xorg.conf.d/10-capsa.conf",
+        mode: 0o644,
+        contents: include_str!("../recipes/desktop/10-capsa.conf"),
+    },
+];
+
+impl Recipe {
+    /// Every recipe, for help texts and errors.
+    pub const ALL: &'static [Recipe] = &[Recipe::Desktop];
+
+    /// Parses a `--recipe` value.
+    pub fn parse(s: &str) -> Result<Recipe, OciError> {
+        Recipe::ALL
+            .iter()
+            .copied()
+            .find(|r| r.name() == s)
+            .ok_or_else(|| OciError::BadRequest {
+                what: "--recipe",
+                reason: format!("{s:?} is not a recipe"),
+                fix: "use --recipe desktop (Xorg, openbox, xterm; add a browser with --packages chromium)",
+            })
+    }
+
+    /// The name `--recipe` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Recipe::Desktop => "desktop",
+        }
+    }
+
+    /// Packages installed on top of the build's own.
+    pub fn packages(self) -> &'static [&'static str] {
+        match self {
+            Recipe::Desktop => DESKTOP_PACKAGES,
+        }
+    }
+
+    /// Files written into the image after the packages are installed.
+    pub fn files(self) -> &'static [RecipeFile] {
+        match self {
+            Recipe::Desktop => DESKTOP_FILES,
+        }
+    }
+
+    /// Variables added to the image's `Env`.
+    pub fn env(self) -> &'static [&'static str] {
+        match self {
+            // So `capsa exec desk -- xdotool ...` finds the desktop.
+            Recipe::Desktop => &["DISPLAY=:0"],
+        }
+    }
+
+    /// mmdebstrap customize hooks (shell, `$1` is the root) run after the files are in.
+    fn hooks(self) -> Vec<String> {
+        match self {
+            // fontconfig validates its caches by the font directories' mtimes, which the
+            // reproducible tar then clamps: every program would rescan every font at start
+            // (openbox spent ~15 s of TCG on it). Set the mtimes to the clamp first, then
+            // build the caches, so they stay valid in the image.
+            Recipe::Desktop => vec![format!(
+                "if [ -x \"$1\"/usr/bin/fc-cache ]; then \
+                 for d in /usr/share/fonts /usr/local/share/fonts /usr/share/X11/fonts; do \
+                 if [ -d \"$1$d\" ]; then find \"$1$d\" -type d -exec touch -d @{t} {{}} +; fi; \
+                 done; chroot \"$1\" fc-cache -s -f; fi",
+                t = crate::store::REPRODUCIBLE_TIME
+            )],
+        }
+    }
+
+    /// Identifies the recipe's content for the build cache key.
+    fn fingerprint(self) -> String {
+        let mut k = format!("{}\n{:?}\n{:?}\n", self.name(), self.packages(), self.env());
+        for f in self.files() {
+            k.push_str(&format!("{} {:o} {}\n", f.path, f.mode, f.contents));
+        }
+        for h in self.hooks() {
+            k.push_str(&h);
+        }
+        Digest::of(k.as_bytes()).hex().to_string()
+    }
 }
 
 impl DebianOptions {
@@ -70,6 +195,7 @@ impl DebianOptions {
             lists_max_age: Duration::from_secs(24 * 3600),
             refresh: false,
             rebuild: false,
+            recipe: None,
         })
     }
 }
@@ -285,11 +411,55 @@ fn lists_fingerprint(dir: &Path) -> Option<String> {
 
 /// The build cache key: everything that decides the image's content.
 fn build_key(opts: &DebianOptions, packages: &[String], mirror: &str, lists: &str) -> String {
-    let k = serde_json::json!({
+    let mut k = serde_json::json!({
         "suite": opts.suite, "variant": opts.variant, "packages": packages,
         "mirror": mirror, "lists": lists, "v": 1,
     });
+    // Only with a recipe, so the keys of earlier builds without one stay valid.
+    if let Some(r) = opts.recipe {
+        k["recipe"] = r.fingerprint().into();
+    }
     Digest::of(k.to_string().as_bytes()).hex().to_string()
+}
+
+/// Adds a recipe's files and hooks to the mmdebstrap command: each file is written under
+/// `work` and uploaded into the root once the packages are installed.
+fn add_recipe(cmd: &mut Command, recipe: Recipe, work: &Path) -> Result<(), OciError> {
+    let dir = work.join("recipe");
+    std::fs::create_dir_all(&dir).map_err(|e| OciError::io("creating", &dir, e))?;
+    let shown = dir.to_string_lossy();
+    if shown
+        .bytes()
+        .any(|b| b.is_ascii_whitespace() || b == b'\'' || b == b'"')
+    {
+        return Err(OciError::BadRequest {
+            what: "image store directory",
+            reason: format!("{shown:?} has spaces or quotes (mmdebstrap hooks split on them)"),
+            fix: "set CAPSA_IMAGE_STORE or XDG_CACHE_HOME to a path without them",
+        });
+    }
+    for (i, f) in recipe.files().iter().enumerate() {
+        let host = dir.join(format!("{i}"));
+        std::fs::write(&host, f.contents).map_err(|e| OciError::io("writing", &host, e))?;
+        let parent = Path::new(f.path)
+            .parent()
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "/".into());
+        cmd.arg(format!("--customize-hook=mkdir -p \"$1{parent}\""))
+            .arg(format!(
+                "--customize-hook=upload {} {}",
+                host.display(),
+                f.path
+            ))
+            .arg(format!(
+                "--customize-hook=chmod {:o} \"$1{}\"",
+                f.mode, f.path
+            ));
+    }
+    for h in recipe.hooks() {
+        cmd.arg(format!("--customize-hook={h}"));
+    }
+    Ok(())
 }
 
 /// Builds a Debian root filesystem and stores it as image `name`, progress lines going to
@@ -311,6 +481,9 @@ pub fn build(
     let cached_lists = !opts.refresh && lists_fresh(&lists, opts.lists_max_age);
     // One package set, one command line: the order given does not change the image.
     let mut packages = opts.packages.clone();
+    if let Some(r) = opts.recipe {
+        packages.extend(r.packages().iter().map(|p| p.to_string()));
+    }
     packages.sort();
     packages.dedup();
     let builds = cache.join("builds");
@@ -370,6 +543,9 @@ pub fn build(
             "--customize-hook=sync-out /var/lib/apt/lists {}",
             new_lists.display()
         ));
+    }
+    if let Some(recipe) = opts.recipe {
+        add_recipe(&mut cmd, recipe, work.path())?;
     }
     if !packages.is_empty() {
         cmd.arg(format!("--include={}", packages.join(",")));
@@ -433,14 +609,18 @@ pub fn build(
     let debs_after = count_debs(&archives);
 
     let (layer_digest, layer_size) = store.adopt_blob(&out)?;
+    let mut env = vec![
+        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+        "LANG=C.UTF-8".to_string(),
+    ];
+    if let Some(r) = opts.recipe {
+        env.extend(r.env().iter().map(|e| e.to_string()));
+    }
     let config = ConfigFile {
         architecture: "amd64".into(),
         os: "linux".into(),
         config: Some(ImageConfig {
-            env: Some(vec![
-                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
-                "LANG=C.UTF-8".into(),
-            ]),
+            env: Some(env),
             cmd: Some(vec!["/bin/bash".into()]),
             ..Default::default()
         }),
@@ -522,6 +702,7 @@ mod tests {
             lists_max_age: Duration::from_secs(1),
             refresh: false,
             rebuild: false,
+            recipe: None,
         };
         assert!(validate(&o).is_ok());
         o.packages.push("-oAPT::x=1".into());
@@ -540,5 +721,51 @@ mod tests {
         o.mirror = None;
         o.cache_dir = PathBuf::from("/tmp/with space");
         assert!(validate(&o).is_err());
+    }
+
+    #[test]
+    fn recipes() {
+        assert_eq!(Recipe::parse("desktop").unwrap(), Recipe::Desktop);
+        let e = Recipe::parse("gnome").unwrap_err().to_string();
+        assert!(e.contains("--recipe desktop"), "{e}");
+        let d = Recipe::Desktop;
+        assert!(d.packages().contains(&"xserver-xorg-core"));
+        for p in d.packages() {
+            assert!(valid_word(p, b"+.-:=~", 128), "{p}");
+        }
+        for f in d.files() {
+            assert!(f.path.starts_with('/') && !f.path.contains(char::is_whitespace));
+        }
+        let script = d.files()[0].contents;
+        assert!(script.starts_with("#!/bin/sh\n") && script.contains("Xorg"));
+        assert_eq!(d.fingerprint(), d.fingerprint());
+        let mut o = DebianOptions {
+            suite: "bookworm".into(),
+            packages: Vec::new(),
+            variant: "apt".into(),
+            mirror: None,
+            cache_dir: PathBuf::from("/tmp/c"),
+            lists_max_age: Duration::from_secs(1),
+            refresh: false,
+            rebuild: false,
+            recipe: None,
+        };
+        let plain = build_key(&o, &[], "http://m/debian", "l");
+        o.recipe = Some(d);
+        assert_ne!(plain, build_key(&o, &[], "http://m/debian", "l"));
+        let mut cmd = Command::new("true");
+        let tmp = tempfile::tempdir().unwrap();
+        add_recipe(&mut cmd, d, tmp.path()).unwrap();
+        let args: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert!(args
+            .iter()
+            .any(|a| a.ends_with(" /usr/local/bin/capsa-desktop") && a.contains("upload")));
+        assert!(args.iter().any(|a| a.contains("chmod 755")));
+        assert!(args.iter().any(|a| a.contains("fc-cache")));
+        let uploaded = std::fs::read_to_string(tmp.path().join("recipe/0")).unwrap();
+        assert_eq!(uploaded, script);
     }
 }

@@ -38,6 +38,8 @@ pub const MAX_WAIT_MS: u64 = 10_000;
 pub const MAX_BATCH_WAIT_MS: u64 = 30_000;
 /// Most keys in one combination.
 pub const MAX_COMBO_KEYS: usize = 8;
+/// Pause after each typed character (see [`Screen::perform`]): ~200 characters a second.
+pub const TYPE_GAP: Duration = Duration::from_millis(5);
 
 /// What the screen calls fail with; each names the problem and the fix.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -979,12 +981,26 @@ impl Screen<'_> {
         self.screenshot_with(&ShotOptions::default()).await
     }
 
-    /// Performs `actions` in order (checked as a whole first).
+    /// Performs `actions` in order (checked as a whole first). Typed text goes one character
+    /// every [`TYPE_GAP`].
     pub async fn perform(&self, actions: &[ScreenAction]) -> crate::Result<()> {
         check_actions(self.display, actions)?;
         for a in actions {
             if let ScreenAction::Wait { ms } = a {
                 tokio::time::sleep(Duration::from_millis(*ms)).await;
+                continue;
+            }
+            if let ScreenAction::Type { text } = a {
+                // One character at a time: QEMU drops input events while the guest has
+                // not handed back virtio-input's buffers (64 events per device), which a
+                // busy TCG guest does slowly; a 30-character line sent at once lost its
+                // tail on the desktop image (tests/desktop.rs).
+                let mut buf = [0u8; 4];
+                for c in text.chars() {
+                    let ev = type_events(c.encode_utf8(&mut buf))?;
+                    self.sb.vm.instance().send_input(ev).await?;
+                    tokio::time::sleep(TYPE_GAP).await;
+                }
                 continue;
             }
             let ev = action_events(self.display, a)?;
