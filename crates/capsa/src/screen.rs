@@ -27,6 +27,9 @@ pub const MAX_FRAME_PIXELS: u64 = 4096 * 4096;
 pub const MAX_ACTIONS: usize = 256;
 /// Longest text one `type` action may type (characters).
 pub const MAX_TYPE_CHARS: usize = 4096;
+/// Most characters typed by one batch: typing is paced ([`TYPE_GAP`]), so
+/// this bounds how long one batch holds the screen (~40 s).
+pub const MAX_BATCH_TYPE_CHARS: usize = 8192;
 /// Most points of one drag path.
 pub const MAX_DRAG_POINTS: usize = 1024;
 /// Most wheel notches in one scroll.
@@ -898,7 +901,17 @@ pub fn check_actions(display: DisplaySpec, actions: &[ScreenAction]) -> Result<(
         )));
     }
     let mut waited = 0u64;
+    let mut typed = 0usize;
     for a in actions {
+        if let ScreenAction::Type { text } = a {
+            typed = typed.saturating_add(text.chars().count());
+            if typed > MAX_BATCH_TYPE_CHARS {
+                return Err(ScreenError::TooLarge(format!(
+                    "more than {MAX_BATCH_TYPE_CHARS} typed characters in one batch. Fix: split \
+                     the text over several batches"
+                )));
+            }
+        }
         if let ScreenAction::Wait { ms } = a {
             if *ms > MAX_WAIT_MS {
                 return Err(ScreenError::TooLarge(format!(
@@ -1318,6 +1331,14 @@ mod tests {
         assert!(
             check_actions(d, &vec![ScreenAction::Move { x: 1, y: 1 }; MAX_ACTIONS + 1]).is_err()
         );
+        let line = ScreenAction::Type {
+            text: "a".repeat(MAX_TYPE_CHARS),
+        };
+        let two = vec![line.clone(); MAX_BATCH_TYPE_CHARS / MAX_TYPE_CHARS];
+        assert!(check_actions(d, &two).is_ok());
+        let three = vec![line; MAX_BATCH_TYPE_CHARS / MAX_TYPE_CHARS + 1];
+        let e = check_actions(d, &three).unwrap_err().to_string();
+        assert!(e.contains("typed characters") && e.contains("Fix"), "{e}");
         assert!(check_actions(
             d,
             &[ScreenAction::Scroll {
