@@ -1079,6 +1079,47 @@ pub struct ScreenshotRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub max_width: Option<u32>,
+    /// The encoding: `png` (default), `jpeg` or `webp` (lossless).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<ScreenshotFormat>,
+    /// JPEG quality, 1..=100 (default 80); refused for png and webp.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 100))]
+    pub quality: Option<u8>,
+}
+
+/// A screenshot's encoding.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum ScreenshotFormat {
+    /// PNG (lossless, fast).
+    #[default]
+    Png,
+    /// JPEG (lossy, smallest).
+    Jpeg,
+    /// WebP, lossless.
+    Webp,
+}
+
+impl From<ScreenshotFormat> for capsa::ImageFormat {
+    fn from(f: ScreenshotFormat) -> Self {
+        match f {
+            ScreenshotFormat::Png => capsa::ImageFormat::Png,
+            ScreenshotFormat::Jpeg => capsa::ImageFormat::Jpeg,
+            ScreenshotFormat::Webp => capsa::ImageFormat::Webp,
+        }
+    }
+}
+
+impl From<capsa::ImageFormat> for ScreenshotFormat {
+    fn from(f: capsa::ImageFormat) -> Self {
+        match f {
+            capsa::ImageFormat::Png => ScreenshotFormat::Png,
+            capsa::ImageFormat::Jpeg => ScreenshotFormat::Jpeg,
+            capsa::ImageFormat::Webp => ScreenshotFormat::Webp,
+        }
+    }
 }
 
 impl ScreenshotRequest {
@@ -1092,18 +1133,20 @@ impl ScreenshotRequest {
                 height: r.height,
             }),
             max_width: self.max_width,
+            format: self.format.unwrap_or_default().into(),
+            quality: self.quality,
         }
     }
 }
 
-/// A screenshot: a PNG (base64 in JSON) and how its pixels map back to the
+/// A screenshot: an image (base64 in JSON) and how its pixels map back to the
 /// screen: screen x = `x + image_x / scale`, screen y = `y + image_y / scale`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ScreenshotBody {
-    /// Image format: `png`.
-    pub format: String,
+    /// Image format: `png`, `jpeg` or `webp`.
+    pub format: ScreenshotFormat,
     /// The image, base64 (standard alphabet, padded).
     pub data: String,
     /// Image width.
@@ -1127,8 +1170,8 @@ impl ScreenshotBody {
     pub fn of(s: &capsa::Screenshot) -> Self {
         use base64::Engine as _;
         Self {
-            format: "png".into(),
-            data: base64::engine::general_purpose::STANDARD.encode(&s.png),
+            format: s.format.into(),
+            data: base64::engine::general_purpose::STANDARD.encode(&s.data),
             width: s.width,
             height: s.height,
             scale: s.scale,

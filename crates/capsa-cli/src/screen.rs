@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use capsa_api::types::{ScreenActionsRequest, ScreenRegion, ScreenshotRequest};
+use capsa_api::types::{ScreenActionsRequest, ScreenRegion, ScreenshotFormat, ScreenshotRequest};
 
 /// Parses `--display WxH`.
 pub fn parse_display(s: &str) -> Result<capsa_core::DisplaySpec, String> {
@@ -27,12 +27,19 @@ pub enum ScreenCmd {
         /// The sandbox.
         name: String,
     },
-    /// Save a screenshot as PNG (`-` writes it to stdout).
+    /// Save a screenshot (`-` writes it to stdout). The format follows the
+    /// file's extension (.png, .jpg/.jpeg, .webp) unless --format says.
     Shot {
         /// The sandbox.
         name: String,
-        /// The PNG file to write.
+        /// The image file to write.
         out: PathBuf,
+        /// png (default), jpeg or webp (lossless).
+        #[arg(long, value_name = "FORMAT")]
+        format: Option<capsa::ImageFormat>,
+        /// JPEG quality, 1..=100 (default 80).
+        #[arg(long, value_name = "Q")]
+        quality: Option<u8>,
         /// Only this part of the screen: x,y,width,height.
         #[arg(long, value_name = "X,Y,W,H", value_parser = parse_region)]
         region: Option<ScreenRegion>,
@@ -53,8 +60,9 @@ pub enum ScreenCmd {
         /// Then wait this long (ms) and save a screenshot to --shot.
         #[arg(long, value_name = "MS", requires = "shot")]
         settle: Option<u64>,
-        /// Where to save the screenshot taken after the actions.
-        #[arg(long, value_name = "PNG")]
+        /// Where to save the screenshot taken after the actions (format by
+        /// extension: .png, .jpg/.jpeg, .webp).
+        #[arg(long, value_name = "FILE")]
         shot: Option<PathBuf>,
     },
     /// Watch the screen live in a browser (noVNC): serves a viewer on
@@ -90,15 +98,23 @@ fn parse_action(s: &str) -> Result<capsa::ScreenAction, String> {
     s.parse()
 }
 
-fn write_png(out: &std::path::Path, png: &[u8]) -> anyhow::Result<()> {
+fn write_image(out: &std::path::Path, data: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
     if out.as_os_str() == "-" {
-        std::io::stdout().lock().write_all(png)?;
+        std::io::stdout().lock().write_all(data)?;
     } else {
-        std::fs::write(out, png)
+        std::fs::write(out, data)
             .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.display()))?;
     }
     Ok(())
+}
+
+/// The format asked for, else the one `out`'s extension names, else PNG.
+fn format_for(asked: Option<capsa::ImageFormat>, out: &std::path::Path) -> ScreenshotFormat {
+    asked
+        .or_else(|| capsa::ImageFormat::from_extension(out))
+        .unwrap_or_default()
+        .into()
 }
 
 /// Serves the viewer of `args.name` on 127.0.0.1 until interrupted. A
@@ -162,11 +178,17 @@ pub async fn run(conn: &crate::service::Conn, cmd: ScreenCmd) -> anyhow::Result<
             out,
             region,
             max_width,
+            format,
+            quality,
         } => {
-            let shot = svc
-                .screenshot(&name, ScreenshotRequest { region, max_width })
-                .await?;
-            write_png(&out, &shot.bytes()?)?;
+            let req = ScreenshotRequest {
+                region,
+                max_width,
+                format: Some(format_for(format, &out)),
+                quality,
+            };
+            let shot = svc.screenshot(&name, req).await?;
+            write_image(&out, &shot.bytes()?)?;
             eprintln!(
                 "{}x{} at scale {} from {},{} of {}x{}",
                 shot.width,
@@ -190,12 +212,15 @@ pub async fn run(conn: &crate::service::Conn, cmd: ScreenCmd) -> anyhow::Result<
                     ScreenActionsRequest {
                         actions,
                         screenshot_after_ms: shot.as_ref().map(|_| settle.unwrap_or(0)),
-                        screenshot: None,
+                        screenshot: shot.as_ref().map(|out| ScreenshotRequest {
+                            format: Some(format_for(None, out)),
+                            ..Default::default()
+                        }),
                     },
                 )
                 .await?;
             if let (Some(out), Some(s)) = (shot, r.screenshot) {
-                write_png(&out, &s.bytes()?)?;
+                write_image(&out, &s.bytes()?)?;
             }
         }
     }

@@ -65,6 +65,17 @@ fn screen_commands_directly_and_through_capsad() {
             ],
         );
         assert!(std::fs::read(&after).unwrap().starts_with(b"\x89PNG"));
+        // The format follows the extension, or --format.
+        let jpg = d.dir.path().join(format!("shot-{host}.jpg"));
+        d.ok_on(host, &["screen", "shot", "d", jpg.to_str().unwrap()]);
+        assert!(std::fs::read(&jpg)
+            .unwrap()
+            .starts_with(&[0xff, 0xd8, 0xff]));
+        let webp = d.dir.path().join(format!("shot-{host}.img"));
+        let w = webp.to_str().unwrap();
+        d.ok_on(host, &["screen", "shot", "d", w, "--format", "webp"]);
+        let data = std::fs::read(&webp).unwrap();
+        assert_eq!((&data[..4], &data[8..12]), (&b"RIFF"[..], &b"WEBP"[..]));
         for (args, want) in [
             (vec!["screen", "do", "d", "type:é"], "é"),
             (vec!["screen", "do", "d", "key:ctrl+nokey"], "nokey"),
@@ -72,6 +83,14 @@ fn screen_commands_directly_and_through_capsad() {
             (vec!["screen", "info", "h"], "--display"),
             (vec!["screen", "view", "h"], "--display"),
             (vec!["screen", "view", "nope"], "nope"),
+            (
+                vec!["screen", "shot", "d", "x.png", "--quality", "50"],
+                "lossless",
+            ),
+            (
+                vec!["screen", "shot", "d", "x.gif", "--format", "gif"],
+                "png, jpeg or webp",
+            ),
         ] {
             let o = d.run_on(host, &args);
             assert!(!o.status.success(), "{args:?}");

@@ -34,7 +34,7 @@ fn main() {
         let mut size = 0;
         for _ in 0..20 {
             let t = Instant::now();
-            size = render(&frame, &ShotOptions::default()).unwrap().png.len();
+            size = render(&frame, &ShotOptions::default()).unwrap().data.len();
             v.push(t.elapsed());
         }
         v.sort();

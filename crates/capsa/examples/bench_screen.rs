@@ -92,8 +92,8 @@ async fn main() {
         (
             "max_width 640",
             ShotOptions {
-                region: None,
                 max_width: Some(640),
+                ..Default::default()
             },
         ),
     ] {
@@ -104,7 +104,7 @@ async fn main() {
             let s = Instant::now();
             let shot = screen.screenshot_with(&opts).await.unwrap();
             lat.push(s.elapsed());
-            bytes = shot.png.len();
+            bytes = shot.data.len();
         }
         let rate = n as f64 / t.elapsed().as_secs_f64();
         println!(

@@ -62,7 +62,7 @@ pub use handle::{VmHandle, DEFAULT_STOP_TIMEOUT};
 pub use pool::{Pool, PoolBuilder, PoolStats, DEFAULT_POOL_SIZE};
 pub use registry::{Sandboxes, LABEL_OWNER};
 pub use sandbox::{Command, Sandbox, SandboxBuilder, DEFAULT_OP_TIMEOUT, DEFAULT_READY_TIMEOUT};
-pub use screen::{Screen, ScreenAction, ScreenError, Screenshot, ShotOptions};
+pub use screen::{ImageFormat, Screen, ScreenAction, ScreenError, Screenshot, ShotOptions};
 pub use snapshot::{RestoreBuilder, Snapshot};
 pub use snapshot_store::{SnapshotEntry, Snapshots, SpecSummary};
 

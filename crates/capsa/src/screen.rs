@@ -76,6 +76,9 @@ pub enum ScreenError {
     /// A request exceeds a bound.
     #[error("{0}")]
     TooLarge(String),
+    /// An option does not fit the request (e.g. a quality for a lossless format).
+    #[error("{0}")]
+    BadOption(String),
     /// Encoding the image failed.
     #[error("cannot encode the screenshot: {0}")]
     Encode(String),
@@ -126,15 +129,90 @@ pub struct ShotOptions {
     /// Downscale (keeping the aspect ratio) so the image is at most this wide.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_width: Option<u32>,
+    /// The encoding (default PNG).
+    #[serde(default)]
+    pub format: ImageFormat,
+    /// JPEG quality, 1..=100 (default [`DEFAULT_JPEG_QUALITY`]); refused for
+    /// the lossless formats.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quality: Option<u8>,
+}
+
+/// JPEG quality when none is asked for: text stays legible for a model.
+pub const DEFAULT_JPEG_QUALITY: u8 = 80;
+
+/// How a screenshot is encoded. PNG and WebP are lossless (pixels exact);
+/// JPEG is smaller for photos and video frames, at a loss.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    /// PNG, fastest compression.
+    #[default]
+    Png,
+    /// Baseline JPEG, 4:2:0.
+    Jpeg,
+    /// Lossless WebP (VP8L).
+    Webp,
+}
+
+impl ImageFormat {
+    /// The lowercase name (`png`, `jpeg`, `webp`), as on the wire.
+    pub fn name(self) -> &'static str {
+        match self {
+            ImageFormat::Png => "png",
+            ImageFormat::Jpeg => "jpeg",
+            ImageFormat::Webp => "webp",
+        }
+    }
+
+    /// The media type.
+    pub fn mime(self) -> &'static str {
+        match self {
+            ImageFormat::Png => "image/png",
+            ImageFormat::Jpeg => "image/jpeg",
+            ImageFormat::Webp => "image/webp",
+        }
+    }
+
+    /// The format a file name's extension names, if any (`.png`, `.jpg`/`.jpeg`, `.webp`).
+    pub fn from_extension(path: &std::path::Path) -> Option<Self> {
+        let ext = path.extension()?.to_str()?.to_ascii_lowercase();
+        match ext.as_str() {
+            "png" => Some(ImageFormat::Png),
+            "jpg" | "jpeg" => Some(ImageFormat::Jpeg),
+            "webp" => Some(ImageFormat::Webp),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for ImageFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for ImageFormat {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "png" => Ok(ImageFormat::Png),
+            "jpeg" | "jpg" => Ok(ImageFormat::Jpeg),
+            "webp" => Ok(ImageFormat::Webp),
+            _ => Err(format!("unknown image format {s:?}; use png, jpeg or webp")),
+        }
+    }
 }
 
 /// An encoded screenshot and how its pixels map back to the screen:
 /// screen x = `x + image_x / scale`, screen y = `y + image_y / scale`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Screenshot {
-    /// The PNG file.
+    /// The encoded image file.
     #[serde(skip)]
-    pub png: Vec<u8>,
+    pub data: Vec<u8>,
+    /// Its encoding.
+    pub format: ImageFormat,
     /// Image width.
     pub width: u32,
     /// Image height.
@@ -240,6 +318,35 @@ impl Frame {
         w.finish().map_err(|e| ScreenError::Encode(e.to_string()))?;
         Ok(out)
     }
+
+    /// Encodes the frame as baseline JPEG at `quality` (1..=100).
+    pub fn to_jpeg(&self, quality: u8) -> Result<Vec<u8>, ScreenError> {
+        let (Ok(w), Ok(h)) = (u16::try_from(self.width), u16::try_from(self.height)) else {
+            return Err(ScreenError::Encode(format!(
+                "{}x{} is larger than JPEG allows (65535x65535)",
+                self.width, self.height
+            )));
+        };
+        let mut out = Vec::with_capacity(self.rgb.len() / 8 + 1024);
+        jpeg_encoder::Encoder::new(&mut out, quality)
+            .encode(&self.rgb, w, h, jpeg_encoder::ColorType::Rgb)
+            .map_err(|e| ScreenError::Encode(e.to_string()))?;
+        Ok(out)
+    }
+
+    /// Encodes the frame as lossless WebP.
+    pub fn to_webp(&self) -> Result<Vec<u8>, ScreenError> {
+        let mut out = Vec::with_capacity(self.rgb.len() / 4 + 1024);
+        image_webp::WebPEncoder::new(&mut out)
+            .encode(
+                &self.rgb,
+                self.width,
+                self.height,
+                image_webp::ColorType::Rgb8,
+            )
+            .map_err(|e| ScreenError::Encode(e.to_string()))?;
+        Ok(out)
+    }
 }
 
 /// Parses a binary PPM (P6, maxval 255) as QEMU's screendump writes it.
@@ -306,6 +413,7 @@ pub fn parse_ppm(data: &[u8]) -> Result<Frame, ScreenError> {
 
 /// Crops, downscales and encodes `frame` as `opts` asks.
 pub fn render(frame: &Frame, opts: &ShotOptions) -> Result<Screenshot, ScreenError> {
+    let quality = check_quality(opts)?;
     let region = opts.region.unwrap_or(Region {
         x: 0,
         y: 0,
@@ -332,8 +440,14 @@ pub fn render(frame: &Frame, opts: &ShotOptions) -> Result<Screenshot, ScreenErr
         }
         _ => (part, 1.0),
     };
+    let data = match opts.format {
+        ImageFormat::Png => img.to_png()?,
+        ImageFormat::Jpeg => img.to_jpeg(quality)?,
+        ImageFormat::Webp => img.to_webp()?,
+    };
     Ok(Screenshot {
-        png: img.to_png()?,
+        data,
+        format: opts.format,
         width: img.width,
         height: img.height,
         scale,
@@ -342,6 +456,22 @@ pub fn render(frame: &Frame, opts: &ShotOptions) -> Result<Screenshot, ScreenErr
         screen_width: frame.width,
         screen_height: frame.height,
     })
+}
+
+/// The JPEG quality `opts` asks for; a quality is refused for lossless
+/// formats (it would silently mean nothing) and outside 1..=100.
+fn check_quality(opts: &ShotOptions) -> Result<u8, ScreenError> {
+    match (opts.format, opts.quality) {
+        (ImageFormat::Jpeg, None) => Ok(DEFAULT_JPEG_QUALITY),
+        (ImageFormat::Jpeg, Some(q @ 1..=100)) => Ok(q),
+        (ImageFormat::Jpeg, Some(q)) => Err(ScreenError::BadOption(format!(
+            "JPEG quality {q} is outside 1..=100. Fix: ask for a quality from 1 (smallest) to 100 (best)"
+        ))),
+        (f, Some(_)) => Err(ScreenError::BadOption(format!(
+            "a quality was given for {f}, which is lossless. Fix: leave the quality out, or ask for jpeg"
+        ))),
+        (_, None) => Ok(0),
+    }
 }
 
 /// A pointer button (the wheel is [`ScreenAction::Scroll`]).
@@ -1107,6 +1237,74 @@ mod tests {
     }
 
     #[test]
+    fn formats_round_trip() {
+        // A 64x40 picture of flat blocks and a gradient, like a desktop.
+        let (w, h) = (64u32, 40u32);
+        let px = |x: u32, y: u32| -> [u8; 3] {
+            if y < 20 {
+                [(x * 4) as u8, (y * 6) as u8, 200]
+            } else {
+                [30, 30, 30]
+            }
+        };
+        let f = parse_ppm(&ppm(w, h, px)).unwrap();
+        let shot = |format, quality| {
+            render(
+                &f,
+                &ShotOptions {
+                    format,
+                    quality,
+                    ..Default::default()
+                },
+            )
+        };
+        // WebP is lossless: every pixel comes back.
+        let webp = shot(ImageFormat::Webp, None).unwrap();
+        assert_eq!(webp.format, ImageFormat::Webp);
+        let mut dec = image_webp::WebPDecoder::new(std::io::Cursor::new(&webp.data)).unwrap();
+        assert_eq!(dec.dimensions(), (w, h));
+        let mut buf = vec![0u8; dec.output_buffer_size().unwrap()];
+        dec.read_image(&mut buf).unwrap();
+        assert_eq!(buf, f.rgb, "lossless");
+        // JPEG is close, and a better quality is closer.
+        let err = |q: u8| -> f64 {
+            let j = shot(ImageFormat::Jpeg, Some(q)).unwrap();
+            assert!(j.data.starts_with(&[0xff, 0xd8]));
+            let mut d = jpeg_decoder::Decoder::new(&j.data[..]);
+            let out = d.decode().unwrap();
+            let info = d.info().unwrap();
+            assert_eq!((u32::from(info.width), u32::from(info.height)), (w, h));
+            out.iter()
+                .zip(&f.rgb)
+                .map(|(a, b)| f64::from(a.abs_diff(*b)))
+                .sum::<f64>()
+                / out.len() as f64
+        };
+        let (rough, fine) = (err(20), err(95));
+        assert!(
+            fine < rough && fine < 3.0,
+            "mean error q95 {fine}, q20 {rough}"
+        );
+        assert!(shot(ImageFormat::Jpeg, None).is_ok(), "a default quality");
+        // A quality is refused where it would mean nothing, and out of range.
+        for (format, q) in [
+            (ImageFormat::Png, Some(80)),
+            (ImageFormat::Webp, Some(80)),
+            (ImageFormat::Jpeg, Some(0)),
+            (ImageFormat::Jpeg, Some(101)),
+        ] {
+            let e = shot(format, q).unwrap_err().to_string();
+            assert!(e.contains("Fix"), "{e}");
+        }
+        assert_eq!("JPG".parse::<ImageFormat>(), Ok(ImageFormat::Jpeg));
+        assert!("gif".parse::<ImageFormat>().is_err());
+        assert_eq!(
+            ImageFormat::from_extension(std::path::Path::new("a/b.WebP")),
+            Some(ImageFormat::Webp)
+        );
+    }
+
+    #[test]
     fn parses_qemu_ppm() {
         let data = ppm(3, 2, |x, y| [x as u8, y as u8, 7]);
         let f = parse_ppm(&data).unwrap();
@@ -1164,13 +1362,13 @@ mod tests {
         let shot = render(
             &f,
             &ShotOptions {
-                region: None,
                 max_width: Some(4),
+                ..Default::default()
             },
         )
         .unwrap();
         assert_eq!((shot.width, shot.height, shot.scale), (4, 2, 0.5));
-        assert!(shot.png.starts_with(b"\x89PNG"));
+        assert!(shot.data.starts_with(b"\x89PNG"));
     }
 
     #[test]
@@ -1363,7 +1561,7 @@ mod tests {
         #[test]
         fn crop_scale_never_panic(w in 1u32..40, h in 1u32..40, x in 0u32..50, y in 0u32..50, cw in 0u32..50, ch in 0u32..50, mw in 0u32..60) {
             let f = Frame { width: w, height: h, rgb: vec![9; (w * h * 3) as usize] };
-            let opts = ShotOptions { region: Some(Region { x, y, width: cw, height: ch }), max_width: Some(mw) };
+            let opts = ShotOptions { region: Some(Region { x, y, width: cw, height: ch }), max_width: Some(mw), ..Default::default() };
             if let Ok(s) = render(&f, &opts) {
                 proptest::prop_assert!(s.width >= 1 && s.height >= 1);
                 proptest::prop_assert!(s.width <= cw.max(1));

@@ -209,7 +209,7 @@ async fn desktop_image_xterm_takes_typed_commands() {
         if t.elapsed() > Duration::from_secs(60) {
             let png = std::env::temp_dir().join("capsa-desktop-test-failed.png");
             if let Ok(s) = screen.screenshot().await {
-                let _ = std::fs::write(&png, &s.png);
+                let _ = std::fs::write(&png, &s.data);
             }
             let focus = sh(
                 &sb,

@@ -11,7 +11,7 @@ const FORCE_MONITOR: bool = false;
 use std::time::{Duration, Instant};
 
 use capsa::screen::{Region, ScrollDirection};
-use capsa::{Capsa, Command, Sandbox, ScreenAction, ShotOptions, Strategy};
+use capsa::{Capsa, Command, ImageFormat, Sandbox, ScreenAction, ShotOptions, Strategy};
 
 /// The test pattern: every pixel differs from its neighbours.
 fn pattern(x: u32, y: u32) -> [u8; 3] {
@@ -99,7 +99,7 @@ async fn check_screenshots(sb: &Sandbox, w: u32, h: u32) {
 
     let full = screen.screenshot().await.unwrap();
     assert_eq!((full.width, full.height, full.scale), (w, h, 1.0));
-    let (pw, ph, px) = decode_png(&full.png);
+    let (pw, ph, px) = decode_png(&full.data);
     assert_eq!((pw, ph), (w, h));
     assert_eq!(px, frame.rgb, "the PNG holds the same pixels");
 
@@ -112,11 +112,11 @@ async fn check_screenshots(sb: &Sandbox, w: u32, h: u32) {
     let crop = screen
         .screenshot_with(&ShotOptions {
             region: Some(region),
-            max_width: None,
+            ..Default::default()
         })
         .await
         .unwrap();
-    let (cw, ch, cpx) = decode_png(&crop.png);
+    let (cw, ch, cpx) = decode_png(&crop.data);
     assert_eq!((cw, ch, crop.x, crop.y), (300, 120, 101, 37));
     for y in 0..ch {
         for x in 0..cw {
@@ -127,12 +127,12 @@ async fn check_screenshots(sb: &Sandbox, w: u32, h: u32) {
 
     let small = screen
         .screenshot_with(&ShotOptions {
-            region: None,
             max_width: Some(w / 4),
+            ..Default::default()
         })
         .await
         .unwrap();
-    let (sw, shh, spx) = decode_png(&small.png);
+    let (sw, shh, spx) = decode_png(&small.data);
     assert_eq!((sw, shh), (w / 4, h / 4));
     assert!((small.scale - 0.25).abs() < 1e-9);
     for y in 0..shh {
@@ -146,6 +146,37 @@ async fn check_screenshots(sb: &Sandbox, w: u32, h: u32) {
             assert_eq!(&spx[i..i + 3], &pattern(ox, oy), "scaled at {x},{y}");
         }
     }
+
+    // Lossless WebP holds the same pixels; JPEG is the size it says.
+    let webp = screen
+        .screenshot_with(&ShotOptions {
+            format: ImageFormat::Webp,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut dec = image_webp::WebPDecoder::new(std::io::Cursor::new(&webp.data)).unwrap();
+    assert_eq!(dec.dimensions(), (w, h));
+    let mut wpx = vec![0u8; dec.output_buffer_size().unwrap()];
+    dec.read_image(&mut wpx).unwrap();
+    assert_eq!(wpx, frame.rgb, "the WebP holds the same pixels");
+    let jpeg = screen
+        .screenshot_with(&ShotOptions {
+            format: ImageFormat::Jpeg,
+            quality: Some(90),
+            max_width: Some(w / 2),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut dec = jpeg_decoder::Decoder::new(&jpeg.data[..]);
+    dec.decode().unwrap();
+    let info = dec.info().unwrap();
+    assert_eq!(
+        (u32::from(info.width), u32::from(info.height)),
+        (w / 2, h / 2)
+    );
+    assert_eq!((jpeg.format, jpeg.width), (ImageFormat::Jpeg, w / 2));
 }
 
 /// Runs the guest's evdev reader in the background and returns once its

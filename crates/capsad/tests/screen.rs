@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use capsa_client::{Client, ClientError};
 use capsad::api::{
     CreatePoolRequest, CreateSandboxRequest, ExecRequest, ScreenActionsRequest, ScreenInfo,
-    ScreenRegion, ScreenshotRequest,
+    ScreenRegion, ScreenshotFormat, ScreenshotRequest,
 };
 
 async fn sh(c: &Client, name: &str, script: &str) -> String {
@@ -105,6 +105,7 @@ async fn screenshots_and_actions_over_the_api() {
                     height: 10,
                 }),
                 max_width: Some(10),
+                ..Default::default()
             },
         )
         .await
@@ -139,8 +140,9 @@ async fn screenshots_and_actions_over_the_api() {
                 actions: vec!["click:100,200".parse().unwrap(), "type:Hi".parse().unwrap()],
                 screenshot_after_ms: Some(50),
                 screenshot: Some(ScreenshotRequest {
-                    region: None,
                     max_width: Some(400),
+                    format: Some(ScreenshotFormat::Webp),
+                    ..Default::default()
                 }),
             },
         )
@@ -161,6 +163,8 @@ async fn screenshots_and_actions_over_the_api() {
     assert_eq!(r.performed, 2);
     let s = r.screenshot.expect("screenshot after the actions");
     assert_eq!((s.width, s.height), (400, 300));
+    assert_eq!(s.format, ScreenshotFormat::Webp);
+    assert_eq!(&s.bytes().unwrap()[8..12], b"WEBP");
     let t = Instant::now();
     let ev = loop {
         let ev = sh(&c, "scr", "cat /tmp/ev").await;
@@ -304,12 +308,40 @@ async fn screenshots_and_actions_over_the_api() {
                     height: 10,
                 }),
                 max_width: None,
+                ..Default::default()
             },
         )
         .await
         .unwrap_err(),
     );
     assert_eq!(code, 400, "{msg}");
+    // A quality means nothing for a lossless format: refused, with the fix.
+    let (code, msg) = status(
+        c.screenshot(
+            "scr",
+            &ScreenshotRequest {
+                quality: Some(50),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!(code, 400, "{msg}");
+    assert!(msg.contains("lossless") && msg.contains("Fix"), "{msg}");
+    let jpeg = c
+        .screenshot(
+            "scr",
+            &ScreenshotRequest {
+                format: Some(ScreenshotFormat::Jpeg),
+                quality: Some(70),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(jpeg.format, ScreenshotFormat::Jpeg);
+    assert!(jpeg.bytes().unwrap().starts_with(&[0xff, 0xd8, 0xff]));
 
     // A pool restored from a snapshot of this sandbox: its members have the
     // screen, framebuffer included.
