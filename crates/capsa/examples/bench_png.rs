@@ -1,10 +1,11 @@
-//! PNG encoding of a 1280x800 frame without a VM (busy and flat pictures).
-//! `cargo run -p capsa --example bench_png`
+//! Screenshot encoding of a 1280x800 frame without a VM (busy and flat
+//! pictures), PNG next to JPEG (quality 80) and lossless WebP, side by side.
+//! `cargo run --release -p capsa --example bench_png`
 
 use std::time::Instant;
 
 use capsa::screen::{render, Frame};
-use capsa::ShotOptions;
+use capsa::{ImageFormat, ShotOptions};
 
 fn main() {
     type Pixel = fn(u32, u32) -> [u8; 3];
@@ -30,14 +31,24 @@ fn main() {
             height: 800,
             rgb,
         };
-        let mut v = Vec::new();
-        let mut size = 0;
-        for _ in 0..20 {
-            let t = Instant::now();
-            size = render(&frame, &ShotOptions::default()).unwrap().data.len();
-            v.push(t.elapsed());
+        for format in [ImageFormat::Png, ImageFormat::Jpeg, ImageFormat::Webp] {
+            let opts = ShotOptions {
+                format,
+                ..Default::default()
+            };
+            let mut v = Vec::new();
+            let mut size = 0;
+            for _ in 0..21 {
+                let t = Instant::now();
+                size = render(&frame, &opts).unwrap().data.len();
+                v.push(t.elapsed());
+            }
+            v.sort();
+            println!(
+                "{label} {format}: encode p50 {:?}, {} KiB",
+                v[10],
+                size / 1024
+            );
         }
-        v.sort();
-        println!("{label}: encode p50 {:?}, {} KiB", v[10], size / 1024);
     }
 }
