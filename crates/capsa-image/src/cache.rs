@@ -47,15 +47,17 @@ pub(crate) fn mkdirs(path: &Path) -> Result<(), ImageError> {
     fs::create_dir_all(path).map_err(|e| ImageError::cache(path, e))
 }
 
-/// An exclusive `flock` held until dropped. Works between threads too,
-/// because each lock opens its own file description.
-pub(crate) struct FileLock {
+/// An exclusive `flock` held until dropped (or until the process dies, so a
+/// killed holder never wedges others). Works between threads too, because
+/// each lock opens its own file description.
+#[derive(Debug)]
+pub struct FileLock {
     _file: File,
 }
 
 impl FileLock {
-    /// Blocks until the lock at `path` is ours.
-    pub(crate) fn exclusive(path: &Path) -> Result<Self, ImageError> {
+    /// Blocks until the lock at `path` (created if missing) is ours.
+    pub fn exclusive(path: &Path) -> Result<Self, ImageError> {
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)

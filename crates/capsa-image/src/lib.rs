@@ -36,7 +36,7 @@ mod vmlinux;
 pub use bundle::{
     build, list, remove, Bundle, BundleOptions, ExtraFile, ID_LEN, INITRD_FILE, MANIFEST_FILE,
 };
-pub use cache::default_cache_dir;
+pub use cache::{default_cache_dir, FileLock};
 pub use error::ImageError;
 pub use initramfs::{InitrdCompression, BUSYBOX_ENV};
 pub use kernel::{

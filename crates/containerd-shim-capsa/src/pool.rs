@@ -27,11 +27,10 @@
 //! claimed or removed (`capsa rm -f`; `capsa ps` lists them): a pool is
 //! memory spent ahead of time, which is why it is off unless configured.
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use capsa::image::FileLock;
 use sha2::{Digest, Sha256};
 
 use crate::service::{LABEL_ID, LABEL_NAMESPACE, LABEL_OWNER, OWNER};
@@ -112,29 +111,12 @@ impl Key {
     }
 }
 
-/// An exclusive `flock`, released when dropped (or when the process dies).
-struct FileLock(#[allow(dead_code)] File);
-
+/// The exclusive lock at `path`, its directory made first.
 fn flock(path: &Path) -> std::io::Result<FileLock> {
     if let Some(d) = path.parent() {
         std::fs::create_dir_all(d)?;
     }
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)?;
-    loop {
-        // SAFETY: flock on an fd this function owns.
-        let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
-        if r == 0 {
-            return Ok(FileLock(f));
-        }
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
+    FileLock::exclusive(path).map_err(std::io::Error::other)
 }
 
 async fn flock_async(path: PathBuf) -> std::io::Result<FileLock> {

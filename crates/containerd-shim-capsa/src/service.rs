@@ -249,7 +249,7 @@ impl Service {
                 "restoring from a checkpoint is not implemented by the capsa shim; fix: create without --checkpoint".into(),
             ));
         }
-        let mut guard = self.inner.container.lock().await;
+        let guard = self.inner.container.lock().await;
         if guard.is_some() {
             return Err(ShimError::AlreadyExists(format!(
                 "this shim already runs a container; {:?} needs its own shim",
@@ -323,6 +323,20 @@ impl Service {
                 this.kick_refill();
             });
         }
+        self.install(&req, guard, process, name, Some(Arc::new(sandbox)))
+            .await
+    }
+
+    /// Records the created container (its init process not yet started)
+    /// and tells containerd: the common end of a VM task and a placeholder.
+    async fn install(
+        &self,
+        req: &api::CreateTaskRequest,
+        mut guard: tokio::sync::MutexGuard<'_, Option<Container>>,
+        process: Process,
+        sandbox_name: String,
+        sandbox: Option<Arc<capsa::Sandbox>>,
+    ) -> Result<api::CreateTaskResponse> {
         let init = Proc::new(
             String::new(),
             process,
@@ -333,8 +347,8 @@ impl Service {
         *guard = Some(Container {
             id: req.id.clone(),
             bundle: req.bundle.clone(),
-            sandbox_name: name,
-            sandbox: Some(Arc::new(sandbox)),
+            sandbox_name,
+            sandbox,
             procs,
         });
         drop(guard);
@@ -368,40 +382,14 @@ impl Service {
     async fn create_placeholder(
         &self,
         req: api::CreateTaskRequest,
-        mut guard: tokio::sync::MutexGuard<'_, Option<Container>>,
+        guard: tokio::sync::MutexGuard<'_, Option<Container>>,
     ) -> Result<api::CreateTaskResponse> {
         tracing::info!(
             id = req.id,
             "a pod's sandbox container: no VM (placeholder task)"
         );
-        let process = Process::default();
-        let init = Proc::new(
-            String::new(),
-            process,
-            [req.stdin.clone(), req.stdout.clone(), req.stderr.clone()],
-        );
-        let mut procs = HashMap::new();
-        procs.insert(String::new(), init);
-        *guard = Some(Container {
-            id: req.id.clone(),
-            bundle: req.bundle.clone(),
-            sandbox_name: String::new(),
-            sandbox: None,
-            procs,
-        });
-        drop(guard);
-        self.publish(
-            containerd_shim::protos::topics::TASK_CREATE_EVENT_TOPIC,
-            Box::new(TaskCreate {
-                container_id: req.id.clone(),
-                bundle: req.bundle.clone(),
-                rootfs: req.rootfs.clone(),
-                pid: 0,
-                ..Default::default()
-            }),
-        )
-        .await;
-        Ok(api::CreateTaskResponse::default())
+        self.install(&req, guard, Process::default(), String::new(), None)
+            .await
     }
 
     /// "Runs" the placeholder: its pid is the shim's own (the process that
