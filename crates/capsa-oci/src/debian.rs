@@ -254,6 +254,13 @@ pub fn valid_image_name(name: &str) -> Result<String, OciError> {
     Ok(format!("{name}:latest"))
 }
 
+/// Whether `s` can stand in an mmdebstrap hook or option unquoted: they are
+/// split on whitespace, and quotes would change the shell's reading.
+fn hook_safe(s: &str) -> bool {
+    !s.bytes()
+        .any(|b| b.is_ascii_whitespace() || b == b'\'' || b == b'"')
+}
+
 fn validate(opts: &DebianOptions) -> Result<String, OciError> {
     if !valid_word(&opts.suite, b"-", 32) {
         return Err(OciError::BadRequest {
@@ -292,12 +299,7 @@ fn validate(opts: &DebianOptions) -> Result<String, OciError> {
     let ok_scheme = ["http://", "https://", "file:///"]
         .iter()
         .any(|s| mirror.starts_with(s));
-    if !ok_scheme
-        || mirror.len() > 512
-        || mirror
-            .bytes()
-            .any(|b| b.is_ascii_whitespace() || b == b'\'' || b == b'"')
-    {
+    if !ok_scheme || mirror.len() > 512 || !hook_safe(&mirror) {
         return Err(OciError::BadRequest {
             what: "--mirror",
             reason: format!("{mirror:?} is not a plain http(s):// or file:/// URL"),
@@ -305,11 +307,7 @@ fn validate(opts: &DebianOptions) -> Result<String, OciError> {
         });
     }
     let cache = opts.cache_dir.to_string_lossy();
-    if cache
-        .bytes()
-        .any(|b| b.is_ascii_whitespace() || b == b'\'' || b == b'"')
-        || !opts.cache_dir.is_absolute()
-    {
+    if !hook_safe(&cache) || !opts.cache_dir.is_absolute() {
         return Err(OciError::BadRequest {
             what: "cache directory",
             reason: format!("{cache:?} must be absolute, without spaces or quotes (mmdebstrap hooks split on them)"),
@@ -428,10 +426,7 @@ fn add_recipe(cmd: &mut Command, recipe: Recipe, work: &Path) -> Result<(), OciE
     let dir = work.join("recipe");
     std::fs::create_dir_all(&dir).map_err(|e| OciError::io("creating", &dir, e))?;
     let shown = dir.to_string_lossy();
-    if shown
-        .bytes()
-        .any(|b| b.is_ascii_whitespace() || b == b'\'' || b == b'"')
-    {
+    if !hook_safe(&shown) {
         return Err(OciError::BadRequest {
             what: "image store directory",
             reason: format!("{shown:?} has spaces or quotes (mmdebstrap hooks split on them)"),
