@@ -86,9 +86,7 @@ pub fn load_or_create_token(path: &Path) -> Result<String, TokenError> {
             Ok(token.to_string())
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let mut bytes = [0u8; 32];
-            getrandom(&mut bytes).map_err(io)?;
-            let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            let token = capsa_api::viewer::random_token().map_err(io)?;
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
@@ -101,11 +99,6 @@ pub fn load_or_create_token(path: &Path) -> Result<String, TokenError> {
         }
         Err(e) => Err(io(e)),
     }
-}
-
-fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
-    use std::io::Read;
-    std::fs::File::open("/dev/urandom")?.read_exact(buf)
 }
 
 /// Compares without an early exit, so timing does not reveal a prefix match.

@@ -27,6 +27,15 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
+/// A fresh secret: 32 bytes from the kernel's random source, as 64 hex
+/// digits (capsad's API token, the viewer's one-time token and cookie).
+pub fn random_token() -> std::io::Result<String> {
+    use std::io::Read;
+    let mut b = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
 /// Wraps a VNC session so only a view-only viewer's allowed messages reach
 /// QEMU (see [`rfb::ViewOnlyFilter`]); a refused stream ends the session.
 pub fn view_only(session: ConsoleSession) -> ConsoleSession {

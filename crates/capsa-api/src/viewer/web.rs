@@ -184,14 +184,7 @@ pub async fn bridge(ws: WebSocket, session: ConsoleSession) {
     }
 }
 
-use super::constant_time_eq as ct_eq;
-
-fn random_hex() -> std::io::Result<String> {
-    use std::io::Read;
-    let mut b = [0u8; 32];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
-    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
-}
+use super::{constant_time_eq as ct_eq, random_token};
 
 /// The loopback listener's access: a one-time URL token, traded on first
 /// use for a session cookie; and the Host and Origin the listener accepts.
@@ -206,11 +199,11 @@ impl LocalAuth {
     /// Fresh secrets for a listener on `127.0.0.1:port`; also returns the
     /// one-time token (for [`LocalAuth::url`]).
     pub fn new(port: u16) -> std::io::Result<(Self, String)> {
-        let token = random_hex()?;
+        let token = random_token()?;
         let auth = Self {
             port,
             token: Mutex::new(Some(token.clone())),
-            session: random_hex()?,
+            session: random_token()?,
         };
         Ok((auth, token))
     }
