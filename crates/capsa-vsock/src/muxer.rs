@@ -54,6 +54,32 @@ const STAGING_CAP: usize = 64 * 1024;
 /// Host-initiated connections use local ports from here up, away from the
 /// low ports guest programs connect to.
 const EPHEMERAL_BASE: u32 = 1 << 30;
+/// One past the last ephemeral port (`u32::MAX` is `VMADDR_PORT_ANY`).
+const EPHEMERAL_END: u32 = u32::MAX - 1;
+
+/// Where a new device starts handing out host ports: a random point, as
+/// Linux's own vsock auto-bind does.
+///
+/// Why not always the base: a VM restored from a snapshot keeps the guest
+/// kernel's sockets from before it, and one the guest closed just before
+/// the snapshot lingers (waiting for the RST that never came) for up to 8 s
+/// of guest time. A fresh device that reused that socket's host port would
+/// have its new connection answered with a RST, i.e. refused.
+fn ephemeral_start() -> u32 {
+    let mut b = [0u8; 4];
+    // SAFETY: b is valid for 4 bytes; GRND_NONBLOCK never waits for entropy.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), libc::GRND_NONBLOCK) };
+    let r = if n == 4 {
+        u32::from_ne_bytes(b)
+    } else {
+        // No entropy this early: the clock still differs between two restores.
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos() ^ d.as_secs() as u32)
+            .unwrap_or(0)
+    };
+    EPHEMERAL_BASE + r % (EPHEMERAL_END - EPHEMERAL_BASE)
+}
 
 /// Deadline resolution; only armed while a deadline exists.
 const TICK: Duration = Duration::from_millis(200);
@@ -163,7 +189,7 @@ impl Muxer {
             entries: HashMap::new(),
             conns: HashMap::new(),
             next_token: FIRST_STREAM_TOKEN,
-            next_ephemeral: EPHEMERAL_BASE,
+            next_ephemeral: ephemeral_start(),
             ready: VecDeque::new(),
             rst_queue: VecDeque::new(),
             probe_pending: false,
@@ -407,7 +433,7 @@ impl Muxer {
     fn alloc_ephemeral(&mut self, guest_port: u32) -> Option<u32> {
         for _ in 0..=self.limits.max_connections {
             let p = self.next_ephemeral;
-            self.next_ephemeral = if p >= u32::MAX - 1 {
+            self.next_ephemeral = if p + 1 >= EPHEMERAL_END {
                 EPHEMERAL_BASE
             } else {
                 p + 1

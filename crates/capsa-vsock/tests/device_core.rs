@@ -144,6 +144,24 @@ fn packets_for_unknown_connections_get_rst_but_rst_does_not() {
     assert_eq!(ops(&sim.recv()), vec![Op::Rst]);
 }
 
+/// Two fresh devices (two clones restored from one snapshot, say) start at
+/// different host ports, so neither reuses the port of a socket the
+/// snapshot's guest still holds (see `ephemeral_start`).
+#[test]
+fn fresh_devices_start_at_random_host_ports() {
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let mut sim = Sim::new();
+        sim.post_rx(8);
+        let (_c, hp) = host_connect(&mut sim, 80, 4096);
+        assert!((1 << 30..u32::MAX - 1).contains(&hp), "{hp}");
+        seen.push(hp);
+    }
+    seen.sort_unstable();
+    seen.dedup();
+    assert!(seen.len() > 1, "every device started at {seen:?}");
+}
+
 #[test]
 fn host_to_guest_connect_and_data_both_ways() {
     let mut sim = Sim::new();
