@@ -23,6 +23,19 @@ pub const MAX_PROCESS_BYTES: usize = 1 << 20;
 pub const ANNOTATION_MEMORY: &str = "io.capsa.memory_mib";
 /// Annotation giving the VM's vCPUs.
 pub const ANNOTATION_CPUS: &str = "io.capsa.cpus";
+/// VM memory without a limit or an annotation (MiB).
+pub const DEFAULT_MEMORY_MIB: u64 = 512;
+/// Smallest VM (MiB): below it the guest kernel and agent do not fit.
+pub const MIN_MEMORY_MIB: u64 = 128;
+/// Largest VM (MiB).
+pub const MAX_MEMORY_MIB: u64 = 65536;
+/// Most vCPUs.
+pub const MAX_CPUS: u32 = 64;
+/// Memory the guest's kernel, init and agent take (MiB), added to a
+/// container's memory limit so the container itself gets about its limit.
+/// Measured: an idle busybox guest uses ~40 MiB of its RAM; the rest is
+/// headroom for page tables and the writable layer's page cache.
+pub const GUEST_OVERHEAD_MIB: u64 = 64;
 
 /// The parts of the OCI runtime spec the shim uses.
 #[derive(Debug, Deserialize, Default)]
@@ -37,6 +50,48 @@ pub struct Spec {
     /// `/proc`, `/sys` and `/dev`; host binds are not passed in, v1).
     #[serde(default)]
     pub mounts: Vec<OciMount>,
+    /// Linux settings (only the resource limits, which size the VM).
+    #[serde(default)]
+    pub linux: Option<Linux>,
+}
+
+/// `linux` of the OCI spec: only what sizes the VM.
+#[derive(Debug, Deserialize, Default)]
+pub struct Linux {
+    /// cgroup resource limits (`ctr run --memory-limit/--cpus`, a
+    /// Kubernetes container's `resources.limits`).
+    #[serde(default)]
+    pub resources: Option<Resources>,
+}
+
+/// `linux.resources`.
+#[derive(Debug, Deserialize, Default)]
+pub struct Resources {
+    /// Memory limits.
+    #[serde(default)]
+    pub memory: Option<MemoryLimits>,
+    /// CPU limits.
+    #[serde(default)]
+    pub cpu: Option<CpuLimits>,
+}
+
+/// `linux.resources.memory`.
+#[derive(Debug, Deserialize, Default)]
+pub struct MemoryLimits {
+    /// Bytes; zero or negative means none.
+    #[serde(default)]
+    pub limit: Option<i64>,
+}
+
+/// `linux.resources.cpu`.
+#[derive(Debug, Deserialize, Default)]
+pub struct CpuLimits {
+    /// CFS quota in microseconds per period; zero or negative means none.
+    #[serde(default)]
+    pub quota: Option<i64>,
+    /// CFS period in microseconds.
+    #[serde(default)]
+    pub period: Option<u64>,
 }
 
 /// An OCI mount.
@@ -151,25 +206,64 @@ impl Spec {
         }
     }
 
-    /// VM memory (MiB) and vCPUs from capsa's annotations (defaults 512, 1).
+    /// VM memory (MiB) and vCPUs. capsa's annotations win; else the
+    /// container's own limits size the VM, as a runc container's cgroup
+    /// would be sized: memory is the limit plus [`GUEST_OVERHEAD_MIB`],
+    /// vCPUs are the CFS quota over its period, rounded up. Without either,
+    /// 512 MiB and 1 vCPU. The message of an error names the fix.
     pub fn vm_size(&self) -> std::result::Result<(u64, u32), String> {
+        let res = self.linux.as_ref().and_then(|l| l.resources.as_ref());
         let mem = match self.annotations.get(ANNOTATION_MEMORY) {
-            None => 512,
             Some(v) => v
                 .parse::<u64>()
                 .ok()
-                .filter(|m| (128..=65536).contains(m))
+                .filter(|m| (MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(m))
                 .ok_or_else(|| {
-                    format!("annotation {ANNOTATION_MEMORY}={v:?}: give 128 to 65536 (MiB)")
+                    format!(
+                        "annotation {ANNOTATION_MEMORY}={v:?}: give {MIN_MEMORY_MIB} to {MAX_MEMORY_MIB} (MiB)"
+                    )
                 })?,
+            None => match res.and_then(|r| r.memory.as_ref()).and_then(|m| m.limit) {
+                Some(limit) if limit > 0 => {
+                    let mib = (limit as u64).div_ceil(1 << 20);
+                    if mib > MAX_MEMORY_MIB - GUEST_OVERHEAD_MIB {
+                        return Err(format!(
+                            "the memory limit ({limit} bytes) is more than a capsa VM can have \
+                             ({} MiB plus {GUEST_OVERHEAD_MIB} MiB for the guest): lower the limit, \
+                             or size the VM with the annotation {ANNOTATION_MEMORY}",
+                            MAX_MEMORY_MIB - GUEST_OVERHEAD_MIB
+                        ));
+                    }
+                    (mib + GUEST_OVERHEAD_MIB).max(MIN_MEMORY_MIB)
+                }
+                _ => DEFAULT_MEMORY_MIB,
+            },
         };
         let cpus = match self.annotations.get(ANNOTATION_CPUS) {
-            None => 1,
             Some(v) => v
                 .parse::<u32>()
                 .ok()
-                .filter(|c| (1..=64).contains(c))
-                .ok_or_else(|| format!("annotation {ANNOTATION_CPUS}={v:?}: give 1 to 64"))?,
+                .filter(|c| (1..=MAX_CPUS).contains(c))
+                .ok_or_else(|| {
+                    format!("annotation {ANNOTATION_CPUS}={v:?}: give 1 to {MAX_CPUS}")
+                })?,
+            None => match res.and_then(|r| r.cpu.as_ref()) {
+                Some(CpuLimits {
+                    quota: Some(q),
+                    period: Some(p),
+                }) if *q > 0 && *p > 0 => {
+                    let n = (*q as u128).div_ceil(*p as u128);
+                    if n > MAX_CPUS as u128 {
+                        return Err(format!(
+                            "the CPU limit (quota {q} per period {p}, {n} CPUs) is more than a \
+                             capsa VM's {MAX_CPUS} vCPUs: lower the limit, or size the VM with \
+                             the annotation {ANNOTATION_CPUS}"
+                        ));
+                    }
+                    n as u32
+                }
+                _ => 1,
+            },
         };
         Ok((mem, cpus))
     }
@@ -293,6 +387,53 @@ mod tests {
         )
         .unwrap();
         assert!(s.vm_size().unwrap_err().contains("128 to 65536"));
+    }
+
+    #[test]
+    fn limits_size_the_vm_and_annotations_win() {
+        let size = |linux: &str, ann: &str| {
+            Spec::parse(
+                format!(
+                    r#"{{"process":{{"args":["x"]}},"linux":{linux},"annotations":{{{ann}}}}}"#
+                )
+                .as_bytes(),
+            )
+            .unwrap()
+            .vm_size()
+        };
+        let none = r#"{"resources":{}}"#;
+        assert_eq!(size(none, ""), Ok((512, 1)));
+        assert_eq!(size("null", ""), Ok((512, 1)));
+        // 1 GiB + the guest's share; quota 150000/100000 rounds up to 2.
+        let limited = r#"{"resources":{"memory":{"limit":1073741824},"cpu":{"quota":150000,"period":100000}}}"#;
+        assert_eq!(size(limited, ""), Ok((1024 + 64, 2)));
+        // Unlimited values (0, -1) and a tiny limit.
+        let unlimited =
+            r#"{"resources":{"memory":{"limit":-1},"cpu":{"quota":-1,"period":100000}}}"#;
+        assert_eq!(size(unlimited, ""), Ok((512, 1)));
+        let tiny = r#"{"resources":{"memory":{"limit":1},"cpu":{"quota":1,"period":0}}}"#;
+        assert_eq!(size(tiny, ""), Ok((128, 1)));
+        // Annotations win over limits.
+        assert_eq!(
+            size(
+                limited,
+                r#""io.capsa.memory_mib":"256","io.capsa.cpus":"1""#
+            ),
+            Ok((256, 1))
+        );
+        // Beyond a VM: refused with the fix, never wrapped or clamped silently.
+        let huge = format!(r#"{{"resources":{{"memory":{{"limit":{}}}}}}}"#, i64::MAX);
+        let e = size(&huge, "").unwrap_err();
+        assert!(
+            e.contains("more than a capsa VM") && e.contains(ANNOTATION_MEMORY),
+            "{e}"
+        );
+        let many = format!(
+            r#"{{"resources":{{"cpu":{{"quota":{},"period":1}}}}}}"#,
+            i64::MAX
+        );
+        let e = size(&many, "").unwrap_err();
+        assert!(e.contains("64 vCPUs") && e.contains(ANNOTATION_CPUS), "{e}");
         assert!(Process::parse(br#"{"args":["ls"],"cwd":"/tmp"}"#).is_ok());
         let s = Spec::parse(
             br#"{"process":{"args":["x"]},"mounts":[

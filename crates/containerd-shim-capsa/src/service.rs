@@ -264,7 +264,7 @@ impl Service {
         let (memory_mib, cpus) = spec.vm_size().map_err(|m| ShimError::Bundle {
             path: bundle.join("config.json").display().to_string(),
             message: m,
-            fix: "fix the annotation's value",
+            fix: "a capsa VM has 128 MiB to 64 GiB of memory and 1 to 64 vCPUs",
         })?;
         for m in spec.mounts.iter().filter(|m| m.is_host_bind()).take(64) {
             tracing::warn!(

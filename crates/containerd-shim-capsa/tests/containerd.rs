@@ -475,6 +475,50 @@ fn run_rm_prints_output_and_passes_exit_codes() {
     assert!(!qemu_running_under(&c.state_dir()));
 }
 
+/// The container's limits size its VM (`ctr run --memory-limit --cpus`, as
+/// a Kubernetes container's `resources.limits` would), and a limit no VM can
+/// have is refused with the fix.
+#[test]
+fn container_limits_size_the_vm() {
+    let c = Containerd::start();
+    let out = c.run(
+        "sized1",
+        &["--memory-limit", "1073741824", "--cpus", "2"],
+        &[
+            "sh",
+            "-c",
+            "nproc; sed -n 's/^MemTotal: *\\([0-9]*\\) kB/\\1/p' /proc/meminfo",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}\n{}", show(&out), c.log());
+    let t = text(&out);
+    let lines: Vec<&str> = t.lines().collect();
+    assert_eq!(lines.first(), Some(&"2"), "nproc: {t}");
+    let mem_kib: u64 = lines.get(1).and_then(|l| l.parse().ok()).expect(&t);
+    // 1 GiB for the container plus the guest's 64 MiB, less the kernel's own.
+    assert!(
+        (1000 << 10..=1088 << 10).contains(&mem_kib),
+        "MemTotal {mem_kib} kB for a 1 GiB limit"
+    );
+
+    let out = c.run(
+        "huge1",
+        &["--memory-limit", "1099511627776"],
+        &["true"],
+        None,
+    );
+    assert!(!out.status.success(), "{}", show(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("more than a capsa VM") && err.contains("io.capsa.memory_mib"),
+        "{}",
+        show(&out)
+    );
+    assert!(c.sandboxes().is_empty(), "{:?}", c.sandboxes());
+    assert!(!qemu_running_under(&c.state_dir()));
+}
+
 fn text(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
