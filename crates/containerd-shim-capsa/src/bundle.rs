@@ -210,8 +210,13 @@ impl Spec {
     /// container's own limits size the VM, as a runc container's cgroup
     /// would be sized: memory is the limit plus [`GUEST_OVERHEAD_MIB`],
     /// vCPUs are the CFS quota over its period, rounded up. Without either,
-    /// 512 MiB and 1 vCPU. The message of an error names the fix.
-    pub fn vm_size(&self) -> std::result::Result<(u64, u32), String> {
+    /// the defaults (the shim's settings: 512 MiB and 1 vCPU unless its
+    /// settings file says otherwise). The message of an error names the fix.
+    pub fn vm_size(
+        &self,
+        default_memory_mib: u64,
+        default_cpus: u32,
+    ) -> std::result::Result<(u64, u32), String> {
         let res = self.linux.as_ref().and_then(|l| l.resources.as_ref());
         let mem = match self.annotations.get(ANNOTATION_MEMORY) {
             Some(v) => v
@@ -236,7 +241,7 @@ impl Spec {
                     }
                     (mib + GUEST_OVERHEAD_MIB).max(MIN_MEMORY_MIB)
                 }
-                _ => DEFAULT_MEMORY_MIB,
+                _ => default_memory_mib,
             },
         };
         let cpus = match self.annotations.get(ANNOTATION_CPUS) {
@@ -262,7 +267,7 @@ impl Spec {
                     }
                     n as u32
                 }
-                _ => 1,
+                _ => default_cpus,
             },
         };
         Ok((mem, cpus))
@@ -355,7 +360,7 @@ mod tests {
                "annotations":{"io.capsa.memory_mib":"256"}}"#,
         )
         .unwrap();
-        assert_eq!(s.vm_size().unwrap(), (256, 1));
+        assert_eq!(s.vm_size(512, 1).unwrap(), (256, 1));
         let p = s.process.unwrap();
         let req = p.command();
         let req = req.request();
@@ -386,7 +391,7 @@ mod tests {
             br#"{"process":{"args":["x"]},"annotations":{"io.capsa.memory_mib":"9999999"}}"#,
         )
         .unwrap();
-        assert!(s.vm_size().unwrap_err().contains("128 to 65536"));
+        assert!(s.vm_size(512, 1).unwrap_err().contains("128 to 65536"));
     }
 
     #[test]
@@ -399,10 +404,12 @@ mod tests {
                 .as_bytes(),
             )
             .unwrap()
-            .vm_size()
+            .vm_size(DEFAULT_MEMORY_MIB, 1)
         };
         let none = r#"{"resources":{}}"#;
         assert_eq!(size(none, ""), Ok((512, 1)));
+        let spec = Spec::parse(br#"{"process":{"args":["x"]}}"#).unwrap();
+        assert_eq!(spec.vm_size(768, 2), Ok((768, 2)), "the settings' defaults");
         assert_eq!(size("null", ""), Ok((512, 1)));
         // 1 GiB + the guest's share; quota 150000/100000 rounds up to 2.
         let limited = r#"{"resources":{"memory":{"limit":1073741824},"cpu":{"quota":150000,"period":100000}}}"#;

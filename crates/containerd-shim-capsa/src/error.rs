@@ -22,6 +22,14 @@ pub enum ShimError {
     /// A request is malformed.
     #[error("{0}")]
     InvalidArgument(String),
+    /// The settings file named by containerd's runtime options is unusable.
+    #[error("shim settings {path}: {message}; fix: correct the file (keys: pool_size, fast_start, default_memory_mib, default_cpus) or drop ConfigPath from the runtime's options")]
+    Config {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
     /// A request comes at the wrong time (e.g. deleting a running task).
     #[error("{0}")]
     FailedPrecondition(String),
@@ -64,7 +72,9 @@ impl ShimError {
     fn code(&self) -> Code {
         match self {
             ShimError::NotFound(_) => Code::NOT_FOUND,
-            ShimError::InvalidArgument(_) | ShimError::Bundle { .. } => Code::INVALID_ARGUMENT,
+            ShimError::InvalidArgument(_) | ShimError::Bundle { .. } | ShimError::Config { .. } => {
+                Code::INVALID_ARGUMENT
+            }
             ShimError::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
             ShimError::AlreadyExists(_) => Code::ALREADY_EXISTS,
             _ => Code::INTERNAL,

@@ -7,6 +7,7 @@
 //! a shim that died: kills the task's VM by its sandbox name).
 
 mod bundle;
+mod config;
 mod error;
 mod pool;
 mod rootfs;

@@ -71,8 +71,9 @@ const REFILL_DELAY: Duration = Duration::from_secs(2);
 enum Refill {
     /// Nothing to do.
     Idle,
-    /// To start (the task's sandbox came from or made the pool's base).
-    Pending(capsa::Sandboxes, crate::pool::Key),
+    /// To start (the task's sandbox came from or made the pool's base), up
+    /// to this many members.
+    Pending(capsa::Sandboxes, crate::pool::Key, usize),
     /// Started.
     Running(tokio::task::JoinHandle<()>),
 }
@@ -206,8 +207,7 @@ impl Service {
     fn kick_refill(&self) {
         let mut r = lock(&self.inner.refill);
         *r = match std::mem::replace(&mut *r, Refill::Idle) {
-            Refill::Pending(reg, key) => {
-                let size = crate::pool::size();
+            Refill::Pending(reg, key, size) => {
                 Refill::Running(tokio::spawn(crate::pool::refill(reg, key, size)))
             }
             other => other,
@@ -261,11 +261,17 @@ impl Service {
         if is_pod_sandbox(&spec) {
             return self.create_placeholder(req, guard).await;
         }
-        let (memory_mib, cpus) = spec.vm_size().map_err(|m| ShimError::Bundle {
-            path: bundle.join("config.json").display().to_string(),
-            message: m,
-            fix: "a capsa VM has 128 MiB to 64 GiB of memory and 1 to 64 vCPUs",
-        })?;
+        let settings = crate::config::Settings::from_options(req.options.as_ref())?;
+        if let Some(f) = &settings.file {
+            tracing::info!(file = %f.display(), ?settings, "settings from the runtime's ConfigPath");
+        }
+        let (memory_mib, cpus) = spec
+            .vm_size(settings.default_memory_mib, settings.default_cpus)
+            .map_err(|m| ShimError::Bundle {
+                path: bundle.join("config.json").display().to_string(),
+                message: m,
+                fix: "a capsa VM has 128 MiB to 64 GiB of memory and 1 to 64 vCPUs",
+            })?;
         for m in spec.mounts.iter().filter(|m| m.is_host_bind()).take(64) {
             tracing::warn!(
                 source = m.source,
@@ -311,10 +317,10 @@ impl Service {
             name,
             how,
             pool,
-        } = start_sandbox(&sandboxes, builder, &name, &labels, shared).await?;
+        } = start_sandbox(&sandboxes, builder, &name, &labels, shared, &settings).await?;
         tracing::info!(sandbox = name, how, elapsed = ?started.elapsed(), "sandbox ready");
         if let Some(key) = pool {
-            *lock(&self.inner.refill) = Refill::Pending(sandboxes.clone(), key);
+            *lock(&self.inner.refill) = Refill::Pending(sandboxes.clone(), key, settings.pool_size);
             // Not at once: a restore now would compete with the task's own
             // start for the cores; a short task's end starts it sooner.
             let this = self.clone();
@@ -778,6 +784,7 @@ async fn start_sandbox(
     name: &str,
     labels: &[(&str, String)],
     shared_image: bool,
+    settings: &crate::config::Settings,
 ) -> Result<Started> {
     let done = |sandbox, how, pool| Started {
         sandbox,
@@ -786,7 +793,7 @@ async fn start_sandbox(
         pool,
     };
     // A per-container image would make a base snapshot nobody restores.
-    let fast = shared_image && std::env::var(FAST_START_ENV).map_or(true, |v| v != "0");
+    let fast = shared_image && settings.fast_start;
     // capsa's key for this spec, kept beside the shim's root filesystem
     // images (so they share one lifetime and one cache directory).
     let base = if fast {
@@ -804,7 +811,7 @@ async fn start_sandbox(
     let Some(base) = base else {
         return Ok(done(sandboxes.create(builder).await?, "cold boot", None));
     };
-    let pool = (crate::pool::size() > 0)
+    let pool = (settings.pool_size > 0)
         .then(|| crate::pool::Key::of(&base))
         .flatten();
     if base.join(capsa_core::SNAPSHOT_META_FILE).is_file() {

@@ -195,8 +195,11 @@ impl Containerd {
     default_runtime_name = "capsa"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.capsa]
       runtime_type = "{RUNTIME}"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.capsa.options]
+        ConfigPath = "{settings}"
 "#,
-                cni = d.join("cni").display()
+                cni = d.join("cni").display(),
+                settings = d.join("capsa-shim.toml").display(),
             )
         } else {
             r#"disabled_plugins = ["io.containerd.grpc.v1.cri"]
@@ -217,6 +220,8 @@ state = "{state}"
             sock = d.join("c.sock").display(),
         );
         std::fs::write(d.join("config.toml"), cfg).unwrap();
+        // The shim's settings file the CRI runtime's options name.
+        std::fs::write(d.join("capsa-shim.toml"), "default_memory_mib = 384\n").unwrap();
         let mut c = Containerd {
             dir,
             child: None,
@@ -476,10 +481,11 @@ fn run_rm_prints_output_and_passes_exit_codes() {
 }
 
 /// The container's limits size its VM (`ctr run --memory-limit --cpus`, as
-/// a Kubernetes container's `resources.limits` would), and a limit no VM can
-/// have is refused with the fix.
+/// a Kubernetes container's `resources.limits` would), a limit no VM can
+/// have is refused with the fix, and a settings file named by the runtime's
+/// options sets the default size.
 #[test]
-fn container_limits_size_the_vm() {
+fn container_limits_and_settings_size_the_vm() {
     let c = Containerd::start();
     let out = c.run(
         "sized1",
@@ -515,6 +521,41 @@ fn container_limits_size_the_vm() {
         "{}",
         show(&out)
     );
+
+    // The runtime's options name a settings file (ctr --runtime-config-path,
+    // as containerd's CRI config `options.ConfigPath`): its default size
+    // applies to a container without limits.
+    let settings = c.dir.path().join("capsa-shim.toml");
+    std::fs::write(&settings, "default_memory_mib = 384\nfast_start = false\n").unwrap();
+    let cfg = settings.to_str().unwrap();
+    let out = c.run(
+        "cfg1",
+        &["--runtime-config-path", cfg],
+        &[
+            "sh",
+            "-c",
+            "sed -n 's/^MemTotal: *\\([0-9]*\\) kB/\\1/p' /proc/meminfo",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}\n{}", show(&out), c.log());
+    let t = text(&out);
+    let mem_kib: u64 = t.trim().parse().expect(&t);
+    assert!(
+        (330 << 10..=384 << 10).contains(&mem_kib),
+        "MemTotal {mem_kib} kB with default_memory_mib = 384"
+    );
+    // A bad file is refused with the file, the key and the fix.
+    std::fs::write(&settings, "pool_size = 99\n").unwrap();
+    let out = c.run("cfg2", &["--runtime-config-path", cfg], &["true"], None);
+    assert!(!out.status.success(), "{}", show(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("capsa-shim.toml") && err.contains("pool_size = 99: give 0 to 8"),
+        "{}",
+        show(&out)
+    );
+
     assert!(c.sandboxes().is_empty(), "{:?}", c.sandboxes());
     assert!(!qemu_running_under(&c.state_dir()));
 }
@@ -970,6 +1011,17 @@ mod cri {
         }
     }
 
+    /// Prints `mem=<MemTotal in kB>`.
+    const MEM_KIB: &str = "sed -n 's/^MemTotal: *\\([0-9]*\\) kB/mem=\\1/p' /proc/meminfo";
+
+    fn mem_kib(out: &str) -> u64 {
+        out.split("mem=")
+            .nth(1)
+            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no mem= in {out:?}"))
+    }
+
     async fn wait_exited(rt: &mut RuntimeServiceClient<Channel>, id: &str) -> ContainerStatus {
         let t = Instant::now();
         loop {
@@ -1028,14 +1080,26 @@ mod cri {
         let id = rt
             .create_container(CreateContainerRequest {
                 pod_sandbox_id: pod.clone(),
-                config: Some(container(
-                    "c1",
-                    &[
-                        "sh",
-                        "-c",
-                        "cat /etc/image-marker; echo to-stderr >&2; exit 3",
-                    ],
-                )),
+                config: Some(ContainerConfig {
+                    // A Kubernetes memory limit sizes the VM: 256 MiB + 64.
+                    linux: Some(LinuxContainerConfig {
+                        resources: Some(LinuxContainerResources {
+                            memory_limit_in_bytes: 256 << 20,
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    ..container(
+                        "c1",
+                        &[
+                            "sh",
+                            "-c",
+                            &format!(
+                                "cat /etc/image-marker; echo to-stderr >&2; {MEM_KIB}; exit 3"
+                            ),
+                        ],
+                    )
+                }),
                 sandbox_config: Some(cfg.clone()),
             })
             .await
@@ -1052,6 +1116,11 @@ mod cri {
         let log = std::fs::read_to_string(logs.join("c1.log")).unwrap_or_default();
         assert!(log.contains(" stdout F from-the-image"), "CRI log: {log:?}");
         assert!(log.contains(" stderr F to-stderr"), "CRI log: {log:?}");
+        let kib = mem_kib(&log);
+        assert!(
+            (250 << 10..=320 << 10).contains(&kib),
+            "MemTotal {kib} kB for a 256 MiB limit: {log:?}"
+        );
 
         // A long-running container: ExecSync into it.
         let id2 = rt
@@ -1075,7 +1144,7 @@ mod cri {
                 cmd: vec![
                     "sh".into(),
                     "-c".into(),
-                    "cat /etc/image-marker; exit 7".into(),
+                    format!("cat /etc/image-marker; {MEM_KIB}; exit 7"),
                 ],
                 timeout: 60,
             })
@@ -1083,7 +1152,15 @@ mod cri {
             .unwrap_or_else(|e| panic!("ExecSync: {e}\n{}", c.log()))
             .into_inner();
         assert_eq!(ex.exit_code, 7, "{ex:?}");
-        assert_eq!(String::from_utf8_lossy(&ex.stdout), "from-the-image\n");
+        let out = String::from_utf8_lossy(&ex.stdout);
+        assert!(out.starts_with("from-the-image\n"), "{out}");
+        // No limit: the default of the settings file the runtime's
+        // options name (384 MiB), not the shim's own 512.
+        let kib = mem_kib(&out);
+        assert!(
+            (330 << 10..=384 << 10).contains(&kib),
+            "MemTotal {kib} kB with default_memory_mib = 384: {out}"
+        );
 
         // The pod's sandbox (pause) container gets no VM: the running
         // container's is the only one.
