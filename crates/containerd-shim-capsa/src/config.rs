@@ -11,10 +11,12 @@
 //! fast_start = true        # base snapshots (and so the pool) on
 //! default_memory_mib = 512 # a container without a memory limit or annotation
 //! default_cpus = 1         # a container without a CPU limit or annotation
+//! pool_max_idle_secs = 1800 # idle pool members older than this are removed; 0: never
 //! ```
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::CodedInputStream;
@@ -43,6 +45,8 @@ pub struct Settings {
     pub default_memory_mib: u64,
     /// vCPUs when the container has no limit and no annotation.
     pub default_cpus: u32,
+    /// Ready pool members idle longer than this are removed (`None`: never).
+    pub pool_max_idle: Option<Duration>,
     /// The file these came from, if any (for the log).
     pub file: Option<PathBuf>,
 }
@@ -55,7 +59,13 @@ struct File {
     fast_start: Option<bool>,
     default_memory_mib: Option<u64>,
     default_cpus: Option<u32>,
+    pool_max_idle_secs: Option<u64>,
 }
+
+/// Idle pool members are removed after this long by default (30 min).
+pub const DEFAULT_POOL_MAX_IDLE: Duration = Duration::from_secs(30 * 60);
+/// Longest idle time a settings file may give (7 days).
+const MAX_POOL_MAX_IDLE_SECS: u64 = 7 * 24 * 3600;
 
 impl Settings {
     /// From the environment alone (the `delete` subcommand and tasks
@@ -66,6 +76,7 @@ impl Settings {
             fast_start: std::env::var(FAST_START_ENV).map_or(true, |v| v != "0"),
             default_memory_mib: DEFAULT_MEMORY_MIB,
             default_cpus: 1,
+            pool_max_idle: Some(DEFAULT_POOL_MAX_IDLE),
             file: None,
         }
     }
@@ -102,6 +113,14 @@ impl Settings {
                 return Err(bad(format!("default_cpus = {c}: give 1 to {MAX_CPUS}")));
             }
             s.default_cpus = c;
+        }
+        if let Some(secs) = f.pool_max_idle_secs {
+            if secs > MAX_POOL_MAX_IDLE_SECS {
+                return Err(bad(format!(
+                    "pool_max_idle_secs = {secs}: give 0 (never) to {MAX_POOL_MAX_IDLE_SECS} (7 days)"
+                )));
+            }
+            s.pool_max_idle = (secs > 0).then(|| Duration::from_secs(secs));
         }
         if let Some(b) = f.fast_start {
             s.fast_start = b;
@@ -206,7 +225,7 @@ mod tests {
         let file = dir.path().join("shim.toml");
         std::fs::write(
             &file,
-            "pool_size = 3\nfast_start = false\ndefault_memory_mib = 768\ndefault_cpus = 2\n",
+            "pool_size = 3\nfast_start = false\ndefault_memory_mib = 768\ndefault_cpus = 2\npool_max_idle_secs = 0\n",
         )
         .unwrap();
         let s = Settings::from_options(Some(&options(file.to_str().unwrap()))).unwrap();
@@ -219,6 +238,7 @@ mod tests {
             ),
             (3, false, 768, 2)
         );
+        assert_eq!(s.pool_max_idle, None, "0 means never");
         // No options, or empty ones: the environment and defaults.
         assert_eq!(Settings::from_options(None).unwrap().file, None);
         assert_eq!(
@@ -235,6 +255,7 @@ mod tests {
         assert!(err("pool_size = 9\n").contains("give 0 to 8"));
         assert!(err("default_memory_mib = 64\n").contains("give 128"));
         assert!(err("default_cpus = 0\n").contains("give 1 to 64"));
+        assert!(err("pool_max_idle_secs = 99999999\n").contains("7 days"));
         assert!(err("pool_sise = 1\n").contains("pool_sise"));
         assert!(err("pool_size = -1\n").contains("not valid settings"));
         std::fs::write(&file, vec![b'#'; MAX_FILE_BYTES as usize + 2]).unwrap();

@@ -23,7 +23,7 @@ pub enum ShimError {
     #[error("{0}")]
     InvalidArgument(String),
     /// The settings file named by containerd's runtime options is unusable.
-    #[error("shim settings {path}: {message}; fix: correct the file (keys: pool_size, fast_start, default_memory_mib, default_cpus) or drop ConfigPath from the runtime's options")]
+    #[error("shim settings {path}: {message}; fix: correct the file (keys: pool_size, fast_start, default_memory_mib, default_cpus, pool_max_idle_secs) or drop ConfigPath from the runtime's options")]
     Config {
         /// The file.
         path: String,

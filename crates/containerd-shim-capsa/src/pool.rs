@@ -185,6 +185,81 @@ pub async fn claim(
     }
 }
 
+/// What a shim does for the pools after its task started.
+pub struct Upkeep {
+    /// The registry the members live in.
+    pub reg: capsa::Sandboxes,
+    /// The task's pool, to refill (when the task came from or made a base).
+    pub key: Option<Key>,
+    /// Members to keep ready in it.
+    pub size: usize,
+    /// Ready members of any pool idle longer than this are removed.
+    pub max_idle: Option<Duration>,
+}
+
+impl Upkeep {
+    /// Expires idle members, then refills the task's pool.
+    pub async fn run(self) {
+        if let Some(max_idle) = self.max_idle {
+            expire(&self.reg, max_idle).await;
+        }
+        if let Some(key) = self.key {
+            refill(self.reg, key, self.size).await;
+        }
+    }
+}
+
+/// Whether a ready member created at `created_at` (unix seconds) has been
+/// idle longer than `max_idle` at `now`.
+fn idle_too_long(created_at: u64, now: u64, max_idle: Duration) -> bool {
+    now.saturating_sub(created_at) > max_idle.as_secs()
+}
+
+/// Removes ready members of every pool that have waited longer than
+/// `max_idle` for a task: an image nobody runs any more must not keep its
+/// VMs (and their memory) for ever. Each goes under its pool's claim lock,
+/// so a claim never gets a member being removed.
+pub async fn expire(reg: &capsa::Sandboxes, max_idle: Duration) {
+    let Ok(list) = reg.list() else { return };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let base_dir = crate::rootfs::cache_dir().join("base");
+    for rec in list {
+        let Some(label) = capsa::Sandboxes::label(&rec, LABEL_POOL) else {
+            continue;
+        };
+        if !is(&rec, LABEL_POOL_STATE, READY) || !idle_too_long(rec.created_at, now, max_idle) {
+            continue;
+        }
+        let Some(key) = Key::of(&base_dir.join(label)) else {
+            continue;
+        };
+        let retired = match flock_async(key.lock_path("claim")).await {
+            Ok(_claim) => {
+                reg.get(&rec.name)
+                    .is_ok_and(|r| is(&r, LABEL_POOL_STATE, READY))
+                    && reg
+                        .set_label(&rec.name, LABEL_POOL_STATE, Some(RETIRED))
+                        .is_ok()
+            }
+            Err(e) => {
+                tracing::warn!("the pool's claim lock: {e}");
+                false
+            }
+        };
+        if retired {
+            tracing::info!(
+                sandbox = rec.name,
+                idle_secs = now.saturating_sub(rec.created_at),
+                "removing a pool member idle for longer than pool_max_idle_secs"
+            );
+            let _ = reg.remove(&rec.name, true).await;
+        }
+    }
+}
+
 /// Brings `key`'s pool up to `size` ready members: removes dead members and
 /// ones an earlier refiller left warming, then restores the missing ones
 /// one at a time (they compete for the cores the tasks use).
@@ -320,6 +395,16 @@ mod tests {
         assert!(!base_exists(&base, "base-c"));
         assert!(!base_exists(&base, "../base-b"));
         assert!(!base_exists(&base, ""));
+    }
+
+    #[test]
+    fn members_expire_only_after_the_idle_time() {
+        let d = Duration::from_secs(60);
+        assert!(!idle_too_long(1000, 1060, d));
+        assert!(idle_too_long(1000, 1061, d));
+        // A clock behind the record, or a record from the future: not idle.
+        assert!(!idle_too_long(2000, 1000, d));
+        assert!(idle_too_long(0, u64::MAX, d));
     }
 
     #[test]

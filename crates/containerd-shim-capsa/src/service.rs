@@ -71,9 +71,8 @@ const REFILL_DELAY: Duration = Duration::from_secs(2);
 enum Refill {
     /// Nothing to do.
     Idle,
-    /// To start (the task's sandbox came from or made the pool's base), up
-    /// to this many members.
-    Pending(capsa::Sandboxes, crate::pool::Key, usize),
+    /// To start once the task is under way.
+    Pending(crate::pool::Upkeep),
     /// Started.
     Running(tokio::task::JoinHandle<()>),
 }
@@ -207,9 +206,7 @@ impl Service {
     fn kick_refill(&self) {
         let mut r = lock(&self.inner.refill);
         *r = match std::mem::replace(&mut *r, Refill::Idle) {
-            Refill::Pending(reg, key, size) => {
-                Refill::Running(tokio::spawn(crate::pool::refill(reg, key, size)))
-            }
+            Refill::Pending(upkeep) => Refill::Running(tokio::spawn(upkeep.run())),
             other => other,
         };
     }
@@ -319,8 +316,16 @@ impl Service {
             pool,
         } = start_sandbox(&sandboxes, builder, &name, &labels, shared, &settings).await?;
         tracing::info!(sandbox = name, how, elapsed = ?started.elapsed(), "sandbox ready");
-        if let Some(key) = pool {
-            *lock(&self.inner.refill) = Refill::Pending(sandboxes.clone(), key, settings.pool_size);
+        // Every VM task sweeps the pools' idle members (cheap: one registry
+        // listing), so pools of images no longer used do not keep VMs forever.
+        let sweep = settings.pool_max_idle;
+        if pool.is_some() || sweep.is_some() {
+            *lock(&self.inner.refill) = Refill::Pending(crate::pool::Upkeep {
+                reg: sandboxes.clone(),
+                key: pool,
+                size: settings.pool_size,
+                max_idle: sweep,
+            });
             // Not at once: a restore now would compete with the task's own
             // start for the cores; a short task's end starts it sooner.
             let this = self.clone();

@@ -941,6 +941,27 @@ fn warm_pool_serves_tasks_and_dead_shims_leave_no_member() {
     let left = c.sandboxes();
     assert_eq!(left.len(), 1, "{left:?}");
     assert!(pool_members(&c, "claimed").is_empty());
+
+    // Idle members expire: with pool_max_idle_secs = 1 (and no pool for
+    // this task), the next task's shim removes the one left waiting.
+    std::thread::sleep(Duration::from_millis(2100));
+    let settings = c.dir.path().join("capsa-shim.toml");
+    std::fs::write(&settings, "pool_size = 0\npool_max_idle_secs = 1\n").unwrap();
+    let out = c.run(
+        "p3",
+        &["--runtime-config-path", settings.to_str().unwrap()],
+        &["echo", "after"],
+        None,
+    );
+    assert_eq!(text(&out), "after\n", "{}", show(&out));
+    wait_until("the idle member to expire", Duration::from_secs(60), || {
+        c.sandboxes().is_empty()
+    });
+    assert!(
+        c.log().contains("idle for longer than pool_max_idle_secs"),
+        "{}",
+        c.log()
+    );
 }
 
 mod cri {
