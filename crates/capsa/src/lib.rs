@@ -51,7 +51,7 @@ pub use capsa_core::{
 };
 pub use capsa_core::{SnapshotMeta, CAPSA_VERSION};
 pub use capsa_proto::{
-    AgentInfo, DirEntry, ErrorKind, ExecRequest, ExitStatus, FileKind, FileMeta,
+    valid_hostname, AgentInfo, DirEntry, ErrorKind, ExecRequest, ExitStatus, FileKind, FileMeta,
 };
 pub use capsa_vmm::{SandboxRecord, SandboxState, StateRoot};
 pub use console::{ConsoleReader, ConsoleWriter, VmConsole, CONSOLE_BUFFER_LIMIT};

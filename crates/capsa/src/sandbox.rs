@@ -604,6 +604,19 @@ impl Sandbox {
         Ok(self.client.info(self.op_timeout).await?)
     }
 
+    /// Sets the guest's hostname (and, in an image sandbox, the image's
+    /// `/etc/hostname` and `/etc/hosts`), as `docker run --hostname` does.
+    /// 1 to 64 letters, digits, `-` or `.`, not starting with `-` or `.`.
+    pub async fn set_hostname(&self, hostname: &str) -> Result<()> {
+        let req = capsa_proto::IdentityRequest {
+            hostname: Some(hostname.to_string()),
+            ..Default::default()
+        };
+        req.validate()
+            .map_err(|e| Error::InvalidArgument(format!("hostname: {e}")))?;
+        Ok(self.client.set_identity(req, self.op_timeout).await?)
+    }
+
     async fn request(&self, cmd: &Command) -> Result<ExecRequest> {
         let mut req = cmd.req.clone();
         let image = self.rootfs().map(|r| &r.config);

@@ -53,6 +53,10 @@ pub struct Spec {
     /// Linux settings (only the resource limits, which size the VM).
     #[serde(default)]
     pub linux: Option<Linux>,
+    /// The container's hostname (runc sets it in the container's UTS
+    /// namespace; here it is the VM's).
+    #[serde(default)]
+    pub hostname: Option<String>,
 }
 
 /// `linux` of the OCI spec: only what sizes the VM.
@@ -274,6 +278,56 @@ impl Spec {
     }
 }
 
+/// Longest `/etc/hostname` read from the pod's file.
+const MAX_HOSTNAME_FILE: u64 = 256;
+
+impl Spec {
+    /// The hostname the VM should have: the spec's `hostname` (refused when
+    /// it is not a valid one), else the first line of the file containerd's
+    /// CRI binds at `/etc/hostname` (the pod's: CRI sets no `hostname` on a
+    /// pod's containers, they share the sandbox's UTS namespace under runc;
+    /// an unreadable or invalid file is logged and skipped).
+    pub fn vm_hostname(&self) -> std::result::Result<Option<String>, String> {
+        if let Some(h) = self.hostname.as_deref().filter(|h| !h.is_empty()) {
+            return match capsa::valid_hostname(h) {
+                true => Ok(Some(h.to_string())),
+                false => Err(format!(
+                    "hostname {:?} is not a valid hostname: give 1-64 letters, digits, '-' or '.', not starting with '-' or '.'",
+                    h.chars().take(80).collect::<String>()
+                )),
+            };
+        }
+        let Some(m) = self
+            .mounts
+            .iter()
+            .find(|m| m.destination == "/etc/hostname" && m.is_host_bind())
+        else {
+            return Ok(None);
+        };
+        let mut text = String::new();
+        let read = std::fs::File::open(&m.source)
+            .and_then(|f| f.take(MAX_HOSTNAME_FILE).read_to_string(&mut text));
+        let line = text.lines().next().unwrap_or_default().trim();
+        match read {
+            Ok(_) if capsa::valid_hostname(line) => Ok(Some(line.to_string())),
+            Ok(_) => {
+                tracing::warn!(
+                    file = m.source,
+                    "no valid hostname in the pod's hostname file; the VM keeps its own"
+                );
+                Ok(None)
+            }
+            Err(e) => {
+                tracing::warn!(
+                    file = m.source,
+                    "the pod's hostname file: {e}; the VM keeps its own"
+                );
+                Ok(None)
+            }
+        }
+    }
+}
+
 impl Process {
     /// Parses an exec's process spec (the JSON in `ExecProcessRequest.spec`).
     pub fn parse(bytes: &[u8]) -> std::result::Result<Process, String> {
@@ -392,6 +446,36 @@ mod tests {
         )
         .unwrap();
         assert!(s.vm_size(512, 1).unwrap_err().contains("128 to 65536"));
+    }
+
+    #[test]
+    fn the_hostname_comes_from_the_spec_or_the_pods_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("hostname");
+        let spec = |hostname: &str| {
+            Spec::parse(
+                format!(
+                    r#"{{"process":{{"args":["x"]}},{hostname}"mounts":[{{"destination":"/etc/hostname","type":"bind","source":{:?},"options":["rbind"]}}]}}"#,
+                    file.display()
+                )
+                .as_bytes(),
+            )
+            .unwrap()
+            .vm_hostname()
+        };
+        std::fs::write(&file, "pod1\nignored\n").unwrap();
+        assert_eq!(spec(""), Ok(Some("pod1".into())));
+        assert_eq!(spec(r#""hostname":"web-1","#), Ok(Some("web-1".into())));
+        assert!(spec(r#""hostname":"-bad host","#)
+            .unwrap_err()
+            .contains("not a valid"));
+        // A bad or missing file only loses the name.
+        std::fs::write(&file, "bad name\n").unwrap();
+        assert_eq!(spec(""), Ok(None));
+        std::fs::write(&file, "x".repeat(1000)).unwrap();
+        assert_eq!(spec(""), Ok(None));
+        std::fs::remove_file(&file).unwrap();
+        assert_eq!(spec(""), Ok(None));
     }
 
     #[test]

@@ -258,6 +258,11 @@ impl Service {
         if is_pod_sandbox(&spec) {
             return self.create_placeholder(req, guard).await;
         }
+        let hostname = spec.vm_hostname().map_err(|m| ShimError::Bundle {
+            path: bundle.join("config.json").display().to_string(),
+            message: m,
+            fix: "give the container a valid hostname, or none",
+        })?;
         let settings = crate::config::Settings::from_options(req.options.as_ref())?;
         if let Some(f) = &settings.file {
             tracing::info!(file = %f.display(), ?settings, "settings from the runtime's ConfigPath");
@@ -316,6 +321,17 @@ impl Service {
             pool,
         } = start_sandbox(&sandboxes, builder, &name, &labels, shared, &settings).await?;
         tracing::info!(sandbox = name, how, elapsed = ?started.elapsed(), "sandbox ready");
+        if let Some(h) = &hostname {
+            if let Err(e) = sandbox.set_hostname(h).await {
+                if let Err(r) = sandboxes.remove(&name, true).await {
+                    tracing::warn!(
+                        sandbox = name,
+                        "removing the sandbox after a failed hostname: {r}"
+                    );
+                }
+                return Err(e.into());
+            }
+        }
         // Every VM task sweeps the pools' idle members (cheap: one registry
         // listing), so pools of images no longer used do not keep VMs forever.
         let sweep = settings.pool_max_idle;

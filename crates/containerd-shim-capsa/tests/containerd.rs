@@ -1165,7 +1165,9 @@ mod cri {
                 cmd: vec![
                     "sh".into(),
                     "-c".into(),
-                    format!("cat /etc/image-marker; {MEM_KIB}; exit 7"),
+                    format!(
+                        "cat /etc/image-marker; {MEM_KIB}; hostname; cat /etc/hostname; exit 7"
+                    ),
                 ],
                 timeout: 60,
             })
@@ -1182,6 +1184,8 @@ mod cri {
             (330 << 10..=384 << 10).contains(&kib),
             "MemTotal {kib} kB with default_memory_mib = 384: {out}"
         );
+        // The pod's hostname, as a container under runc sees it.
+        assert!(out.ends_with("\npod1\npod1\n"), "hostname: {out}");
 
         // The pod's sandbox (pause) container gets no VM: the running
         // container's is the only one.
