@@ -288,6 +288,50 @@ fn run_in_image_applies_its_config() {
     );
 }
 
+/// Shares in an image sandbox mount inside the image root, where commands
+/// run: at boot (`run -v`) and hot-plugged (`share add`), through the
+/// image's absolute symlink (/app -> /srv/app) resolved inside the image.
+#[test]
+fn shares_mount_inside_the_image_root() {
+    let env = Env::new();
+    let host = env.dir.path().join("shared");
+    std::fs::create_dir(&host).unwrap();
+    std::fs::write(host.join("f"), "from-host\n").unwrap();
+    let vol = format!("{}:/data", host.display());
+    // The image's user (`app`, uid 1000) reads it; creating files in a share
+    // is for guest root only (virtiofsd 7.2 maps no other uid: README).
+    let out = env.ok(&[
+        "run",
+        "--no-snapshot",
+        "--image",
+        "test/rootfs:1",
+        "-v",
+        &vol,
+        "--",
+        "cat /data/f; id -u",
+    ]);
+    assert_eq!(out, "from-host\n1000\n");
+
+    env.ok(&["create", "--name", "img-a", "--image", "test/rootfs:1"]);
+    let ro = format!("{}:/app/mnt:ro", host.display());
+    env.ok(&["share", "add", "img-a", &ro]);
+    let out = env.ok(&[
+        "exec",
+        "img-a",
+        "--",
+        "sh",
+        "-c",
+        "cat /srv/app/mnt/f; while read dev mnt fs opts rest; do \
+         [ \"$mnt\" = /srv/app/mnt ] && echo \"$fs ${opts%%,*}\"; done < /proc/mounts",
+    ]);
+    // Mounted where the image's symlink leads, inside the image, read-only.
+    assert_eq!(out, "from-host\nvirtiofs ro\n");
+    env.ok(&["share", "rm", "img-a", "/app/mnt"]);
+    let out = env.ok(&["exec", "img-a", "--", "ls", "-A", "/srv/app/mnt"]);
+    assert_eq!(out, "", "still mounted after share rm: {out}");
+    env.ok(&["rm", "-f", "img-a"]);
+}
+
 #[test]
 fn sandboxes_on_one_image_are_isolated() {
     let env = Env::new();

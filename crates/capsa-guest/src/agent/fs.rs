@@ -161,6 +161,8 @@ pub(super) fn mkdir(path: &str, parents: bool, mode: u32) -> Result<AgentFrame, 
 
 /// `Mount`: the virtio-fs device `tag` at `path` (created, like `mkdir -p`,
 /// if missing). `nodev`, and `nosuid` so a share cannot carry setuid programs in.
+/// In an image sandbox `path` is inside the image root, where commands run,
+/// resolved there (an image's symlinks cannot aim the mount outside it).
 pub(super) fn mount_virtiofs(tag: &str, path: &str, read_only: bool) -> Result<AgentFrame, Fail> {
     let p = checked(path)?;
     if tag.is_empty()
@@ -176,15 +178,17 @@ pub(super) fn mount_virtiofs(tag: &str, path: &str, read_only: bool) -> Result<A
     if p.components().count() <= 1 {
         return Err(Fail::Reply(invalid("refusing to mount over /")));
     }
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o755)
-        .create(p)
-        .map_err(|e| io_fail("mkdir", p, &e))?;
+    create_dir_all(p, 0o755)?;
+    // In an image root: /proc/self/fd/N of the directory, opened inside it.
+    let t = resolved(p)?;
     let c = |s: &[u8]| {
         std::ffi::CString::new(s).map_err(|_| Fail::Reply(invalid("NUL in mount argument")))
     };
-    let (src, dst, fstype) = (c(tag.as_bytes())?, c(path.as_bytes())?, c(b"virtiofs")?);
+    let (src, dst, fstype) = (
+        c(tag.as_bytes())?,
+        c(t.path.as_os_str().as_bytes())?,
+        c(b"virtiofs")?,
+    );
     let mut flags = libc::MS_NOSUID | libc::MS_NODEV;
     if read_only {
         flags |= libc::MS_RDONLY;
@@ -218,8 +222,10 @@ pub(super) fn mount_virtiofs(tag: &str, path: &str, read_only: bool) -> Result<A
 /// sitting in it does not block the host's detach).
 pub(super) fn unmount(path: &str) -> Result<AgentFrame, Fail> {
     let p = checked(path)?;
-    let dst =
-        std::ffi::CString::new(path.as_bytes()).map_err(|_| Fail::Reply(invalid("NUL in path")))?;
+    // Inside the image root, as `Mount` put it there.
+    let t = resolved(p)?;
+    let dst = std::ffi::CString::new(t.path.as_os_str().as_bytes())
+        .map_err(|_| Fail::Reply(invalid("NUL in path")))?;
     // SAFETY: a NUL-terminated string that outlives the call.
     let rc = unsafe { libc::umount2(dst.as_ptr(), libc::MNT_DETACH) };
     if rc != 0 {
