@@ -25,8 +25,10 @@ use serde::Deserialize;
 use crate::bundle::{DEFAULT_MEMORY_MIB, MAX_CPUS, MAX_MEMORY_MIB, MIN_MEMORY_MIB};
 use crate::error::{Result, ShimError};
 use crate::pool::MAX_POOL_SIZE;
-use crate::service::FAST_START_ENV;
 
+/// Environment variable: `0` makes every task boot its VM cold (no base
+/// snapshot is made or restored).
+pub const FAST_START_ENV: &str = "CAPSA_SHIM_FAST_START";
 /// Largest settings file read.
 pub const MAX_FILE_BYTES: u64 = 64 << 10;
 /// Longest `ConfigPath`.
@@ -68,8 +70,7 @@ pub const DEFAULT_POOL_MAX_IDLE: Duration = Duration::from_secs(30 * 60);
 const MAX_POOL_MAX_IDLE_SECS: u64 = 7 * 24 * 3600;
 
 impl Settings {
-    /// From the environment alone (the `delete` subcommand and tasks
-    /// created without options).
+    /// From the environment alone (tasks created without options).
     pub fn from_env() -> Settings {
         Settings {
             pool_size: crate::pool::size(),

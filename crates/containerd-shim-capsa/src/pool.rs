@@ -236,26 +236,45 @@ pub async fn expire(reg: &capsa::Sandboxes, max_idle: Duration) {
         let Some(key) = Key::of(&base_dir.join(label)) else {
             continue;
         };
-        let retired = match flock_async(key.lock_path("claim")).await {
-            Ok(_claim) => {
-                reg.get(&rec.name)
-                    .is_ok_and(|r| is(&r, LABEL_POOL_STATE, READY))
-                    && reg
-                        .set_label(&rec.name, LABEL_POOL_STATE, Some(RETIRED))
-                        .is_ok()
+        tracing::debug!(
+            sandbox = rec.name,
+            idle_secs = now.saturating_sub(rec.created_at),
+            "pool member idle too long"
+        );
+        retire(
+            reg,
+            &key,
+            std::slice::from_ref(&rec.name),
+            "idle for longer than pool_max_idle_secs",
+        )
+        .await;
+    }
+}
+
+/// Removes those of `names` (members of `key`'s pool) that are still ready:
+/// they are marked retired under the pool's claim lock, so no claim can
+/// take one, then removed. `why` goes to the log.
+async fn retire(reg: &capsa::Sandboxes, key: &Key, names: &[String], why: &str) {
+    match flock_async(key.lock_path("claim")).await {
+        Ok(_claim) => {
+            for name in names {
+                if reg.get(name).is_ok_and(|r| is(&r, LABEL_POOL_STATE, READY)) {
+                    let _ = reg.set_label(name, LABEL_POOL_STATE, Some(RETIRED));
+                }
             }
-            Err(e) => {
-                tracing::warn!("the pool's claim lock: {e}");
-                false
-            }
-        };
-        if retired {
-            tracing::info!(
-                sandbox = rec.name,
-                idle_secs = now.saturating_sub(rec.created_at),
-                "removing a pool member idle for longer than pool_max_idle_secs"
-            );
-            let _ = reg.remove(&rec.name, true).await;
+        }
+        Err(e) => {
+            tracing::warn!("the pool's claim lock: {e}");
+            return;
+        }
+    }
+    for name in names {
+        if reg
+            .get(name)
+            .is_ok_and(|r| is(&r, LABEL_POOL_STATE, RETIRED))
+        {
+            tracing::info!(sandbox = name, "removing a pool member {why}");
+            let _ = reg.remove(name, true).await;
         }
     }
 }
@@ -294,30 +313,10 @@ pub async fn refill(reg: capsa::Sandboxes, key: Key, size: usize) {
         tracing::info!(sandbox = rec.name, state, vm = %rec.state, "removing a dead, abandoned or unusable pool member");
         let _ = reg.remove(&rec.name, true).await;
     }
-    // The size went down: retire the surplus where no claim can race it.
+    // The size went down: retire the surplus.
     if ready.len() > size {
         let surplus: Vec<String> = ready.split_off(size);
-        if let Ok(_claim) = flock_async(key.lock_path("claim")).await {
-            for name in &surplus {
-                let still = reg.get(name).is_ok_and(|r| is(&r, LABEL_POOL_STATE, READY));
-                if still {
-                    let _ = reg.set_label(name, LABEL_POOL_STATE, Some(RETIRED));
-                }
-            }
-        }
-        for name in surplus {
-            let retired = reg
-                .get(&name)
-                .is_ok_and(|r| is(&r, LABEL_POOL_STATE, RETIRED));
-            if retired {
-                tracing::info!(
-                    sandbox = name,
-                    size,
-                    "removing a pool member above the pool size"
-                );
-                let _ = reg.remove(&name, true).await;
-            }
-        }
+        retire(&reg, &key, &surplus, "above the pool size").await;
     }
     let mut ready = ready.len();
     while ready < size {

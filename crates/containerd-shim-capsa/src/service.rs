@@ -779,10 +779,6 @@ pub fn is_pod_sandbox(spec: &Spec) -> bool {
     .any(|k| spec.annotations.get(*k).map(String::as_str) == Some("sandbox"))
 }
 
-/// Environment variable: `0` makes every task boot its VM cold (no base
-/// snapshot is made or restored).
-pub const FAST_START_ENV: &str = "CAPSA_SHIM_FAST_START";
-
 /// How a task's sandbox started, for the log and the pool.
 struct Started {
     sandbox: capsa::Sandbox,
